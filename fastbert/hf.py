@@ -1,0 +1,259 @@
+"""HF checkpoint interchange: load ``config.json`` + ``model.safetensors`` / ``pytorch_model.bin`` into fastbert
+models and save them back in the layout transformers reads.
+
+Configs transformers can represent are written as ``bert`` (BertModel / BertForPreTraining / BertForMaskedLM key
+layouts) or ``albert`` (factorised embeddings, shared layers, SOP); anything else (pre-LN, no segment embeddings,
+BERT with shared layers) is written with ``model_type: fastbert`` and fastbert's own key names, which transformers
+refuses rather than misreads. Loading accepts checkpoints with or without the ``bert.`` / ``albert.`` prefix and
+old TF-converted ``gamma`` / ``beta`` names, reports missing and unexpected keys, and checks every shape before any
+weight is copied. Weights are read with safetensors or ``torch.load(weights_only=True)``, so a checkpoint never runs
+code. This module does not define models (``fastbert.model``) or configs (``fastbert.config``).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fastbert.config import BertConfig
+
+SAFETENSORS_NAME = "model.safetensors"
+PYTORCH_NAME = "pytorch_model.bin"
+# Keys that exist in HF checkpoints but carry no weight of ours: buffers and the decoder tied to the embeddings.
+_IGNORABLE_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "predictions.decoder.weight",
+                       "predictions.decoder.bias")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model: wrong shapes, missing files, unreadable weights."""
+
+
+@dataclass
+class LoadingInfo:
+    missing_keys: list[str] = field(default_factory=list)
+    unexpected_keys: list[str] = field(default_factory=list)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# Key maps ---------------------------------------------------------------------------------------------------------
+def _layer_names(model_type: str, layer: int) -> dict[str, str]:
+    """Our per-layer module names -> the checkpoint's, for one layer."""
+    if model_type == "albert":
+        p = f"encoder.albert_layer_groups.{layer}.albert_layers.0."
+        return {"attn_out": p + "attention.dense", "attn_norm": p + "attention.LayerNorm", "ffn_in": p + "ffn",
+                "ffn_out": p + "ffn_output", "ffn_norm": p + "full_layer_layer_norm",
+                "qkv": p + "attention.{}"}
+    p = f"encoder.layer.{layer}."
+    return {"attn_out": p + "attention.output.dense", "attn_norm": p + "attention.output.LayerNorm",
+            "ffn_in": p + "intermediate.dense", "ffn_out": p + "output.dense", "ffn_norm": p + "output.LayerNorm",
+            "qkv": p + "attention.self.{}"}
+
+
+def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[str, ...]]:
+    """Our module paths (relative to the encoder model, or ``head:`` for head modules) -> checkpoint paths.
+
+    A tuple value means our module is the concatenation of several checkpoint modules along dim 0 (fused QKV).
+    """
+    albert = model_type == "albert"
+    m: dict[str, str | tuple[str, ...]] = {
+        "embeddings.word_embeddings": "embeddings.word_embeddings",
+        "embeddings.position_embeddings": "embeddings.position_embeddings",
+        "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
+        "embeddings.norm": "embeddings.LayerNorm",
+        "embeddings.projection": "encoder.embedding_hidden_mapping_in",
+        "pooler.dense": "pooler" if albert else "pooler.dense",
+    }
+    for i in range(1 if config.share_layers else config.num_hidden_layers):
+        for ours, theirs in _layer_names(model_type, i).items():
+            m[f"encoder.layers.{i}.{ours}"] = (
+                tuple(theirs.format(x) for x in ("query", "key", "value")) if ours == "qkv" else theirs)
+    pred = "predictions." if albert else "cls.predictions."
+    m.update({
+        "head:cls.transform": pred + ("dense" if albert else "transform.dense"),
+        "head:cls.transform_norm": pred + ("LayerNorm" if albert else "transform.LayerNorm"),
+        "head:cls.sentence": "sop_classifier.classifier" if albert else "cls.seq_relationship",
+        "head:classifier": "classifier",
+        "head:qa_outputs": "qa_outputs",
+    })
+    return m
+
+
+def _base_prefix(model: torch.nn.Module) -> str:
+    return "bert." if hasattr(model, "bert") else ""
+
+
+def _param_sources(model: torch.nn.Module, model_type: str) -> dict[str, tuple[str, ...]]:
+    """Each of the model's state_dict keys -> the checkpoint key(s) (without base prefix) that hold it.
+
+    Encoder keys map to ``<base>.<key>``-less names; head keys are full names (heads never carry the base prefix).
+    """
+    if model_type == "fastbert":
+        return {k: (k,) for k in model.state_dict()}
+    prefix = _base_prefix(model)
+    modules = _module_map(model_type, model.config)
+    out: dict[str, tuple[str, ...]] = {}
+    for key in model.state_dict():
+        if key == "cls.bias":
+            out[key] = ("predictions.bias" if model_type == "albert" else "cls.predictions.bias",)
+            continue
+        module, _, leaf = key.rpartition(".")
+        local = module[len(prefix):] if module.startswith(prefix) else f"head:{module}"
+        if local not in modules:
+            raise AssertionError(f"no checkpoint name for {key}")  # a module added without a key map entry
+        theirs = modules[local]
+        names = theirs if isinstance(theirs, tuple) else (theirs,)
+        base = model_type + "." if not local.startswith("head:") else ""
+        out[key] = tuple(f"{base}{n}.{leaf}" for n in names)
+    return out
+
+
+# Loading ----------------------------------------------------------------------------------------------------------
+def read_state_dict(directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Path]:
+    directory = Path(directory)
+    st, pt = directory / SAFETENSORS_NAME, directory / PYTORCH_NAME
+    if st.exists():
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(st)), st
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(f"{st}: cannot read safetensors file: {e}") from e
+    if pt.exists():
+        try:
+            state = torch.load(pt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{pt}: cannot read checkpoint (weights_only=True): {e}") from e
+        if not isinstance(state, dict):
+            raise CheckpointError(f"{pt}: expected a state dict, got {type(state).__name__}")
+        return state, pt
+    raise CheckpointError(f"{directory}: no {SAFETENSORS_NAME} or {PYTORCH_NAME} found")
+
+
+def _normalize_keys(state: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    """Give every encoder key the ``<model_type>.`` prefix and rename TF-era ``gamma``/``beta``."""
+    if model_type == "fastbert":
+        return dict(state)
+    out = {}
+    head_roots = ("cls.", "predictions.", "sop_classifier.", "classifier.", "qa_outputs.")
+    for key, value in state.items():
+        if key.endswith(".gamma"):
+            key = key[:-6] + ".weight"
+        elif key.endswith(".beta"):
+            key = key[:-5] + ".bias"
+        if not key.startswith((model_type + ".", *head_roots)):
+            key = f"{model_type}.{key}"
+        out[key] = value
+    return out
+
+
+def load_state_dict_into(model: torch.nn.Module, state: dict[str, torch.Tensor], model_type: str,
+                         source: str = "checkpoint") -> LoadingInfo:
+    """Copy a checkpoint's weights into ``model``; every shape is checked before anything is copied."""
+    state = _normalize_keys(state, model_type)
+    sources = _param_sources(model, model_type)
+    ours = model.state_dict()
+    info, errors, updates, used = LoadingInfo(), [], {}, set()
+    for key, names in sources.items():
+        present = [n for n in names if n in state]
+        if not present:
+            info.missing_keys.append(key)
+            continue
+        if len(present) != len(names):
+            errors.append(f"{key}: the checkpoint has {present} but not {sorted(set(names) - set(present))}")
+            continue
+        used.update(names)
+        value = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+        if value.shape != ours[key].shape:
+            shown = names[0] if len(names) == 1 else "+".join(names)
+            errors.append(f"{shown}: checkpoint shape {tuple(value.shape)} != model shape {tuple(ours[key].shape)}")
+            continue
+        updates[key] = value
+    if errors:
+        raise CheckpointError(f"{source} does not fit {type(model).__name__}; nothing was loaded:\n  "
+                              + "\n  ".join(errors))
+    info.unexpected_keys = sorted(k for k in state if k not in used and not k.endswith(_IGNORABLE_SUFFIXES))
+    with torch.no_grad():
+        for key, value in updates.items():
+            ours[key].copy_(value)
+    return info
+
+
+def load_pretrained(cls, directory, config: BertConfig | None = None, output_loading_info: bool = False,
+                    **config_overrides):
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    raw = BertConfig.read_json(config_path)
+    model_type = raw.get("model_type", "bert")
+    if config is None:
+        config = BertConfig.from_dict(raw, source=str(config_path))
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    state, path = read_state_dict(directory)
+    model = cls(config)
+    info = load_state_dict_into(model, state, model_type, source=str(path))
+    if info.missing_keys or info.unexpected_keys:
+        warnings.warn(f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
+                      f"unused (unexpected) {info.unexpected_keys}", stacklevel=3)
+    return (model, info) if output_loading_info else model
+
+
+# Saving -----------------------------------------------------------------------------------------------------------
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the key names of its ``config.hf_model_type``; QKV split back into three."""
+    model_type = model.config.hf_model_type
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, names in _param_sources(model, model_type).items():
+        parts = state[key].chunk(len(names)) if len(names) > 1 else (state[key],)
+        for name, part in zip(names, parts):
+            out[name] = part.detach().contiguous().cpu()
+    if model_type != "fastbert" and not hasattr(model, "bert"):
+        out = {k[len(model_type) + 1:]: v for k, v in out.items()}  # a bare encoder is saved without prefix
+    return out
+
+
+_ARCHITECTURES = {
+    ("bert", "BertForPreTraining", "none"): "BertForMaskedLM",
+    ("albert", "BertForPreTraining", "sop"): "AlbertForPreTraining",
+    ("albert", "BertForPreTraining", "none"): "AlbertForMaskedLM",
+}
+
+
+def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    config = model.config
+    name = type(model).__name__
+    model_type = config.hf_model_type
+    arch = _ARCHITECTURES.get((model_type, name, config.sentence_objective))
+    if arch is None:
+        arch = name.replace("Bert", "Albert") if model_type == "albert" else name
+    if model_type == "bert" and name == "BertForPreTraining" and config.sentence_objective == "sop":
+        warnings.warn("transformers' BertForPreTraining calls the SOP head 'seq_relationship'; it loads, but the "
+                      "label means 'swapped', not 'next'", stacklevel=3)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / SAFETENSORS_NAME, save(hf_state_dict(model), metadata={"format": "pt"}))
+    config.save_pretrained(directory, architecture=arch)

@@ -1,0 +1,444 @@
+"""The BERT model: embeddings, encoder, pooler and the task heads.
+
+The encoder always runs on the unpadded layout: a flat ``[total_tokens, hidden]`` tensor with ``cu_seqlens``
+marking where each sequence starts. A padded batch (``input_ids [B, S]`` with ``attention_mask``) is unpadded once
+before the embeddings and padded again at the output, as MosaicBERT does, so padding costs nothing in the linear
+layers. The compute-heavy steps go through ``fastbert.ops`` (attention, residual + LayerNorm, bias + GELU, MLM
+loss); this file is the model's structure and nothing else. Loading and saving HF checkpoints lives in
+``fastbert.hf``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert import ops
+from fastbert.config import BertConfig
+
+
+# Layout ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Layout:
+    """Where the real tokens of a batch sit.
+
+    ``cu_seqlens`` (int32 ``[B + 1]``) and ``max_seqlen`` describe the unpadded batch. For a padded input,
+    ``index`` holds each real token's position in the flattened ``[B * S]`` input and ``shape`` is ``(B, S)``.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    index: torch.Tensor | None = None
+    shape: tuple[int, int] | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.cu_seqlens.numel() - 1
+
+    @classmethod
+    def from_attention_mask(cls, attention_mask: torch.Tensor) -> Layout:
+        mask = attention_mask.bool()
+        seqlens = mask.sum(dim=1, dtype=torch.int32)
+        cu_seqlens = F.pad(torch.cumsum(seqlens, 0, dtype=torch.int32), (1, 0))
+        index = torch.nonzero(mask.flatten(), as_tuple=False).flatten()
+        return cls(cu_seqlens, int(seqlens.max()) if seqlens.numel() else 0, index, tuple(mask.shape))
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> Layout:
+        cu_seqlens = cu_seqlens.to(torch.int32)
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+        return cls(cu_seqlens, max_seqlen)
+
+    def unpad(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, S, ...]`` -> ``[total_tokens, ...]`` (identity for an unpadded batch)."""
+        if self.index is None:
+            return x
+        return x.reshape(-1, *x.shape[2:]).index_select(0, self.index)
+
+    def pad(self, x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """``[total_tokens, ...]`` -> ``[B, S, ...]`` with ``fill`` at padding (identity for an unpadded batch)."""
+        if self.index is None:
+            return x
+        batch, seq = self.shape
+        out = x.new_full((batch * seq, *x.shape[1:]), fill)
+        return out.index_copy(0, self.index, x).view(batch, seq, *x.shape[1:])
+
+    def positions(self) -> torch.Tensor:
+        """Position ids of the real tokens: the column in a padded input, the offset in its sequence otherwise."""
+        if self.index is not None:
+            return self.index % self.shape[1]
+        seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
+        starts = torch.repeat_interleave(self.cu_seqlens[:-1].long(), seqlens)
+        return torch.arange(starts.numel(), device=starts.device) - starts
+
+
+def _check_range(name: str, ids: torch.Tensor, limit: int, what: str) -> None:
+    if ids.numel() == 0:
+        return
+    low, high = torch.aminmax(ids)
+    if int(low) < 0 or int(high) >= limit:
+        bad = int(high) if int(high) >= limit else int(low)
+        where = tuple(int(i) for i in (ids == bad).nonzero()[0])
+        raise IndexError(f"{name} holds {bad} at index {where}, outside [0, {limit}) ({what})")
+
+
+# Outputs --------------------------------------------------------------------------------------------------------
+@dataclass
+class BertModelOutput:
+    last_hidden_state: torch.Tensor
+    pooler_output: torch.Tensor | None
+
+
+@dataclass
+class PreTrainingOutput:
+    loss: torch.Tensor | None = None
+    mlm_loss: torch.Tensor | None = None
+    sentence_loss: torch.Tensor | None = None
+    mlm_accuracy: torch.Tensor | None = None
+    sentence_accuracy: torch.Tensor | None = None
+    prediction_logits: torch.Tensor | None = None
+    seq_relationship_logits: torch.Tensor | None = None
+
+
+@dataclass
+class ClassifierOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor
+
+
+@dataclass
+class QuestionAnsweringOutput:
+    loss: torch.Tensor | None
+    start_logits: torch.Tensor
+    end_logits: torch.Tensor
+
+
+# Modules --------------------------------------------------------------------------------------------------------
+class BertEmbeddings(nn.Module):
+    """Word + position (+ segment) embeddings, LayerNorm, dropout; ALBERT's projection when factorised."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        width = config.embedding_width
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
+        self.token_type_embeddings = (
+            nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None)
+        self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.projection = nn.Linear(width, config.hidden_size) if config.embedding_size is not None else None
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None):
+        c = self.config
+        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
+        _check_range("position ids", positions, c.max_position_embeddings,
+                     "max_position_embeddings: the sequence is too long")
+        x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+            x = x + self.token_type_embeddings(token_type_ids)
+        elif token_type_ids is not None and token_type_ids.numel() and bool(token_type_ids.any()):
+            raise ValueError("token_type_ids were given but this model has no segment embeddings (type_vocab_size=0)")
+        x = self.dropout(self.norm(x))
+        return self.projection(x) if self.projection is not None else x
+
+
+class BertLayer(nn.Module):
+    """One transformer encoder layer over the unpadded layout, post-LN (BERT) or pre-LN."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.qkv = nn.Linear(h, 3 * h)
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def _attention(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        c = self.config
+        q, k, v = self.qkv(x).view(x.shape[0], 3, c.num_attention_heads, c.head_dim).unbind(1)
+        p = c.attention_probs_dropout_prob if self.training else 0.0
+        a = ops.attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=p)
+        return F.linear(a.reshape(x.shape), self.attn_out.weight)
+
+    def _ffn(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, self.config.gelu_approximation)
+        return F.linear(h, self.ffn_out.weight)
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        c, p, train = self.config, self.config.hidden_dropout_prob, self.training
+        if not c.pre_layer_norm:
+            x, _ = ops.residual_layer_norm(self._attention(x, layout), x, self.attn_norm.weight, self.attn_norm.bias,
+                                           c.layer_norm_eps, self.attn_out.bias, p, train)
+            x, _ = ops.residual_layer_norm(self._ffn(x), x, self.ffn_norm.weight, self.ffn_norm.bias,
+                                           c.layer_norm_eps, self.ffn_out.bias, p, train)
+            return x
+        normed, _ = ops.residual_layer_norm(x, None, self.attn_norm.weight, self.attn_norm.bias, c.layer_norm_eps)
+        normed, x = ops.residual_layer_norm(self._attention(normed, layout), x, self.ffn_norm.weight,
+                                            self.ffn_norm.bias, c.layer_norm_eps, self.attn_out.bias, p, train)
+        return x + F.dropout(self._ffn(normed) + self.ffn_out.bias, p, train)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        # ALBERT's cross-layer sharing: one layer's parameters applied num_hidden_layers times.
+        self.layers = nn.ModuleList(BertLayer(config) for _ in range(1 if config.share_layers else
+                                                                     config.num_hidden_layers))
+        self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
+
+    def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
+        for i in range(self.config.num_hidden_layers):
+            x = self.layers[0 if self.config.share_layers else i](x, layout)
+        return self.final_norm(x) if self.final_norm is not None else x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """tanh(dense(first token of each sequence)); zero for an empty sequence."""
+        starts = layout.cu_seqlens[:-1].long()
+        first = hidden[starts.clamp(max=max(hidden.shape[0] - 1, 0))]
+        nonempty = (layout.cu_seqlens[1:] > layout.cu_seqlens[:-1]).to(hidden.dtype)[:, None]
+        return torch.tanh(self.dense(first)) * nonempty
+
+
+class BertPreTrainedModel(nn.Module):
+    """Shared by every model class: weight init and HF-compatible ``from_pretrained`` / ``save_pretrained``."""
+
+    config: BertConfig
+
+    def init_weights(self) -> None:
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+                if module.padding_idx is not None:
+                    with torch.no_grad():
+                        module.weight[module.padding_idx].zero_()
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, BertPreTrainingHeads):
+                nn.init.zeros_(module.bias)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, config: BertConfig | None = None,
+                        output_loading_info: bool = False, **config_overrides):
+        """Load an HF or fastbert checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
+
+        Missing and unexpected keys are reported as a warning (and returned with ``output_loading_info=True``);
+        a shape mismatch raises before any weight is copied.
+        """
+        from fastbert import hf
+
+        return hf.load_pretrained(cls, directory, config, output_loading_info, **config_overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors in the layout transformers reads (see ``fastbert.hf``)."""
+        from fastbert import hf
+
+        hf.save_pretrained(self, directory)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class BertModel(BertPreTrainedModel):
+    """The encoder. Input either padded (``input_ids [B, S]`` + ``attention_mask``) or unpadded (``input_ids
+    [T]`` + ``cu_seqlens``); ``last_hidden_state`` comes back in the layout it went in."""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config) if add_pooling_layer else None
+        self.init_weights()
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
+               max_seqlen=None) -> tuple[torch.Tensor, Layout]:
+        """Run the encoder; returns the flat ``[total_tokens, hidden]`` states and the batch layout."""
+        if cu_seqlens is not None:
+            if input_ids.dim() != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must be flat [total_tokens], got {tuple(input_ids.shape)}")
+            if attention_mask is not None:
+                raise ValueError("give either attention_mask (padded layout) or cu_seqlens (unpadded), not both")
+            layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
+            if int(layout.cu_seqlens[-1]) != input_ids.numel():
+                raise ValueError(f"cu_seqlens ends at {int(layout.cu_seqlens[-1])} but input_ids holds "
+                                 f"{input_ids.numel()} tokens")
+        else:
+            if input_ids.dim() != 2:
+                raise ValueError(f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}")
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            elif attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            layout = Layout.from_attention_mask(attention_mask)
+        ids = layout.unpad(input_ids)
+        types = layout.unpad(token_type_ids) if token_type_ids is not None else None
+        positions = layout.unpad(position_ids) if position_ids is not None else layout.positions()
+        hidden = self.encoder(self.embeddings(ids, positions, types), layout)
+        return hidden, layout
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, cu_seqlens=None,
+                max_seqlen=None) -> BertModelOutput:
+        hidden, layout = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
+        pooled = self.pooler(hidden, layout) if self.pooler is not None else None
+        return BertModelOutput(layout.pad(hidden), pooled)
+
+
+class BertPreTrainingHeads(nn.Module):
+    """MLM transform + decoder tied to the word embeddings, and the NSP/SOP classifier on the pooled [CLS]."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.transform = nn.Linear(config.hidden_size, config.embedding_width)
+        self.transform_norm = nn.LayerNorm(config.embedding_width, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.sentence = nn.Linear(config.hidden_size, 2) if config.sentence_objective != "none" else None
+
+    def transform_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = ops.bias_gelu(F.linear(hidden, self.transform.weight), self.transform.bias, self.config.gelu_approximation)
+        return F.layer_norm(h, (h.shape[-1],), self.transform_norm.weight, self.transform_norm.bias,
+                            self.config.layer_norm_eps)
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """MLM (+ NSP or SOP). With ``labels``, the MLM head runs on the labelled positions only and returns the losses
+    and accuracies; without, it returns ``prediction_logits`` for every token (inference, e.g. filling a [MASK])."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=config.sentence_objective != "none")
+        self.cls = BertPreTrainingHeads(config)
+        self.init_weights()
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.bert.embeddings.word_embeddings.weight
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                next_sentence_label=None, *, cu_seqlens=None, max_seqlen=None) -> PreTrainingOutput:
+        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
+                                          max_seqlen)
+        out = PreTrainingOutput()
+        if self.cls.sentence is not None:
+            out.seq_relationship_logits = self.cls.sentence(self.bert.pooler(hidden, layout))
+        if labels is None:
+            logits = F.linear(self.cls.transform_hidden(hidden), self.decoder_weight, self.cls.bias)
+            out.prediction_logits = layout.pad(logits)
+        else:
+            flat_labels = layout.unpad(labels)
+            masked = torch.nonzero(flat_labels != ops.IGNORE_INDEX, as_tuple=False).flatten()
+            out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
+                self.cls.transform_hidden(hidden.index_select(0, masked)), self.decoder_weight, self.cls.bias,
+                flat_labels.index_select(0, masked))
+            out.loss = out.mlm_loss
+        if next_sentence_label is not None:
+            if out.seq_relationship_logits is None:
+                raise ValueError("next_sentence_label given but the model's sentence_objective is 'none'")
+            out.sentence_loss = F.cross_entropy(out.seq_relationship_logits, next_sentence_label.view(-1))
+            out.sentence_accuracy = (out.seq_relationship_logits.argmax(-1) == next_sentence_label.view(-1)
+                                     ).float().mean().detach()
+            out.loss = out.sentence_loss if out.loss is None else out.loss + out.sentence_loss
+        return out
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """Classifier on the pooled [CLS]; regression (MSE) when ``num_labels == 1``."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,
+                cu_seqlens=None, max_seqlen=None) -> ClassifierOutput:
+        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
+                           max_seqlen=max_seqlen).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            else:
+                loss = F.cross_entropy(logits, labels.view(-1))
+        return ClassifierOutput(loss, logits)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """Per-token classifier (NER); padding positions get zero logits and are never in the loss."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,
+                cu_seqlens=None, max_seqlen=None) -> ClassifierOutput:
+        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
+                                          max_seqlen)
+        logits = self.classifier(self.dropout(hidden))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits, layout.unpad(labels), ignore_index=ops.IGNORE_INDEX)
+        return ClassifierOutput(loss, layout.pad(logits))
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Start/end span logits per token. Padding positions get the lowest finite logit so no span ends there."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, start_positions=None,
+                end_positions=None, *, cu_seqlens=None, max_seqlen=None) -> QuestionAnsweringOutput:
+        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
+                                          max_seqlen)
+        logits = self.qa_outputs(hidden)
+        if layout.index is None:
+            raise ValueError("BertForQuestionAnswering needs the padded layout (input_ids [B, S])")
+        logits = layout.pad(logits, fill=torch.finfo(logits.dtype).min)
+        start_logits, end_logits = logits.unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]  # positions outside the sequence are ignored, as in HF
+            start = F.cross_entropy(start_logits, start_positions.view(-1).clamp(0, ignored), ignore_index=ignored)
+            end = F.cross_entropy(end_logits, end_positions.view(-1).clamp(0, ignored), ignore_index=ignored)
+            loss = (start + end) / 2
+        return QuestionAnsweringOutput(loss, start_logits, end_logits)
