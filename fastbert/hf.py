@@ -102,10 +102,11 @@ def _base_prefix(model: torch.nn.Module) -> str:
     return "bert." if hasattr(model, "bert") else ""
 
 
-def _param_sources(model: torch.nn.Module, model_type: str) -> dict[str, tuple[str, ...]]:
-    """Each of the model's state_dict keys -> the checkpoint key(s) (without base prefix) that hold it.
+def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tuple[str, ...]]:
+    """Each of the model's state_dict keys -> the checkpoint key(s) that hold it under ``model_type``'s layout.
 
-    Encoder keys map to ``<base>.<key>``-less names; head keys are full names (heads never carry the base prefix).
+    Encoder keys carry the ``bert.`` / ``albert.`` prefix; several keys mean a concatenation along dim 0 (our
+    fused QKV is HF's query, key and value).
     """
     if model_type == "fastbert":
         return {k: (k,) for k in model.state_dict()}
@@ -170,7 +171,7 @@ def load_state_dict_into(model: torch.nn.Module, state: dict[str, torch.Tensor],
                          source: str = "checkpoint") -> LoadingInfo:
     """Copy a checkpoint's weights into ``model``; every shape is checked before anything is copied."""
     state = _normalize_keys(state, model_type)
-    sources = _param_sources(model, model_type)
+    sources = checkpoint_key_map(model, model_type)
     ours = model.state_dict()
     info, errors, updates, used = LoadingInfo(), [], {}, set()
     for key, names in sources.items():
@@ -225,7 +226,7 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     model_type = model.config.hf_model_type
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
-    for key, names in _param_sources(model, model_type).items():
+    for key, names in checkpoint_key_map(model, model_type).items():
         parts = state[key].chunk(len(names)) if len(names) > 1 else (state[key],)
         for name, part in zip(names, parts):
             out[name] = part.detach().contiguous().cpu()
