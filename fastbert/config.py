@@ -74,9 +74,11 @@ class BertConfig:
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):
             raise ConfigError(f"embedding_size must be a positive integer or None, got {self.embedding_size!r}")
         if self.hidden_act not in GELU_APPROXIMATION:
-            raise ConfigError(f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}")
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}")
         if self.sentence_objective not in SENTENCE_OBJECTIVES:
-            raise ConfigError(f"sentence_objective must be one of {SENTENCE_OBJECTIVES}, got {self.sentence_objective!r}")
+            raise ConfigError(
+                f"sentence_objective must be one of {SENTENCE_OBJECTIVES}, got {self.sentence_objective!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -228,7 +228,7 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, names in checkpoint_key_map(model, model_type).items():
         parts = state[key].chunk(len(names)) if len(names) > 1 else (state[key],)
-        for name, part in zip(names, parts):
+        for name, part in zip(names, parts, strict=False):
             out[name] = part.detach().contiguous().cpu()
     if model_type != "fastbert" and not hasattr(model, "bert"):
         out = {k[len(model_type) + 1:]: v for k, v in out.items()}  # a bare encoder is saved without prefix

@@ -84,7 +84,7 @@ def _check_range(name: str, ids: torch.Tensor, limit: int, what: str) -> None:
     if int(low) < 0 or int(high) >= limit:
         bad = int(high) if int(high) >= limit else int(low)
         where = tuple(int(i) for i in (ids == bad).nonzero()[0])
-        raise IndexError(f"{name} holds {bad} at index {where}, outside [0, {limit}) ({what})")
+        raise IndexError(f"{name} holds {bad} at {where}, outside [0, {limit}) ({what})")
 
 
 # Outputs --------------------------------------------------------------------------------------------------------
@@ -135,18 +135,11 @@ class BertEmbeddings(nn.Module):
         self.projection = nn.Linear(width, config.hidden_size) if config.embedding_size is not None else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None):
-        c = self.config
-        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
-        _check_range("position ids", positions, c.max_position_embeddings,
-                     "max_position_embeddings: the sequence is too long")
         x = self.word_embeddings(input_ids) + self.position_embeddings(positions)
         if self.token_type_embeddings is not None:
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
-            _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
             x = x + self.token_type_embeddings(token_type_ids)
-        elif token_type_ids is not None and token_type_ids.numel() and bool(token_type_ids.any()):
-            raise ValueError("token_type_ids were given but this model has no segment embeddings (type_vocab_size=0)")
         x = self.dropout(self.norm(x))
         return self.projection(x) if self.projection is not None else x
 
@@ -281,7 +274,8 @@ class BertModel(BertPreTrainedModel):
         """Run the encoder; returns the flat ``[total_tokens, hidden]`` states and the batch layout."""
         if cu_seqlens is not None:
             if input_ids.dim() != 1:
-                raise ValueError(f"with cu_seqlens, input_ids must be flat [total_tokens], got {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"with cu_seqlens, input_ids must be flat [total_tokens], got {tuple(input_ids.shape)}")
             if attention_mask is not None:
                 raise ValueError("give either attention_mask (padded layout) or cu_seqlens (unpadded), not both")
             layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
@@ -290,18 +284,41 @@ class BertModel(BertPreTrainedModel):
                                  f"{input_ids.numel()} tokens")
         else:
             if input_ids.dim() != 2:
-                raise ValueError(f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}")
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             elif attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                                  f"{tuple(input_ids.shape)}")
             layout = Layout.from_attention_mask(attention_mask)
+        self._check_inputs(input_ids, token_type_ids, position_ids, layout)
         ids = layout.unpad(input_ids)
         types = layout.unpad(token_type_ids) if token_type_ids is not None else None
         positions = layout.unpad(position_ids) if position_ids is not None else layout.positions()
         hidden = self.encoder(self.embeddings(ids, positions, types), layout)
         return hidden, layout
+
+    def _check_inputs(self, input_ids, token_type_ids, position_ids, layout: Layout) -> None:
+        """Out-of-range ids raise here, naming the value and where it sits, instead of failing deep in an index op."""
+        c = self.config
+        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
+        if token_type_ids is not None:
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape "
+                                 f"{tuple(input_ids.shape)}")
+            if c.type_vocab_size == 0:
+                if bool(token_type_ids.any()):
+                    raise ValueError("token_type_ids hold segment ids but this model has no segment embeddings "
+                                     "(type_vocab_size=0)")
+            else:
+                _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+        longest = layout.shape[1] if layout.shape is not None else layout.max_seqlen
+        if position_ids is not None:
+            _check_range("position_ids", position_ids, c.max_position_embeddings, "max_position_embeddings")
+        elif longest > c.max_position_embeddings:
+            raise IndexError(f"a sequence has {longest} positions but max_position_embeddings is "
+                             f"{c.max_position_embeddings}: the sequence is too long")
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, cu_seqlens=None,
                 max_seqlen=None) -> BertModelOutput:

@@ -1,0 +1,73 @@
+"""The torch references in fastbert.ops against plain PyTorch written the obvious way."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastbert import ops
+
+
+@pytest.mark.parametrize("chunk_elements", [1 << 23, 5000])  # one chunk, and many uneven chunks
+@pytest.mark.parametrize("rows", [1, 37])
+def test_mlm_loss_matches_cross_entropy(monkeypatch, chunk_elements, rows):
+    monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", chunk_elements)
+    g = torch.Generator().manual_seed(rows)
+    vocab, width = 3001, 48
+    hidden = torch.randn(rows, width, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(vocab, width, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(vocab, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[::3] = -100 if rows > 1 else labels[::3]
+    loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
+    logits = hidden @ weight.T + bias
+    ref = F.cross_entropy(logits, labels, ignore_index=-100)
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    valid = labels != -100
+    assert accuracy.item() == pytest.approx((logits.argmax(1) == labels)[valid].float().mean().item())
+    grads = torch.autograd.grad(loss, (hidden, weight, bias))
+    refs = torch.autograd.grad(ref, (hidden, weight, bias))
+    for got, want in zip(grads, refs, strict=False):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_mlm_loss_with_no_labelled_rows_is_zero_not_nan():
+    hidden = torch.randn(4, 8, requires_grad=True)
+    weight = torch.randn(50, 8, requires_grad=True)
+    loss, accuracy = ops.mlm_loss(hidden, weight, torch.zeros(50), torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0 and accuracy.item() == 0
+    assert hidden.grad.abs().sum() == 0 and weight.grad.abs().sum() == 0
+
+
+def test_varlen_attention_matches_per_sequence_softmax():
+    g = torch.Generator().manual_seed(0)
+    lengths = [1, 37, 0, 128, 5]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q, k, v = (torch.randn(sum(lengths), 4, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    out = ops.attention(q, k, v, cu, max(lengths), softmax_scale=0.3)
+    for i, _n in enumerate(lengths):
+        s = slice(int(cu[i]), int(cu[i + 1]))
+        scores = torch.einsum("qhd,khd->hqk", q[s], k[s]) * 0.3
+        ref = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v[s])
+        torch.testing.assert_close(out[s], ref)
+
+
+def test_residual_layer_norm_and_bias_gelu():
+    g = torch.Generator().manual_seed(0)
+    x, r, b = torch.randn(7, 384, generator=g), torch.randn(7, 384, generator=g), torch.randn(384, generator=g)
+    w, lb = torch.rand(384, generator=g), torch.randn(384, generator=g)
+    normed, summed = ops.residual_layer_norm(x, r, w, lb, 1e-12, x_bias=b)
+    s = x + b + r
+    ref = (s - s.mean(-1, keepdim=True)) / torch.sqrt(s.var(-1, unbiased=False, keepdim=True) + 1e-12) * w + lb
+    torch.testing.assert_close(summed, s)
+    torch.testing.assert_close(normed, ref, rtol=1e-5, atol=1e-5)
+    y = ops.bias_gelu(x, b)
+    torch.testing.assert_close(y, 0.5 * (x + b) * (1 + torch.erf((x + b) / 2 ** 0.5)))
+
+
+def test_backend_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="FASTBERT_BACKEND='cuda'"):
+        ops.backend_setting()
