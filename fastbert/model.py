@@ -131,7 +131,6 @@ class BertEmbeddings(nn.Module):
         self.token_type_embeddings = (
             nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None)
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.projection = nn.Linear(width, config.hidden_size) if config.embedding_size is not None else None
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids: torch.Tensor | None):
@@ -140,7 +139,7 @@ class BertEmbeddings(nn.Module):
             if token_type_ids is None:
                 token_type_ids = torch.zeros_like(input_ids)
             x = x + self.token_type_embeddings(token_type_ids)
-        x = self.dropout(self.norm(x))
+        x = ops.dropout(self.norm(x), self.config.hidden_dropout_prob, self.training)
         return self.projection(x) if self.projection is not None else x
 
 
@@ -180,7 +179,7 @@ class BertLayer(nn.Module):
         normed, _ = ops.residual_layer_norm(x, None, self.attn_norm.weight, self.attn_norm.bias, c.layer_norm_eps)
         normed, x = ops.residual_layer_norm(self._attention(normed, layout), x, self.ffn_norm.weight,
                                             self.ffn_norm.bias, c.layer_norm_eps, self.attn_out.bias, p, train)
-        return x + F.dropout(self._ffn(normed) + self.ffn_out.bias, p, train)
+        return x + ops.dropout(self._ffn(normed) + self.ffn_out.bias, p, train)
 
 
 class BertEncoder(nn.Module):

@@ -12,6 +12,7 @@ so that no ``[M, V]`` float32 logits tensor is kept for backward.
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from functools import cache
 
@@ -49,6 +50,32 @@ def _kernel_for(op: str, tensor: torch.Tensor):
     return kernel if tensor.is_cuda else None
 
 
+# Dropout --------------------------------------------------------------------------------------------------------
+def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The multiplier of inverted dropout: 0 for a dropped element, ``1 / (1 - p)`` for a kept one.
+
+    Each element takes 16 random bits (four per random int64 word), several times cheaper on CPU than
+    ``bernoulli_``; ``p`` is rounded to a multiple of 1/65536 and the scale is exact for the rounded rate, so the
+    expectation is preserved. The mask is built with integer clamps rather than boolean ops, which are slow on CPU.
+    Draws come from torch's generator for ``device``, so seeding and RNG state capture work as usual.
+    """
+    numel = math.prod(shape)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
+    drops = round(p * 65536)
+    first_kept = drops - 32768  # lanes are uniform over [-32768, 32767]; those below first_kept are dropped
+    lanes = words.view(torch.int16)[:numel].view(shape)
+    keep = lanes.clamp(first_kept - 1, first_kept).sub_(first_kept - 1)  # 0 = dropped, 1 = kept; no overflow
+    return keep.to(dtype).mul_(65536 / (65536 - drops))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Inverted dropout with the mask from ``dropout_mask``."""
+    if not training or p == 0.0:
+        return x
+    return x * dropout_mask(x.shape, p, x.device, x.dtype)
+
+
 # Attention ------------------------------------------------------------------------------------------------------
 def varlen_token_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
     """For each token of an unpadded batch, its row in the padded ``[B * max_seqlen]`` layout."""
@@ -80,8 +107,14 @@ def attention_reference(
     seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
     # An empty sequence keeps its first key visible so that its (unused) row of the softmax is not 0/0.
     keep = torch.arange(max_seqlen, device=q.device)[None, :] < seqlens.clamp(min=1)[:, None]
-    out = F.scaled_dot_product_attention(
-        pad(q), pad(k), pad(v), attn_mask=keep[:, None, None, :], dropout_p=dropout_p, scale=softmax_scale)
+    q, k, v = pad(q), pad(k), pad(v)
+    if dropout_p == 0.0:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=softmax_scale)
+    else:  # SDPA's own dropout on CPU draws with bernoulli_, the slowest part of a training step
+        scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
+        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+        scores = scores.masked_fill_(~keep[:, None, None, :], float("-inf")).softmax(dim=-1)
+        out = torch.matmul(dropout(scores, dropout_p), v)
     return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, index)
 
 
@@ -127,7 +160,7 @@ def residual_layer_norm(
         return kernel.residual_layer_norm(x, residual, weight, bias, eps, x_bias, dropout_p, training)
     if x_bias is not None:
         x = x + x_bias
-    x = F.dropout(x, dropout_p, training)
+    x = dropout(x, dropout_p, training)
     summed = x if residual is None else x + residual
     return F.layer_norm(summed, (summed.shape[-1],), weight, bias, eps), summed
 
@@ -143,18 +176,16 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
 
 # MLM loss -------------------------------------------------------------------------------------------------------
 IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 1 << 23  # logits elements per vocabulary chunk: 32 MiB of float32
-
-
-def _vocab_chunk(rows: int, vocab: int) -> int:
-    return max(1024, min(vocab, _CHUNK_ELEMENTS // max(rows, 1)))
+_CHUNK_ELEMENTS = 1 << 23  # logits elements per block of rows: 32 MiB of float32
 
 
 class _ChunkedMLMLoss(torch.autograd.Function):
-    """Cross-entropy of ``hidden @ weight.T + bias`` against labels, one vocabulary chunk at a time.
+    """Cross-entropy of ``hidden @ weight.T + bias`` against labels, one block of rows at a time.
 
-    Forward keeps an online log-sum-exp, the target logit and a running argmax; backward recomputes each chunk's
-    logits from the saved log-sum-exp. Peak extra memory is one ``[M, chunk]`` block instead of ``[M, V]``.
+    A block holds few enough rows that its ``[rows, V]`` float32 logits stay under ``_CHUNK_ELEMENTS``; within a
+    block the log-sum-exp is exact, so the gradient of the (linear in the loss) cross-entropy is computed in the
+    same pass and kept for backward, which only scales it. That is three matmuls per block and no recomputation;
+    no ``[M, V]`` tensor ever exists. (The Triton kernel walks the vocabulary instead; both give the same values.)
     """
 
     @staticmethod
@@ -162,58 +193,42 @@ class _ChunkedMLMLoss(torch.autograd.Function):
         rows, vocab = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE_INDEX
         safe_labels = torch.where(valid, labels, 0)
-        running_max = hidden.new_full((rows,), float("-inf"), dtype=torch.float32)
-        running_sum = hidden.new_zeros((rows,), dtype=torch.float32)
-        target = hidden.new_zeros((rows,), dtype=torch.float32)
-        best = hidden.new_full((rows,), float("-inf"), dtype=torch.float32)
-        best_index = torch.zeros(rows, dtype=torch.long, device=hidden.device)
-        chunk = _vocab_chunk(rows, vocab)
-        for start in range(0, vocab, chunk):
-            stop = min(start + chunk, vocab)
-            logits = torch.addmm(bias[start:stop], hidden, weight[start:stop].t()).float()
-            chunk_max, chunk_arg = logits.max(dim=1)
-            new_max = torch.maximum(running_max, chunk_max)
-            running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(
-                logits - new_max[:, None]).sum(dim=1)
-            running_max = new_max
-            improved = chunk_max > best
-            best = torch.where(improved, chunk_max, best)
-            best_index = torch.where(improved, chunk_arg + start, best_index)
-            inside = (safe_labels >= start) & (safe_labels < stop)
-            local = (safe_labels - start).clamp(0, stop - start - 1)
-            target = torch.where(inside, logits.gather(1, local[:, None]).squeeze(1), target)
-        lse = running_max + torch.log(running_sum)
-        count = valid.sum()
-        denom = count.clamp(min=1).float()
-        loss = ((lse - target) * valid).sum() / denom
-        correct = ((best_index == safe_labels) & valid).sum().float() / denom
-        ctx.save_for_backward(hidden, weight, bias, safe_labels, valid, lse, denom)
+        denom = valid.sum().clamp(min=1).float()
+        want_grad = any(ctx.needs_input_grad[:3])
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
+        loss = hidden.new_zeros((), dtype=torch.float32)
+        correct = hidden.new_zeros((), dtype=torch.float32)
+        block = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
+        for start in range(0, rows, block):
+            stop = min(start + block, rows)
+            h, y, keep = hidden[start:stop], safe_labels[start:stop], valid[start:stop]
+            logits = torch.addmm(bias, h, weight.t()).float()
+            lse = torch.logsumexp(logits, dim=1)
+            target = logits.gather(1, y[:, None]).squeeze(1)
+            loss += ((lse - target) * keep).sum()
+            correct += ((logits.argmax(dim=1) == y) & keep).sum()
+            if not want_grad:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            grad[torch.arange(stop - start, device=grad.device), y] -= 1.0
+            grad.mul_((keep.float() / denom)[:, None])
+            grad = grad.to(hidden.dtype)
+            if grad_hidden is not None:
+                torch.mm(grad, weight, out=grad_hidden[start:stop])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h)
+            if grad_bias is not None:
+                grad_bias += grad.sum(dim=0)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(correct)
-        return loss, correct
+        return loss / denom, correct / denom
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        hidden, weight, bias, labels, valid, lse, denom = ctx.saved_tensors
-        rows, vocab = hidden.shape[0], weight.shape[0]
-        scale = (grad_loss / denom) * valid.float()
-        grad_hidden = torch.zeros_like(hidden, dtype=torch.float32)
-        grad_weight = torch.empty_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.empty_like(bias) if ctx.needs_input_grad[2] else None
-        chunk = _vocab_chunk(rows, vocab)
-        row_ids = torch.arange(rows, device=hidden.device)
-        for start in range(0, vocab, chunk):
-            stop = min(start + chunk, vocab)
-            logits = torch.addmm(bias[start:stop], hidden, weight[start:stop].t()).float()
-            grad = torch.exp(logits - lse[:, None])
-            inside = (labels >= start) & (labels < stop)
-            grad[row_ids[inside], labels[inside] - start] -= 1.0
-            grad *= scale[:, None]
-            grad_hidden.addmm_(grad, weight[start:stop].float())
-            if grad_weight is not None:
-                torch.mm(grad.to(hidden.dtype).t(), hidden, out=grad_weight[start:stop])
-            if grad_bias is not None:
-                grad_bias[start:stop] = grad.sum(dim=0)
-        return grad_hidden.to(hidden.dtype), grad_weight, grad_bias, None
+        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        return (*grads, None)
 
 
 def mlm_loss(

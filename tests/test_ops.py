@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from fastbert import ops
 
 
-@pytest.mark.parametrize("chunk_elements", [1 << 23, 5000])  # one chunk, and many uneven chunks
+@pytest.mark.parametrize("chunk_elements", [1 << 23, 20000])  # one block, and many uneven blocks
 @pytest.mark.parametrize("rows", [1, 37])
 def test_mlm_loss_matches_cross_entropy(monkeypatch, chunk_elements, rows):
     monkeypatch.setattr(ops, "_CHUNK_ELEMENTS", chunk_elements)
@@ -71,3 +71,23 @@ def test_backend_setting_is_validated(monkeypatch):
     monkeypatch.setenv("FASTBERT_BACKEND", "cuda")
     with pytest.raises(ValueError, match="FASTBERT_BACKEND='cuda'"):
         ops.backend_setting()
+
+
+def test_dropout_rate_scale_and_determinism():
+    x = torch.ones(1000, 1000)
+    torch.manual_seed(3)
+    y = ops.dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 0.1) < 0.002  # 1M draws: the std of the rate is 0.0003
+    kept = y[y != 0]
+    torch.testing.assert_close(kept, torch.full_like(kept, 65536 / (65536 - 6554)))
+    assert abs(y.mean().item() - 1.0) < 0.003
+    torch.manual_seed(3)
+    assert torch.equal(ops.dropout(x, 0.1), y)
+    assert ops.dropout(x, 0.1, training=False) is x
+    # Gradient is the same mask.
+    torch.manual_seed(4)
+    z = torch.randn(64, 64, requires_grad=True)
+    out = ops.dropout(z, 0.5)
+    out.sum().backward()
+    torch.testing.assert_close(z.grad, torch.where(out == 0, 0.0, 2.0))

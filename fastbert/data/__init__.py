@@ -1,0 +1,1 @@
+"""Pretraining data: corpora, text -> shards, memory-mapped datasets, masking and batching."""
