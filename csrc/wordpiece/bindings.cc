@@ -2,9 +2,61 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "matcher.h"
+#include "tokenizer.h"
 #include "vocab.h"
+#ifdef FASTBERT_WITH_CUDA
+#include "cuda_matcher.h"
+#endif
 
 namespace py = pybind11;
+
+namespace {
+
+// UTF-8 views of a sequence of str, valid while the sequence's items live (CPython caches the UTF-8 form inside
+// each str). Non-str items and lone surrogates are errors naming `what`[index] and the character offset.
+std::vector<std::string_view> utf8_views(const py::sequence& items, const char* what) {
+  std::vector<std::string_view> views;
+  views.reserve(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    PyObject* item = PyList_Check(items.ptr()) ? PyList_GET_ITEM(items.ptr(), i) : nullptr;
+    py::object holder;
+    if (item == nullptr) {
+      holder = items[i];
+      item = holder.ptr();
+    }
+    if (!PyUnicode_Check(item)) {
+      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is " + Py_TYPE(item)->tp_name +
+                           ", not str");
+    }
+    Py_ssize_t size;
+    const char* data = PyUnicode_AsUTF8AndSize(item, &size);
+    if (data == nullptr) {
+      PyErr_Clear();
+      const Py_ssize_t length = PyUnicode_GET_LENGTH(item);
+      Py_ssize_t at = 0;
+      while (at < length && !Py_UNICODE_IS_SURROGATE(PyUnicode_READ_CHAR(item, at))) ++at;
+      char code[16];
+      snprintf(code, sizeof code, "U+%04X", at < length ? unsigned(PyUnicode_READ_CHAR(item, at)) : 0u);
+      throw py::value_error(std::string(what) + "[" + std::to_string(i) + "]: lone surrogate " + code +
+                            " at character " + std::to_string(at) + " is not valid Unicode text");
+    }
+    views.emplace_back(data, static_cast<size_t>(size));
+  }
+  return views;
+}
+
+py::list offsets_list(const std::vector<int32_t>& flat) {
+  py::list out(flat.size() / 2);
+  for (size_t k = 0; k < flat.size() / 2; ++k) out[k] = py::make_tuple(flat[2 * k], flat[2 * k + 1]);
+  return out;
+}
+
+}  // namespace
 
 PYBIND11_MODULE(_wordpiece, m) {
   m.doc() = "fastbert's C++ WordPiece tokenizer";
@@ -30,6 +82,117 @@ PYBIND11_MODULE(_wordpiece, m) {
           py::arg("token"), "The id of `token`, or None when it is not in the vocabulary.")
       .def("id_to_token", &fastbert::Vocab::id_to_token, py::arg("id"))
       .def_property_readonly("tokens", &fastbert::Vocab::tokens);
+
+  py::class_<fastbert::Tokenizer>(m, "Tokenizer")
+      .def(py::init<fastbert::Vocab, bool, const std::vector<std::string>&, const std::string&, const std::string&,
+                    const std::string&, int32_t>(),
+           py::arg("vocab"), py::arg("lowercase"), py::arg("special_tokens"), py::arg("unk_token"),
+           py::arg("cls_token"), py::arg("sep_token"), py::arg("max_chars_per_word") = 100)
+      .def_property_readonly("vocab", &fastbert::Tokenizer::vocab, py::return_value_policy::reference_internal)
+      .def_property_readonly("lowercase", &fastbert::Tokenizer::lowercase)
+      .def_property_readonly("num_trie_nodes", [](const fastbert::Tokenizer& t) { return t.trie().num_nodes(); })
+      .def(
+          "encode",
+          [](const fastbert::Tokenizer& t, const py::str& text, bool with_offsets) -> py::object {
+            const auto views = utf8_views(py::make_tuple(text), "text");
+            fastbert::Encoding enc;
+            {
+              py::gil_scoped_release release;
+              t.encode(views[0], enc, with_offsets);
+            }
+            if (!with_offsets) return py::cast(enc.ids);
+            return py::make_tuple(py::cast(enc.ids), offsets_list(enc.offsets));
+          },
+          py::arg("text"), py::arg("with_offsets") = false,
+          "Ids of one text without [CLS]/[SEP]; with offsets, (ids, [(start, end), ...]) in characters.")
+      .def(
+          "encode_batch",
+          [](const fastbert::Tokenizer& t, const py::sequence& texts, const py::object& pairs,
+             bool add_special_tokens, int num_threads) {
+            const auto text_views = utf8_views(texts, "texts");
+            std::vector<std::string_view> pair_views;
+            if (!pairs.is_none()) {
+              pair_views = utf8_views(pairs.cast<py::sequence>(), "pairs");
+              if (pair_views.size() != text_views.size()) {
+                throw py::value_error("pairs has " + std::to_string(pair_views.size()) + " items but texts has " +
+                                      std::to_string(text_views.size()));
+              }
+            }
+            std::vector<std::vector<int32_t>> ids;
+            {
+              py::gil_scoped_release release;
+              ids = t.encode_batch(text_views, pair_views, add_special_tokens, num_threads);
+            }
+            return ids;
+          },
+          py::arg("texts"), py::arg("pairs") = py::none(), py::arg("add_special_tokens") = true,
+          py::arg("num_threads") = 0, "Ids of every text (and pair) on C++ threads, without the GIL.")
+      .def(
+          "encode_batch_offsets",
+          [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads) {
+            const auto views = utf8_views(texts, "texts");
+            std::vector<fastbert::Encoding> encodings;
+            {
+              py::gil_scoped_release release;
+              encodings = t.encode_batch_offsets(views, with_offsets, num_threads);
+            }
+            py::list out(encodings.size());
+            for (size_t i = 0; i < encodings.size(); ++i) {
+              out[i] = py::make_tuple(py::cast(encodings[i].ids),
+                                      with_offsets ? py::object(offsets_list(encodings[i].offsets)) : py::none());
+            }
+            return out;
+          },
+          py::arg("texts"), py::arg("with_offsets") = false, py::arg("num_threads") = 0,
+          "(ids, offsets or None) per text, without special tokens, on C++ threads.")
+      .def(
+          "split_words",
+          [](const fastbert::Tokenizer& t, const py::str& text) {
+            const auto views = utf8_views(py::make_tuple(text), "text");
+            std::string bytes;
+            std::vector<int64_t> ends;
+            std::vector<int32_t> specials;
+            t.split_words(views[0], bytes, ends, specials);
+            return py::make_tuple(py::bytes(bytes), ends, specials);
+          },
+          py::arg("text"), "Normalized words back to back: (utf8 bytes, word end offsets, special id or -1).")
+      .def(
+          "match_word",
+          [](const fastbert::Tokenizer& t, const py::bytes& word, bool greedy) {
+            const std::string_view w(word);
+            const auto* p = reinterpret_cast<const uint8_t*>(w.data());
+            const auto len = static_cast<int32_t>(w.size());
+            std::vector<int32_t> ids(std::max<size_t>(1, w.size())), ends(ids.size());
+            int64_t steps = 0;
+            const int32_t n = greedy ? fastbert::match_word_greedy(t.trie().view(), p, len, ids.data(), ends.data())
+                                     : fastbert::match_word(t.trie().view(), p, len, ids.data(), ends.data(), &steps);
+            ids.resize(n);
+            ends.resize(n);
+            return py::make_tuple(ids, ends, steps);
+          },
+          py::arg("word"), py::arg("greedy") = false,
+          "Match one normalized word: (ids, token end bytes, trie steps). greedy=True runs the quadratic oracle.")
+#ifdef FASTBERT_WITH_CUDA
+      .def(
+          "match_words_cuda",
+          [](const fastbert::Tokenizer& t, const py::bytes& words, const std::vector<int64_t>& word_ends) {
+            const std::string_view w(words);
+            std::vector<int32_t> ids, counts;
+            {
+              py::gil_scoped_release release;
+              fastbert::match_words_cuda(t.trie(), w, word_ends, ids, counts);
+            }
+            py::list out(counts.size());
+            int64_t begin = 0;
+            for (size_t i = 0; i < counts.size(); ++i) {
+              out[i] = std::vector<int32_t>(ids.begin() + begin, ids.begin() + begin + counts[i]);
+              begin = word_ends[i];
+            }
+            return out;
+          },
+          py::arg("words"), py::arg("word_ends"), "Match words on the GPU (see split_words): ids per word.")
+#endif
+      ;
 
   m.def(
       "find_invalid_utf8",

@@ -1,0 +1,42 @@
+// Builds the LinMaxMatch trie of a vocabulary (host side) and owns its arrays; matcher.h reads them.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "matcher.h"
+#include "vocab.h"
+
+namespace fastbert {
+
+class Trie {
+ public:
+  // `marker` is the continuation prefix ("##"); `unk_id` the id emitted for unmatchable words.
+  Trie(const Vocab& vocab, const std::string& marker, int32_t unk_id, int32_t max_chars);
+  Trie(const Trie&) = delete;
+  Trie& operator=(const Trie&) = delete;
+
+  // Pointers into this object's vectors: valid while the Trie lives.
+  const TrieView& view() const { return view_; }
+  int32_t num_nodes() const { return static_cast<int32_t>(fail_.size()); }
+
+  // The arrays, for copying to a device.
+  const std::vector<int32_t>& edge_begin() const { return edge_begin_; }
+  const std::vector<uint8_t>& edge_label() const { return edge_label_; }
+  const std::vector<int32_t>& edge_child() const { return edge_child_; }
+  const std::vector<int32_t>& node_token() const { return node_token_; }
+  const std::vector<int32_t>& fail() const { return fail_; }
+  const std::vector<int32_t>& pops_begin() const { return pops_begin_; }
+  const std::vector<int32_t>& pops() const { return pops_; }
+  const std::vector<int32_t>& token_bytes() const { return token_bytes_; }
+  const std::string& marker() const { return marker_; }
+
+ private:
+  std::string marker_;
+  std::vector<int32_t> edge_begin_, edge_child_, node_token_, fail_, pops_begin_, pops_, token_bytes_;
+  std::vector<uint8_t> edge_label_;
+  TrieView view_{};
+};
+
+}  // namespace fastbert
