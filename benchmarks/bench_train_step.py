@@ -29,6 +29,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import transformers  # noqa: E402
 
+transformers.utils.logging.disable_progress_bar()
+
 from fastbert import BertConfig, BertForPreTraining  # noqa: E402
 from fastbert.data.corpus import stdlib_documents  # noqa: E402
 
