@@ -36,6 +36,19 @@ def _find_nvcc() -> str | None:
     return nvcc
 
 
+def _cudart_dir(nvcc: str) -> Path:
+    """The directory holding libcudart_static.a. nvcc may be a wrapper script outside the toolkit, and toolkits
+    put their libraries in lib64, lib or targets/<arch>/lib, so look in each candidate root."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent),
+             "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", *(str(p.relative_to(root)) for p in Path(root).glob("targets/*/lib"))):
+            if (Path(root) / sub / "libcudart_static.a").exists():
+                return Path(root) / sub
+    raise RuntimeError(f"nvcc is {nvcc} but libcudart_static.a was not found under {[r for r in roots if r]}; "
+                       "set CUDA_HOME to the CUDA toolkit, or FASTBERT_CUDA=0 to build without CUDA")
+
+
 def _ninja_binary() -> str:
     try:
         import ninja  # the PyPI wheel ships the binary
@@ -103,8 +116,7 @@ class NinjaBuildExt(build_ext):
                 obj = build_dir / (src.stem + ".cu.o")
                 objects.append(obj)
                 lines.append(f"build {obj}: nvcc {src}")
-            cuda_lib = Path(nvcc).resolve().parent.parent / "lib64"
-            link_extra = [f"-L{cuda_lib}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+            link_extra = [f"-L{_cudart_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
 
         lines += [
             "rule link",
