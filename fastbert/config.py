@@ -191,7 +191,7 @@ class BertConfig:
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
     def save_pretrained(self, directory: str | os.PathLike, architecture: str | None = None) -> None:
-        from fastbert.hf import write_atomic
+        from fastbert.atomic import write_atomic
 
         write_atomic(Path(directory) / "config.json", self.to_json_string(architecture).encode())
 
