@@ -66,6 +66,48 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    import logging
+
+    from fastbert.data.prepare import InputError, PrepareOptions, prepare
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    options = PrepareOptions(vocab=args.vocab, do_lower_case=not args.cased, seq_len=args.seq_len,
+                             objective=args.objective, seed=args.seed, workers=args.workers, errors=args.errors,
+                             text_field=args.text_field, short_seq_prob=args.short_seq_prob,
+                             shard_size=args.shard_size)
+    try:
+        meta = prepare(args.inputs, args.out, options)
+    except (InputError, ValueError) as e:
+        print(f"fastbert prepare-data: error: {e}", file=sys.stderr)
+        return 1
+    stats = meta["stats"]
+    print(f"{meta['num_samples']} samples, {meta['num_tokens']} tokens in {len(meta['shards'])} shard(s) -> "
+          f"{args.out} ({stats['documents']} documents, {stats['truncated_tokens']} tokens truncated, "
+          f"{len(stats['empty_files'])} empty file(s) skipped)")
+    return 0
+
+
+def _add_prepare_data(subparsers) -> None:
+    p = subparsers.add_parser("prepare-data", help="text files -> checksummed pretraining shards",
+                              description="Split documents into sentences, encode them with the C++ tokenizer and "
+                                          "write segment-pair shards for pretraining.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .parquet files, directories, globs")
+    p.add_argument("--vocab", required=True, help="vocab.txt")
+    p.add_argument("--cased", action="store_true", help="keep case and accents (default: uncased)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--objective", choices=("nsp", "sop", "none"), default="nsp")
+    p.add_argument("--workers", type=int, default=1, help="reader processes (output is identical for any number)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
+                   help="invalid UTF-8: fail naming the byte offset (strict) or replace and count")
+    p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files")
+    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
+    p.set_defaults(func=_prepare_data)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastbert
 
@@ -76,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = subparsers.add_parser("info", help="versions and which backends (C++ tokenizer, Triton, CUDA, "
                                               "DeepSpeed) are usable")
     info.set_defaults(func=_info)
+    _add_prepare_data(subparsers)
     for module in ("fastbert.tokenize_cli",):
         try:
             importlib.import_module(module).add_parser(subparsers)

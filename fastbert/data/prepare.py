@@ -1,0 +1,335 @@
+"""``fastbert prepare-data``: text files -> documents -> sentences -> token ids -> segment pairs -> shards.
+
+Inputs are ``.txt`` (a blank line between documents), ``.jsonl`` (one document per line, in a text field) and
+``.parquet`` (a text column), given as files, directories (searched recursively) or glob patterns. Documents are
+split into sentences with blingfire, encoded with the C++ batch encoder, and cut into pretraining samples as in the
+original BERT recipe: a target length of ``seq_len - 3`` tokens, shorter with probability 0.1; NSP negatives take
+segment B from a different document; SOP swaps A and B half the time; ``none`` packs whole sentences up to the
+length, RoBERTa-style. Every random choice comes from ``(seed, document index)``, and files are read by workers
+but assembled in input order, so the shards are byte-identical for any ``--workers``.
+
+Bad input is never silently dropped: invalid UTF-8 is an error naming the file and byte offset (or, with
+``errors="replace"``, replaced and counted); a malformed JSON line names its file and line; empty files are skipped
+and listed in ``meta.json``; tokens cut by BERT's truncation are counted there too.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fastbert.data.shards import SegmentPair, ShardWriter
+
+log = logging.getLogger("fastbert.data")
+
+SUFFIXES = (".txt", ".jsonl", ".parquet")
+OBJECTIVES = ("nsp", "sop", "none")
+SHORT_SEQ_PROB = 0.1
+
+
+class InputError(ValueError):
+    """Input text that cannot be read as asked; the message names the file and where."""
+
+
+@dataclass
+class PrepareOptions:
+    vocab: str
+    do_lower_case: bool = True
+    seq_len: int = 128
+    objective: str = "nsp"
+    seed: int = 0
+    workers: int = 1
+    errors: str = "strict"
+    text_field: str = "text"
+    short_seq_prob: float = SHORT_SEQ_PROB
+    shard_size: int = 100_000
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.errors not in ("strict", "replace"):
+            raise ValueError(f"errors must be 'strict' or 'replace', got {self.errors!r}")
+        if self.seq_len < 8:
+            raise ValueError(f"seq_len must be at least 8, got {self.seq_len}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be at least 1, got {self.workers}")
+
+
+@dataclass
+class FileResult:
+    path: str
+    documents: list[list[list[int]]]  # document -> sentence -> token ids
+    num_bytes: int
+    replaced: int = 0
+
+
+@dataclass
+class PrepareStats:
+    files: int = 0
+    bytes: int = 0
+    documents: int = 0
+    sentences: int = 0
+    replaced_characters: int = 0
+    truncated_tokens: int = 0
+    dropped_segments: int = 0
+    empty_files: list[str] = field(default_factory=list)
+
+
+# Finding and reading input -----------------------------------------------------------------------------------------
+def input_files(inputs: Sequence[str]) -> list[Path]:
+    """Expand files, directories and glob patterns into a sorted, de-duplicated list of input files."""
+    found: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
+            if not matches:
+                raise InputError(f"{path}: directory holds no {'/'.join(SUFFIXES)} files")
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+            if not matches:
+                raise InputError(f"{item}: no such file, directory or matching pattern")
+        for p in matches:
+            if p.suffix not in SUFFIXES:
+                raise InputError(f"{p}: unsupported input type {p.suffix!r} (expected {', '.join(SUFFIXES)})")
+        found += matches
+    return list(dict.fromkeys(found))
+
+
+def _decode(path: Path, data: bytes, errors: str) -> tuple[str, int]:
+    try:
+        return data.decode("utf-8"), 0
+    except UnicodeDecodeError as e:
+        if errors == "strict":
+            raise InputError(f"{path}: invalid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
+                             f"fix the file or pass --errors replace") from None
+    text = data.decode("utf-8", errors="replace")
+    return text, text.count("\ufffd") - data.count("\ufffd".encode())
+
+
+def read_documents(path: Path, errors: str = "strict", text_field: str = "text") -> tuple[list[str], int, int]:
+    """The documents of one input file, its size in bytes and the number of replaced characters."""
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise InputError(f"{path}: reading .parquet needs pyarrow (pip install pyarrow)") from None
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise InputError(f"{path}: no column {text_field!r} (columns: {table.column_names})")
+        docs = [t for t in table.column(text_field).to_pylist() if t is not None and t.strip()]
+        return docs, path.stat().st_size, 0
+    data = path.read_bytes()
+    text, replaced = _decode(path, data, errors)
+    if path.suffix == ".jsonl":
+        docs = []
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+            if not isinstance(record, dict) or text_field not in record:
+                raise InputError(f"{path}:{line_no}: no field {text_field!r}")
+            if not isinstance(record[text_field], str):
+                raise InputError(f"{path}:{line_no}: field {text_field!r} is {type(record[text_field]).__name__}, "
+                                 f"not a string")
+            if record[text_field].strip():
+                docs.append(record[text_field])
+        return docs, len(data), replaced
+    docs, current = [], []
+    for line in text.splitlines():
+        if line.strip():
+            current.append(line.strip())
+        elif current:
+            docs.append(" ".join(current))
+            current = []
+    if current:
+        docs.append(" ".join(current))
+    return docs, len(data), replaced
+
+
+def split_sentences(document: str) -> list[str]:
+    import blingfire
+
+    return [s for s in blingfire.text_to_sentences(document).split("\n") if s.strip()]
+
+
+_WORKER_TOKENIZER = None
+
+
+def _load_tokenizer(vocab: str, do_lower_case: bool):
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    return WordPieceTokenizer.from_vocab(vocab, do_lower_case=do_lower_case)
+
+
+def _init_worker(vocab: str, do_lower_case: bool) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = _load_tokenizer(vocab, do_lower_case)
+
+
+def encode_file(path: Path, options: PrepareOptions, tokenizer=None, num_threads: int = 1) -> FileResult:
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    docs, size, replaced = read_documents(path, options.errors, options.text_field)
+    sentences = [split_sentences(d) for d in docs]
+    flat = [s for doc in sentences for s in doc]
+    ids = tokenizer.encode_batch(flat, add_special_tokens=False, num_threads=num_threads) if flat else []
+    out, k = [], 0
+    for doc in sentences:
+        encoded = [x for x in ids[k:k + len(doc)] if x]  # a sentence of only stripped characters has no tokens
+        k += len(doc)
+        if encoded:
+            out.append(encoded)
+    return FileResult(str(path), out, size, replaced)
+
+
+def _encode_in_worker(args: tuple[Path, PrepareOptions]) -> FileResult:
+    return encode_file(*args)
+
+
+def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iterator[FileResult]:
+    """Every file's encoded documents, in input order, read by ``options.workers`` processes."""
+    if options.workers == 1:
+        for path in files:
+            yield encode_file(path, options, tokenizer, num_threads=0)
+        return
+    ctx = multiprocessing.get_context("spawn")  # torch and C++ threads do not survive fork reliably
+    with ctx.Pool(options.workers, initializer=_init_worker, initargs=(options.vocab, options.do_lower_case)) as pool:
+        yield from pool.imap(_encode_in_worker, [(p, options) for p in files])
+
+
+# Segment pairs -----------------------------------------------------------------------------------------------------
+def _truncate_pair(a: list[int], b: list[int], limit: int, rng: np.random.Generator) -> int:
+    """BERT's truncation: trim the longer segment, from the front or the back at random; returns tokens cut."""
+    cut = 0
+    while len(a) + len(b) > limit:
+        longer = a if len(a) > len(b) else b
+        if rng.random() < 0.5:
+            del longer[0]
+        else:
+            longer.pop()
+        cut += 1
+    return cut
+
+
+def document_pairs(index: int, documents: list[list[list[int]]], options: PrepareOptions, stats: PrepareStats
+                   ) -> list[SegmentPair]:
+    """The samples cut from ``documents[index]``; randomness from ``(seed, index)`` only."""
+    rng = np.random.default_rng([options.seed, index])
+    doc = documents[index]
+    if options.objective == "none":
+        return _packed(doc, options.seq_len - 2)
+    max_tokens = options.seq_len - 3
+    pairs: list[SegmentPair] = []
+
+    def draw_target() -> int:
+        return int(rng.integers(2, max_tokens + 1)) if rng.random() < options.short_seq_prob else max_tokens
+
+    target, chunk, length, i = draw_target(), [], 0, 0
+    while i < len(doc):
+        chunk.append(doc[i])
+        length += len(doc[i])
+        if i == len(doc) - 1 or length >= target:
+            a_end = int(rng.integers(1, len(chunk))) if len(chunk) >= 2 else 1
+            a = [t for s in chunk[:a_end] for t in s]
+            # Unlike the original recipe, a one-sentence chunk is not forced to be a negative (it is split below
+            # when it must be a positive), so IsNext stays at 50% however short the documents are.
+            if options.objective == "nsp" and rng.random() < 0.5:
+                label, b = 0, []
+                other = int(rng.integers(0, len(documents) - 1))
+                other += other >= index
+                src = documents[other]
+                start = int(rng.integers(0, len(src)))
+                for s in src[start:]:
+                    b += s
+                    if len(b) >= target - len(a):
+                        break
+                i -= len(chunk) - a_end  # the unused sentences start the next sample
+            else:
+                b = [t for s in chunk[a_end:] for t in s]
+                if not b and len(a) >= 2:  # one sentence: split it so that it still makes an A/B pair
+                    cut = int(rng.integers(1, len(a)))
+                    a, b = a[:cut], a[cut:]
+                label = 1
+                if options.objective == "sop" and rng.random() < 0.5:
+                    a, b, label = b, a, 0
+            stats.truncated_tokens += _truncate_pair(a, b, max_tokens, rng)
+            if a and b:
+                pairs.append(SegmentPair(a, b, label))
+            else:
+                stats.dropped_segments += 1
+            target, chunk, length = draw_target(), [], 0
+        i += 1
+    return pairs
+
+
+def _packed(doc: list[list[int]], limit: int) -> list[SegmentPair]:
+    """Whole sentences packed up to ``limit`` tokens; a sentence longer than that spans several samples."""
+    pairs, current = [], []
+    for sentence in doc:
+        if current and len(current) + len(sentence) > limit:
+            pairs.append(SegmentPair(current, [], -1))
+            current = []
+        current = current + sentence
+        while len(current) > limit:
+            pairs.append(SegmentPair(current[:limit], [], -1))
+            current = current[limit:]
+    if current:
+        pairs.append(SegmentPair(current, [], -1))
+    return pairs
+
+
+# The job -----------------------------------------------------------------------------------------------------------
+def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareOptions,
+            progress: bool = True) -> dict:
+    """Run the whole pipeline; returns the written ``meta.json`` contents."""
+    from tqdm import tqdm
+
+    files = input_files(inputs)
+    tokenizer = _load_tokenizer(options.vocab, options.do_lower_case)
+    stats = PrepareStats(files=len(files))
+    documents: list[list[list[int]]] = []
+    total_bytes = sum(p.stat().st_size for p in files)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
+        for result in encoded_files(files, options, tokenizer):
+            bar.update(result.num_bytes)
+            stats.bytes += result.num_bytes
+            stats.replaced_characters += result.replaced
+            if result.replaced:
+                log.warning("%s: replaced %d invalid UTF-8 sequence(s)", result.path, result.replaced)
+            if not result.documents:
+                log.warning("%s: no text; skipped", result.path)
+                stats.empty_files.append(result.path)
+            documents += result.documents
+    stats.documents = len(documents)
+    stats.sentences = sum(len(d) for d in documents)
+    if not documents:
+        raise InputError(f"no text in any input ({len(files)} file(s) read)")
+    if options.objective == "nsp" and len(documents) < 2:
+        raise InputError("NSP needs at least two documents to draw negatives from (separate documents in .txt "
+                         "files with a blank line)")
+    vocab = tokenizer.vocab.tokens
+    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
+               "mask": tokenizer.mask_token_id, "unk": tokenizer.unk_token_id}
+    writer = ShardWriter(out_dir, vocab_tokens=vocab, special_ids=special, seq_len=options.seq_len,
+                         objective=options.objective, seed=options.seed, shard_size=options.shard_size,
+                         extra_meta={"do_lower_case": options.do_lower_case})
+    for index in tqdm(range(len(documents)), desc="pairs", unit="doc", disable=not progress):
+        for pair in document_pairs(index, documents, options, stats):
+            writer.add(pair)
+    meta = writer.close(stats={k: v for k, v in vars(stats).items()})
+    log.info("wrote %d samples (%d tokens) in %d shard(s) to %s", meta["num_samples"], meta["num_tokens"],
+             len(meta["shards"]), out_dir)
+    return meta

@@ -1,0 +1,200 @@
+"""The on-disk pretraining format: shards of token ids plus ``meta.json``, written atomically, read memory-mapped.
+
+A shard is four ``.npy`` files: ``tokens`` (every sample's segment A then B, flat; uint16 when the vocabulary
+fits), ``offsets`` (int64, ``[n + 1]``, where each sample starts), ``split`` (int32, length of segment A; equal to
+the sample's length when there is no segment B) and ``labels`` (int8 sentence-objective label: 1 = IsNext / not
+swapped, 0 = NotNext / swapped, -1 = none). Special tokens are not stored; ``ShardDataset`` adds ``[CLS] A [SEP]
+B [SEP]`` when it reads a sample.
+
+``meta.json`` is the table of contents: format version, vocabulary sha256, sequence length, objective, counts and
+the sha256 of every file. Each file is written under a temporary name and renamed; ``meta.json`` is written last,
+so a directory whose ``meta.json`` is missing or does not list a shard holds no shard that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fastbert.atomic import write_atomic
+from fastbert.data.masking import Sample
+
+FORMAT_VERSION = 1
+META_NAME = "meta.json"
+ARRAYS = ("tokens", "offsets", "split", "labels")
+
+
+class ShardError(ValueError):
+    """A shard directory that is incomplete, corrupt or made for another vocabulary."""
+
+
+def vocab_sha256(tokens: list[str]) -> str:
+    """The vocabulary's identity: sha256 of its tokens in id order, one per line (independent of line endings)."""
+    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+@dataclass
+class SegmentPair:
+    a: list[int]
+    b: list[int]
+    label: int = -1
+
+
+class ShardWriter:
+    """Collects samples and writes them as shards of ``shard_size`` samples; ``close()`` writes meta.json."""
+
+    def __init__(self, out_dir: str | os.PathLike, *, vocab_tokens: list[str], special_ids: dict[str, int],
+                 seq_len: int, objective: str, seed: int, shard_size: int = 100_000,
+                 extra_meta: dict[str, Any] | None = None):
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / META_NAME).unlink(missing_ok=True)  # an old table of contents must not vouch for new files
+        self.dtype = np.uint16 if len(vocab_tokens) <= 1 << 16 else np.uint32
+        self.meta: dict[str, Any] = {
+            "format_version": FORMAT_VERSION, "vocab_sha256": vocab_sha256(vocab_tokens),
+            "vocab_size": len(vocab_tokens), "special_ids": special_ids, "seq_len": seq_len, "objective": objective,
+            "seed": seed, "dtype": np.dtype(self.dtype).name, "num_samples": 0, "num_tokens": 0, "shards": [],
+            **(extra_meta or {})}
+        self.shard_size = shard_size
+        self._pending: list[SegmentPair] = []
+
+    def add(self, pair: SegmentPair) -> None:
+        self._pending.append(pair)
+        if len(self._pending) >= self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pairs, self._pending = self._pending, []
+        name = f"shard-{len(self.meta['shards']):05d}"
+        lengths = np.array([len(p.a) + len(p.b) for p in pairs], dtype=np.int64)
+        arrays = {
+            "tokens": np.fromiter((t for p in pairs for t in (*p.a, *p.b)), dtype=self.dtype, count=int(lengths.sum())),
+            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+            "split": np.array([len(p.a) for p in pairs], dtype=np.int32),
+            "labels": np.array([p.label for p in pairs], dtype=np.int8),
+        }
+        files = {}
+        for key, array in arrays.items():
+            path = self.out_dir / f"{name}.{key}.npy"
+            write_atomic(path, _npy_bytes(array))
+            files[key] = {"file": path.name, "sha256": file_sha256(path)}
+        self.meta["shards"].append({"name": name, "num_samples": len(pairs), "num_tokens": int(lengths.sum()),
+                                    "files": files})
+        self.meta["num_samples"] += len(pairs)
+        self.meta["num_tokens"] += int(lengths.sum())
+
+    def close(self, **extra_meta: Any) -> dict[str, Any]:
+        self._flush()
+        self.meta.update(extra_meta)
+        write_atomic(self.out_dir / META_NAME, (json.dumps(self.meta, indent=2) + "\n").encode())
+        return self.meta
+
+
+class ShardDataset:
+    """Memory-mapped samples of a prepared directory, as ``Sample``s with special tokens added.
+
+    ``verify``: ``"lazy"`` checks a shard's checksums the first time one of its samples is read, ``"full"`` checks
+    every shard when opened, ``"none"`` trusts the files. ``vocab_tokens`` (the tokenizer's vocabulary) is compared
+    with the vocabulary the shards were made with.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, vocab_tokens: list[str] | None = None,
+                 verify: str = "lazy"):
+        if verify not in ("lazy", "full", "none"):
+            raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
+        self.directory = Path(directory)
+        meta_path = self.directory / META_NAME
+        if not meta_path.exists():
+            raise ShardError(f"{self.directory}: no {META_NAME}; the directory was not prepared, or prepare-data "
+                             f"did not finish")
+        self.meta = json.loads(meta_path.read_text())
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise ShardError(f"{meta_path}: format_version {self.meta.get('format_version')!r}, this fastbert reads "
+                             f"{FORMAT_VERSION}")
+        if vocab_tokens is not None and vocab_sha256(vocab_tokens) != self.meta["vocab_sha256"]:
+            raise ShardError(f"{self.directory}: the shards were made with vocabulary sha256 "
+                             f"{self.meta['vocab_sha256'][:16]}... but the tokenizer's is "
+                             f"{vocab_sha256(vocab_tokens)[:16]}...; prepare the data again with this vocabulary")
+        self.special_ids = self.meta["special_ids"]
+        self.verify = verify
+        self._verified: set[int] = set()
+        self._arrays: dict[int, dict[str, np.ndarray]] = {}
+        counts = [s["num_samples"] for s in self.meta["shards"]]
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        if verify == "full":
+            for i in range(len(counts)):
+                self._verify(i)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    @property
+    def seq_len(self) -> int:
+        return self.meta["seq_len"]
+
+    def _verify(self, shard: int) -> None:
+        info = self.meta["shards"][shard]
+        for key in ARRAYS:
+            path = self.directory / info["files"][key]["file"]
+            if not path.exists():
+                raise ShardError(f"{path}: missing file of shard {info['name']}")
+            if file_sha256(path) != info["files"][key]["sha256"]:
+                raise ShardError(f"{path}: checksum mismatch in shard {info['name']}; the file is corrupt or was "
+                                 f"changed after prepare-data")
+        self._verified.add(shard)
+
+    def _shard(self, shard: int) -> dict[str, np.ndarray]:
+        arrays = self._arrays.get(shard)
+        if arrays is None:
+            if self.verify == "lazy" and shard not in self._verified:
+                self._verify(shard)
+            info = self.meta["shards"][shard]
+            arrays = {key: np.load(self.directory / info["files"][key]["file"], mmap_mode="r") for key in ARRAYS}
+            self._arrays[shard] = arrays
+        return arrays
+
+    def segments(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Sample ``index`` as (segment A ids, segment B ids, label), without special tokens."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"sample {index} is outside the dataset of {len(self)}")
+        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        local = index - int(self._starts[shard])
+        a = self._shard(shard)
+        start, stop = int(a["offsets"][local]), int(a["offsets"][local + 1])
+        cut = start + int(a["split"][local])
+        return np.asarray(a["tokens"][start:cut], np.int64), np.asarray(a["tokens"][cut:stop], np.int64), \
+            int(a["labels"][local])
+
+    def __getitem__(self, index: int) -> Sample:
+        seg_a, seg_b, label = self.segments(index)
+        cls, sep = self.special_ids["cls"], self.special_ids["sep"]
+        if len(seg_b):
+            ids = np.concatenate([[cls], seg_a, [sep], seg_b, [sep]])
+            types = np.concatenate([np.zeros(len(seg_a) + 2, np.int64), np.ones(len(seg_b) + 1, np.int64)])
+        else:
+            ids = np.concatenate([[cls], seg_a, [sep]])
+            types = np.zeros(len(ids), np.int64)
+        return Sample(ids.astype(np.int64), types, label)
