@@ -14,41 +14,42 @@ from __future__ import annotations
 
 import torch
 
-MARGIN = 257  # elements on each side; odd so that a stray write at a vector width past the end lands inside
+MARGIN = 257  # at least this many elements on each side; odd, so a stray vector-width write past the end lands inside
 INT_SENTINEL = -(2**30) + 7
 
 
 class GuardedBuffers:
     def __init__(self) -> None:
-        self._buffers: list[tuple[str, torch.Tensor, int]] = []
+        self._buffers: list[tuple[str, torch.Tensor, int, int]] = []
 
-    def _buffer(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    def _interior(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A fresh guarded buffer; returns the tensor-shaped view between its margins. A margin is at least two
+        rows long, so that an access one row (or one row stride) out of bounds still lands inside it."""
+        numel = 1
+        for size in shape:
+            numel *= size
+        margin = MARGIN + 2 * (shape[-1] if shape else 1)
         fill = float("nan") if dtype.is_floating_point else INT_SENTINEL
-        buffer = torch.full((numel + 2 * MARGIN,), fill, dtype=dtype)
-        self._buffers.append((name, buffer, numel))
-        return buffer
+        buffer = torch.full((numel + 2 * margin,), fill, dtype=dtype)
+        self._buffers.append((name, buffer, numel, margin))
+        return buffer[margin:margin + numel].view(shape)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """Stand-in for ``torch.empty``: a NaN-filled (or sentinel-filled) tensor with guarded margins."""
         shape = tuple(shape)
-        numel = 1
-        for size in shape:
-            numel *= size
-        buffer = self._buffer(f"allocation {shape} {dtype}", numel, dtype)
-        return buffer[MARGIN:MARGIN + numel].view(shape)
+        return self._interior(f"allocation {shape} {dtype}", shape, dtype)
 
     def place(self, tensor: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
         """A copy of ``tensor`` inside a guarded buffer; a leaf that requires grad if asked."""
-        buffer = self._buffer(f"input {tuple(tensor.shape)} {tensor.dtype}", tensor.numel(), tensor.dtype)
-        view = buffer[MARGIN:MARGIN + tensor.numel()].view(tensor.shape)
+        view = self._interior(f"input {tuple(tensor.shape)} {tensor.dtype}", tuple(tensor.shape), tensor.dtype)
         view.copy_(tensor)
         return view.detach().requires_grad_(requires_grad)  # detach: a leaf sharing the guarded storage
 
     def check(self) -> None:
         """Every margin still holds its fill value."""
         assert self._buffers, "no guarded buffer was used: the test does not exercise the guards"
-        for name, buffer, numel in self._buffers:
-            for side, margin in (("before", buffer[:MARGIN]), ("after", buffer[MARGIN + numel:])):
+        for name, buffer, numel, width in self._buffers:
+            for side, margin in (("before", buffer[:width]), ("after", buffer[width + numel:])):
                 if buffer.dtype.is_floating_point:
                     touched = (~torch.isnan(margin)).nonzero().flatten()
                 else:
