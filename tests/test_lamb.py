@@ -1,0 +1,106 @@
+"""LAMB against a textbook implementation, the schedule, and ZeRO-1/2 against no ZeRO on 2 gloo ranks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
+
+WORKER = Path(__file__).parent / "workers" / "lamb_zero.py"
+
+
+def textbook_lamb(params, grads, states, lr, b1, b2, eps, wd, step, max_trust):
+    """One LAMB step written out per parameter, as in You et al. (2019), with the global clip done by the caller."""
+    out = []
+    for w, g, (m, v), decay in zip(params, grads, states, wd, strict=True):
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        r = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps) + decay * w
+        wn, rn = w.norm(), r.norm()
+        trust = (wn / rn).clamp(max=max_trust) if wn > 0 and rn > 0 else torch.tensor(1.0)
+        out.append((w - lr * trust * r, m, v))
+    return out
+
+
+def test_lamb_matches_textbook_with_clipping_and_decay_groups():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
+    groups = parameter_groups(model, 0.01)
+    params = [p for g in groups for p in g["params"]]
+    decays = [g["weight_decay"] for g in groups for _ in g["params"]]
+    assert decays.count(0.0) == 4  # two biases and the LayerNorm's weight and bias
+    opt = Lamb(groups, lr=0.1, max_grad_norm=0.5, max_trust_ratio=10.0)
+    ref = [p.detach().clone() for p in params]
+    states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+    for step in range(1, 4):
+        x = torch.randn(11, 7)
+        opt.zero_grad()
+        (model(x) ** 2).mean().backward()
+        grads = [p.grad.clone() for p in params]
+        norm = torch.sqrt(sum(g.square().sum() for g in grads))
+        clip = min(1.0, 0.5 / (norm.item() + 1e-6))
+        result = textbook_lamb(ref, [g * clip for g in grads], states, 0.1, 0.9, 0.999, 1e-6, decays, step, 10.0)
+        opt.step()
+        ref = [w for w, _, _ in result]
+        states = [(m, v) for _, m, v in result]
+        for p, r in zip(params, ref, strict=True):
+            torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
+            p.data.copy_(r)  # keep the two in lockstep for the next step
+
+
+def test_non_finite_gradient_skips_the_step():
+    model = torch.nn.Linear(4, 3)
+    opt = Lamb(model.parameters(), lr=0.1)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    state_before = {k: v.clone() for k, v in opt.state[model.weight].items() if torch.is_tensor(v)}
+    model.weight.grad[0, 0] = float("nan")
+    opt.step()
+    assert opt.last_step_skipped
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert opt.state[model.weight]["step"] == 1
+    assert all(torch.equal(state_before[k], opt.state[model.weight][k]) for k in state_before)
+
+
+@pytest.mark.parametrize("power", [1.0, 0.5])
+def test_warmup_then_polynomial_decay(power):
+    lrs = [warmup_poly_lr(s, 1.0, 10, 110, power) for s in range(110)]
+    assert lrs[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert lrs[10] == 1.0 and lrs[60] == pytest.approx(0.5**power)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False)) and lrs[-1] > 0
+    assert warmup_poly_lr(110, 1.0, 10, 110, power) == 0.0
+
+
+def _run(tmp_path: Path, world: int, stage: int, mode: str) -> dict[str, torch.Tensor]:
+    out = tmp_path / f"w{world}-z{stage}-{mode}.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
+           str(29500 + 10 * stage + world + (5 if mode == "naive" else 0)), str(WORKER), str(stage), mode, str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return torch.load(out, weights_only=True)
+
+
+def _max_relative_difference(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in b)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("lamb"), world=1, stage=0, mode="aware")
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero_lamb_matches_no_zero_on_two_ranks(stage, reference, tmp_path):
+    aware = _run(tmp_path, world=2, stage=stage, mode="aware")
+    assert _max_relative_difference(aware, reference) <= 1e-5
+    naive = _run(tmp_path, world=2, stage=stage, mode="naive")
+    gap = _max_relative_difference(naive, reference)
+    assert gap > 1e-3, f"the naive client LAMB should visibly differ (gap {gap:.2e})"
