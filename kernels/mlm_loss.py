@@ -3,15 +3,16 @@
 Owns the per-row Triton kernel, the host loop and the autograd.Function. The host takes the masked rows in blocks
 of at most ``CHUNK_ELEMENTS // V`` rows; for each block the logits ``h @ W.T + b`` come from one matmul (cuBLAS
 in the input dtype with the bias in its epilogue, so the tensor cores do the FLOPs) and the kernel walks each
-row's vocabulary in ``BLOCK_V`` chunks twice: first an online log-sum-exp with the target logit and the running argmax, then the gradient of the
-mean loss, ``(softmax - onehot) / labelled_rows``, written over the logits in place. Two more matmuls turn that
-block into ``d_hidden`` and ``d_weight``; ``d_bias`` is its column sum. So the forward does all the work (three
-matmuls, no recomputation) and the backward only scales the saved gradients by the incoming ``grad_loss``.
+row's vocabulary in ``BLOCK_V`` chunks twice: first an online log-sum-exp with the target logit and the running
+argmax, then the gradient of the mean loss, ``(softmax - onehot) / labelled_rows``, written over the logits in
+place. Two more matmuls turn that block into ``d_hidden`` and ``d_weight``; ``d_bias`` is its column sum. So the
+forward does all the work (three matmuls, no recomputation) and the backward only scales the saved gradients by
+the incoming ``grad_loss``.
 
 Where it stops being good: the logits round-trip through memory once per pass (a matmul-fused kernel would keep
 them on chip, at the price of writing its own GEMM); bf16 logits carry bf16 rounding, as any bf16 matmul's output
-does; ``d_weight`` accumulates over row blocks in the weight's dtype, like the torch reference. Labels must be in ``[0, V)`` or ``-100``; others
-are not checked (checking would cost a device sync) and count as wrong predictions with a garbage loss.
+does; ``d_weight`` accumulates over row blocks in the weight's dtype, like the torch reference. Labels must be in
+``[0, V)`` or ``-100``; others are not checked (checking would cost a device sync) and give a garbage loss.
 """
 
 from __future__ import annotations
