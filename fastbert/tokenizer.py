@@ -137,7 +137,14 @@ class WordPieceTokenizer:
 
     def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> list[int]:
         """Ids of text (and pair): ``[CLS] text [SEP] pair [SEP]`` with special tokens."""
-        return self._core.encode_batch([text], None if pair is None else [pair], add_special_tokens, 1)[0]
+        ids = self._core.encode(text)
+        if add_special_tokens:
+            ids = [self.cls_token_id, *ids, self.sep_token_id]
+        if pair is not None:
+            ids += self._core.encode(pair)
+            if add_special_tokens:
+                ids.append(self.sep_token_id)
+        return ids
 
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True,
                      num_threads: int | None = None) -> list[list[int]]:
@@ -172,12 +179,15 @@ class WordPieceTokenizer:
             max_length = self.model_max_length
         if pad == "max_length" and max_length is None:
             max_length = self.model_max_length
+        if strategy and pad and pad_to_multiple_of and max_length % pad_to_multiple_of:
+            raise ValueError(f"truncation to max_length={max_length} would be padded past it to a multiple of "
+                             f"pad_to_multiple_of={pad_to_multiple_of}; make max_length a multiple of it")
         if return_tensors not in (None, "np", "pt"):
             raise ValueError(f"return_tensors must be None, 'np' or 'pt', not {return_tensors!r}")
 
         threads = num_threads or 0
         firsts = self._core.encode_batch_offsets(texts, return_offsets_mapping, threads)
-        seconds = self._core.encode_batch_offsets(pairs, return_offsets_mapping, threads) if pairs else None
+        seconds = self._core.encode_batch_offsets(pairs, return_offsets_mapping, threads, "pairs") if pairs else None
         added = (3 if pairs is not None else 2) if add_special_tokens else 0
         batch: dict[str, list] = {"input_ids": [], "token_type_ids": [], "attention_mask": []}
         if return_offsets_mapping:

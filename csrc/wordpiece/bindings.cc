@@ -19,6 +19,23 @@ namespace {
 
 // UTF-8 views of a sequence of str, valid while the sequence's items live (CPython caches the UTF-8 form inside
 // each str). Non-str items and lone surrogates are errors naming `what`[index] and the character offset.
+std::string_view utf8_view(PyObject* item, const std::string& what) {
+  if (!PyUnicode_Check(item)) throw py::type_error(what + " is " + Py_TYPE(item)->tp_name + ", not str");
+  Py_ssize_t size;
+  const char* data = PyUnicode_AsUTF8AndSize(item, &size);
+  if (data == nullptr) {
+    PyErr_Clear();
+    const Py_ssize_t length = PyUnicode_GET_LENGTH(item);
+    Py_ssize_t at = 0;
+    while (at < length && !Py_UNICODE_IS_SURROGATE(PyUnicode_READ_CHAR(item, at))) ++at;
+    char code[16];
+    snprintf(code, sizeof code, "U+%04X", at < length ? unsigned(PyUnicode_READ_CHAR(item, at)) : 0u);
+    throw py::value_error(what + ": lone surrogate " + code + " at character " + std::to_string(at) +
+                          " is not valid Unicode text");
+  }
+  return {data, static_cast<size_t>(size)};
+}
+
 std::vector<std::string_view> utf8_views(const py::sequence& items, const char* what) {
   std::vector<std::string_view> views;
   views.reserve(items.size());
@@ -29,23 +46,7 @@ std::vector<std::string_view> utf8_views(const py::sequence& items, const char* 
       holder = items[i];
       item = holder.ptr();
     }
-    if (!PyUnicode_Check(item)) {
-      throw py::type_error(std::string(what) + "[" + std::to_string(i) + "] is " + Py_TYPE(item)->tp_name +
-                           ", not str");
-    }
-    Py_ssize_t size;
-    const char* data = PyUnicode_AsUTF8AndSize(item, &size);
-    if (data == nullptr) {
-      PyErr_Clear();
-      const Py_ssize_t length = PyUnicode_GET_LENGTH(item);
-      Py_ssize_t at = 0;
-      while (at < length && !Py_UNICODE_IS_SURROGATE(PyUnicode_READ_CHAR(item, at))) ++at;
-      char code[16];
-      snprintf(code, sizeof code, "U+%04X", at < length ? unsigned(PyUnicode_READ_CHAR(item, at)) : 0u);
-      throw py::value_error(std::string(what) + "[" + std::to_string(i) + "]: lone surrogate " + code +
-                            " at character " + std::to_string(at) + " is not valid Unicode text");
-    }
-    views.emplace_back(data, static_cast<size_t>(size));
+    views.push_back(utf8_view(item, std::string(what) + "[" + std::to_string(i) + "]"));
   }
   return views;
 }
@@ -93,12 +94,12 @@ PYBIND11_MODULE(_wordpiece, m) {
       .def_property_readonly("num_trie_nodes", [](const fastbert::Tokenizer& t) { return t.trie().num_nodes(); })
       .def(
           "encode",
-          [](const fastbert::Tokenizer& t, const py::str& text, bool with_offsets) -> py::object {
-            const auto views = utf8_views(py::make_tuple(text), "text");
+          [](const fastbert::Tokenizer& t, const py::object& text, bool with_offsets) -> py::object {
+            const std::string_view view = utf8_view(text.ptr(), "text");
             fastbert::Encoding enc;
             {
               py::gil_scoped_release release;
-              t.encode(views[0], enc, with_offsets);
+              t.encode(view, enc, with_offsets);
             }
             if (!with_offsets) return py::cast(enc.ids);
             return py::make_tuple(py::cast(enc.ids), offsets_list(enc.offsets));
@@ -129,8 +130,9 @@ PYBIND11_MODULE(_wordpiece, m) {
           py::arg("num_threads") = 0, "Ids of every text (and pair) on C++ threads, without the GIL.")
       .def(
           "encode_batch_offsets",
-          [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads) {
-            const auto views = utf8_views(texts, "texts");
+          [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads,
+             const std::string& name) {
+            const auto views = utf8_views(texts, name.c_str());
             std::vector<fastbert::Encoding> encodings;
             {
               py::gil_scoped_release release;
@@ -143,16 +145,16 @@ PYBIND11_MODULE(_wordpiece, m) {
             }
             return out;
           },
-          py::arg("texts"), py::arg("with_offsets") = false, py::arg("num_threads") = 0,
-          "(ids, offsets or None) per text, without special tokens, on C++ threads.")
+          py::arg("texts"), py::arg("with_offsets") = false, py::arg("num_threads") = 0, py::arg("name") = "texts",
+          "(ids, offsets or None) per text, without special tokens, on C++ threads; errors call the items `name`.")
       .def(
           "split_words",
-          [](const fastbert::Tokenizer& t, const py::str& text) {
-            const auto views = utf8_views(py::make_tuple(text), "text");
+          [](const fastbert::Tokenizer& t, const py::object& text) {
+            const std::string_view view = utf8_view(text.ptr(), "text");
             std::string bytes;
             std::vector<int64_t> ends;
             std::vector<int32_t> specials;
-            t.split_words(views[0], bytes, ends, specials);
+            t.split_words(view, bytes, ends, specials);
             return py::make_tuple(py::bytes(bytes), ends, specials);
           },
           py::arg("text"), "Normalized words back to back: (utf8 bytes, word end offsets, special id or -1).")
