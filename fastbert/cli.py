@@ -108,17 +108,106 @@ def _add_prepare_data(subparsers) -> None:
     p.set_defaults(func=_prepare_data)
 
 
+def _pretrain(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from fastbert.data.sampler import PlanError
+    from fastbert.data.shards import ShardError
+    from fastbert.train.checkpoint import CheckpointNotFound
+    from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fields = {f.name for f in dataclasses.fields(PretrainArgs)}
+    options = PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        final = pretrain(options)
+    except (TrainingSetupError, PlanError, ShardError, CheckpointNotFound) as e:
+        print(f"fastbert pretrain: error: {e}", file=sys.stderr)
+        return 1
+    if final:
+        print(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
+    return 0
+
+
+def _add_pretrain(subparsers) -> None:
+    p = subparsers.add_parser("pretrain", help="pretrain BERT on prepared shards (DeepSpeed, LAMB)",
+                              description="Pretrain a BERT model with DeepSpeed and fastbert's ZeRO-correct LAMB. "
+                                          "Runs as a plain process, under torchrun or under the deepspeed "
+                                          "launcher (use `python -m fastbert pretrain` with launchers).")
+    p.add_argument("--model", default="tiny", help="preset (tiny, mini, base, large) or a config.json")
+    p.add_argument("--data", required=True, help="directory written by prepare-data")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, TensorBoard)")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the data's sequence length")
+    p.add_argument("--global-batch", type=int, default=32)
+    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    p.add_argument("--decay-power", type=float, default=1.0, help="polynomial decay power (0.5 or 1)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--deepspeed", default=None, help="extra DeepSpeed config JSON")
+    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of --out, if any) or a checkpoint")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. phase 2)")
+    p.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh optimizer state")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--loader-workers", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_pretrain)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fastbert.train.checkpoint import CheckpointNotFound
+    from fastbert.train.export import export
+
+    try:
+        out = export(args.source, args.out)
+    except CheckpointNotFound as e:
+        print(f"fastbert export: error: {e}", file=sys.stderr)
+        return 1
+    print(f"exported {out}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from fastbert.train.plot import plot
+
+    try:
+        out = plot(args.run_dir, args.out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"fastbert plot: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastbert
 
     parser = argparse.ArgumentParser(
         prog="fastbert", description="Fast, exact BERT pretraining and fine-tuning.")
     parser.add_argument("--version", action="version", version=f"fastbert {fastbert.__version__}")
+    # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used.
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = subparsers.add_parser("info", help="versions and which backends (C++ tokenizer, Triton, CUDA, "
                                               "DeepSpeed) are usable")
     info.set_defaults(func=_info)
     _add_prepare_data(subparsers)
+    _add_pretrain(subparsers)
+    export = subparsers.add_parser("export", help="a run or checkpoint -> HF-format model directory")
+    export.add_argument("source", metavar="RUN_DIR|CKPT")
+    export.add_argument("--out", required=True)
+    export.set_defaults(func=_export)
+    plot = subparsers.add_parser("plot", help="training curves of a run as a PNG")
+    plot.add_argument("run_dir", metavar="RUN_DIR")
+    plot.add_argument("--out", default=None, help="default: RUN_DIR/curves.png")
+    plot.set_defaults(func=_plot)
     for module in ("fastbert.tokenize_cli",):
         try:
             importlib.import_module(module).add_parser(subparsers)

@@ -232,6 +232,10 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
     if options.objective == "none":
         return _packed(doc, options.seq_len - 2)
     max_tokens = options.seq_len - 3
+    # A "sentence" too long for half a sample (a list, a table, unpunctuated prose) is cut into pieces that fit,
+    # rather than left to truncation, which would throw most of it away.
+    piece = max(1, max_tokens // 2)
+    doc = [s[k:k + piece] for s in doc for k in range(0, len(s), piece)]
     pairs: list[SegmentPair] = []
 
     def draw_target() -> int:
@@ -323,6 +327,7 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
     vocab = tokenizer.vocab.tokens
     special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
                "mask": tokenizer.mask_token_id, "unk": tokenizer.unk_token_id}
+    tokenizer.save_pretrained(out_dir)  # the vocabulary travels with the shards it encoded
     writer = ShardWriter(out_dir, vocab_tokens=vocab, special_ids=special, seq_len=options.seq_len,
                          objective=options.objective, seed=options.seed, shard_size=options.shard_size,
                          extra_meta={"do_lower_case": options.do_lower_case})

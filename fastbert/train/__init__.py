@@ -1,0 +1,1 @@
+"""Training drivers over DeepSpeed: pretraining, checkpoints, export to HF format."""

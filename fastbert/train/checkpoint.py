@@ -1,0 +1,116 @@
+"""Training checkpoints: DeepSpeed engine state plus what exact resume and export need, with a ``latest`` pointer
+that only ever names a complete checkpoint.
+
+Layout: ``RUN_DIR/checkpoints/step-00000100/`` holds DeepSpeed's files, ``rng-rank{r}.pt`` (every RNG state of
+rank r), ``config.json``, ``vocab.txt`` and ``tokenizer_config.json``; the training position travels in DeepSpeed's
+``client_state``. ``RUN_DIR/checkpoints/latest`` names the newest complete tag: it is replaced atomically by rank 0
+after every rank has finished writing, so a run killed mid-save resumes from the previous checkpoint. Only the last
+``keep`` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from fastbert.atomic import write_atomic
+
+log = logging.getLogger("fastbert.train")
+
+LATEST = "latest"
+CHECKPOINTS = "checkpoints"
+
+
+class CheckpointNotFound(FileNotFoundError):
+    pass
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state["numpy"] = (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached)
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory from a run directory, its ``checkpoints`` directory or a checkpoint itself."""
+    path = Path(path)
+    for root in (path / CHECKPOINTS, path):
+        if (root / LATEST).exists():
+            tag = (root / LATEST).read_text().strip()
+            if not (root / tag).is_dir():
+                raise CheckpointNotFound(f"{root / LATEST} names {tag!r}, which does not exist")
+            return root / tag
+    if (path / "config.json").exists() and any(path.glob("*model_states.pt")):
+        return path
+    raise CheckpointNotFound(f"{path}: no checkpoint (no {CHECKPOINTS}/{LATEST}, {LATEST}, or checkpoint files)")
+
+
+def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: dict[str, bytes],
+         keep: int) -> Path:
+    """Save on every rank; returns the checkpoint directory."""
+    root = Path(run_dir) / CHECKPOINTS
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    buffer = io.BytesIO()
+    torch.save(rng_state(), buffer)
+    write_atomic(root / tag / f"rng-rank{rank}.pt", buffer.getvalue())
+    if rank == 0:
+        for name, data in files.items():
+            write_atomic(root / tag / name, data)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        write_atomic(root / LATEST, tag.encode())
+        tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+        for old in tags[:-keep] if keep > 0 else []:
+            if old != tag:
+                shutil.rmtree(root / old, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
+    return root / tag
+
+
+def load(engine, checkpoint: Path, load_optimizer: bool = True) -> dict[str, Any]:
+    """Load the engine state (and optimizer state unless ``load_optimizer`` is false); returns the client state."""
+    path, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
+                                                load_optimizer_states=load_optimizer,
+                                                load_lr_scheduler_states=False, load_module_only=not load_optimizer)
+    if path is None:
+        raise CheckpointNotFound(f"{checkpoint}: DeepSpeed could not load it")
+    return client_state or {}
+
+
+def restore_rng(checkpoint: Path) -> None:
+    """Put this rank's RNGs where they were at the checkpoint; call last, just before the first step, since
+    building models and data loaders draws random numbers."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = checkpoint / f"rng-rank{rank}.pt"
+    if not path.exists():  # resuming on more ranks than wrote the checkpoint: data order stays exact, dropout not
+        log.warning("%s: no RNG state for rank %d; its random streams start afresh", checkpoint, rank)
+        return
+    set_rng_state(torch.load(path, weights_only=True))

@@ -1,0 +1,45 @@
+"""``fastbert export``: a training checkpoint -> consolidated fp32 weights in HF format (config.json,
+model.safetensors, vocab.txt, tokenizer_config.json) that transformers loads.
+
+The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``), which gathers the optimizer's fp32
+partitions of every rank, so bf16 runs and ZeRO runs export their master weights, not a rounded copy.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from fastbert.config import BertConfig
+from fastbert.model import BertForPreTraining
+from fastbert.train import checkpoint
+
+
+def consolidated_state_dict(ckpt: Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if any(ckpt.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    import torch
+
+    # No ZeRO partitions: the module weights are the fp32 weights. Our own file, but still loaded without code.
+    states = torch.load(next(ckpt.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
+    return states["module"]
+
+
+def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
+    ckpt = checkpoint.resolve(source)
+    config = BertConfig.from_json_file(ckpt / "config.json")
+    model = BertForPreTraining(config)
+    state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise checkpoint.CheckpointNotFound(f"{ckpt}: weights do not match the config (missing {missing}, "
+                                            f"unexpected {unexpected})")
+    out = Path(out)
+    model.save_pretrained(out)
+    for name in ("vocab.txt", "tokenizer_config.json"):
+        if (ckpt / name).exists():
+            shutil.copyfile(ckpt / name, out / name)
+    return out

@@ -1,0 +1,52 @@
+"""``fastbert plot RUN_DIR``: the training curves of a run (loss, accuracies, learning rate) as one PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no metrics (is {run_dir} a fastbert run directory?)")
+    rows = []
+    for line_no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+    return rows
+
+
+def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(run_dir)
+    if not rows:
+        raise ValueError(f"{run_dir}: metrics.jsonl is empty")
+    out = Path(out) if out else Path(run_dir) / "curves.png"
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in rows])
+    axes[0].set(title="loss", xlabel="step")
+    axes[1].plot(steps, [r["mlm_accuracy"] for r in rows], label="MLM")
+    if "sentence_accuracy" in rows[0]:
+        axes[1].plot(steps, [r["sentence_accuracy"] for r in rows], label="NSP/SOP")
+    axes[1].set(title="accuracy", xlabel="step")
+    axes[1].legend()
+    axes[2].plot(steps, [r["lr"] for r in rows])
+    axes[2].set(title="learning rate", xlabel="step")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out

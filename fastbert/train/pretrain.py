@@ -1,0 +1,329 @@
+"""``fastbert pretrain``: BERT pretraining over DeepSpeed with LAMB, exact resume and checkpoints.
+
+One code path for a plain process, ``torchrun`` and the ``deepspeed`` launcher: the distributed environment comes
+from the launcher's variables (a plain process makes a world of one on a free loopback port). Everything that can be
+wrong with the arguments (batch sizes that do not divide, a data directory for another vocabulary, a config that
+does not match the checkpoint being resumed, ZeRO-3) is reported before the first step.
+
+Each optimizer step takes the same global batch whatever the world size (``MicroBatchPlan``); the learning rate
+follows warmup + polynomial decay by optimizer step; a step whose gradients are not finite is skipped and logged.
+Rank 0 writes ``metrics.jsonl`` (one object per optimizer step), TensorBoard events and a progress bar.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from fastbert.atomic import write_atomic
+from fastbert.config import PRESETS, BertConfig
+from fastbert.data.masking import MaskingCollator
+from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
+from fastbert.data.shards import ShardDataset, vocab_sha256
+from fastbert.model import BertForPreTraining
+from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
+from fastbert.train import checkpoint
+
+log = logging.getLogger("fastbert.train")
+MODEL_INPUTS = ("input_ids", "token_type_ids", "position_ids", "labels", "next_sentence_label", "cu_seqlens",
+                "max_seqlen")
+
+
+class TrainingSetupError(ValueError):
+    """Arguments, data or checkpoints that cannot make a training run; raised before the first step."""
+
+
+@dataclass
+class PretrainArgs:
+    data: str
+    out: str
+    model: str = "tiny"
+    seq_len: int | None = None
+    global_batch: int = 32
+    micro_batch: int = 8
+    steps: int = 1000
+    lr: float = 1e-3
+    warmup: int = 100
+    decay_power: float = 1.0
+    weight_decay: float = 0.01
+    max_trust_ratio: float = 10.0
+    grad_clip: float = 1.0
+    zero_stage: int = 0
+    precision: str = "fp32"
+    deepspeed: str | None = None
+    resume: str | None = None
+    init_from: str | None = None
+    reset_optimizer: bool = False
+    save_every: int = 0
+    keep: int = 3
+    dropout: float | None = None
+    seed: int = 0
+    loader_workers: int = 0
+    log_every: int = 1
+    dist_timeout: float = 120.0
+    progress: bool = True
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float) -> None:
+    import deepspeed
+
+    if "RANK" not in os.environ:  # a plain process: a world of one
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
+    if args.model in PRESETS:
+        config = BertConfig.preset(args.model, vocab_size=vocab_size)
+    else:
+        config = BertConfig.from_json_file(args.model)
+        if config.vocab_size != vocab_size:
+            raise TrainingSetupError(f"{args.model}: vocab_size {config.vocab_size} but the data's vocabulary has "
+                                     f"{vocab_size} tokens")
+    changes = {"sentence_objective": objective,
+               "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
+    if args.dropout is not None:
+        changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    return config.replace(**changes)
+
+
+def _ds_config(args: PretrainArgs) -> dict:
+    config: dict = {}
+    if args.deepspeed:
+        config = json.loads(Path(args.deepspeed).read_text())
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            if key in config:
+                raise TrainingSetupError(f"{args.deepspeed}: {key} comes from --global-batch/--micro-batch; remove it")
+        if config.get("optimizer") or config.get("scheduler"):
+            raise TrainingSetupError(f"{args.deepspeed}: the optimizer and schedule are fastbert's LAMB; remove "
+                                     f"'optimizer'/'scheduler'")
+    if args.zero_stage == 3 or config.get("zero_optimization", {}).get("stage") == 3:
+        raise TrainingSetupError("ZeRO-3 is not supported with LAMB: ZeRO-3 partitions parameters so that LAMB's "
+                                 "per-parameter trust ratio cannot be formed from the local partition; use "
+                                 "--zero-stage 1 or 2 (they give the same update as no ZeRO)")
+    if args.precision not in ("fp32", "bf16", "fp16"):
+        raise TrainingSetupError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
+    if args.precision == "fp16" and not torch.cuda.is_available():
+        raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
+    config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
+                  gradient_clipping=args.grad_clip, zero_allow_untested_optimizer=True, steps_per_print=10**9)
+    config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
+    if args.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif args.precision == "fp16":
+        config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+    return config
+
+
+class _StopRequest:
+    """Turns SIGTERM/SIGINT into a flag checked between optimizer steps."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _read_vocab(data_dir: Path) -> tuple[list[str], bytes, bytes]:
+    vocab_path = data_dir / "vocab.txt"
+    if not vocab_path.exists():
+        raise TrainingSetupError(f"{data_dir}: no vocab.txt (prepare-data writes one beside the shards)")
+    from fastbert import _wordpiece
+
+    vocab = _wordpiece.Vocab.from_file(str(vocab_path))
+    config_path = data_dir / "tokenizer_config.json"
+    return vocab.tokens, vocab_path.read_bytes(), config_path.read_bytes() if config_path.exists() else b"{}\n"
+
+
+def pretrain(args: PretrainArgs) -> dict:
+    """Run (or resume) pretraining; returns the final metrics of rank 0."""
+    import deepspeed
+
+    init_distributed(args.dist_timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    run_dir, data_dir = Path(args.out), Path(args.data)
+
+    # Everything that can be wrong is checked before the first step.
+    plan_args = dict(global_batch=args.global_batch, micro_batch=args.micro_batch, seed=args.seed, rank=rank,
+                     world_size=world)
+    if args.global_batch % (args.micro_batch * world):
+        raise TrainingSetupError(
+            f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x world size "
+            f"{world} = {args.micro_batch * world}")
+    vocab_tokens, vocab_bytes, tokenizer_config = _read_vocab(data_dir)
+    dataset = ShardDataset(data_dir, vocab_tokens=vocab_tokens)
+    seq_len = args.seq_len or dataset.seq_len
+    if dataset.seq_len > seq_len:
+        raise TrainingSetupError(f"{data_dir}: samples are up to {dataset.seq_len} tokens but --seq-len is {seq_len}")
+    objective = dataset.meta["objective"]
+    resume_from = None
+    if args.resume == "auto":
+        try:
+            resume_from = checkpoint.resolve(run_dir)
+        except checkpoint.CheckpointNotFound:
+            resume_from = None
+    elif args.resume:
+        resume_from = checkpoint.resolve(args.resume)
+    config = _model_config(args, len(vocab_tokens), objective, seq_len)
+    source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
+    if source is not None:
+        saved = BertConfig.from_json_file(source / "config.json")
+        diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items()
+                if getattr(config, k) != v and k != "max_position_embeddings"}
+        if diff:
+            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+            raise TrainingSetupError(f"{source}: the model config does not match this run ({detail})")
+        saved_vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
+        if vocab_sha256(saved_vocab) != vocab_sha256(vocab_tokens):
+            raise TrainingSetupError(f"{data_dir}: the data's vocabulary differs from the one of checkpoint {source}")
+        config = saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
+    ds_config = _ds_config(args)
+    plan = MicroBatchPlan(num_samples=len(dataset), **plan_args)
+
+    torch.manual_seed(args.seed)
+    model = BertForPreTraining(config)
+    optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr, max_grad_norm=None,
+                     max_trust_ratio=args.max_trust_ratio)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    if args.zero_stage in (1, 2):
+        optimizer.attach_zero_partitions(list(model.parameters()), engine.optimizer.dp_process_group)
+
+    start_step = 0
+    if resume_from is not None:
+        state = checkpoint.load(engine, resume_from)
+        start_step = int(state["step"])
+        start_position = plan.check_state(state["data"])
+        log.info("resumed from %s at step %d", resume_from, start_step)
+    else:
+        if args.init_from:
+            checkpoint.load(engine, checkpoint.resolve(args.init_from), load_optimizer=not args.reset_optimizer)
+        start_position = 0
+    if start_position != start_step * plan.accumulation:
+        raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
+
+    collate = MaskingCollator(config.vocab_size, list(dataset.special_ids.values()), dataset.special_ids["mask"],
+                              seed=args.seed, pad_id=dataset.special_ids["pad"])
+    loader = torch.utils.data.DataLoader(
+        MicroBatchDataset(dataset, plan, collate), batch_size=None, num_workers=args.loader_workers,
+        sampler=range(start_position, args.steps * plan.accumulation), persistent_workers=False)
+
+    files = {"config.json": config.to_json_string("BertForPreTraining").encode(), "vocab.txt": vocab_bytes,
+             "tokenizer_config.json": tokenizer_config}
+    metrics_path = run_dir / "metrics.jsonl"
+    writer = None
+    bar = None
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in files.items():
+            write_atomic(run_dir / name, data)
+        write_atomic(run_dir / "args.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
+        kept = []
+        if metrics_path.exists():  # on resume, the steps after the checkpoint will be logged again
+            kept = [line for line in metrics_path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= start_step]
+        write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
+        except ImportError:
+            log.warning("tensorboard is not installed; writing metrics.jsonl only")
+        if args.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    stop = _StopRequest()
+    last: dict = {}
+    step = start_step
+    batches = iter(loader)
+    if resume_from is not None:
+        checkpoint.restore_rng(resume_from)
+    tick = time.perf_counter()
+    try:
+        while step < args.steps:
+            lr = warmup_poly_lr(step, args.lr, args.warmup, args.steps, args.decay_power)
+            for group in engine.optimizer.param_groups:
+                group["lr"] = lr
+            totals = torch.zeros(6, dtype=torch.float64)  # loss, mlm acc, nsp acc, micro-batches, tokens, samples
+            for _ in range(plan.accumulation):
+                batch = next(batches)
+                out = engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
+                engine.backward(out.loss)
+                engine.step()
+                totals += torch.tensor([out.loss.item(), out.mlm_accuracy.item(),
+                                        out.sentence_accuracy.item() if out.sentence_accuracy is not None else 0.0,
+                                        1, batch["input_ids"].numel(), batch["cu_seqlens"].numel() - 1],
+                                       dtype=torch.float64)
+            skipped = torch.tensor([float(optimizer.last_step_skipped or not engine.was_step_applied()),
+                                    float(stop.requested)])
+            dist.all_reduce(totals)
+            dist.all_reduce(skipped)
+            step += 1
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            n = totals[3].item()
+            grad_norm = engine.get_global_grad_norm()
+            last = {"step": step, "loss": totals[0].item() / n, "mlm_accuracy": totals[1].item() / n,
+                    "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
+                    "skipped": bool(skipped[0] > 0), "tokens_per_s": totals[4].item() / elapsed,
+                    "samples_per_s": totals[5].item() / elapsed}
+            if objective != "none":
+                last["sentence_accuracy"] = totals[2].item() / n
+            if last["skipped"]:
+                log.warning("step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)",
+                            step)
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(last) + "\n")
+                if writer is not None:
+                    for key, value in last.items():
+                        if key != "step" and value is not None:
+                            writer.add_scalar(f"train/{key}", float(value), step)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['loss']:.3f}", mlm=f"{last['mlm_accuracy']:.3f}",
+                                    seq_s=f"{last['samples_per_s']:.1f}")
+            stopping = bool(skipped[1] > 0)
+            if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
+                client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation),
+                                "args": asdict(args)}
+                path = checkpoint.save(engine, run_dir, step, client_state, files, args.keep)
+                if rank == 0:
+                    log.info("saved %s", path)
+            if stopping:
+                log.warning("stopped by signal after step %d; resume with --resume auto", step)
+                break
+    finally:
+        stop.restore()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+    return last
