@@ -1,7 +1,7 @@
 """What every kernel test checks: guarded buffers around each tensor a kernel touches, and the tolerance rule.
 
 Guarded buffers: each tensor lives inside a larger flat buffer whose margins hold NaN (floats) or a sentinel
-(integers). Reading out of bounds then poisons an output with NaN and writing out of bounds changes a margin; the
+(integers; True for booleans). Reading out of bounds then poisons an output with NaN and writing out of bounds changes a margin; the
 interpreter has no bounds checks of its own, so this is how out-of-bounds access shows. Outputs the kernels
 allocate are guarded too: tests swap each kernel module's ``_empty`` for ``GuardedBuffers.empty``, whose interior
 also starts as NaN, so an element the kernel forgot to write shows up as well.
@@ -29,7 +29,7 @@ class GuardedBuffers:
         for size in shape:
             numel *= size
         margin = MARGIN + 2 * (shape[-1] if shape else 1)
-        fill = float("nan") if dtype.is_floating_point else INT_SENTINEL
+        fill = float("nan") if dtype.is_floating_point else True if dtype == torch.bool else INT_SENTINEL
         buffer = torch.full((numel + 2 * margin,), fill, dtype=dtype)
         self._buffers.append((name, buffer, numel, margin))
         return buffer[margin:margin + numel].view(shape)
@@ -53,7 +53,7 @@ class GuardedBuffers:
                 if buffer.dtype.is_floating_point:
                     touched = (~torch.isnan(margin)).nonzero().flatten()
                 else:
-                    touched = (margin != INT_SENTINEL).nonzero().flatten()
+                    touched = (margin != (True if buffer.dtype == torch.bool else INT_SENTINEL)).nonzero().flatten()
                 assert touched.numel() == 0, (
                     f"{name}: margin {side} the tensor was written at offsets {touched[:8].tolist()}")
 
