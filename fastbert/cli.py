@@ -186,6 +186,16 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    import logging
+
+    from fastbert.demo import DemoArgs, run_demo
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    run_demo(DemoArgs(out=args.out, steps=args.steps))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastbert
 
@@ -208,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("run_dir", metavar="RUN_DIR")
     plot.add_argument("--out", default=None, help="default: RUN_DIR/curves.png")
     plot.set_defaults(func=_plot)
+    demo = subparsers.add_parser("demo", help="the whole pipeline on the Python stdlib's docstrings, on CPU")
+    demo.add_argument("--out", default="fastbert-demo", help="working directory (default: ./fastbert-demo)")
+    demo.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300: a few minutes)")
+    demo.set_defaults(func=_demo)
     for module in ("fastbert.tokenize_cli",):
         try:
             importlib.import_module(module).add_parser(subparsers)

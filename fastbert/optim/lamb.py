@@ -79,72 +79,86 @@ class Lamb(torch.optim.Optimizer):
         return fragments, index
 
     # The step -------------------------------------------------------------------------------------------------------
+    def _any_rank(self, flag: bool, device: torch.device) -> bool:
+        """Whether ``flag`` holds on any rank of the data-parallel group (ZeRO ranks see different gradients)."""
+        if self._fragments is None or not (dist.is_available() and dist.is_initialized()):
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, group=self._group)
+        return bool(t.item() > 0)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         fragments, num_params = self._layout()
-        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        device = params[0].device if params else torch.device("cpu")
-
-        # One all-reduce carries everything the ranks must agree on: the global gradient norm, a non-finite flag,
-        # and each parameter's squared weight and update norms.
-        grad_sq = sum((p.grad.float().square().sum() for p in params), torch.zeros((), device=device))
-        finite = torch.isfinite(grad_sq)
+        groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        params = [p for _, ps in groups for p in ps]
+        if not params:
+            return loss
+        device = params[0].device
+        grads = {id(p): p.grad.float() for p in params}
+        grad_sq = torch.stack(torch._foreach_norm(list(grads.values()))).square().sum()
+        self.last_step_skipped = self._any_rank(not bool(torch.isfinite(grad_sq)), device)
+        if self.last_step_skipped:  # weights, moments and step counts stay as they were
+            return loss
         clip = 1.0
-        if self.max_grad_norm is not None and bool(finite):
-            norm = grad_sq.sqrt().item()
-            clip = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if self.max_grad_norm is not None:
+            clip = min(1.0, self.max_grad_norm / (grad_sq.sqrt().item() + 1e-6))
 
-        updates: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        sums = torch.zeros(2 * num_params + 1, device=device, dtype=torch.float32)
-        sums[-1] = 0.0 if bool(finite) else 1.0
-        if bool(finite):
-            for group in self.param_groups:
-                beta1, beta2 = group["betas"]
-                for p in group["params"]:
-                    if p.grad is None:
-                        continue
-                    state = self.state[p]
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                        state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                    step = state["step"] + 1
-                    grad = p.grad.float() * clip
-                    # Moments are only committed after the agreement below; compute the candidates.
-                    m = state["exp_avg"] * beta1 + grad * (1 - beta1)
-                    v = state["exp_avg_sq"] * beta2 + grad.square() * (1 - beta2)
-                    update = (m / (1 - beta1**step)) / ((v / (1 - beta2**step)).sqrt() + group["eps"])
-                    if group["weight_decay"]:
-                        update.add_(p.float(), alpha=group["weight_decay"])
-                    updates[id(p)] = (update, m, v)
-                    w_flat, u_flat = p.detach().float().view(-1), update.view(-1)
-                    for f in fragments[id(p)]:
-                        sums[2 * f.param_index] += w_flat.narrow(0, f.start, f.numel).square().sum()
-                        sums[2 * f.param_index + 1] += u_flat.narrow(0, f.start, f.numel).square().sum()
+        # Moments and raw updates, then every parameter's squared weight and update norms from its fragments.
+        sums = torch.zeros(2 * num_params, device=device, dtype=torch.float32)
+        updates: list[list[torch.Tensor]] = []
+        for group, ps in groups:
+            beta1, beta2 = group["betas"]
+            for p in ps:
+                if not self.state[p]:
+                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+                self.state[p]["step"] += 1
+            g = [grads[id(p)] for p in ps]
+            if clip != 1.0:
+                g = torch._foreach_mul(g, clip)
+            m = [self.state[p]["exp_avg"] for p in ps]
+            v = [self.state[p]["exp_avg_sq"] for p in ps]
+            torch._foreach_lerp_(m, g, 1 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
+            steps = [self.state[p]["step"] for p in ps]
+            denom = torch._foreach_div(v, [1 - beta2**t for t in steps])
+            torch._foreach_sqrt_(denom)
+            torch._foreach_add_(denom, group["eps"])
+            u = torch._foreach_div(m, [1 - beta1**t for t in steps])
+            torch._foreach_div_(u, denom)
+            if group["weight_decay"]:
+                torch._foreach_add_(u, [p.float() for p in ps], alpha=group["weight_decay"])
+            updates.append(u)
+            if self._fragments is None:  # each tensor is one whole parameter
+                index = torch.tensor([fragments[id(p)][0].param_index for p in ps], device=device)
+                sums[2 * index] = torch.stack(torch._foreach_norm([p.float() for p in ps])).square()
+                sums[2 * index + 1] = torch.stack(torch._foreach_norm(u)).square()
+                continue
+            for p, up in zip(ps, u, strict=True):
+                w_flat, u_flat = p.detach().float().view(-1), up.view(-1)
+                for f in fragments[id(p)]:
+                    sums[2 * f.param_index] += w_flat.narrow(0, f.start, f.numel).square().sum()
+                    sums[2 * f.param_index + 1] += u_flat.narrow(0, f.start, f.numel).square().sum()
         if self._fragments is not None and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums, group=self._group)
-        self.last_step_skipped = bool(sums[-1] > 0)
-        if self.last_step_skipped:
-            return loss
 
-        norms = sums[:-1].view(num_params, 2).sqrt()
+        norms = sums.view(num_params, 2).sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
         trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp(min=1e-30), torch.ones_like(w_norm))
-        for group in self.param_groups:
+        for (group, ps), u in zip(groups, updates, strict=True):
             cap = group["max_trust_ratio"]
-            group_trust = trust if cap is None else trust.clamp(max=cap)
-            for p in group["params"]:
-                if id(p) not in updates:
-                    continue
-                update, m, v = updates[id(p)]
-                state = self.state[p]
-                state["exp_avg"], state["exp_avg_sq"] = m, v
-                state["step"] += 1
-                u_flat = update.view(-1)
-                for f in fragments[id(p)]:
-                    u_flat.narrow(0, f.start, f.numel).mul_(group_trust[f.param_index])
-                p.add_(update.to(p.dtype), alpha=-group["lr"])
+            group_trust = (trust if cap is None else trust.clamp(max=cap)).tolist()
+            if self._fragments is None:
+                torch._foreach_mul_(u, [group_trust[fragments[id(p)][0].param_index] for p in ps])
+            else:
+                for p, up in zip(ps, u, strict=True):
+                    u_flat = up.view(-1)
+                    for f in fragments[id(p)]:
+                        u_flat.narrow(0, f.start, f.numel).mul_(group_trust[f.param_index])
+            torch._foreach_add_(ps, [x.to(p.dtype) for x, p in zip(u, ps, strict=True)], alpha=-group["lr"])
         return loss
 
 
