@@ -40,14 +40,12 @@ def triton_kernel(op: str):
 
 def _kernel_for(op: str, tensor: torch.Tensor):
     setting = backend_setting()
-    if setting == "torch":
+    if setting == "torch" or (setting == "auto" and not tensor.is_cuda):
         return None
     kernel = triton_kernel(op)
-    if setting == "triton":
-        if kernel is None:
-            raise RuntimeError(f"FASTBERT_BACKEND=triton but the Triton kernel for {op!r} is not available")
-        return kernel
-    return kernel if tensor.is_cuda else None
+    if kernel is None and setting == "triton":
+        raise RuntimeError(f"FASTBERT_BACKEND=triton but the Triton kernel for {op!r} is not available")
+    return kernel
 
 
 # Dropout --------------------------------------------------------------------------------------------------------
