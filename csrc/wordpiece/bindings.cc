@@ -51,6 +51,25 @@ std::vector<std::string_view> utf8_views(const py::sequence& items, const char* 
   return views;
 }
 
+// A list of lists of ints, built directly: with the cyclic GC paused, since every new list would otherwise count
+// towards a collection that can only find these fresh, acyclic lists.
+py::list nested_list(const std::vector<std::vector<int32_t>>& rows) {
+  const int gc_was_enabled = PyGC_Disable();
+  PyObject* outer = PyList_New(static_cast<Py_ssize_t>(rows.size()));
+  for (size_t i = 0; outer != nullptr && i < rows.size(); ++i) {
+    PyObject* inner = PyList_New(static_cast<Py_ssize_t>(rows[i].size()));
+    if (inner == nullptr) {
+      Py_CLEAR(outer);
+      break;
+    }
+    for (size_t k = 0; k < rows[i].size(); ++k) PyList_SET_ITEM(inner, k, PyLong_FromLong(rows[i][k]));
+    PyList_SET_ITEM(outer, i, inner);
+  }
+  if (gc_was_enabled) PyGC_Enable();
+  if (outer == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::list>(outer);
+}
+
 py::list offsets_list(const std::vector<int32_t>& flat) {
   py::list out(flat.size() / 2);
   for (size_t k = 0; k < flat.size() / 2; ++k) out[k] = py::make_tuple(flat[2 * k], flat[2 * k + 1]);
@@ -124,7 +143,7 @@ PYBIND11_MODULE(_wordpiece, m) {
               py::gil_scoped_release release;
               ids = t.encode_batch(text_views, pair_views, add_special_tokens, num_threads);
             }
-            return ids;
+            return nested_list(ids);
           },
           py::arg("texts"), py::arg("pairs") = py::none(), py::arg("add_special_tokens") = true,
           py::arg("num_threads") = 0, "Ids of every text (and pair) on C++ threads, without the GIL.")

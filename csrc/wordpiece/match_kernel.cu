@@ -48,22 +48,33 @@ void match_words_cuda(const Trie& trie, std::string_view words, const std::vecto
   const auto edge_begin = upload(trie.edge_begin(), "trie edges");
   const auto edge_label = upload(trie.edge_label(), "trie labels");
   const auto edge_child = upload(trie.edge_child(), "trie children");
+  const auto dense_slot = upload(trie.dense_slot(), "trie dense slots");
+  const auto dense = upload(trie.dense(), "trie dense rows");
   const auto node_token = upload(trie.node_token(), "trie tokens");
   const auto fail = upload(trie.fail(), "trie failure links");
   const auto pops_begin = upload(trie.pops_begin(), "trie pops");
   const auto pops = upload(trie.pops(), "trie pops");
   const auto token_bytes = upload(trie.token_bytes(), "token lengths");
+  const auto word_slots = upload(trie.word_slots(), "whole-word table");
+  const auto token_start = upload(trie.token_start(), "token offsets");
+  const DeviceArray<uint8_t> token_chars(reinterpret_cast<const uint8_t*>(trie.token_chars().data()),
+                                         trie.token_chars().size(), "token bytes");
   const DeviceArray<uint8_t> marker(reinterpret_cast<const uint8_t*>(trie.marker().data()), trie.marker().size(),
                                     "marker");
   TrieView view = trie.view();
   view.edge_begin = edge_begin.ptr;
   view.edge_label = edge_label.ptr;
   view.edge_child = edge_child.ptr;
+  view.dense_slot = dense_slot.ptr;
+  view.dense = dense.ptr;
   view.node_token = node_token.ptr;
   view.fail = fail.ptr;
   view.pops_begin = pops_begin.ptr;
   view.pops = pops.ptr;
   view.token_bytes = token_bytes.ptr;
+  view.word_slots = word_slots.ptr;
+  view.token_start = token_start.ptr;
+  view.token_chars = token_chars.ptr;
   view.marker = marker.ptr;
 
   const int64_t num_words = static_cast<int64_t>(word_ends.size());

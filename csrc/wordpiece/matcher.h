@@ -25,11 +25,17 @@ struct TrieView {
   const int32_t* edge_begin;   // [num_nodes + 1]: node v's edges are edge_begin[v] .. edge_begin[v + 1]
   const uint8_t* edge_label;   // sorted by label within a node
   const int32_t* edge_child;
+  const int32_t* dense_slot;   // [num_nodes]: -1, or the node's row in `dense` (nodes with many edges)
+  const int32_t* dense;        // 256 children (or -1) per row
   const int32_t* node_token;   // the vocab id spelled by the path to the node, or -1
   const int32_t* fail;         // failure link, -1 for none
   const int32_t* pops_begin;   // [num_nodes + 1]: ids emitted when following fail[v]
   const int32_t* pops;
   const int32_t* token_bytes;  // [vocab size]: bytes of the word a token covers (its length less any marker)
+  const int32_t* word_slots;   // open-addressing hash of every token's bytes -> id (-1 empty), see whole_word_id
+  uint32_t word_slot_mask;     // number of slots - 1 (a power of two)
+  const int64_t* token_start;  // [vocab size + 1]: token i is token_chars[token_start[i] .. token_start[i + 1])
+  const uint8_t* token_chars;
   const uint8_t* marker;       // continuation marker, "##"
   int32_t marker_len;
   int32_t root;
@@ -39,21 +45,32 @@ struct TrieView {
 };
 
 FASTBERT_HD inline int32_t trie_child(const TrieView& t, int32_t node, uint8_t byte) {
-  int32_t lo = t.edge_begin[node], hi = t.edge_begin[node + 1];
-  while (hi - lo > 8) {  // the root and the marker node have many edges; most nodes have a few
-    const int32_t mid = (lo + hi) / 2;
-    if (t.edge_label[mid] < byte) {
-      lo = mid + 1;
-    } else if (t.edge_label[mid] == byte) {
-      return t.edge_child[mid];
-    } else {
-      hi = mid;
-    }
-  }
-  for (; lo < hi; ++lo) {
-    if (t.edge_label[lo] == byte) return t.edge_child[lo];
+  const int32_t slot = t.dense_slot[node];
+  if (slot >= 0) return t.dense[slot * 256 + byte];
+  for (int32_t e = t.edge_begin[node]; e < t.edge_begin[node + 1]; ++e) {
+    if (t.edge_label[e] == byte) return t.edge_child[e];
   }
   return -1;
+}
+
+FASTBERT_HD inline uint32_t hash_bytes(const uint8_t* p, int32_t len) {  // FNV-1a
+  uint32_t h = 2166136261u;
+  for (int32_t i = 0; i < len; ++i) h = (h ^ p[i]) * 16777619u;
+  return h;
+}
+
+// The id of the token spelled exactly by the word, or -1. Longest-match-first takes the whole word whenever it
+// is a token, so this one lookup settles most words of running text before any trie walk.
+FASTBERT_HD inline int32_t whole_word_id(const TrieView& t, const uint8_t* word, int32_t len) {
+  for (uint32_t slot = hash_bytes(word, len) & t.word_slot_mask;; slot = (slot + 1) & t.word_slot_mask) {
+    const int32_t id = t.word_slots[slot];
+    if (id < 0) return -1;
+    const int64_t start = t.token_start[id];
+    if (t.token_start[id + 1] - start != len) continue;
+    int32_t k = 0;
+    while (k < len && t.token_chars[start + k] == word[k]) ++k;
+    if (k == len) return id;
+  }
 }
 
 FASTBERT_HD inline bool contains_marker(const TrieView& t, const uint8_t* word, int32_t len) {
@@ -104,6 +121,12 @@ FASTBERT_HD inline int32_t match_word(const TrieView& t, const uint8_t* word, in
   for (int32_t i = 0; i < len; ++i) chars += (word[i] & 0xC0) != 0x80;
   if (chars > t.max_chars) {
     out[0] = t.unk_id;
+    if (ends) ends[0] = len;
+    return 1;
+  }
+  const int32_t whole = whole_word_id(t, word, len);
+  if (whole >= 0) {
+    out[0] = whole;
     if (ends) ends[0] = len;
     return 1;
   }

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
 #include <thread>
 
 #include "unicode_tables.inc"
@@ -87,6 +88,20 @@ Tokenizer::Tokenizer(Vocab vocab, bool lowercase, const std::vector<std::string>
   std::stable_sort(specials_.begin(), specials_.end(),
                    [](const auto& a, const auto& b) { return a.first.size() > b.first.size(); });
   trie_ = std::make_unique<Trie>(vocab_, marker, unk_id, max_chars_per_word);
+  for (uint32_t c = 0; c < 128; ++c) {
+    ascii_flags_[c] = char_flags(c);
+    ascii_mapped_[c] = static_cast<char>(c);
+    const uint16_t entry = lowercase_ ? uncased_entry(c) : 0;
+    if (entry != 0) {
+      const uint32_t packed = unicode::kMapEntries[entry];
+      const uint8_t mapped = unicode::kMapPool[packed >> 8];
+      // The fast path assumes ASCII maps to one ASCII character of the same class, as in every Unicode version.
+      if ((packed & 255u) != 1 || mapped >= 128 || char_flags(mapped) != ascii_flags_[c]) {
+        throw std::logic_error("unicode_tables.inc maps ASCII " + std::to_string(c) + " unexpectedly");
+      }
+      ascii_mapped_[c] = static_cast<char>(mapped);
+    }
+  }
 }
 
 int32_t Tokenizer::match_special(const uint8_t* p, size_t n, size_t* len) const {
@@ -106,8 +121,12 @@ template <typename WordSink, typename SpecialSink>
 void Tokenizer::walk(std::string_view text, bool with_origins, WordSink&& on_word, SpecialSink&& on_special) const {
   const auto* p = reinterpret_cast<const uint8_t*>(text.data());
   const size_t n = text.size();
-  std::string word;
-  std::vector<int32_t> origins;
+  thread_local std::string scratch_word;  // reused across calls on a thread: no allocation per text
+  thread_local std::vector<int32_t> scratch_origins;
+  std::string& word = scratch_word;  // plain references, so the lambdas below skip the TLS lookup
+  std::vector<int32_t>& origins = scratch_origins;
+  word.clear();
+  origins.clear();
   auto flush = [&] {
     if (!word.empty()) {
       on_word(word, origins);
@@ -136,6 +155,23 @@ void Tokenizer::walk(std::string_view text, bool with_origins, WordSink&& on_wor
         ci += chars;
         continue;
       }
+    }
+    if (p[i] < 0x80) {
+      const uint8_t flags = ascii_flags_[p[i]];
+      if (flags & unicode::kSpace) {
+        flush();
+      } else if (flags & unicode::kPunct) {
+        flush();
+        word.push_back(static_cast<char>(p[i]));
+        if (with_origins) origins.push_back(ci);
+        flush();
+      } else if (!(flags & unicode::kRemove)) {
+        word.push_back(ascii_mapped_[p[i]]);
+        if (with_origins) origins.push_back(ci);
+      }
+      ++i;
+      ++ci;
+      continue;
     }
     size_t len;
     const uint32_t cp = decode_utf8(p + i, &len);
@@ -169,7 +205,8 @@ void Tokenizer::walk(std::string_view text, bool with_origins, WordSink&& on_wor
 
 void Tokenizer::encode(std::string_view text, Encoding& out, bool with_offsets) const {
   const TrieView& view = trie_->view();
-  std::vector<int32_t> ends;
+  thread_local std::vector<int32_t> scratch_ends;
+  std::vector<int32_t>& ends = scratch_ends;
   auto on_word = [&](const std::string& word, const std::vector<int32_t>& origins) {
     const size_t base = out.ids.size();
     out.ids.resize(base + word.size());

@@ -64,6 +64,8 @@ class Tokenizer {
   std::unique_ptr<Trie> trie_;
   std::vector<std::pair<std::string, int32_t>> specials_;  // longest first
   bool special_first_byte_[256] = {};
+  uint8_t ascii_flags_[128] = {};  // the tables' flags and (uncased) mapping of ASCII, for the fast path
+  char ascii_mapped_[128] = {};
   int32_t cls_id_ = -1, sep_id_ = -1;
 };
 

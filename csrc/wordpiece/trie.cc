@@ -94,15 +94,42 @@ Trie::Trie(const Vocab& vocab, const std::string& marker, int32_t unk_id, int32_
   }
   edge_begin_.push_back(static_cast<int32_t>(edge_label_.size()));
   pops_begin_.push_back(static_cast<int32_t>(pops_.size()));
+  dense_slot_.assign(num_nodes, -1);
+  for (int32_t v = 0; v < num_nodes; ++v) {
+    if (children[v].size() <= kDenseFanout) continue;
+    dense_slot_[v] = static_cast<int32_t>(dense_.size() / 256);
+    dense_.resize(dense_.size() + 256, -1);
+    for (const auto& [b, c] : children[v]) dense_[dense_slot_[v] * 256 + b] = c;
+  }
+
+  size_t slots = 1;
+  while (slots < 2 * static_cast<size_t>(vocab.size())) slots *= 2;
+  word_slots_.assign(slots, -1);
+  token_start_.reserve(vocab.size() + 1);
+  for (int32_t id = 0; id < vocab.size(); ++id) {
+    const std::string& token = vocab.id_to_token(id);
+    token_start_.push_back(static_cast<int64_t>(token_chars_.size()));
+    token_chars_ += token;
+    uint32_t slot = hash_bytes(reinterpret_cast<const uint8_t*>(token.data()), static_cast<int32_t>(token.size()));
+    while (word_slots_[slot & (slots - 1)] >= 0) ++slot;
+    word_slots_[slot & (slots - 1)] = id;
+  }
+  token_start_.push_back(static_cast<int64_t>(token_chars_.size()));
 
   view_.edge_begin = edge_begin_.data();
   view_.edge_label = edge_label_.data();
   view_.edge_child = edge_child_.data();
+  view_.dense_slot = dense_slot_.data();
+  view_.dense = dense_.data();
   view_.node_token = node_token_.data();
   view_.fail = fail_.data();
   view_.pops_begin = pops_begin_.data();
   view_.pops = pops_.data();
   view_.token_bytes = token_bytes_.data();
+  view_.word_slots = word_slots_.data();
+  view_.word_slot_mask = static_cast<uint32_t>(slots - 1);
+  view_.token_start = token_start_.data();
+  view_.token_chars = reinterpret_cast<const uint8_t*>(token_chars_.data());
   view_.marker = reinterpret_cast<const uint8_t*>(marker_.data());
   view_.marker_len = static_cast<int32_t>(marker_.size());
   view_.root = 0;
