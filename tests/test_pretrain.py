@@ -18,7 +18,7 @@ from fastbert.data.corpus import stdlib_documents
 from fastbert.data.prepare import PrepareOptions, prepare
 
 MODEL = {"vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "intermediate_size": 128, "max_position_embeddings": 64}
+         "intermediate_size": 128, "max_position_embeddings": 128}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -36,8 +36,10 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     vocab_size = len((root / "vocab.txt").read_text().splitlines())
     prepare([str(root / "corpus.txt")], root / "data", PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=64),
             progress=False)
+    prepare([str(root / "corpus.txt")], root / "data128", PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=128,
+                                                                         objective="nsp"), progress=False)
     (root / "model.json").write_text(json.dumps({**MODEL, "vocab_size": vocab_size}))
-    return {"root": root, "data": root / "data", "model": root / "model.json"}
+    return {"root": root, "data": root / "data", "data128": root / "data128", "model": root / "model.json"}
 
 
 def pretrain_cmd(setup, out: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m", "fastbert")):
@@ -202,3 +204,35 @@ def test_plot_writes_a_png(reference_run):
     result = run([sys.executable, "-m", "fastbert", "plot", str(reference_run)])
     assert result.returncode == 0, result.stderr
     assert (reference_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
+    out = tmp_path / "term"
+    cmd = pretrain_cmd(setup, out)
+    cmd[cmd.index("--steps") + 1] = "500"
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    done = len(metrics.read_text().splitlines())
+    assert f"stopped by signal after step {done}" in err
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{done:08d}"
+
+
+def test_phase_two_starts_from_phase_one_weights(setup, reference_run, tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = pretrain_cmd(setup, tmp_path / "phase2", "--init-from", str(reference_run), "--reset-optimizer",
+                       "--lr", "0", "--steps", "1")
+    cmd[cmd.index("--data") + 1] = str(setup["data128"])
+    cmd[cmd.index("--steps") + 1] = "1"
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for src, dst in ((reference_run, tmp_path / "hf1"), (tmp_path / "phase2", tmp_path / "hf2")):
+        assert run([sys.executable, "-m", "fastbert", "export", str(src), "--out", str(dst)]).returncode == 0
+    a = load_file(str(tmp_path / "hf1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "hf2" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
