@@ -260,13 +260,15 @@ def config(head_dim: int, kernel: str) -> dict[str, int]:
     """Tile sizes, warps and pipeline stages for ``kernel`` in ("forward", "dkdv", "dq") at ``head_dim``."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"attention: head_dim={head_dim} is not one of {HEAD_DIMS}")
+    # Sized so that no configuration spills with dropout on (the philox state per score is the register hog);
+    # kernels/aot.py compiles each of them for sm_80 and sm_90.
+    warps = 4 if head_dim <= 32 else 8
     if kernel == "forward":
-        return {"BLOCK_M": 128, "BLOCK_N": 64 if head_dim <= 64 else 32, "num_warps": 4 if head_dim <= 64 else 8,
-                "num_stages": 3}
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
     if kernel == "dkdv":
-        return {"BLOCK_M": 32, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 16 if head_dim == 128 else 32, "BLOCK_N": 64, "num_warps": warps, "num_stages": 2}
     if kernel == "dq":
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 16 if head_dim == 128 else 32, "num_warps": warps, "num_stages": 2}
     raise ValueError(f"attention: unknown kernel {kernel!r}")
 
 

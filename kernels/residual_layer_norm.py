@@ -120,13 +120,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def config(cols: int, backward: bool = False) -> dict[str, int]:
     """Tile and warps for rows of ``cols`` elements: whole rows, about 4096 (forward) or 2048 (backward) elements
-    per program, with more warps for wider rows so that each thread holds at most 32 elements per tensor."""
+    per program, and enough warps that each thread holds at most 16 (forward) or 8 (backward) elements of each
+    tile, which is what keeps the philox dropout state out of local memory (kernels/aot.py checks: no spills)."""
     if cols > MAX_COLUMNS:
         raise ValueError(f"residual_layer_norm: rows of {cols} elements exceed MAX_COLUMNS={MAX_COLUMNS}")
     block_n = max(128, triton.next_power_of_2(cols))
     elements = 2048 if backward else 4096
     block_m = max(1, elements // block_n)
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": max(4, min(16, block_m * block_n // 1024))}
+    per_warp = 256 if backward else 512
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": max(4, min(16, block_m * block_n // per_warp))}
 
 
 def _as_rows(x: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,10 @@
 """What every kernel test checks: guarded buffers around each tensor a kernel touches, and the tolerance rule.
 
 Guarded buffers: each tensor lives inside a larger flat buffer whose margins hold NaN (floats) or a sentinel
-(integers; True for booleans). Reading out of bounds then poisons an output with NaN and writing out of bounds changes a margin; the
-interpreter has no bounds checks of its own, so this is how out-of-bounds access shows. Outputs the kernels
-allocate are guarded too: tests swap each kernel module's ``_empty`` for ``GuardedBuffers.empty``, whose interior
-also starts as NaN, so an element the kernel forgot to write shows up as well.
+(integers; True for booleans). Reading out of bounds then poisons an output with NaN and writing out of bounds
+changes a margin; the interpreter has no bounds checks of its own, so this is how out-of-bounds access shows.
+Outputs the kernels allocate are guarded too: tests swap each kernel module's ``_empty`` for
+``GuardedBuffers.empty``, whose interior also starts as NaN, so an element the kernel forgot to write shows up.
 
 Tolerance (DESIGN.md): ``|fused - ref| <= 2 * |torch in the same low precision - ref| + atol`` elementwise, where
 ``ref`` is the float32 torch reference computed from the same (already rounded) low-precision inputs.
