@@ -86,8 +86,12 @@ def debian_lines(source: str) -> tuple[str, ...]:
         if not root.is_dir():
             return ()
         lines = []
-        for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix not in (".dat", ".u8")):
-            lines += path.read_bytes().decode("utf-8", errors="replace").splitlines()
+        for path in sorted(p for p in root.iterdir() if p.is_file() and p.suffix in ("", ".u8")):
+            try:
+                lines += path.read_bytes().decode("utf-8").splitlines()
+            except UnicodeDecodeError:
+                continue  # legacy-encoded files (fortunes-zh's GB2312 ones) have a .u8 twin
+        random.Random(2).shuffle(lines)
     kept, size = [], 0
     for line in lines:
         kept.append(line)
