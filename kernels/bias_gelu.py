@@ -124,24 +124,24 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def aot_specs() -> list[dict]:
-    """Every kernel configuration ``config`` can pick, for the ahead-of-time compile test."""
+    """Every kernel configuration ``config`` can pick, for each data dtype, for the ahead-of-time compile test."""
     specs = []
     for dtype in ("fp32", "fp16", "bf16"):
-        for block_n in (128, 1024):
-            cfg = {"BLOCK_M": 4096 // block_n, "BLOCK_N": block_n}
+        for cols in (128, 1024):  # the narrow and the wide tile
+            cfg = config(cols)
+            constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
             ints = {"rows": "i32", "cols": "i32"}
             specs.append({
                 "fn": _bias_gelu_forward, "config": {**cfg, "dtype": dtype},
                 "signature": {"X": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", **ints,
                               "stride_x": "i32", "stride_y": "i32"},
-                "constexprs": cfg, "num_warps": 4,
+                "constexprs": constexprs, "num_warps": cfg["num_warps"],
             })
             specs.append({
                 "fn": _bias_gelu_backward, "config": {**cfg, "dtype": dtype},
                 "signature": {"DY": f"*{dtype}", "X": f"*{dtype}", "Bias": f"*{dtype}", "DX": f"*{dtype}",
                               "DBiasPartial": "*fp32", **ints, "stride_dy": "i32", "stride_x": "i32",
                               "stride_dx": "i32"},
-                "constexprs": cfg, "num_warps": 4,
+                "constexprs": constexprs, "num_warps": cfg["num_warps"],
             })
     return specs
-
