@@ -3,6 +3,7 @@ generated Unicode tables against a fresh run of their generator."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,15 @@ def test_real_vocab_trie_matches_hf_on_its_own_tokens(vocab_path):
     got = [tokenizer.match_word(w.encode())[0] for w in batch]
     mismatches = [(w, g, e) for w, g, e in zip(batch, got, expected, strict=True) if g != e]
     assert not mismatches, mismatches[:5]
+
+
+def test_tokenizer_owns_its_vocabulary():
+    """The C++ tokenizer keeps a copy of the vocabulary; its lookups must not point into the caller's object."""
+    tokenizer = build(["hello", "##s"])
+    gc.collect()
+    _wordpiece.Vocab.from_text(b"\n".join([b"filler%d" % i for i in range(1000)]), "churn")
+    assert tokenizer.vocab.token_to_id("hello") == 5 and tokenizer.vocab.token_to_id("##s") == 6
+    assert tokenizer.match_word(b"hellos")[0] == [5, 6]
 
 
 def test_unicode_tables_regenerate_identically(tmp_path):

@@ -97,6 +97,22 @@ Vocab Vocab::from_file(const std::string& path) {
   return from_text(buf.str(), path);
 }
 
+Vocab::Vocab(const Vocab& other) : tokens_(other.tokens_) { index(); }
+
+Vocab& Vocab::operator=(const Vocab& other) {
+  if (this != &other) {
+    tokens_ = other.tokens_;
+    index();
+  }
+  return *this;
+}
+
+void Vocab::index() {
+  ids_.clear();
+  ids_.reserve(tokens_.size());
+  for (size_t i = 0; i < tokens_.size(); ++i) ids_.emplace(tokens_[i], static_cast<int32_t>(i));
+}
+
 int32_t Vocab::token_to_id(std::string_view token) const {
   auto it = ids_.find(token);
   return it == ids_.end() ? -1 : it->second;

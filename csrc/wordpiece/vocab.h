@@ -30,6 +30,13 @@ class Vocab {
   static Vocab from_text(std::string_view text, const std::string& source);
   static Vocab from_file(const std::string& path);
 
+  Vocab() = default;
+  // ids_ holds views into tokens_: a copy must index its own strings (a moved vector keeps its elements in place).
+  Vocab(const Vocab& other);
+  Vocab& operator=(const Vocab& other);
+  Vocab(Vocab&&) noexcept = default;
+  Vocab& operator=(Vocab&&) noexcept = default;
+
   int32_t size() const { return static_cast<int32_t>(tokens_.size()); }
   // Returns -1 when the token is not in the vocabulary.
   int32_t token_to_id(std::string_view token) const;
@@ -38,6 +45,8 @@ class Vocab {
 
  private:
   std::vector<std::string> tokens_;
+  void index();  // fills ids_ from tokens_ (no duplicate check: callers checked on load)
+
   std::unordered_map<std::string_view, int32_t> ids_;  // views into tokens_, which never reallocates after load
 };
 
