@@ -17,8 +17,8 @@ namespace py = pybind11;
 
 namespace {
 
-// UTF-8 views of a sequence of str, valid while the sequence's items live (CPython caches the UTF-8 form inside
-// each str). Non-str items and lone surrogates are errors naming `what`[index] and the character offset.
+// The UTF-8 form of a str (CPython caches it inside the object, so the view lives as long as the str). Non-str
+// items and lone surrogates are errors naming `what` and the character offset.
 std::string_view utf8_view(PyObject* item, const std::string& what) {
   if (!PyUnicode_Check(item)) throw py::type_error(what + " is " + Py_TYPE(item)->tp_name + ", not str");
   Py_ssize_t size;
@@ -36,19 +36,24 @@ std::string_view utf8_view(PyObject* item, const std::string& what) {
   return {data, static_cast<size_t>(size)};
 }
 
-std::vector<std::string_view> utf8_views(const py::sequence& items, const char* what) {
+// UTF-8 views of a sequence of str. `owner` is a tuple holding a reference to every item, so the views stay
+// valid while the GIL is released even if another thread changes the caller's list.
+struct Utf8Batch {
+  py::tuple owner;
   std::vector<std::string_view> views;
-  views.reserve(items.size());
-  for (size_t i = 0; i < items.size(); ++i) {
-    PyObject* item = PyList_Check(items.ptr()) ? PyList_GET_ITEM(items.ptr(), i) : nullptr;
-    py::object holder;
-    if (item == nullptr) {
-      holder = items[i];
-      item = holder.ptr();
-    }
-    views.push_back(utf8_view(item, std::string(what) + "[" + std::to_string(i) + "]"));
+};
+
+Utf8Batch utf8_views(const py::handle& items, const char* what) {
+  Utf8Batch batch;
+  PyObject* tuple = PySequence_Tuple(items.ptr());
+  if (tuple == nullptr) throw py::error_already_set();
+  batch.owner = py::reinterpret_steal<py::tuple>(tuple);
+  const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
+  batch.views.reserve(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    batch.views.push_back(utf8_view(PyTuple_GET_ITEM(tuple, i), std::string(what) + "[" + std::to_string(i) + "]"));
   }
-  return views;
+  return batch;
 }
 
 // A list of lists of ints, built directly: with the cyclic GC paused, since every new list would otherwise count
@@ -129,19 +134,19 @@ PYBIND11_MODULE(_wordpiece, m) {
           "encode_batch",
           [](const fastbert::Tokenizer& t, const py::sequence& texts, const py::object& pairs,
              bool add_special_tokens, int num_threads) {
-            const auto text_views = utf8_views(texts, "texts");
-            std::vector<std::string_view> pair_views;
+            const Utf8Batch text_batch = utf8_views(texts, "texts");
+            Utf8Batch pair_batch;
             if (!pairs.is_none()) {
-              pair_views = utf8_views(pairs.cast<py::sequence>(), "pairs");
-              if (pair_views.size() != text_views.size()) {
-                throw py::value_error("pairs has " + std::to_string(pair_views.size()) + " items but texts has " +
-                                      std::to_string(text_views.size()));
+              pair_batch = utf8_views(pairs, "pairs");
+              if (pair_batch.views.size() != text_batch.views.size()) {
+                throw py::value_error("pairs has " + std::to_string(pair_batch.views.size()) +
+                                      " items but texts has " + std::to_string(text_batch.views.size()));
               }
             }
             std::vector<std::vector<int32_t>> ids;
             {
               py::gil_scoped_release release;
-              ids = t.encode_batch(text_views, pair_views, add_special_tokens, num_threads);
+              ids = t.encode_batch(text_batch.views, pair_batch.views, add_special_tokens, num_threads);
             }
             return nested_list(ids);
           },
@@ -151,11 +156,11 @@ PYBIND11_MODULE(_wordpiece, m) {
           "encode_batch_offsets",
           [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads,
              const std::string& name) {
-            const auto views = utf8_views(texts, name.c_str());
+            const Utf8Batch batch = utf8_views(texts, name.c_str());
             std::vector<fastbert::Encoding> encodings;
             {
               py::gil_scoped_release release;
-              encodings = t.encode_batch_offsets(views, with_offsets, num_threads);
+              encodings = t.encode_batch_offsets(batch.views, with_offsets, num_threads);
             }
             py::list out(encodings.size());
             for (size_t i = 0; i < encodings.size(); ++i) {
