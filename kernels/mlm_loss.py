@@ -134,17 +134,24 @@ def reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 
 class MLMLoss(torch.autograd.Function):
+    """The gradients are computed in the forward and handed over once: they are kept as a ctx attribute, not saved
+    tensors, and scaled in place, so autograd can take them as the ``.grad`` without copying ``d_weight``
+    (``V x E``, the largest tensor here). A second backward through the same graph is refused."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels):
         loss, accuracy, *grads = forward(hidden, weight, bias, labels, tuple(ctx.needs_input_grad[:3]))
-        ctx.save_for_backward(*grads)
+        ctx.grads = grads
         ctx.mark_non_differentiable(accuracy)
         return loss, accuracy
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_accuracy):
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
-        return (*grads, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError("mlm_loss: backward ran twice through the same graph; its gradients are computed in "
+                               "the forward and handed over once (retain_graph=True is not supported)")
+        return (*(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None)
 
 
 def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -93,3 +93,11 @@ def test_ops_dispatches_to_the_kernel(monkeypatch):
     ref_loss, ref_accuracy = ops._ChunkedMLMLoss.apply(hidden, weight, bias, labels)
     assert_close("loss", loss, ref_loss, ref_loss, ulps=64)
     assert accuracy.item() == ref_accuracy.item()
+
+
+def test_backward_twice_is_refused():
+    hidden, weight, bias, labels = _inputs(3, 1100, 32, torch.float32, 0.0, seed=4)
+    loss, _ = kernel.mlm_loss(hidden.requires_grad_(), weight, bias, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
