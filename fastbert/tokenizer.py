@@ -148,7 +148,8 @@ class WordPieceTokenizer:
 
     def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True,
                      num_threads: int | None = None) -> list[list[int]]:
-        """Ids of every text (and pair), encoded on num_threads C++ threads (default: all cores)."""
+        """Ids of every text (and pair), encoded on num_threads C++ threads (default: all cores). Items may also be
+        UTF-8 bytes; invalid UTF-8 raises ValueError naming the item and the byte offset."""
         return self._core.encode_batch(_as_list(texts, "texts"), None if pairs is None else _as_list(pairs, "pairs"),
                                        add_special_tokens, num_threads or 0)
 
@@ -272,8 +273,8 @@ def _clean_up(token: str) -> str:
 
 
 def _as_list(items: Sequence[str], name: str) -> list[str]:
-    if isinstance(items, str):
-        raise TypeError(f"{name} must be a sequence of str, not a single str")
+    if isinstance(items, (str, bytes)):
+        raise TypeError(f"{name} must be a sequence of str, not a single {type(items).__name__}")
     return items if isinstance(items, list) else list(items)
 
 

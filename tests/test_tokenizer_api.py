@@ -184,6 +184,13 @@ def test_custom_special_tokens(tmp_path):
     assert tokenizer.encode("hellos <mask>world x") == [2, 5, 6, 4, 7, 1, 3]
 
 
+def test_utf8_bytes_items_encode_like_their_text(ours, real_sentences):
+    texts = real_sentences[:5] + ["naïve café 中文 😀"]
+    assert ours.encode_batch([t.encode() for t in texts]) == ours.encode_batch(texts)
+    got = ours([t.encode() for t in texts], return_offsets_mapping=True)
+    assert got == ours(texts, return_offsets_mapping=True)  # offsets count characters either way
+
+
 def test_gil_is_released_during_batch_encoding(ours, real_sentences):
     texts = real_sentences * 3000
     inside = threading.Event()
@@ -240,10 +247,16 @@ def test_bad_config_is_named(tmp_path, vocab_path):
 def test_bad_items_are_named(ours, hf_tokenizer):
     with pytest.raises(TypeError, match=r"texts\[2\] is int, not str"):
         ours.encode_batch(["a", "b", 3])
-    with pytest.raises(TypeError, match=r"pairs\[0\] is bytes, not str"):
-        ours(["a"], [b"b"])
+    with pytest.raises(TypeError, match=r"pairs\[0\] is float, not str or bytes"):
+        ours(["a"], [1.5])
     with pytest.raises(TypeError, match=r"texts must be a sequence of str, not a single str"):
         ours.encode_batch("abc")
+    with pytest.raises(TypeError, match=r"texts must be a sequence of str, not a single bytes"):
+        ours.encode_batch(b"abc")
+    with pytest.raises(ValueError, match=r"texts\[1\]: invalid UTF-8 at byte 3"):
+        ours.encode_batch([b"fine", b"caf\xc3 au lait"])
+    with pytest.raises(ValueError, match=r"pairs\[0\]: invalid UTF-8 at byte 0"):
+        ours(["a"], [b"\xed\xa0\x80 surrogate"])
     # A lone surrogate is not text: HF refuses it too (with a TypeError), we name the item and the character.
     with pytest.raises(TypeError):
         hf_tokenizer(["ok", "ab\ud800c"])

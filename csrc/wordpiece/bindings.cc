@@ -17,10 +17,19 @@ namespace py = pybind11;
 
 namespace {
 
-// The UTF-8 form of a str (CPython caches it inside the object, so the view lives as long as the str). Non-str
-// items and lone surrogates are errors naming `what` and the character offset.
+// The UTF-8 form of a str (CPython caches it inside the object, so the view lives as long as the str), or the
+// bytes of a bytes object once checked to be UTF-8. Other types, lone surrogates and invalid UTF-8 are errors
+// naming `what` and the character or byte offset.
 std::string_view utf8_view(PyObject* item, const std::string& what) {
-  if (!PyUnicode_Check(item)) throw py::type_error(what + " is " + Py_TYPE(item)->tp_name + ", not str");
+  if (PyBytes_Check(item)) {
+    const std::string_view bytes(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
+    const size_t bad = fastbert::find_invalid_utf8(bytes);
+    if (bad != std::string_view::npos) {
+      throw py::value_error(what + ": invalid UTF-8 at byte " + std::to_string(bad));
+    }
+    return bytes;
+  }
+  if (!PyUnicode_Check(item)) throw py::type_error(what + " is " + Py_TYPE(item)->tp_name + ", not str or bytes");
   Py_ssize_t size;
   const char* data = PyUnicode_AsUTF8AndSize(item, &size);
   if (data == nullptr) {
