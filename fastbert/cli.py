@@ -186,6 +186,52 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from fastbert.tasks.formats import TaskDataError
+    from fastbert.train.checkpoint import CheckpointNotFound
+    from fastbert.train.finetune import FinetuneArgs, finetune
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
+    try:
+        results = finetune(FinetuneArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    except (TaskDataError, CheckpointNotFound, ValueError) as e:
+        print(f"fastbert finetune: error: {e}", file=sys.stderr)
+        return 1
+    shown = {k: round(v, 4) for k, v in results.items() if k.startswith("eval_")}
+    print(f"best: {shown} -> {args.out}/eval_results.json ({len(results['skipped_rows'])} bad rows skipped)")
+    return 0
+
+
+def _add_finetune(subparsers) -> None:
+    p = subparsers.add_parser("finetune", help="fine-tune on classification, pairs, regression, NER or QA",
+                              description="Add a task head to a pretrained model and fine-tune the whole model.")
+    p.add_argument("--task", required=True, choices=("classify", "pair", "regress", "ner", "qa"))
+    p.add_argument("--model", required=True, help="HF model directory, fastbert run directory or checkpoint")
+    p.add_argument("--train", required=True, help=".tsv/.csv/.jsonl table, CoNLL file or SQuAD JSON")
+    p.add_argument("--eval", default=None)
+    p.add_argument("--predict", default=None, help="write predictions for this file to OUT/predictions.jsonl")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--pair-column", default=None, help="second text of a pair (default for --task pair: text_b)")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of failing")
+    p.add_argument("--doc-stride", type=int, default=128, help="QA: overlap step of context windows")
+    p.add_argument("--max-answer-length", type=int, default=30)
+    p.add_argument("--null-threshold", type=float, default=None, help="QA (SQuAD v2): no-answer threshold")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_finetune)
+
+
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -210,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=_info)
     _add_prepare_data(subparsers)
     _add_pretrain(subparsers)
+    _add_finetune(subparsers)
     export = subparsers.add_parser("export", help="a run or checkpoint -> HF-format model directory")
     export.add_argument("source", metavar="RUN_DIR|CKPT")
     export.add_argument("--out", required=True)

@@ -1,0 +1,1 @@
+"""Fine-tuning tasks: file formats, features (tokenization and answer decoding) and metrics."""

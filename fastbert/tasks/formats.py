@@ -1,0 +1,175 @@
+"""Fine-tuning data formats: GLUE-style tables (TSV, CSV, JSONL), CoNLL token files, SQuAD v1.1/v2.0 JSON.
+
+Readers return plain records that remember their file and line, and raise ``TaskDataError`` naming the file, line
+and field of a malformed row, or, with ``skip_bad_rows``, count it in a ``BadRows`` tally instead. They do not
+tokenize (``fastbert.tasks.features`` does).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class TaskDataError(ValueError):
+    """A malformed fine-tuning file; the message names the file, line and field."""
+
+
+@dataclass
+class BadRows:
+    """Rows skipped under ``--skip-bad-rows``, with the reason of each."""
+
+    skipped: list[str] = field(default_factory=list)
+
+    def handle(self, message: str, skip: bool) -> None:
+        if not skip:
+            raise TaskDataError(message)
+        self.skipped.append(message)
+
+
+@dataclass
+class TextExample:
+    text: str
+    pair: str | None
+    label: str | float | None
+    where: str  # "file:line"
+
+
+@dataclass
+class TokenExample:
+    words: list[str]
+    tags: list[str] | None
+    where: str
+
+
+@dataclass
+class QAExample:
+    id: str
+    question: str
+    context: str
+    answers: list[tuple[str, int]]  # (text, character start in context)
+    impossible: bool
+    where: str
+
+
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """(line number, row) pairs of a .tsv, .csv or .jsonl table."""
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        rows = []
+        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TaskDataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}:{line_no}: expected a JSON object")
+            rows.append((line_no, row))
+        return rows
+    if suffix not in (".tsv", ".csv"):
+        raise TaskDataError(f"{path}: unsupported table format {suffix!r} (expected .tsv, .csv or .jsonl)")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
+                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+        if reader.fieldnames is None:
+            raise TaskDataError(f"{path}: empty file (expected a header line)")
+        return [(reader.line_num, row) for row in reader]
+
+
+def read_text_examples(path: str | os.PathLike, text_column: str = "text", pair_column: str | None = None,
+                       label_column: str | None = "label", regression: bool = False,
+                       skip_bad_rows: bool = False, bad: BadRows | None = None) -> list[TextExample]:
+    """Single texts or text pairs with a class label (or a float for regression; no label for prediction)."""
+    path, bad = Path(path), bad if bad is not None else BadRows()
+    out = []
+    for line_no, row in _rows(path):
+        where = f"{path}:{line_no}"
+        text = row.get(text_column)
+        pair = row.get(pair_column) if pair_column else None
+        if not isinstance(text, str) or (pair_column and not isinstance(pair, str)):
+            missing = text_column if not isinstance(text, str) else pair_column
+            bad.handle(f"{where}: missing text field {missing!r}", skip_bad_rows)
+            continue
+        label = None
+        if label_column is not None:
+            value = row.get(label_column)
+            if value is None or (isinstance(value, str) and not value.strip()):
+                bad.handle(f"{where}: missing label field {label_column!r}", skip_bad_rows)
+                continue
+            if regression:
+                try:
+                    label = float(value)
+                except (TypeError, ValueError):
+                    bad.handle(f"{where}: label {value!r} is not a number", skip_bad_rows)
+                    continue
+            else:
+                label = str(value).strip()
+        out.append(TextExample(text, pair, label, where))
+    return out
+
+
+def read_conll(path: str | os.PathLike, with_tags: bool = True, skip_bad_rows: bool = False,
+               bad: BadRows | None = None) -> list[TokenExample]:
+    """CoNLL: one token per line, the tag in the last column, a blank line between sentences; ``-DOCSTART-``
+    lines are skipped."""
+    path, bad = Path(path), bad if bad is not None else BadRows()
+    out, words, tags, start, broken = [], [], [], 1, False
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for line_no, line in enumerate([*lines, ""], 1):
+        parts = line.split()
+        if not parts or parts[0] == "-DOCSTART-":
+            if words and not broken:
+                out.append(TokenExample(words, tags if with_tags else None, f"{path}:{start}"))
+            words, tags, start, broken = [], [], line_no + 1, False
+            continue
+        if with_tags and len(parts) < 2:
+            bad.handle(f"{path}:{line_no}: token {parts[0]!r} has no tag", skip_bad_rows)
+            broken = True
+            continue
+        words.append(parts[0])
+        tags.append(parts[-1])
+    return out
+
+
+def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRows | None = None
+               ) -> list[QAExample]:
+    """SQuAD v1.1 / v2.0 JSON; every answer must lie inside its context where it says it does."""
+    path, bad = Path(path), bad if bad is not None else BadRows()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise TaskDataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise TaskDataError(f"{path}: expected a SQuAD object with a 'data' list")
+    out = []
+    for a, article in enumerate(data["data"]):
+        for p, paragraph in enumerate(article.get("paragraphs", [])):
+            context = paragraph.get("context")
+            for q, qa in enumerate(paragraph.get("qas", [])):
+                where = f"{path}: data[{a}].paragraphs[{p}].qas[{q}] (id {qa.get('id')!r})"
+                if not isinstance(context, str) or not isinstance(qa.get("question"), str):
+                    bad.handle(f"{where}: missing context or question", skip_bad_rows)
+                    continue
+                impossible = bool(qa.get("is_impossible", False))
+                answers, ok = [], True
+                for ans in qa.get("answers", []):
+                    text, start = ans.get("text"), ans.get("answer_start")
+                    if not isinstance(text, str) or not isinstance(start, int) or \
+                            context[start:start + len(text)] != text:
+                        bad.handle(f"{where}: answer {text!r} at {start} is not in its context", skip_bad_rows)
+                        ok = False
+                        break
+                    answers.append((text, start))
+                if not ok:
+                    continue
+                if not answers and not impossible:
+                    bad.handle(f"{where}: no answers and not marked is_impossible", skip_bad_rows)
+                    continue
+                out.append(QAExample(str(qa.get("id", f"{a}-{p}-{q}")), qa["question"], context, answers,
+                                     impossible, where))
+    return out

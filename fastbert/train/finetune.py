@@ -1,0 +1,297 @@
+"""``fastbert finetune``: the seeds' recipe (a task head on a pretrained encoder, the whole model trained, AdamW,
+warmup then linear decay) for classification, sentence pairs, regression, NER and extractive QA.
+
+The model comes from an HF directory, a fastbert run directory or a checkpoint (exported on the fly). Each epoch is
+evaluated; the best model (by the task's main metric) is kept in ``OUT/best`` with its tokenizer, every epoch's
+metrics go to ``OUT/metrics.jsonl`` and the best ones to ``OUT/eval_results.json``; ``--predict FILE`` writes
+``OUT/predictions.jsonl``. Training runs on CUDA with bf16 autocast when a GPU is there, on CPU otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastbert.atomic import write_atomic
+from fastbert.model import (
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
+from fastbert.optim import warmup_poly_lr
+from fastbert.tasks import features as feats
+from fastbert.tasks import formats, metrics
+
+log = logging.getLogger("fastbert.finetune")
+TASKS = ("classify", "pair", "regress", "ner", "qa")
+MAIN_METRIC = {"classify": "accuracy", "pair": "accuracy", "regress": "pearson", "ner": "f1", "qa": "f1"}
+
+
+@dataclass
+class FinetuneArgs:
+    task: str
+    model: str
+    train: str
+    out: str
+    eval: str | None = None
+    predict: str | None = None
+    max_length: int = 128
+    epochs: int = 3
+    lr: float = 3e-5
+    batch_size: int = 32
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    seed: int = 0
+    text_column: str = "text"
+    pair_column: str | None = None
+    label_column: str = "label"
+    skip_bad_rows: bool = False
+    doc_stride: int = 128
+    max_answer_length: int = 30
+    null_threshold: float | None = None
+    dropout: float | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.task == "pair" and not self.pair_column:
+            self.pair_column = "text_b"
+
+
+def resolve_model_dir(source: str, work: Path) -> Path:
+    """An HF-format directory for ``source``: itself, or an export of a fastbert run / checkpoint."""
+    path = Path(source)
+    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors",
+                                                                              "pytorch_model.bin")):
+        return path
+    from fastbert.train.export import export
+
+    return export(path, work / "init")
+
+
+# Data -------------------------------------------------------------------------------------------------------------
+class TaskData:
+    """A task's examples and how to batch them, evaluate predictions and write them."""
+
+    def __init__(self, args: FinetuneArgs, tokenizer, label_names: list[str] | None):
+        self.args, self.tokenizer, self.label_names = args, tokenizer, label_names
+        self.bad = formats.BadRows()
+
+    def read(self, path: str, labelled: bool = True) -> list:
+        a = self.args
+        if a.task == "ner":
+            return formats.read_conll(path, with_tags=labelled, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
+        if a.task == "qa":
+            return formats.read_squad(path, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
+        return formats.read_text_examples(path, a.text_column, a.pair_column, a.label_column if labelled else None,
+                                          regression=a.task == "regress", skip_bad_rows=a.skip_bad_rows,
+                                          bad=self.bad)
+
+    def check_labels(self, examples: list) -> list:
+        """Examples whose labels the model knows; an unknown one is an error (or a counted skip)."""
+        if self.label_names is None or self.args.task in ("regress", "qa"):
+            return examples
+        known, kept = set(self.label_names), []
+        for ex in examples:
+            labels = ex.tags if self.args.task == "ner" else [ex.label]
+            unknown = [x for x in labels or [] if x is not None and x not in known]
+            if unknown:
+                self.bad.handle(f"{ex.where}: unknown label {unknown[0]!r} (training labels: {self.label_names})",
+                                self.args.skip_bad_rows)
+                continue
+            kept.append(ex)
+        return kept
+
+    def features(self, examples: list) -> list:
+        a, tok = self.args, self.tokenizer
+        if a.task == "qa":
+            return feats.qa_features(tok, examples, a.max_length, a.doc_stride)
+        if a.task == "ner":
+            ids = {n: i for i, n in enumerate(self.label_names)}
+            return [feats.token_features(tok, ex, ids, a.max_length) for ex in examples]
+        return examples
+
+    def collate(self, batch: list, with_labels: bool = True) -> dict[str, torch.Tensor]:
+        a, tok = self.args, self.tokenizer
+        if a.task == "qa":
+            return feats.collate_qa(batch, tok.pad_token_id, with_labels)
+        if a.task == "ner":
+            return feats.collate_tokens(batch, tok.pad_token_id)
+        enc = tok([ex.text for ex in batch], [ex.pair for ex in batch] if a.pair_column else None,
+                  max_length=a.max_length, truncation=True, padding="longest", return_tensors="pt")
+        out = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
+        if with_labels and batch[0].label is not None:
+            if a.task == "regress":
+                out["labels"] = torch.tensor([ex.label for ex in batch], dtype=torch.float32)
+            else:
+                index = {n: i for i, n in enumerate(self.label_names)}
+                out["labels"] = torch.tensor([index[ex.label] for ex in batch])
+        return out
+
+
+def _batches(items: list, size: int, shuffle_seed: int | None = None) -> list[list]:
+    order = list(range(len(items)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    return [[items[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+
+
+# Model ------------------------------------------------------------------------------------------------------------
+def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | None):
+    overrides = {}
+    if args.dropout is not None:
+        overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.task in ("classify", "pair", "ner"):
+        overrides.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)))
+    elif args.task == "regress":
+        overrides.update(num_labels=1)
+    cls = {"classify": BertForSequenceClassification, "pair": BertForSequenceClassification,
+           "regress": BertForSequenceClassification, "ner": BertForTokenClassification,
+           "qa": BertForQuestionAnswering}[args.task]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*newly initialised.*")
+        model, info = cls.from_pretrained(model_dir, output_loading_info=True, **overrides)
+    log.info("new task-head weights: %s", info.missing_keys)
+    return model
+
+
+@torch.no_grad()
+def predict(model, data: TaskData, examples: list, device: torch.device) -> list:
+    """Per example: a label name, a float, a list of word tags, or (for QA) the answer text."""
+    model.eval()
+    features = data.features(examples)
+    outputs = []
+    for batch in _batches(features, data.args.batch_size * 2):
+        inputs = {k: v.to(device) for k, v in data.collate(batch, with_labels=False).items()
+                  if k not in ("labels", "start_positions", "end_positions")}
+        out = model(**inputs)
+        if data.args.task == "qa":
+            outputs += list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu(), strict=True))
+        else:
+            outputs += list(out.logits.float().cpu())
+    model.train()
+    task = data.args.task
+    if task == "qa":
+        answers = feats.decode_answers(examples, features, [s for s, _ in outputs], [e for _, e in outputs],
+                                       max_answer_length=data.args.max_answer_length,
+                                       null_threshold=data.args.null_threshold)
+        return [answers[ex.id] for ex in examples]
+    if task == "regress":
+        return [float(o.squeeze()) for o in outputs]
+    if task == "ner":
+        result = []
+        for feature, logits in zip(features, outputs, strict=True):
+            result.append([data.label_names[int(logits[i].argmax())] if i is not None else "O"
+                           for i in feature.first_subtoken])
+        return result
+    return [data.label_names[int(o.argmax())] for o in outputs]
+
+
+def evaluate(task: str, examples: list, predictions: list) -> dict[str, float]:
+    if task == "qa":
+        golds = {ex.id: [t for t, _ in ex.answers] for ex in examples}
+        return metrics.squad_metrics(golds, {ex.id: p for ex, p in zip(examples, predictions, strict=True)})
+    if task == "regress":
+        return metrics.regression_metrics([ex.label for ex in examples], predictions)
+    if task == "ner":
+        return metrics.entity_metrics([ex.tags for ex in examples], predictions)
+    return metrics.classification_metrics([ex.label for ex in examples], predictions)
+
+
+# The job ----------------------------------------------------------------------------------------------------------
+def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    model_dir = resolve_model_dir(args.model, out)
+    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
+    data = TaskData(args, tokenizer, None)
+    train = data.read(args.train)
+    if not train:
+        raise formats.TaskDataError(f"{args.train}: no usable examples")
+    if args.task in ("classify", "pair"):
+        data.label_names = sorted({ex.label for ex in train})
+    elif args.task == "ner":
+        data.label_names = sorted({t for ex in train for t in ex.tags})
+    eval_examples = data.check_labels(data.read(args.eval)) if args.eval else []
+    model = build_model(args, model_dir, data.label_names)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).train()
+
+    train_features = data.features(train)
+    steps_per_epoch = math.ceil(len(train_features) / args.batch_size)
+    total = steps_per_epoch * args.epochs
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
+                                  foreach=device.type == "cpu")
+    warmup = int(args.warmup_ratio * total)
+    metrics_path = out / "metrics.jsonl"
+    write_atomic(metrics_path, b"")
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=f"finetune {args.task}", unit="step", disable=not args.progress)
+    best, best_metrics, step = float("-inf"), {}, 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
+        "cpu", enabled=False)
+    for epoch in range(args.epochs):
+        losses = []
+        for batch in _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch):
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_poly_lr(step, args.lr, warmup, total)
+            inputs = {k: v.to(device) for k, v in data.collate(batch).items()}
+            with autocast:
+                loss = model(**inputs).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            losses.append(loss.item())
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses))}
+        if eval_examples:
+            record.update({f"eval_{k}": v for k, v in
+                           evaluate(args.task, eval_examples, predict(model, data, eval_examples, device)).items()})
+            score = record[f"eval_{MAIN_METRIC[args.task]}"]
+            if score > best:
+                best, best_metrics = score, record
+                model.save_pretrained(out / "best")
+                tokenizer.save_pretrained(out / "best")
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: %s", epoch + 1, record)
+        if on_epoch is not None:
+            on_epoch(record)
+    bar.close()
+    if not eval_examples:
+        model.save_pretrained(out / "best")
+        tokenizer.save_pretrained(out / "best")
+        best_metrics = record
+    results = {**best_metrics, "task": args.task, "skipped_rows": data.bad.skipped,
+               "args": asdict(args)}
+    write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
+    if args.predict:
+        best_model = type(model).from_pretrained(out / "best").to(device)
+        examples = data.read(args.predict, labelled=args.task == "qa")
+        lines = [json.dumps({"where": ex.where, "prediction": p})
+                 for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)]
+        write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+    return results
+
