@@ -232,6 +232,46 @@ def _add_finetune(subparsers) -> None:
     p.set_defaults(func=_finetune)
 
 
+def _distill(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+
+    from fastbert.data.shards import ShardError
+    from fastbert.train.distill import DistillArgs, distill
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    fields = {f.name for f in dataclasses.fields(DistillArgs)}
+    try:
+        final = distill(DistillArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+    except (ShardError, ValueError) as e:
+        print(f"fastbert distill: error: {e}", file=sys.stderr)
+        return 1
+    print(f"step {final['step']}: loss {final['loss']:.4f} -> {args.out}")
+    return 0
+
+
+def _add_distill(subparsers) -> None:
+    p = subparsers.add_parser("distill", help="a DistilBERT-style student from a teacher",
+                              description="Distil a teacher (HF directory) into a student with fewer layers, "
+                                          "initialised from every other teacher layer, with DistilBERT's triple "
+                                          "loss.")
+    p.add_argument("--teacher", required=True, help="HF-format teacher directory (with vocab.txt)")
+    p.add_argument("--student-layers", type=int, default=6)
+    p.add_argument("--data", required=True, help="directory written by prepare-data with the teacher's vocab")
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=2.0)
+    p.add_argument("--alpha-ce", type=float, default=5.0)
+    p.add_argument("--alpha-mlm", type=float, default=2.0)
+    p.add_argument("--alpha-cos", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.set_defaults(func=_distill)
+
+
 def _demo(args: argparse.Namespace) -> int:
     import logging
 
@@ -257,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_prepare_data(subparsers)
     _add_pretrain(subparsers)
     _add_finetune(subparsers)
+    _add_distill(subparsers)
     export = subparsers.add_parser("export", help="a run or checkpoint -> HF-format model directory")
     export.add_argument("source", metavar="RUN_DIR|CKPT")
     export.add_argument("--out", required=True)
