@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -250,7 +251,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     for epoch in range(args.epochs):
-        losses = []
+        losses, started = [], time.perf_counter()
         for batch in _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch):
             for group in optimizer.param_groups:
                 group["lr"] = warmup_poly_lr(step, args.lr, warmup, total)
@@ -265,7 +266,9 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses))}
+        seconds = time.perf_counter() - started
+        record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)), "train_seconds": seconds,
+                  "train_examples_per_s": len(train_features) / seconds}
         if eval_examples:
             record.update({f"eval_{k}": v for k, v in
                            evaluate(args.task, eval_examples, predict(model, data, eval_examples, device)).items()})
