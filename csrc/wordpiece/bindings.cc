@@ -65,9 +65,22 @@ Utf8Batch utf8_views(const py::handle& items, const char* what) {
   return batch;
 }
 
-// A list of lists of ints, built directly: with the cyclic GC paused, since every new list would otherwise count
-// towards a collection that can only find these fresh, acyclic lists.
-py::list nested_list(const std::vector<std::vector<int32_t>>& rows) {
+// Python ints 0 .. n-1, made once and shared by every result: an id then costs a reference count, not an
+// allocation. Grown on demand, never freed (ints are immutable; vocabularies are small).
+PyObject* const* shared_ints(int32_t n) {
+  static std::vector<PyObject*> ints;
+  while (static_cast<int32_t>(ints.size()) < n) {
+    PyObject* value = PyLong_FromLong(static_cast<long>(ints.size()));
+    if (value == nullptr) throw py::error_already_set();
+    ints.push_back(value);
+  }
+  return ints.data();
+}
+
+// A list of lists of ids (each in [0, vocab_size)), built directly: with the cyclic GC paused, since every new
+// list would otherwise count towards a collection that can only find these fresh, acyclic lists.
+py::list nested_list(const std::vector<std::vector<int32_t>>& rows, int32_t vocab_size) {
+  PyObject* const* ints = shared_ints(vocab_size);
   const int gc_was_enabled = PyGC_Disable();
   PyObject* outer = PyList_New(static_cast<Py_ssize_t>(rows.size()));
   for (size_t i = 0; outer != nullptr && i < rows.size(); ++i) {
@@ -76,7 +89,11 @@ py::list nested_list(const std::vector<std::vector<int32_t>>& rows) {
       Py_CLEAR(outer);
       break;
     }
-    for (size_t k = 0; k < rows[i].size(); ++k) PyList_SET_ITEM(inner, k, PyLong_FromLong(rows[i][k]));
+    for (size_t k = 0; k < rows[i].size(); ++k) {
+      PyObject* value = ints[rows[i][k]];
+      Py_INCREF(value);
+      PyList_SET_ITEM(inner, k, value);
+    }
     PyList_SET_ITEM(outer, i, inner);
   }
   if (gc_was_enabled) PyGC_Enable();
@@ -157,7 +174,7 @@ PYBIND11_MODULE(_wordpiece, m) {
               py::gil_scoped_release release;
               ids = t.encode_batch(text_batch.views, pair_batch.views, add_special_tokens, num_threads);
             }
-            return nested_list(ids);
+            return nested_list(ids, t.vocab().size());
           },
           py::arg("texts"), py::arg("pairs") = py::none(), py::arg("add_special_tokens") = true,
           py::arg("num_threads") = 0, "Ids of every text (and pair) on C++ threads, without the GIL.")
