@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import importlib.metadata
 import platform
 import sys
@@ -310,12 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="fastbert-demo", help="working directory (default: ./fastbert-demo)")
     demo.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300: a few minutes)")
     demo.set_defaults(func=_demo)
-    for module in ("fastbert.tokenize_cli",):
-        try:
-            importlib.import_module(module).add_parser(subparsers)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
+    from fastbert import tokenize_cli
+
+    tokenize_cli.add_parser(subparsers)
     return parser
 
 
