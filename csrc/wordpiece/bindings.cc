@@ -77,6 +77,18 @@ PyObject* const* shared_ints(int32_t n) {
   return ints.data();
 }
 
+// A list of ids (each in [0, vocab_size)) made of the shared ints.
+py::list id_list(const std::vector<int32_t>& ids, int32_t vocab_size) {
+  PyObject* const* ints = shared_ints(vocab_size);
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
+  if (list == nullptr) throw py::error_already_set();
+  for (size_t k = 0; k < ids.size(); ++k) {
+    Py_INCREF(ints[ids[k]]);
+    PyList_SET_ITEM(list, k, ints[ids[k]]);
+  }
+  return py::reinterpret_steal<py::list>(list);
+}
+
 // A list of lists of ids (each in [0, vocab_size)), built directly: with the cyclic GC paused, since every new
 // list would otherwise count towards a collection that can only find these fresh, acyclic lists.
 py::list nested_list(const std::vector<std::vector<int32_t>>& rows, int32_t vocab_size) {
@@ -151,8 +163,8 @@ PYBIND11_MODULE(_wordpiece, m) {
               py::gil_scoped_release release;
               t.encode(view, enc, with_offsets);
             }
-            if (!with_offsets) return py::cast(enc.ids);
-            return py::make_tuple(py::cast(enc.ids), offsets_list(enc.offsets));
+            if (!with_offsets) return id_list(enc.ids, t.vocab().size());
+            return py::make_tuple(id_list(enc.ids, t.vocab().size()), offsets_list(enc.offsets));
           },
           py::arg("text"), py::arg("with_offsets") = false,
           "Ids of one text without [CLS]/[SEP]; with offsets, (ids, [(start, end), ...]) in characters.")
@@ -190,7 +202,7 @@ PYBIND11_MODULE(_wordpiece, m) {
             }
             py::list out(encodings.size());
             for (size_t i = 0; i < encodings.size(); ++i) {
-              out[i] = py::make_tuple(py::cast(encodings[i].ids),
+              out[i] = py::make_tuple(id_list(encodings[i].ids, t.vocab().size()),
                                       with_offsets ? py::object(offsets_list(encodings[i].offsets)) : py::none());
             }
             return out;
