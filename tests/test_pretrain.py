@@ -4,6 +4,7 @@ transformers, and bad setups refused before the first step."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -236,3 +237,20 @@ def test_phase_two_starts_from_phase_one_weights(setup, reference_run, tmp_path)
     a = load_file(str(tmp_path / "hf1" / "model.safetensors"))
     b = load_file(str(tmp_path / "hf2" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bf16_with_zero2_trains_and_exports_fp32_master_weights(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    cmd = pretrain_cmd(setup, tmp_path / "bf16", "--precision", "bf16", "--zero-stage", "2")
+    cmd[cmd.index("--steps") + 1] = "2"
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert all(math.isfinite(json.loads(line)["loss"]) for line in (tmp_path / "bf16" / "metrics.jsonl").open())
+    result = run([sys.executable, "-m", "fastbert", "export", str(tmp_path / "bf16"), "--out", str(tmp_path / "hf")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    weights = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    # master weights, not bf16 copies: some values are not representable in bf16
+    w = weights["bert.embeddings.word_embeddings.weight"]
+    assert not torch.equal(w, w.to(torch.bfloat16).float())
