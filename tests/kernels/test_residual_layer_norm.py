@@ -44,6 +44,7 @@ def _run(fn, t, dtype, use_residual, use_x_bias, use_dsum, place=None):
     ((129, 384), True, False, True),
     ((5, 4096), False, True, False),
     ((2, 7), True, True, True),
+    ((4, 384), False, False, True),  # summed is x itself, and its gradient still flows
 ])
 def test_residual_layer_norm_matches_reference(shape, use_residual, use_x_bias, use_dsum, dtype, monkeypatch):
     guard = GuardedBuffers()
