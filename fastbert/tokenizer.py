@@ -195,8 +195,9 @@ class WordPieceTokenizer:
             batch["offset_mapping"] = []
         for i, (ids_a, offs_a) in enumerate(firsts):
             ids_b, offs_b = seconds[i] if seconds is not None else (None, None)
-            if strategy and max_length >= added:  # HF leaves everything whole when the special tokens alone
-                len_a, len_b = _truncated_lengths(len(ids_a), None if ids_b is None else len(ids_b),  # overflow
+            # As in HF, a max_length that the special tokens alone exceed truncates nothing.
+            if strategy and max_length >= added:
+                len_a, len_b = _truncated_lengths(len(ids_a), None if ids_b is None else len(ids_b),
                                                   max_length - added, strategy, index=i)
                 ids_a, offs_a = ids_a[:len_a], offs_a and offs_a[:len_a]
                 if ids_b is not None:
