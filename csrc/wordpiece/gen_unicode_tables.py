@@ -1,11 +1,12 @@
 """Generates unicode_tables.inc: the per-code-point facts BERT's basic tokenizer needs, as C++ lookup tables.
 
 Why the data comes from the reference tokenizer and not from one Unicode Character Database: HF `tokenizers` (the
-tokenizer whose ids we must reproduce) mixes Unicode versions. Its punctuation, control and nonspacing-mark tests
-come from the `unicode_categories` crate (Unicode 9 era), NFD from `unicode-normalization-alignments`, lowercase
-from the Rust standard library (Unicode 16), while Python's `unicodedata` is Unicode 14. No single UCD reproduces
-that mix, so this script asks the reference's own normalizer and pre-tokenizer about every code point, one at a
-time, and compares the answers with `unicodedata` to report how far they are from one consistent Unicode version.
+tokenizer whose ids we must reproduce) mixes Unicode versions: its punctuation, control and nonspacing-mark tests
+use category tables older than Unicode 10 (U+2E43, punctuation since Unicode 10, is a letter to it), while its
+lowercasing (Rust's standard library) knows letters added in Unicode 16, and Python's `unicodedata` here is yet
+another version. No single UCD reproduces that mix, so this script asks the reference's own normalizer and
+pre-tokenizer about every code point, one at a time, and reports in the output's header how far the answers are
+from Python's `unicodedata`.
 
 Facts per code point (after `clean_text`, before lowercasing, as BertNormalizer orders them):
   REMOVE  dropped by clean_text (NUL, U+FFFD, controls, format characters, private use)
@@ -65,7 +66,7 @@ def probe() -> tuple[list[int], dict[int, str]]:
 def report_differences(flags: list[int], mapping: dict[int, str]) -> list[str]:
     """Where the reference departs from Python's unicodedata, summarised (goes into the generated header)."""
     counts = {"punctuation unknown to the reference": 0, "punctuation only to the reference": 0,
-              "unassigned or private-use kept": 0, "mapping differs from unicodedata": 0}
+              "unassigned (Cn) kept, not dropped as control": 0, "mapping differs from unicodedata": 0}
     for cp in range(MAX_CP):
         if 0xD800 <= cp <= 0xDFFF:
             continue
@@ -77,7 +78,7 @@ def report_differences(flags: list[int], mapping: dict[int, str]) -> list[str]:
         if flags[cp] & PUNCT and not is_punct:
             counts["punctuation only to the reference"] += 1
         if cat == "Cn" and not flags[cp] & REMOVE:
-            counts["unassigned or private-use kept"] += 1
+            counts["unassigned (Cn) kept, not dropped as control"] += 1
         expected = "".join(x for x in unicodedata.normalize("NFD", c) if unicodedata.category(x) != "Mn").lower()
         if mapping.get(cp, c) != expected:
             counts["mapping differs from unicodedata"] += 1
