@@ -285,8 +285,9 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def draw_seed() -> int:
-    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible. Drawn
+    above 2**32 so that triton always types it int64, the variant kernels/aot.py compiles."""
+    return int(torch.randint(2**32, 2**62, (1,)).item())
 
 
 def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):

@@ -137,8 +137,9 @@ def _as_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def draw_seed() -> int:
-    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible."""
-    return int(torch.randint(0, 2**62, (1,)).item())
+    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible. Drawn
+    above 2**32 so that triton always types it int64, the variant kernels/aot.py compiles."""
+    return int(torch.randint(2**32, 2**62, (1,)).item())
 
 
 def forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
