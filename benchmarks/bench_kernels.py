@@ -138,13 +138,13 @@ def _fwd_bwd(make):
     return run
 
 
-def measure_cuda() -> dict:
+def measure_cuda(dev: str = "cuda") -> dict:
     import torch.nn.functional as F
     from fastbert.kernels import attention, bias_gelu, mlm_loss, residual_layer_norm
 
-    name = torch.cuda.get_device_name()
+    name = torch.cuda.get_device_name() if dev == "cuda" else dev
     peak = next((v for k, v in PEAKS.items() if k in name), None)
-    dev, dt = "cuda", torch.bfloat16
+    dt = torch.bfloat16
     torch.manual_seed(0)
 
     def leaf(*shape, scale=1.0):
