@@ -167,6 +167,7 @@ def split_sentences(document: str) -> list[str]:
 
 
 _WORKER_TOKENIZER = None
+DOCUMENTS_PER_TASK = 64  # a worker's unit of work: enough to amortise the hand-off, small enough to balance
 
 
 def _load_tokenizer(vocab: str, do_lower_case: bool):
@@ -180,9 +181,9 @@ def _init_worker(vocab: str, do_lower_case: bool) -> None:
     _WORKER_TOKENIZER = _load_tokenizer(vocab, do_lower_case)
 
 
-def encode_file(path: Path, options: PrepareOptions, tokenizer=None, num_threads: int = 1) -> FileResult:
+def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> list[list[list[int]]]:
+    """Documents -> sentences -> token ids; documents left with no tokens are dropped (they had no text)."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
-    docs, size, replaced = read_documents(path, options.errors, options.text_field)
     sentences = [split_sentences(d) for d in docs]
     flat = [s for doc in sentences for s in doc]
     ids = tokenizer.encode_batch(flat, add_special_tokens=False, num_threads=num_threads) if flat else []
@@ -192,22 +193,29 @@ def encode_file(path: Path, options: PrepareOptions, tokenizer=None, num_threads
         k += len(doc)
         if encoded:
             out.append(encoded)
-    return FileResult(str(path), out, size, replaced)
-
-
-def _encode_in_worker(args: tuple[Path, PrepareOptions]) -> FileResult:
-    return encode_file(*args)
+    return out
 
 
 def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iterator[FileResult]:
-    """Every file's encoded documents, in input order, read by ``options.workers`` processes."""
-    if options.workers == 1:
+    """Every file's encoded documents, in input order. Files are read here; with ``workers > 1`` their documents
+    are split and encoded in blocks by worker processes and reassembled in order."""
+    pool = None
+    if options.workers > 1:
+        # fork: workers start at once and only run the tokenizer and blingfire, never torch
+        ctx = multiprocessing.get_context("fork" if os.name == "posix" else "spawn")
+        pool = ctx.Pool(options.workers, initializer=_init_worker, initargs=(options.vocab, options.do_lower_case))
+    try:
         for path in files:
-            yield encode_file(path, options, tokenizer, num_threads=0)
-        return
-    ctx = multiprocessing.get_context("spawn")  # torch and C++ threads do not survive fork reliably
-    with ctx.Pool(options.workers, initializer=_init_worker, initargs=(options.vocab, options.do_lower_case)) as pool:
-        yield from pool.imap(_encode_in_worker, [(p, options) for p in files])
+            docs, size, replaced = read_documents(path, options.errors, options.text_field)
+            if pool is None:
+                encoded = encode_documents(docs, tokenizer, num_threads=0)
+            else:
+                blocks = [docs[k:k + DOCUMENTS_PER_TASK] for k in range(0, len(docs), DOCUMENTS_PER_TASK)]
+                encoded = [d for block in pool.imap(encode_documents, blocks) for d in block]
+            yield FileResult(str(path), encoded, size, replaced)
+    finally:
+        if pool is not None:
+            pool.terminate()
 
 
 # Segment pairs -----------------------------------------------------------------------------------------------------
