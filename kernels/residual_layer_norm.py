@@ -215,9 +215,9 @@ class ResidualLayerNorm(torch.autograd.Function):
         ctx.save_for_backward(summed, weight, mean, rstd)
         ctx.dropout_p, ctx.seed, ctx.has_x_bias = dropout_p, seed, x_bias is not None
         ctx.has_residual = residual is not None
-        ctx.summed_is_x = summed is x or summed.data_ptr() == x.data_ptr()
-        if ctx.summed_is_x:
-            # ``summed`` is ``x`` itself; autograd needs a distinct output, and a view costs nothing.
+        if summed.data_ptr() == x.data_ptr():
+            # Without residual, bias or dropout ``summed`` is ``x``'s memory; autograd wants an output of its own,
+            # and a view costs nothing.
             summed = x.view_as(x)
         return y, summed
 
