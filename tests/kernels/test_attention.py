@@ -20,7 +20,7 @@ def _dropout_keep_grid(Keep, heads, max_seqlen, dropout_p, seed, BLOCK: tl.const
     bh = tl.program_id(0)
     rows = tl.arange(0, BLOCK)
     mask = (rows[:, None] < max_seqlen) & (rows[None, :] < max_seqlen)
-    keep = kernel._keep(seed, bh, rows[:, None], rows[None, :], max_seqlen, dropout_p)
+    keep = kernel._keep(seed, bh, rows, 0, max_seqlen, dropout_p, BLOCK, BLOCK)
     offsets = bh * max_seqlen * max_seqlen + rows[:, None] * max_seqlen + rows[None, :]
     tl.store(Keep + offsets, keep.to(tl.float32), mask=mask)
 
@@ -130,6 +130,9 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(head_dim, monk
     valid = keep[1]  # the 100-token sequence fills its whole grid
     dropped = 1 - valid.mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / valid.numel()) ** 0.5, f"dropped fraction {dropped} for p={p}"
+    # Four adjacent keys share one philox call: their draws must still be independent.
+    both = ((valid[..., :-1] == 0) & (valid[..., 1:] == 0)).float().mean().item()
+    assert abs(both - p * p) < 5 * (p * p * (1 - p * p) / valid[..., 1:].numel()) ** 0.5, f"adjacent pairs {both}"
 
     def clone(t, requires_grad=False):
         return t.clone().requires_grad_(requires_grad)
