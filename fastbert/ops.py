@@ -174,7 +174,7 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
 
 # MLM loss -------------------------------------------------------------------------------------------------------
 IGNORE_INDEX = -100
-_CHUNK_ELEMENTS = 1 << 23  # logits elements per block of rows: 32 MiB of float32
+_CHUNK_ELEMENTS = 1 << 22  # logits elements per block of rows: 16 MiB of float32
 
 
 class _ChunkedMLMLoss(torch.autograd.Function):
@@ -219,13 +219,15 @@ class _ChunkedMLMLoss(torch.autograd.Function):
                 grad_weight.addmm_(grad.t(), h)
             if grad_bias is not None:
                 grad_bias += grad.sum(dim=0)
-        ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        # Kept as a plain attribute: save_for_backward would hold a second copy of the [V, E] weight gradient.
+        ctx.grads = (grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(correct)
         return loss / denom, correct / denom
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_correct):
-        grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.saved_tensors)
+        grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
+        ctx.grads = None
         return (*grads, None)
 
 

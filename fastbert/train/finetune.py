@@ -239,8 +239,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr,
-                                  foreach=device.type == "cpu")
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
     warmup = int(args.warmup_ratio * total)
     metrics_path = out / "metrics.jsonl"
     write_atomic(metrics_path, b"")
