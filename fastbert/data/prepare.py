@@ -221,15 +221,17 @@ def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iter
 # Segment pairs -----------------------------------------------------------------------------------------------------
 def _truncate_pair(a: list[int], b: list[int], limit: int, rng: np.random.Generator) -> int:
     """BERT's truncation: trim the longer segment, from the front or the back at random; returns tokens cut."""
-    cut = 0
-    while len(a) + len(b) > limit:
-        longer = a if len(a) > len(b) else b
-        if rng.random() < 0.5:
-            del longer[0]
+    excess = len(a) + len(b) - limit
+    if excess <= 0:
+        return 0
+    a0, a1, b0, b1 = 0, len(a), 0, len(b)
+    for coin in rng.random(excess).tolist():
+        if a1 - a0 > b1 - b0:
+            a0, a1 = (a0 + 1, a1) if coin < 0.5 else (a0, a1 - 1)
         else:
-            longer.pop()
-        cut += 1
-    return cut
+            b0, b1 = (b0 + 1, b1) if coin < 0.5 else (b0, b1 - 1)
+    a[:], b[:] = a[a0:a1], b[b0:b1]
+    return excess
 
 
 def document_pairs(index: int, documents: list[list[list[int]]], options: PrepareOptions, stats: PrepareStats
@@ -243,7 +245,8 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
     # A "sentence" too long for half a sample (a list, a table, unpunctuated prose) is cut into pieces that fit,
     # rather than left to truncation, which would throw most of it away.
     piece = max(1, max_tokens // 2)
-    doc = [s[k:k + piece] for s in doc for k in range(0, len(s), piece)]
+    if any(len(s) > piece for s in doc):
+        doc = [s[k:k + piece] for s in doc for k in range(0, len(s), piece)]
     pairs: list[SegmentPair] = []
 
     def draw_target() -> int:

@@ -18,6 +18,7 @@ import io
 import json
 import os
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,8 @@ class ShardWriter:
         name = f"shard-{len(self.meta['shards']):05d}"
         lengths = np.array([len(p.a) + len(p.b) for p in pairs], dtype=np.int64)
         arrays = {
-            "tokens": np.fromiter((t for p in pairs for t in (*p.a, *p.b)), dtype=self.dtype, count=int(lengths.sum())),
+            "tokens": np.fromiter(chain.from_iterable(chain.from_iterable((p.a, p.b) for p in pairs)),
+                                  dtype=self.dtype, count=int(lengths.sum())),
             "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
             "split": np.array([len(p.a) for p in pairs], dtype=np.int32),
             "labels": np.array([p.label for p in pairs], dtype=np.int8),
