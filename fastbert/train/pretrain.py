@@ -69,7 +69,6 @@ class PretrainArgs:
     dropout: float | None = None
     seed: int = 0
     loader_workers: int = 0
-    log_every: int = 1
     dist_timeout: float = 120.0
     progress: bool = True
 
