@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fastbert import _wordpiece
+from fastbert.atomic import write_atomic
 
 VocabError = _wordpiece.VocabError
 
@@ -23,12 +24,6 @@ DEFAULT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token
 TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second")
 PADDING_STRATEGIES = ("longest", "max_length")
 CONTINUATION = "##"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class WordPieceTokenizer:
@@ -98,10 +93,10 @@ class WordPieceTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         vocab_path, config_path = directory / "vocab.txt", directory / "tokenizer_config.json"
-        _atomic_write(vocab_path, "".join(token + "\n" for token in self.vocab.tokens))
+        write_atomic(vocab_path, "".join(token + "\n" for token in self.vocab.tokens).encode("utf-8"))
         config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case, "strip_accents": None,
                   "tokenize_chinese_chars": True, "model_max_length": self.model_max_length, **self.special_tokens}
-        _atomic_write(config_path, json.dumps(config, indent=2) + "\n")
+        write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
         return [vocab_path, config_path]
 
     # Vocabulary.

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+
+from fastbert.atomic import write_atomic
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
@@ -45,8 +48,8 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     for ax in axes:
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
+    write_atomic(out, buffer.getvalue())
     return out
