@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from fastbert.ops import _kernel_for
+
 
 @dataclass(frozen=True)
 class Fragment:
@@ -45,6 +47,7 @@ class Lamb(torch.optim.Optimizer):
         self._fragments: dict[int, list[Fragment]] | None = None  # id(flat tensor) -> its fragments
         self._num_params = 0
         self._group = None
+        self._plan = None  # the fused path's chunk tables and the layout they were built for
         self.last_step_skipped = False
 
     # ZeRO -----------------------------------------------------------------------------------------------------------
@@ -95,15 +98,73 @@ class Lamb(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         if not params:
             return loss
+        kernel = _kernel_for("lamb", params[0])
+        if kernel is not None and all(p.is_contiguous() for p in params):
+            self._fused_step(kernel, groups, fragments, num_params)
+        else:
+            self._foreach_step(groups, fragments, num_params)
+        return loss
+
+    def _clip_factor(self, grad_sq: torch.Tensor) -> float:
+        if self.max_grad_norm is None:
+            return 1.0
+        return min(1.0, self.max_grad_norm / (grad_sq.sqrt().item() + 1e-6))
+
+    def _all_reduce_sums(self, sums: torch.Tensor) -> None:
+        if self._fragments is not None and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums, group=self._group)
+
+    def _fused_step(self, kernel, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]],
+                    num_params: int) -> None:
+        """The step in four Triton launches (``fastbert.kernels.lamb``): gradient norm, moments and per-chunk
+        norms, per-parameter sums (all-reduced here under ZeRO), trust ratio and weight update."""
+        params = [p for _, ps in groups for p in ps]
+        device = params[0].device
+        grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
+        layouts = tuple(
+            kernel.TensorLayout(p.numel(), p.dtype, g.dtype, tuple((f.param_index, f.start, f.numel)
+                                                                   for f in fragments[id(p)]))
+            for p, g in zip(params, grads, strict=True))
+        key = (layouts, num_params, device)
+        if self._plan is None or self._plan[0] != key:  # the chunk tables depend on the layout only
+            self._plan = (key, kernel.plan_chunks(layouts, num_params, device))
+        plan = self._plan[1]
+        grad_sq = kernel.grad_square_sum(plan, grads)
+        self.last_step_skipped = self._any_rank(not bool(torch.isfinite(grad_sq)), device)
+        if self.last_step_skipped:  # weights, moments and step counts stay as they were
+            return
+        clip = self._clip_factor(grad_sq)
+        hyper = []
+        for group, ps in groups:
+            for p in ps:
+                state = self._state_for(p)
+                state["step"] += 1
+                hyper.append(kernel.hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
+                                                    state["step"], group["max_trust_ratio"]))
+        exp_avgs = [self.state[p]["exp_avg"] for p in params]
+        exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
+        sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper, clip)
+        self._all_reduce_sums(sums)
+        kernel.apply_update(plan, params, exp_avgs, exp_avg_sqs, hyper, sums)
+
+    def _state_for(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
+                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+        return state
+
+    def _foreach_step(self, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]],
+                      num_params: int) -> None:
+        """The step with torch's multi-tensor (foreach) ops: the definition the fused path is tested against."""
+        params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = {id(p): p.grad.float() for p in params}
         grad_sq = torch.stack(torch._foreach_norm(list(grads.values()))).square().sum()
         self.last_step_skipped = self._any_rank(not bool(torch.isfinite(grad_sq)), device)
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
-            return loss
-        clip = 1.0
-        if self.max_grad_norm is not None:
-            clip = min(1.0, self.max_grad_norm / (grad_sq.sqrt().item() + 1e-6))
+            return
+        clip = self._clip_factor(grad_sq)
 
         # Moments and raw updates, then every parameter's squared weight and update norms from its fragments.
         sums = torch.zeros(2 * num_params, device=device, dtype=torch.float32)
@@ -111,10 +172,7 @@ class Lamb(torch.optim.Optimizer):
         for group, ps in groups:
             beta1, beta2 = group["betas"]
             for p in ps:
-                if not self.state[p]:
-                    self.state[p].update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
-                self.state[p]["step"] += 1
+                self._state_for(p)["step"] += 1
             g = [grads[id(p)] for p in ps]
             if clip != 1.0:
                 g = torch._foreach_mul(g, clip)
@@ -142,8 +200,7 @@ class Lamb(torch.optim.Optimizer):
                 for f in fragments[id(p)]:
                     sums[2 * f.param_index] += w_flat.narrow(0, f.start, f.numel).square().sum()
                     sums[2 * f.param_index + 1] += u_flat.narrow(0, f.start, f.numel).square().sum()
-        if self._fragments is not None and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(sums, group=self._group)
+        self._all_reduce_sums(sums)
 
         norms = sums.view(num_params, 2).sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
@@ -159,7 +216,6 @@ class Lamb(torch.optim.Optimizer):
                     for f in fragments[id(p)]:
                         u_flat.narrow(0, f.start, f.numel).mul_(group_trust[f.param_index])
             torch._foreach_add_(ps, [x.to(p.dtype) for x, p in zip(u, ps, strict=True)], alpha=-group["lr"])
-        return loss
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

@@ -1,0 +1,460 @@
+"""Fused multi-tensor LAMB step in Triton: every parameter the optimizer holds, in a handful of launches.
+
+Owns the kernels, the chunk plan they walk, the host launchers and a per-fragment torch reference. What a step
+means (Adam moments with bias correction, decoupled weight decay, per-parameter trust ratio, gradient clipping,
+skipping non-finite steps, ZeRO fragments and their all-reduce) is ``fastbert.optim.lamb``'s business; this module
+only computes it.
+
+Multi-tensor: each step's tensors are described by an address table (int64 data pointers of weight, gradient and
+the two fp32 moments, cast to typed pointers inside the kernel), and the work by a cached chunk table: every
+program takes one chunk of at most ``CHUNK`` elements of one tensor, and a chunk never straddles two fragments
+(parameters), so its partial sums belong to one parameter. Chunk boundaries fall on multiples of ``CHUNK`` of
+their tensor: a full chunk of 16-byte aligned tensors takes the unmasked path with vector loads. Weight and
+gradient dtypes are constexprs, so there is one launch per (weight dtype, gradient dtype) pair present, in
+practice one.
+
+A step is four kernels, each deterministic (no atomics; fixed summation order), so that resuming from a
+checkpoint reproduces a run bit for bit:
+1. ``_lamb_grad_squares``: per chunk, the sum of squared gradients; summed (kernel 3) into the global squared
+   norm the caller uses for the finiteness check and the clip factor.
+2. ``_lamb_moments``: clip, update ``exp_avg``/``exp_avg_sq`` in place, form the update
+   ``u = m_hat / (sqrt(v_hat) + eps) + wd * w`` and write per-chunk partial sums of ``w^2`` and ``u^2``.
+3. ``_lamb_segment_sums``: each parameter's partials summed over its contiguous chunk range, in fixed order. The
+   caller all-reduces these per-parameter sums under ZeRO.
+4. ``_lamb_apply``: the trust ratio from the sums, ``u`` recomputed from ``(m, v, w)`` (no scratch copy of the
+   update: the same bytes moved as storing it, and no memory), ``w -= lr * trust * u`` stored in ``w``'s dtype.
+
+Where it stops being good: it is memory-bound (fp32: 4 bytes read in kernel 1, 16 read and 8 written in kernel 2,
+12 read and 4 written in kernel 4, per element) and needs one host synchronisation per step, for the skip
+decision and the clip factor, as the torch path does. Parameters much smaller than ``CHUNK`` each take a
+mostly idle program; BERT has a few hundred such biases, a negligible share.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .downcast import to_output
+
+CHUNK = 16384  # elements per program
+BLOCK = 1024  # elements per loop iteration: 8 per thread at 4 warps
+NUM_WARPS = 4
+SUM_BLOCK = 1024  # partials per loop iteration in the segment sums
+ADDRESS_COLUMNS = 5  # weight, grad, exp_avg, exp_avg_sq (data pointers), all four 16-byte aligned (0/1)
+CHUNK_COLUMNS = 4  # tensor row in its launch, start, numel, parameter index (-1: covered by no fragment)
+# lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1^step, 1 - beta2^step, eps, weight decay, max trust ratio (inf: none)
+HYPER_COLUMNS = 9
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+# Kernels ------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _chunk(Chunks, Addresses, pid, CHUNK: tl.constexpr):
+    """Row, start and length of chunk ``pid``, and whether it takes the unmasked vector path."""
+    row = tl.load(Chunks + pid * 4)
+    start = tl.load(Chunks + pid * 4 + 1)
+    numel = tl.load(Chunks + pid * 4 + 2)
+    fast = (numel == CHUNK) & (tl.load(Addresses + row * 5 + 4) != 0)
+    return row, start, numel, fast
+
+
+@triton.jit
+def _tensor(Addresses, row, column: tl.constexpr, start, DTYPE: tl.constexpr, FAST: tl.constexpr):
+    """Typed pointer to element ``start`` of the tensor in address-table column ``column``. On the fast path the
+    host guarantees 16-byte alignment (aligned tensor, start a multiple of CHUNK), which allows vector access."""
+    pointer = tl.load(Addresses + row * 5 + column).to(tl.pointer_type(DTYPE)) + start
+    if FAST:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
+
+
+@triton.jit
+def _load(pointer, offs, numel, FAST: tl.constexpr):
+    """Elements ``offs`` as fp32 (upcast right after the load; the interpreter computes bf16 on raw bits); masked
+    to ``numel`` off the fast path, with zeros beyond it."""
+    x = tl.load(pointer + offs) if FAST else tl.load(pointer + offs, mask=offs < numel, other=0.0)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _store(pointer, offs, x, numel, FAST: tl.constexpr):
+    if FAST:
+        tl.store(pointer + offs, x)
+    else:
+        tl.store(pointer + offs, x, mask=offs < numel)
+
+
+@triton.jit
+def _raw_update(m, v, w, bias_correction1, bias_correction2, eps, weight_decay):
+    """``m_hat / (sqrt(v_hat) + eps) + wd * w`` in the torch path's order of operations, IEEE-rounded."""
+    denom = tl.sqrt_rn(tl.div_rn(v, bias_correction2)) + eps
+    return tl.div_rn(tl.div_rn(m, bias_correction1), denom) + weight_decay * w
+
+
+@triton.jit
+def _grad_squares_chunk(Addresses, row, start, numel, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    end = CHUNK if FAST else numel
+    for b in range(0, end, BLOCK):
+        offs = b + tl.arange(0, BLOCK)
+        g = _load(G, offs, numel, FAST)
+        acc += g * g
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _lamb_grad_squares(Addresses, Chunks, Partials, first_chunk,
+                       GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
+    if fast:
+        total = _grad_squares_chunk(Addresses, row, start, numel, GRAD_DTYPE, True, CHUNK, BLOCK)
+    else:
+        total = _grad_squares_chunk(Addresses, row, start, numel, GRAD_DTYPE, False, CHUNK, BLOCK)
+    tl.store(Partials + first_chunk + pid, total)
+
+
+@triton.jit
+def _moments_chunk(Addresses, Hyper, row, start, numel, clip,
+                   WEIGHT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr,
+                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
+    G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
+    M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
+    V = _tensor(Addresses, row, 3, start, tl.float32, FAST)
+    one_minus_beta1 = tl.load(Hyper + row * 9 + 1)
+    beta2 = tl.load(Hyper + row * 9 + 2)
+    one_minus_beta2 = tl.load(Hyper + row * 9 + 3)
+    bias_correction1 = tl.load(Hyper + row * 9 + 4)
+    bias_correction2 = tl.load(Hyper + row * 9 + 5)
+    eps = tl.load(Hyper + row * 9 + 6)
+    weight_decay = tl.load(Hyper + row * 9 + 7)
+    w_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    u_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    end = CHUNK if FAST else numel
+    for b in range(0, end, BLOCK):
+        offs = b + tl.arange(0, BLOCK)
+        g = _load(G, offs, numel, FAST) * clip
+        m = _load(M, offs, numel, FAST)
+        v = _load(V, offs, numel, FAST)
+        w = _load(W, offs, numel, FAST)
+        m = m + one_minus_beta1 * (g - m)  # torch.lerp's formula for weights below 0.5
+        v = v * beta2 + one_minus_beta2 * g * g
+        _store(M, offs, m, numel, FAST)
+        _store(V, offs, v, numel, FAST)
+        # Masked-off lanes hold zeros everywhere, so their update is 0 / (0 + eps) + wd * 0 = 0.
+        u = _raw_update(m, v, w, bias_correction1, bias_correction2, eps, weight_decay)
+        w_sq += w * w
+        u_sq += u * u
+    return tl.sum(w_sq, axis=0), tl.sum(u_sq, axis=0)
+
+
+@triton.jit
+def _lamb_moments(Addresses, Hyper, Chunks, Partials, clip, first_chunk,
+                  WEIGHT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
+    if fast:
+        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, True,
+                                    CHUNK, BLOCK)
+    else:
+        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, False,
+                                    CHUNK, BLOCK)
+    tl.store(Partials + (first_chunk + pid) * 2, w_sq)
+    tl.store(Partials + (first_chunk + pid) * 2 + 1, u_sq)
+
+
+@triton.jit
+def _lamb_segment_sums(Partials, Ranges, Out, columns, BLOCK: tl.constexpr):
+    """Program (s, c): column ``c`` of the partial rows ``Ranges[s]`` (first, end), summed in a fixed order."""
+    segment = tl.program_id(0)
+    column = tl.program_id(1)
+    first = tl.load(Ranges + segment * 2)
+    end = tl.load(Ranges + segment * 2 + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(first, end, BLOCK):
+        index = i + tl.arange(0, BLOCK)
+        acc += tl.load(Partials + index * columns + column, mask=index < end, other=0.0)
+    tl.store(Out + segment * columns + column, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
+                 WEIGHT_DTYPE: tl.constexpr, FAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
+    M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
+    V = _tensor(Addresses, row, 3, start, tl.float32, FAST)
+    end = CHUNK if FAST else numel
+    for b in range(0, end, BLOCK):
+        offs = b + tl.arange(0, BLOCK)
+        m = _load(M, offs, numel, FAST)
+        v = _load(V, offs, numel, FAST)
+        w = _load(W, offs, numel, FAST)
+        u = _raw_update(m, v, w, bias_correction1, bias_correction2, eps, weight_decay)
+        _store(W, offs, to_output(w + scale * u, WEIGHT_DTYPE), numel, FAST)
+
+
+@triton.jit
+def _lamb_apply(Addresses, Hyper, Chunks, Sums, WEIGHT_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
+    param = tl.load(Chunks + pid * 4 + 3)
+    covered = param >= 0
+    w_norm = tl.sqrt_rn(tl.load(Sums + param * 2, mask=covered, other=0.0))
+    u_norm = tl.sqrt_rn(tl.load(Sums + param * 2 + 1, mask=covered, other=0.0))
+    trust = tl.where((w_norm > 0.0) & (u_norm > 0.0), tl.div_rn(w_norm, tl.maximum(u_norm, 1e-30)), 1.0)
+    trust = tl.minimum(trust, tl.load(Hyper + row * 9 + 8))
+    trust = tl.where(covered, trust, 1.0)  # elements of no parameter (ZeRO padding) take the plain update
+    scale = -tl.load(Hyper + row * 9) * trust
+    bias_correction1 = tl.load(Hyper + row * 9 + 4)
+    bias_correction2 = tl.load(Hyper + row * 9 + 5)
+    eps = tl.load(Hyper + row * 9 + 6)
+    weight_decay = tl.load(Hyper + row * 9 + 7)
+    if fast:
+        _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
+                     WEIGHT_DTYPE, True, CHUNK, BLOCK)
+    else:
+        _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
+                     WEIGHT_DTYPE, False, CHUNK, BLOCK)
+
+
+# The chunk plan -------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TensorLayout:
+    """One flat tensor the optimizer updates: its size, dtypes, and the parameters' fragments it holds."""
+
+    numel: int
+    weight_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    fragments: tuple[tuple[int, int, int], ...]  # (parameter index, start, numel)
+
+
+@dataclass(frozen=True)
+class Launch:
+    weight_dtype: torch.dtype
+    grad_dtype: torch.dtype
+    tensors: tuple[int, ...]  # positions in the step's tensor list, in address-table order
+    chunks: torch.Tensor  # [n, CHUNK_COLUMNS] int64 on the device
+    first_chunk: int  # row of this launch's first chunk in the partials
+
+
+@dataclass(frozen=True)
+class Plan:
+    launches: tuple[Launch, ...]
+    num_chunks: int
+    num_params: int
+    param_ranges: torch.Tensor  # [num_params, 2] int64 on the device: each parameter's partial rows (first, end)
+    all_chunks: torch.Tensor  # [[0, num_chunks]]: every partial row, for the gradient norm
+
+
+def _pieces(index: int, layout: TensorLayout) -> list[tuple[int, int, int]]:
+    """``(param, start, numel)`` covering the tensor: its fragments plus the gaps between them (param -1)."""
+    pieces, at = [], 0
+    for param, start, numel in sorted(layout.fragments, key=lambda f: f[1]):
+        if param < 0 or start < at or numel < 0 or start + numel > layout.numel:
+            raise ValueError(f"lamb: tensor {index} of {layout.numel} elements: fragment (param {param}, start "
+                             f"{start}, numel {numel}) overlaps another or lies outside the tensor")
+        if start > at:
+            pieces.append((-1, at, start - at))
+        if numel:
+            pieces.append((param, start, numel))
+        at = start + numel
+    if at < layout.numel:
+        pieces.append((-1, at, layout.numel - at))
+    return pieces
+
+
+def plan_chunks(layouts: Sequence[TensorLayout], num_params: int, device: torch.device) -> Plan:
+    """The chunk tables for a list of tensors. Depends only on the layout, so callers cache it across steps."""
+    by_dtypes: dict[tuple[torch.dtype, torch.dtype], list[int]] = {}
+    for index, layout in enumerate(layouts):
+        for dtype in (layout.weight_dtype, layout.grad_dtype):
+            if dtype not in _TL_DTYPES:
+                raise ValueError(f"lamb: tensor {index} has dtype {dtype}; the kernel takes {list(_TL_DTYPES)}")
+        by_dtypes.setdefault((layout.weight_dtype, layout.grad_dtype), []).append(index)
+    launches, ranges, first_chunk = [], [[0, 0] for _ in range(num_params)], 0
+    seen: set[int] = set()
+    for (weight_dtype, grad_dtype), tensors in by_dtypes.items():
+        # A parameter's chunks are adjacent (pieces ordered by parameter), so its sums are one contiguous range.
+        pieces = sorted((param if param >= 0 else num_params, row, start, numel)
+                        for row, index in enumerate(tensors) for param, start, numel in _pieces(index, layouts[index]))
+        rows, current = [], None
+        for param, row, start, numel in pieces:
+            if param < num_params and param != current:
+                if param in seen:
+                    raise ValueError(f"lamb: parameter {param} has fragments in tensors of different dtypes")
+                seen.add(param)
+                ranges[param][0] = first_chunk + len(rows)
+            current = param
+            at, end = start, start + numel
+            while at < end:
+                stop = min(end, (at // CHUNK + 1) * CHUNK)  # boundaries on multiples of CHUNK: aligned full chunks
+                rows.append((row, at, stop - at, param if param < num_params else -1))
+                at = stop
+            if param < num_params:
+                ranges[param][1] = first_chunk + len(rows)
+        if rows:
+            chunks = torch.tensor(rows, dtype=torch.int64).to(device)
+            launches.append(Launch(weight_dtype, grad_dtype, tuple(tensors), chunks, first_chunk))
+        first_chunk += len(rows)
+    return Plan(tuple(launches), first_chunk, num_params,
+                torch.tensor(ranges, dtype=torch.int64).view(num_params, 2).to(device),
+                torch.tensor([[0, first_chunk]], dtype=torch.int64).to(device))
+
+
+# Host launchers -------------------------------------------------------------------------------------------------
+def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _addresses(launch: Launch, *columns: Sequence[torch.Tensor] | None) -> torch.Tensor:
+    """The launch's address table from the step's tensor lists (weights, grads, exp_avgs, exp_avg_sqs; None for a
+    list the kernel does not read). Rebuilt every step: gradients may be reallocated between steps."""
+    rows = []
+    for index in launch.tensors:
+        pointers = [0 if column is None else column[index].data_ptr() for column in columns]
+        rows.append(pointers + [int(all(p % 16 == 0 for p in pointers))])
+    return torch.tensor(rows, dtype=torch.int64).to(launch.chunks.device)
+
+
+def _segment_sums(partials: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
+    columns = partials.shape[1]
+    out = _empty((ranges.shape[0], columns), torch.float32, partials.device)
+    if ranges.shape[0]:
+        _lamb_segment_sums[(ranges.shape[0], columns)](partials, ranges, out, columns, BLOCK=SUM_BLOCK,
+                                                       num_warps=NUM_WARPS)
+    return out
+
+
+def _check(plan: Plan, name: str, tensors: Sequence[torch.Tensor]) -> None:
+    for launch in plan.launches:
+        for index in launch.tensors:
+            t = tensors[index]
+            if not t.is_contiguous() or t.device != launch.chunks.device:
+                raise ValueError(f"lamb: {name}[{index}] must be contiguous on {launch.chunks.device}, got strides "
+                                 f"{t.stride()} on {t.device}")
+
+
+def grad_square_sum(plan: Plan, grads: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Sum of every squared gradient element (fp32, 0-dim, on the device): inf or nan when a gradient is not
+    finite."""
+    _check(plan, "grads", grads)
+    device = plan.all_chunks.device
+    partials = _empty((plan.num_chunks, 1), torch.float32, device)
+    for launch in plan.launches:
+        addresses = _addresses(launch, None, grads, None, None)
+        _lamb_grad_squares[(launch.chunks.shape[0],)](
+            addresses, launch.chunks, partials, launch.first_chunk, GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
+            CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    if not plan.num_chunks:
+        return torch.zeros((), dtype=torch.float32, device=device)
+    return _segment_sums(partials, plan.all_chunks).view(())
+
+
+def hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
+                    max_trust_ratio: float | None) -> list[float]:
+    """One tensor's row of the hyperparameter table (rounded to fp32 as torch rounds Python scalars)."""
+    beta1, beta2 = betas
+    return [lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay,
+            math.inf if max_trust_ratio is None else max_trust_ratio]
+
+
+def _hyper(launch: Launch, hyper: Sequence[Sequence[float]]) -> torch.Tensor:
+    return torch.tensor([hyper[index] for index in launch.tensors], dtype=torch.float32).to(launch.chunks.device)
+
+
+def moments_and_norms(plan: Plan, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
+                      exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
+                      hyper: Sequence[Sequence[float]], clip: float) -> torch.Tensor:
+    """Updates the moments in place; returns ``[num_params, 2]`` fp32: each parameter's summed ``||w||^2`` and
+    ``||u||^2`` over the fragments these tensors hold (zeros for a parameter they hold none of)."""
+    for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs),
+                          ("exp_avg_sqs", exp_avg_sqs)):
+        _check(plan, name, tensors)
+    partials = _empty((plan.num_chunks, 2), torch.float32, plan.all_chunks.device)
+    for launch in plan.launches:
+        _lamb_moments[(launch.chunks.shape[0],)](
+            _addresses(launch, weights, grads, exp_avgs, exp_avg_sqs), _hyper(launch, hyper), launch.chunks,
+            partials, clip, launch.first_chunk, WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
+            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype], CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    return _segment_sums(partials, plan.param_ranges)
+
+
+def apply_update(plan: Plan, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+                 exp_avg_sqs: Sequence[torch.Tensor], hyper: Sequence[Sequence[float]], sums: torch.Tensor) -> None:
+    """``w -= lr * trust * u`` with each parameter's trust ratio from ``sums`` (all-reduced under ZeRO)."""
+    if sums.shape != (plan.num_params, 2) or sums.dtype != torch.float32 or not sums.is_contiguous():
+        raise ValueError(f"lamb: sums must be contiguous fp32 of shape ({plan.num_params}, 2), got "
+                         f"{sums.dtype} {tuple(sums.shape)}")
+    for launch in plan.launches:
+        _lamb_apply[(launch.chunks.shape[0],)](
+            _addresses(launch, weights, None, exp_avgs, exp_avg_sqs), _hyper(launch, hyper), launch.chunks, sums,
+            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype], CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+
+# Reference ------------------------------------------------------------------------------------------------------
+def reference(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
+              exp_avg_sqs: Sequence[torch.Tensor], hyper: Sequence[Sequence[float]], clip: float,
+              layouts: Sequence[TensorLayout], num_params: int) -> torch.Tensor:
+    """The two phases in plain torch on the same inputs, with no all-reduce: updates moments and weights in place
+    and returns the per-parameter sums it used. The definition the kernels are tested against, element for
+    element (``fastbert.optim.Lamb``'s torch path is the definition of the whole step)."""
+    sums = torch.zeros(num_params, 2, dtype=torch.float32, device=weights[0].device)
+    updates = []
+    for w, g, m, v, h, layout in zip(weights, grads, exp_avgs, exp_avg_sqs, hyper, layouts, strict=True):
+        _, one_minus_beta1, beta2, one_minus_beta2, bc1, bc2, eps, wd, _ = h
+        g = g.float() * clip
+        m.lerp_(g, one_minus_beta1)
+        v.mul_(beta2).addcmul_(g, g, value=one_minus_beta2)
+        u = (m / bc1) / ((v / bc2).sqrt() + eps) + wd * w.float()
+        updates.append(u)
+        for param, start, numel in layout.fragments:
+            sums[param, 0] += w.float().view(-1)[start:start + numel].square().sum()
+            sums[param, 1] += u.view(-1)[start:start + numel].square().sum()
+    norms = sums.sqrt()
+    trust = torch.where((norms[:, 0] > 0) & (norms[:, 1] > 0), norms[:, 0] / norms[:, 1].clamp(min=1e-30), 1.0)
+    for w, u, h, layout in zip(weights, updates, hyper, layouts, strict=True):
+        scale = torch.ones_like(u).view(-1)
+        for param, start, numel in layout.fragments:
+            scale[start:start + numel] = trust[param].clamp(max=h[8])
+        w.copy_((w.float() - h[0] * scale.view_as(u) * u).to(w.dtype))
+    return sums
+
+
+def aot_specs() -> list[dict]:
+    """Every kernel with every dtype pair the launchers can pick (one tile configuration for all)."""
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    tiles = {"CHUNK": CHUNK, "BLOCK": BLOCK}
+    chunk_tables = {"Addresses": "*i64", "Chunks": "*i64"}
+    specs = []
+    for grad in names:
+        specs.append({"fn": _lamb_grad_squares, "config": {**tiles, "grad": names[grad], "num_warps": NUM_WARPS},
+                      "signature": {**chunk_tables, "Partials": "*fp32", "first_chunk": "i32"},
+                      "constexprs": {"GRAD_DTYPE": _TL_DTYPES[grad], **tiles}, "num_warps": NUM_WARPS})
+    for weight in names:
+        for grad in names:
+            specs.append({
+                "fn": _lamb_moments,
+                "config": {**tiles, "weight": names[weight], "grad": names[grad], "num_warps": NUM_WARPS},
+                "signature": {**chunk_tables, "Hyper": "*fp32", "Partials": "*fp32", "clip": "fp32",
+                              "first_chunk": "i32"},
+                "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], "GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
+                "num_warps": NUM_WARPS})
+        specs.append({"fn": _lamb_apply, "config": {**tiles, "weight": names[weight], "num_warps": NUM_WARPS},
+                      "signature": {**chunk_tables, "Hyper": "*fp32", "Sums": "*fp32"},
+                      "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], **tiles}, "num_warps": NUM_WARPS})
+    specs.append({"fn": _lamb_segment_sums, "config": {"BLOCK": SUM_BLOCK, "num_warps": NUM_WARPS},
+                  "signature": {"Partials": "*fp32", "Ranges": "*i64", "Out": "*fp32", "columns": "i32"},
+                  "constexprs": {"BLOCK": SUM_BLOCK}, "num_warps": NUM_WARPS})
+    return specs
