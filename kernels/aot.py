@@ -8,7 +8,8 @@ device's limit, which is otherwise only checked at launch). It does not launch a
 
 Run ``python -m fastbert.kernels.aot --out FILE`` with ``TRITON_INTERPRET`` unset (under the interpreter
 ``triton.jit`` gives functions that cannot be compiled). Triton's cache is pointed at a fresh directory so that
-ptxas really runs and its log is there to read.
+ptxas really runs and its log is there to read. With ``--modules`` naming some modules, their rows replace those
+of the same modules in an existing ``FILE`` built by the same triton version, and the other rows stay.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODULES = ("bias_gelu", "residual_layer_norm", "mlm_loss", "attention")
+MODULES = ("bias_gelu", "residual_layer_norm", "mlm_loss", "attention", "lamb")
 # name -> (arch, shared memory per block the kernel may use at most, in bytes)
 TARGETS = {"H100 (sm_90)": (90, 227 * 1024), "A100 (sm_80)": (80, 163 * 1024)}
 
@@ -106,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TRITON_CACHE_DIR"] = cache
         rows = resource_table(tuple(args.modules))
     print(f"aot: {len(rows)} compiles in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    if set(args.modules) != set(MODULES) and args.out.exists():
+        previous = json.loads(args.out.read_text())
+        if previous.get("triton") == triton_version():
+            rows += [row for row in previous["kernels"] if row["module"] not in args.modules]
+    rows.sort(key=lambda row: MODULES.index(row["module"]))  # stable: each module's rows keep their order
     table = {"triton": triton_version(), "kernels": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".tmp")

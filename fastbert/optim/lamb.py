@@ -14,6 +14,15 @@ differently and is refused by the training driver.
 
 A step whose gradients are not finite (checked together with the norms, so every rank agrees) is skipped: weights,
 moments and the step count stay as they were; ``last_step_skipped`` tells the caller.
+
+Two implementations of the same step, chosen as ``fastbert.ops`` chooses for every op: on CUDA (or with
+``FASTBERT_BACKEND=triton``, which under ``TRITON_INTERPRET=1`` runs on CPU tensors) the fused Triton kernels of
+``fastbert.kernels.lamb``: the squared gradient norm, then moments and per-chunk norm partials for all parameters in
+one launch, per-parameter sums in a fixed order (all-reduced here under ZeRO), then trust ratio and weight update in
+one launch, the update recomputed rather than stored. Otherwise, and for non-contiguous parameters, torch's foreach
+ops. Both keep the same state (``step``, fp32 ``exp_avg`` and ``exp_avg_sq`` per tensor), so checkpoints move
+between them; they agree to about 1e-6 relative (the fused path's gradient norm is the more exact of the two). The
+fused path is deterministic (no atomics), so a resumed run on the same GPUs repeats bit for bit.
 """
 
 from __future__ import annotations
