@@ -83,8 +83,8 @@ def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, 
     return worst
 
 
-@pytest.mark.parametrize("max_grad_norm", [0.5, None], ids=["clipped", "unclipped"])
-@pytest.mark.parametrize("max_trust_ratio", [10.0, 0.3, None], ids=["cap10", "cap0.3", "nocap"])
+@pytest.mark.parametrize("max_grad_norm,max_trust_ratio", [(0.5, 10.0), (None, 0.3), (0.5, None)],
+                         ids=["clipped-cap10", "unclipped-cap0.3", "clipped-nocap"])
 def test_fused_matches_torch_path_fp32(max_grad_norm, max_trust_ratio, monkeypatch):
     fused_params = _params(torch.float32)
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
