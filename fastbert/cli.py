@@ -227,6 +227,13 @@ def _add_finetune(subparsers) -> None:
     p.add_argument("--doc-stride", type=int, default=128, help="QA: overlap step of context windows")
     p.add_argument("--max-answer-length", type=int, default=30)
     p.add_argument("--null-threshold", type=float, default=None, help="QA (SQuAD v2): no-answer threshold")
+    p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG",
+                   help="train in a DeepSpeed engine with this config (ZeRO, ...); implied under torchrun or the "
+                        "deepspeed launcher")
+    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_finetune)
 

@@ -5,6 +5,7 @@ with their reference libraries, and bad rows are named."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -252,3 +253,45 @@ def test_bad_rows_are_named_or_counted(tmp_path, small_model):
     (tmp_path / "x.conll").write_text("word B-X\nlonely\n\n")
     with pytest.raises(formats.TaskDataError, match=r"x\.conll:2: token 'lonely' has no tag"):
         formats.read_conll(tmp_path / "x.conll")
+
+
+@pytest.mark.parametrize("task", ["classify", "ner"])
+def test_two_ranks_under_deepspeed_match_one_process(task, rows, small_model, tmp_path):
+    """torchrun, 2 ranks, ZeRO-2: the same per-epoch loss, predictions and weights as one plain process. 61 examples
+    in batches of 8 end with a batch of 5 (3 + 2 per rank); NER's loss is a mean over labelled tokens, which the
+    ranks hold in unequal numbers."""
+    from safetensors.torch import load_file
+
+    if task == "classify":
+        train = tmp_path / "train.jsonl"
+        write_table(train, [{"text": t, "label": y} for t, y in rows[:61]])
+        held = write_table(tmp_path / "eval.jsonl", [{"text": t, "label": y} for t, y in rows[600:640]])
+    else:
+        sentences = _conll_sentences(101)
+        conll = "\n\n".join("\n".join(f"{w} X {t}" for w, t in zip(ws, ts, strict=True)) for ws, ts in sentences)
+        train = tmp_path / "train.conll"
+        train.write_text("\n\n".join(conll.split("\n\n")[:61]) + "\n")
+        held = tmp_path / "eval.conll"
+        held.write_text("\n\n".join(conll.split("\n\n")[61:]) + "\n")
+    common = ["--task", task, "--model", str(small_model), "--train", str(train), "--eval", str(held),
+              "--epochs", "2", "--lr", "1e-3", "--batch-size", "8", "--max-length", "64", "--dropout", "0",
+              "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "fastbert", "finetune", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29631", "-m", "fastbert", "finetune", *common, "--zero-stage", "2",
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    epochs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+              for run in ("one", "two")]
+    for a, b in zip(*epochs, strict=True):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
+        metric = "eval_accuracy" if task == "classify" else "eval_f1"
+        assert b[metric] == pytest.approx(a[metric], abs=1e-9)
+    assert json.loads((tmp_path / "two" / "eval_results.json").read_text())["world_size"] == 2
+    w1, w2 = (load_file(tmp_path / run / "best" / "model.safetensors") for run in ("one", "two"))
+    assert w1.keys() == w2.keys()
+    assert all(v.dtype == torch.float32 for v in w2.values())
+    assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4

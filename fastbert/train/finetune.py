@@ -5,6 +5,11 @@ The model comes from an HF directory, a fastbert run directory or a checkpoint (
 evaluated; the best model (by the task's main metric) is kept in ``OUT/best`` with its tokenizer, every epoch's
 metrics go to ``OUT/metrics.jsonl`` and the best ones to ``OUT/eval_results.json``; ``--predict FILE`` writes
 ``OUT/predictions.jsonl``. Training runs on CUDA with bf16 autocast when a GPU is there, on CPU otherwise.
+
+The same job runs in one plain process (the fastest on one device) or over DeepSpeed: under ``torchrun`` or the
+``deepspeed`` launcher, or when ``--deepspeed CONFIG`` or ``--zero-stage`` is given. Then every rank trains on its
+share of each global batch with the same result as one process (the losses are weighted so), evaluation is split
+across ranks, and the best model is saved from the fp32 master weights.
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ class FinetuneArgs:
     max_answer_length: int = 30
     null_threshold: float | None = None
     dropout: float | None = None
+    precision: str = "auto"  # bf16 on CUDA, fp32 otherwise
+    deepspeed: str | None = None  # a DeepSpeed config (ZeRO, ...); batch, optimizer and schedule stay fastbert's
+    zero_stage: int | None = None
+    dist_timeout: float = 300.0
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -210,15 +219,176 @@ def evaluate(task: str, examples: list, predictions: list) -> dict[str, float]:
     return metrics.classification_metrics([ex.label for ex in examples], predictions)
 
 
+# Engines ----------------------------------------------------------------------------------------------------------
+def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _PlainEngine:
+    """One process: the model, a fused AdamW, gradient clipping at 1, bf16 autocast when asked."""
+
+    rank, world = 0, 1
+
+    def __init__(self, args: FinetuneArgs, model: torch.nn.Module, device: torch.device, precision: str):
+        self.module, self.device = model.to(device).train(), device
+        self.optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, inputs: dict | None, weight: float) -> float:
+        if inputs is None:  # a batch with nothing to learn from (NER sentences without a labelled token)
+            return 0.0
+        with self.autocast:
+            loss = self.module(**inputs).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+        self.optimizer.step()
+        return loss.item()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        return values
+
+    def gather(self, items: list) -> list:
+        return items
+
+    def fp32_model(self) -> torch.nn.Module:
+        return self.module
+
+    def barrier(self) -> None:
+        pass
+
+
+class _DeepSpeedEngine:
+    """The model in a DeepSpeed engine (ZeRO 0-2, bf16 or fp32) on every rank of the launcher's world.
+
+    Every rank sees the same global batches and trains on its contiguous slice of each. The local loss is weighted by
+    the slice's share of the batch's examples (labelled tokens for NER), so that DeepSpeed's gradient average over
+    ranks is the gradient of the whole batch's mean loss, as in one process; a rank whose slice of a short last
+    batch is empty contributes zero gradients.
+    """
+
+    def __init__(self, args: FinetuneArgs, model: torch.nn.Module, device: torch.device, precision: str):
+        import deepspeed
+        import torch.distributed as dist
+
+        self.dist, self.device = dist, device
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        if args.batch_size % self.world:
+            raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {self.world}")
+        config: dict = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else {}
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                    "optimizer", "scheduler"):
+            if key in config:
+                raise ValueError(f"{args.deepspeed}: {key!r} comes from fastbert's arguments "
+                                 f"(--batch-size, AdamW with warmup and linear decay); remove it")
+        zero = config.setdefault("zero_optimization", {})
+        if args.zero_stage is not None:
+            zero["stage"] = args.zero_stage
+        if zero.get("stage", 0) not in (0, 1, 2):
+            raise ValueError(f"ZeRO stage {zero['stage']} is not offered for fine-tuning (evaluation and best-model "
+                             f"saving read whole parameters on every rank); use --zero-stage 0, 1 or 2")
+        config.update(train_batch_size=args.batch_size, train_micro_batch_size_per_gpu=args.batch_size // self.world,
+                      gradient_accumulation_steps=1, gradient_clipping=1.0, zero_allow_untested_optimizer=True,
+                      steps_per_print=10**9)
+        if precision == "bf16":
+            config["bf16"] = {"enabled": True}
+        optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        self.module = self.engine.module
+        self.module.train()
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+
+    def train_step(self, inputs: dict | None, weight: float) -> float:
+        # A rank with nothing of this batch still takes part in the gradient exchange, with zeros.
+        loss = sum((p * 0).sum() for p in self.module.parameters()) if inputs is None else self.engine(**inputs).loss
+        self.engine.backward(loss * weight)
+        self.engine.step()
+        return loss.item()
+
+    def all_sum(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64)
+        self.dist.all_reduce(t)
+        return t.tolist()
+
+    def gather(self, items: list) -> list:
+        """Every rank's ``items`` (its ``rank::world`` share of a list), put back in the list's order."""
+        parts = [None] * self.world
+        self.dist.all_gather_object(parts, items)
+        out = [None] * sum(len(p) for p in parts)
+        for r, part in enumerate(parts):
+            out[r::self.world] = part
+        return out
+
+    def fp32_model(self) -> torch.nn.Module:
+        """The model with fp32 master weights (assembled from the ZeRO partitions; a collective call)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        for name, p in self.module.named_parameters():
+            full = safe_get_full_fp32_param(p)
+            state[name] = (full if full is not None else p.detach()).float().cpu()
+        model = type(self.module)(self.module.config)
+        model.load_state_dict(state, strict=False)
+        return model
+
+    def barrier(self) -> None:
+        self.dist.barrier()
+
+
+def _slice(batch: list, rank: int, world: int) -> list:
+    """Rank ``rank``'s contiguous share of ``batch``; shares differ in size by at most one."""
+    base, extra = divmod(len(batch), world)
+    start = rank * base + min(rank, extra)
+    return batch[start:start + base + (rank < extra)]
+
+
+def _loss_count(task: str, inputs: dict[str, torch.Tensor]) -> int:
+    """What the model's loss is a mean over: labelled tokens for NER, examples otherwise."""
+    if task == "ner":
+        return int((inputs["labels"] != -100).sum())
+    return int(inputs["input_ids"].shape[0])
+
+
+def _wants_deepspeed(args: FinetuneArgs) -> bool:
+    import os
+
+    return bool(args.deepspeed) or args.zero_stage is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 # The job ----------------------------------------------------------------------------------------------------------
 def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None) -> dict:
+    """Fine-tune and evaluate; returns the best epoch's metrics (the same on every rank)."""
     from fastbert.tokenizer import WordPieceTokenizer
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {args.precision!r}")
+    distributed = _wants_deepspeed(args)
+    if distributed:
+        import torch.distributed as dist
+
+        from fastbert.train.pretrain import init_distributed
+
+        init_distributed(args.dist_timeout)
+        found = [resolve_model_dir(args.model, out) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(found, src=0)  # rank 0 alone exports a run directory or checkpoint
+        model_dir = found[0]
+    else:
+        model_dir = resolve_model_dir(args.model, out)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
-    model_dir = resolve_model_dir(args.model, out)
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
     data = TaskData(args, tokenizer, None)
     train = data.read(args.train)
@@ -230,70 +400,73 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
         data.label_names = sorted({t for ex in train for t in ex.tags})
     eval_examples = data.check_labels(data.read(args.eval)) if args.eval else []
     model = build_model(args, model_dir, data.label_names)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).train()
+    engine = (_DeepSpeedEngine if distributed else _PlainEngine)(args, model, device, precision)
+    rank, world = engine.rank, engine.world
 
     train_features = data.features(train)
     steps_per_epoch = math.ceil(len(train_features) / args.batch_size)
     total = steps_per_epoch * args.epochs
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, fused=True)
     warmup = int(args.warmup_ratio * total)
     metrics_path = out / "metrics.jsonl"
-    write_atomic(metrics_path, b"")
+    if rank == 0:
+        write_atomic(metrics_path, b"")
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=f"finetune {args.task}", unit="step", disable=not args.progress)
+    bar = tqdm(total=total, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0)
     best, best_metrics, step = float("-inf"), {}, 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
-        "cpu", enabled=False)
     for epoch in range(args.epochs):
-        losses, started = [], time.perf_counter()
+        loss_sum, started = 0.0, time.perf_counter()
         for batch in _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch):
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_poly_lr(step, args.lr, warmup, total)
-            inputs = {k: v.to(device) for k, v in data.collate(batch).items()}
-            with autocast:
-                loss = model(**inputs).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+            engine.set_lr(warmup_poly_lr(step, args.lr, warmup, total))
+            mine = _slice(batch, rank, world)
+            inputs = {k: v.to(device) for k, v in data.collate(mine).items()} if mine else None
+            count = _loss_count(args.task, inputs) if inputs is not None else 0
+            total_count = engine.all_sum([count])[0] if world > 1 else count
+            share = count / total_count if total_count else 0.0
+            loss = engine.train_step(inputs if count else None, share * world)
+            loss_sum += loss * share if count else 0.0
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
         seconds = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "step": step, "train_loss": float(np.mean(losses)), "train_seconds": seconds,
-                  "train_examples_per_s": len(train_features) / seconds}
+        record = {"epoch": epoch + 1, "step": step, "train_loss": engine.all_sum([loss_sum])[0] / steps_per_epoch,
+                  "train_seconds": seconds, "train_examples_per_s": len(train_features) / seconds}
         if eval_examples:
-            record.update({f"eval_{k}": v for k, v in
-                           evaluate(args.task, eval_examples, predict(model, data, eval_examples, device)).items()})
+            predictions = engine.gather(predict(engine.module, data, eval_examples[rank::world], device))
+            record.update({f"eval_{k}": v for k, v in evaluate(args.task, eval_examples, predictions).items()})
             score = record[f"eval_{MAIN_METRIC[args.task]}"]
             if score > best:
                 best, best_metrics = score, record
-                model.save_pretrained(out / "best")
-                tokenizer.save_pretrained(out / "best")
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        log.info("epoch %d: %s", epoch + 1, record)
+                _save(engine, tokenizer, out / "best")
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", epoch + 1, record)
         if on_epoch is not None:
             on_epoch(record)
     bar.close()
     if not eval_examples:
-        model.save_pretrained(out / "best")
-        tokenizer.save_pretrained(out / "best")
+        _save(engine, tokenizer, out / "best")
         best_metrics = record
-    results = {**best_metrics, "task": args.task, "skipped_rows": data.bad.skipped,
-               "args": asdict(args)}
-    write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
+    results = {**best_metrics, "task": args.task, "world_size": world, "precision": precision,
+               "skipped_rows": data.bad.skipped, "args": asdict(args)}
+    if rank == 0:
+        write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
     if args.predict:
-        best_model = type(model).from_pretrained(out / "best").to(device)
-        examples = data.read(args.predict, labelled=args.task == "qa")
-        lines = [json.dumps({"where": ex.where, "prediction": p})
-                 for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)]
-        write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+        if rank == 0:
+            best_model = type(model).from_pretrained(out / "best").to(device)
+            examples = data.read(args.predict, labelled=args.task == "qa")
+            lines = [json.dumps({"where": ex.where, "prediction": p})
+                     for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)]
+            write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+        engine.barrier()
     return results
 
+
+def _save(engine, tokenizer, directory: Path) -> None:
+    """The model in fp32 with its tokenizer, in HF format; rank 0 writes, the others wait."""
+    model = engine.fp32_model()
+    if engine.rank == 0:
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    engine.barrier()
