@@ -149,6 +149,13 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     for other in (torchrun, ds, nodes):
         got = losses(other)
         assert max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True)) <= 1e-5, (other.name, got)
+    # The gradient norm before clipping: LAMB's own without ZeRO, DeepSpeed's ZeRO optimizer's with it.
+    norms = {r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()]
+             for r in (single, torchrun, ds)}
+    assert all(n is not None and math.isfinite(n) and n > 0 for ns in norms.values() for n in ns), norms
+    assert max(norms["single"]) > 1.0  # clipping (at 1.0) was active, so the norms are taken before it
+    for name in ("torchrun", "deepspeed"):
+        assert max(abs(a - b) / b for a, b in zip(norms[name], norms["single"], strict=True)) <= 1e-4, norms
 
 
 def test_bad_setups_fail_before_training(setup, reference_run, tmp_path):

@@ -58,6 +58,9 @@ class Lamb(torch.optim.Optimizer):
         self._group = None
         self._plan = None  # the fused path's chunk tables and the layout they were built for
         self.last_step_skipped = False
+        # The gradient norm before clipping, when this optimizer sees whole gradients (no ZeRO partitions). The name
+        # is DeepSpeed's: its engine reads the attribute after each step for ``get_global_grad_norm()``.
+        self._global_grad_norm: float | None = None
 
     # ZeRO -----------------------------------------------------------------------------------------------------------
     def attach_zero_partitions(self, model_params: list[torch.nn.Parameter], process_group=None) -> None:
@@ -115,9 +118,11 @@ class Lamb(torch.optim.Optimizer):
         return loss
 
     def _clip_factor(self, grad_sq: torch.Tensor) -> float:
+        norm = grad_sq.sqrt().item()
+        self._global_grad_norm = norm if self._fragments is None else None
         if self.max_grad_norm is None:
             return 1.0
-        return min(1.0, self.max_grad_norm / (grad_sq.sqrt().item() + 1e-6))
+        return min(1.0, self.max_grad_norm / (norm + 1e-6))
 
     def _all_reduce_sums(self, sums: torch.Tensor) -> None:
         if self._fragments is not None and dist.is_available() and dist.is_initialized():

@@ -33,6 +33,7 @@ from fastbert.data.shards import ShardDataset, vocab_sha256
 from fastbert.model import BertForPreTraining
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.train import checkpoint
+from fastbert.train.flops import peak_flops, training_flops
 
 log = logging.getLogger("fastbert.train")
 MODEL_INPUTS = ("input_ids", "token_type_ids", "position_ids", "labels", "next_sentence_label", "cu_seqlens",
@@ -123,8 +124,12 @@ def _ds_config(args: PretrainArgs) -> dict:
         raise TrainingSetupError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
+    # Without ZeRO or mixed precision, LAMB itself sees the whole averaged gradient: it clips (and reports the norm,
+    # which DeepSpeed's own fp32 clipping computes and drops). Otherwise DeepSpeed's optimizer wrapper clips.
+    lamb_clips = args.zero_stage == 0 and args.precision == "fp32"
     config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
-                  gradient_clipping=args.grad_clip, zero_allow_untested_optimizer=True, steps_per_print=10**9)
+                  gradient_clipping=0.0 if lamb_clips else args.grad_clip, zero_allow_untested_optimizer=True,
+                  steps_per_print=10**9)
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
@@ -208,8 +213,9 @@ def pretrain(args: PretrainArgs) -> dict:
 
     torch.manual_seed(args.seed)
     model = BertForPreTraining(config)
-    optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr, max_grad_norm=None,
-                     max_trust_ratio=args.max_trust_ratio)
+    lamb_clips = not ds_config["gradient_clipping"] and args.grad_clip
+    optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr,
+                     max_grad_norm=args.grad_clip if lamb_clips else None, max_trust_ratio=args.max_trust_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if args.zero_stage in (1, 2):
         optimizer.attach_zero_partitions(list(model.parameters()), engine.optimizer.dp_process_group)
@@ -259,6 +265,10 @@ def pretrain(args: PretrainArgs) -> dict:
 
             bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
 
+    peak = peak_flops(engine.device, args.precision)
+    if peak is None and engine.device.type == "cuda" and rank == 0:
+        log.warning("%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
+                    torch.cuda.get_device_name(engine.device))
     stop = _StopRequest()
     last: dict = {}
     step = start_step
@@ -271,16 +281,18 @@ def pretrain(args: PretrainArgs) -> dict:
             lr = warmup_poly_lr(step, args.lr, args.warmup, args.steps, args.decay_power)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            totals = torch.zeros(6, dtype=torch.float64)  # loss, mlm acc, nsp acc, micro-batches, tokens, samples
+            # loss, mlm acc, nsp acc, micro-batches, tokens, samples, sum of squared lengths, masked tokens
+            totals = torch.zeros(8, dtype=torch.float64)
             for _ in range(plan.accumulation):
                 batch = next(batches)
                 out = engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
                 engine.backward(out.loss)
                 engine.step()
+                lengths = batch["cu_seqlens"].diff()
                 totals += torch.tensor([out.loss.item(), out.mlm_accuracy.item(),
                                         out.sentence_accuracy.item() if out.sentence_accuracy is not None else 0.0,
-                                        1, batch["input_ids"].numel(), batch["cu_seqlens"].numel() - 1],
-                                       dtype=torch.float64)
+                                        1, batch["input_ids"].numel(), lengths.numel(), lengths.square().sum().item(),
+                                        batch["masked_positions"].numel()], dtype=torch.float64)
             skipped = torch.tensor([float(optimizer.last_step_skipped or not engine.was_step_applied()),
                                     float(stop.requested)])
             dist.all_reduce(totals)
@@ -295,6 +307,12 @@ def pretrain(args: PretrainArgs) -> dict:
                     "samples_per_s": totals[5].item() / elapsed}
             if objective != "none":
                 last["sentence_accuracy"] = totals[2].item() / n
+            if args.precision == "fp16":
+                last["loss_scale"] = float(engine.optimizer.loss_scale)
+            if peak is not None:
+                model_flops = training_flops(config, tokens=int(totals[4]), squared_lengths=int(totals[6]),
+                                             sequences=int(totals[5]), masked=int(totals[7]))
+                last["mfu"] = model_flops / elapsed / (peak * world)
             if last["skipped"]:
                 log.warning("step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)",
                             step)
