@@ -34,15 +34,20 @@ class Samples(torch.utils.data.Dataset):
 
 
 class StepTimer(transformers.TrainerCallback):
+    """Wall time from one optimizer step's end to the next one's. The Trainer fetches and collates a step's batches
+    before it calls ``on_step_begin``, so timing from there would leave data loading and masking out."""
+
     def __init__(self) -> None:
         self.times: list[float] = []
-        self.start = 0.0
+        self.last = 0.0
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.last = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
+        now = time.perf_counter()
+        self.times.append(now - self.last)
+        self.last = now
 
 
 def main() -> None:

@@ -203,15 +203,18 @@ class _ChunkedMLMLoss(torch.autograd.Function):
             stop = min(start + block, rows)
             h, y, keep = hidden[start:stop], safe_labels[start:stop], valid[start:stop]
             logits = torch.addmm(bias, h, weight.t()).float()
-            lse = torch.logsumexp(logits, dim=1)
+            top, predicted = logits.max(dim=1)  # the first maximum, as argmax picks it
             target = logits.gather(1, y[:, None]).squeeze(1)
-            loss += ((lse - target) * keep).sum()
-            correct += ((logits.argmax(dim=1) == y) & keep).sum()
+            # One exp pass serves both the log-sum-exp and the gradient: exp(logits - max), in place of the logits.
+            exp = logits.sub_(top[:, None]).exp_()
+            total = exp.sum(dim=1)
+            loss += ((top + total.log() - target) * keep).sum()
+            correct += ((predicted == y) & keep).sum()
             if not want_grad:
                 continue
-            grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            grad[torch.arange(stop - start, device=grad.device), y] -= 1.0
-            grad.mul_((keep.float() / denom)[:, None])
+            weight_row = keep.float() / denom
+            grad = exp.mul_((weight_row / total)[:, None])  # softmax, scaled by each row's share of the mean
+            grad[torch.arange(stop - start, device=grad.device), y] -= weight_row
             grad = grad.to(hidden.dtype)
             if grad_hidden is not None:
                 torch.mm(grad, weight, out=grad_hidden[start:stop])
