@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from fastbert import _wordpiece
 from fastbert.atomic import write_atomic
 
@@ -147,6 +149,12 @@ class WordPieceTokenizer:
         UTF-8 bytes; invalid UTF-8 raises ValueError naming the item and the byte offset."""
         return self._core.encode_batch(_as_list(texts, "texts"), None if pairs is None else _as_list(pairs, "pairs"),
                                        add_special_tokens, num_threads or 0)
+
+    def encode_batch_flat(self, texts: Sequence[str], add_special_tokens: bool = True,
+                          num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Every text's ids back to back, ``(ids int32[N], offsets int64[len(texts) + 1])``: text ``i`` is
+        ``ids[offsets[i]:offsets[i + 1]]``. No Python int per id, so it is the fastest way to feed arrays."""
+        return self._core.encode_batch_flat(_as_list(texts, "texts"), add_special_tokens, num_threads or 0)
 
     def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, *,
                  add_special_tokens: bool = True, max_length: int | None = None, truncation: bool | str = False,

@@ -191,6 +191,20 @@ def test_utf8_bytes_items_encode_like_their_text(ours, real_sentences):
     assert got == ours(texts, return_offsets_mapping=True)  # offsets count characters either way
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threaded_batches_equal_one_text_at_a_time(ours, real_sentences, threads):
+    # Odd sizes and mixed lengths, so chunks end mid-batch and threads finish out of order.
+    texts = [s * (1 + i % 7) for i, s in enumerate(real_sentences * 5)][:1237] + ["", "x"]
+    expected = [ours.encode(t) for t in texts]
+    assert ours.encode_batch(texts, num_threads=threads) == expected
+    flat, offsets = ours.encode_batch_flat(texts, num_threads=threads)
+    assert flat.dtype == np.int32 and offsets.dtype == np.int64 and len(offsets) == len(texts) + 1
+    assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == expected
+    pairs = texts[::-1]
+    expected_pairs = [ours.encode(a, b) for a, b in zip(texts, pairs, strict=True)]
+    assert ours.encode_batch(texts, pairs, num_threads=threads) == expected_pairs
+
+
 def test_gil_is_released_during_batch_encoding(ours, real_sentences):
     texts = real_sentences * 3000
     inside = threading.Event()

@@ -1,9 +1,14 @@
 // Python bindings of the fastbert._wordpiece extension.
+#include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <atomic>
+#include <memory>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include "matcher.h"
@@ -89,27 +94,86 @@ py::list id_list(const std::vector<int32_t>& ids, int32_t vocab_size) {
   return py::reinterpret_steal<py::list>(list);
 }
 
-// A list of lists of ids (each in [0, vocab_size)), built directly: with the cyclic GC paused, since every new
-// list would otherwise count towards a collection that can only find these fresh, acyclic lists.
-py::list nested_list(const std::vector<std::vector<int32_t>>& rows, int32_t vocab_size) {
-  PyObject* const* ints = shared_ints(vocab_size);
+// Every text's (and pair's) ids as a list of lists of ints, encoded on num_threads threads. Making Python objects
+// needs the GIL, so one thread must do it; rather than after the encoding, the calling thread does it while the
+// others encode: it turns finished chunks of rows into lists in order, and when the next chunk is not finished
+// it encodes an unclaimed chunk itself (without the GIL). The lists are built with the cyclic GC paused, since
+// every new list would otherwise count towards a collection that can only find these fresh, acyclic lists.
+py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::string_view>& texts,
+                         const std::vector<std::string_view>& pairs, bool add_special_tokens, int num_threads) {
+  constexpr size_t kChunk = 16;
+  const size_t n = texts.size();
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+  size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
+  threads = std::max<size_t>(1, std::min(threads, chunks));
+
+  std::vector<std::vector<int32_t>> rows(n);
+  std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[chunks]);
+  for (size_t c = 0; c < chunks; ++c) done[c].store(false, std::memory_order_relaxed);
+  std::atomic<size_t> next{0};
+  auto encode_chunk = [&](size_t c) {
+    for (size_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
+      fastbert::Encoding enc;
+      if (add_special_tokens) enc.ids.push_back(t.cls_id());
+      t.encode(texts[i], enc, false);
+      if (add_special_tokens) enc.ids.push_back(t.sep_id());
+      if (!pairs.empty()) {
+        t.encode(pairs[i], enc, false);
+        if (add_special_tokens) enc.ids.push_back(t.sep_id());
+      }
+      rows[i] = std::move(enc.ids);
+    }
+    done[c].store(true, std::memory_order_release);
+  };
+
+  PyObject* const* ints = shared_ints(t.vocab().size());
+  PyObject* outer = PyList_New(static_cast<Py_ssize_t>(n));
+  if (outer == nullptr) throw py::error_already_set();
   const int gc_was_enabled = PyGC_Disable();
-  PyObject* outer = PyList_New(static_cast<Py_ssize_t>(rows.size()));
-  for (size_t i = 0; outer != nullptr && i < rows.size(); ++i) {
-    PyObject* inner = PyList_New(static_cast<Py_ssize_t>(rows[i].size()));
-    if (inner == nullptr) {
-      Py_CLEAR(outer);
-      break;
+  std::vector<std::thread> pool;
+  for (size_t k = 1; k < threads; ++k) {
+    pool.emplace_back([&] {
+      for (size_t c; (c = next.fetch_add(1)) < chunks;) encode_chunk(c);
+    });
+  }
+  bool failed = false;
+  for (size_t built = 0; built < chunks && !failed;) {
+    if (!done[built].load(std::memory_order_acquire)) {
+      py::gil_scoped_release release;
+      const size_t c = next.fetch_add(1);
+      if (c < chunks) {
+        encode_chunk(c);
+      } else {  // every chunk is claimed: the one needed next is being encoded by another thread
+        while (!done[built].load(std::memory_order_acquire)) std::this_thread::yield();
+      }
+      continue;
     }
-    for (size_t k = 0; k < rows[i].size(); ++k) {
-      PyObject* value = ints[rows[i][k]];
-      Py_INCREF(value);
-      PyList_SET_ITEM(inner, k, value);
+    for (size_t i = built * kChunk; i < std::min(n, (built + 1) * kChunk); ++i) {
+      PyObject* inner = PyList_New(static_cast<Py_ssize_t>(rows[i].size()));
+      if (inner == nullptr) {
+        failed = true;
+        break;
+      }
+      for (size_t k = 0; k < rows[i].size(); ++k) {
+        PyObject* value = ints[rows[i][k]];
+        Py_INCREF(value);
+        PyList_SET_ITEM(inner, k, value);
+      }
+      PyList_SET_ITEM(outer, i, inner);
+      std::vector<int32_t>().swap(rows[i]);
     }
-    PyList_SET_ITEM(outer, i, inner);
+    ++built;
+  }
+  if (failed) next.store(chunks);  // the other threads stop after their current chunk
+  {
+    py::gil_scoped_release release;
+    for (auto& thread : pool) thread.join();
   }
   if (gc_was_enabled) PyGC_Enable();
-  if (outer == nullptr) throw py::error_already_set();
+  if (failed) {
+    Py_DECREF(outer);
+    throw py::error_already_set();
+  }
   return py::reinterpret_steal<py::list>(outer);
 }
 
@@ -181,15 +245,35 @@ PYBIND11_MODULE(_wordpiece, m) {
                                       " items but texts has " + std::to_string(text_batch.views.size()));
               }
             }
-            std::vector<std::vector<int32_t>> ids;
-            {
-              py::gil_scoped_release release;
-              ids = t.encode_batch(text_batch.views, pair_batch.views, add_special_tokens, num_threads);
-            }
-            return nested_list(ids, t.vocab().size());
+            return encode_to_lists(t, text_batch.views, pair_batch.views, add_special_tokens, num_threads);
           },
           py::arg("texts"), py::arg("pairs") = py::none(), py::arg("add_special_tokens") = true,
           py::arg("num_threads") = 0, "Ids of every text (and pair) on C++ threads, without the GIL.")
+      .def(
+          "encode_batch_flat",
+          [](const fastbert::Tokenizer& t, const py::sequence& texts, bool add_special_tokens, int num_threads) {
+            const Utf8Batch batch = utf8_views(texts, "texts");
+            const size_t n = batch.views.size();
+            py::array_t<int64_t> offsets(static_cast<py::ssize_t>(n + 1));
+            int64_t* off = offsets.mutable_data();
+            std::vector<std::vector<int32_t>> ids;
+            {
+              py::gil_scoped_release release;
+              ids = t.encode_batch(batch.views, {}, add_special_tokens, num_threads);
+              off[0] = 0;
+              for (size_t i = 0; i < n; ++i) off[i + 1] = off[i] + static_cast<int64_t>(ids[i].size());
+            }
+            py::array_t<int32_t> flat(static_cast<py::ssize_t>(off[n]));
+            int32_t* out = flat.mutable_data();
+            {
+              py::gil_scoped_release release;
+              for (size_t i = 0; i < n; ++i) std::copy(ids[i].begin(), ids[i].end(), out + off[i]);
+            }
+            return py::make_tuple(flat, offsets);
+          },
+          py::arg("texts"), py::arg("add_special_tokens") = true, py::arg("num_threads") = 0,
+          "Every text's ids back to back as (ids int32[N], offsets int64[len(texts) + 1]): text i is "
+          "ids[offsets[i]:offsets[i + 1]]. No Python object per id, so nothing after the threads is serial.")
       .def(
           "encode_batch_offsets",
           [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads,
