@@ -24,17 +24,19 @@ namespace {
 
 // The UTF-8 form of a str (CPython caches it inside the object, so the view lives as long as the str), or the
 // bytes of a bytes object once checked to be UTF-8. Other types, lone surrogates and invalid UTF-8 are errors
-// naming `what` and the character or byte offset.
-std::string_view utf8_view(PyObject* item, const std::string& what) {
+// naming the item (`name`, or `name[index]` in a batch) and the character or byte offset.
+std::string_view utf8_view(PyObject* item, const char* name, Py_ssize_t index = -1) {
+  // The name is only spelled out for an error: a batch's items would otherwise each pay for a string.
+  auto what = [&] { return std::string(name) + (index < 0 ? "" : "[" + std::to_string(index) + "]"); };
   if (PyBytes_Check(item)) {
     const std::string_view bytes(PyBytes_AS_STRING(item), static_cast<size_t>(PyBytes_GET_SIZE(item)));
     const size_t bad = fastbert::find_invalid_utf8(bytes);
     if (bad != std::string_view::npos) {
-      throw py::value_error(what + ": invalid UTF-8 at byte " + std::to_string(bad));
+      throw py::value_error(what() + ": invalid UTF-8 at byte " + std::to_string(bad));
     }
     return bytes;
   }
-  if (!PyUnicode_Check(item)) throw py::type_error(what + " is " + Py_TYPE(item)->tp_name + ", not str or bytes");
+  if (!PyUnicode_Check(item)) throw py::type_error(what() + " is " + Py_TYPE(item)->tp_name + ", not str or bytes");
   Py_ssize_t size;
   const char* data = PyUnicode_AsUTF8AndSize(item, &size);
   if (data == nullptr) {
@@ -44,7 +46,7 @@ std::string_view utf8_view(PyObject* item, const std::string& what) {
     while (at < length && !Py_UNICODE_IS_SURROGATE(PyUnicode_READ_CHAR(item, at))) ++at;
     char code[16];
     snprintf(code, sizeof code, "U+%04X", at < length ? unsigned(PyUnicode_READ_CHAR(item, at)) : 0u);
-    throw py::value_error(what + ": lone surrogate " + code + " at character " + std::to_string(at) +
+    throw py::value_error(what() + ": lone surrogate " + code + " at character " + std::to_string(at) +
                           " is not valid Unicode text");
   }
   return {data, static_cast<size_t>(size)};
@@ -65,7 +67,7 @@ Utf8Batch utf8_views(const py::handle& items, const char* what) {
   const Py_ssize_t n = PyTuple_GET_SIZE(tuple);
   batch.views.reserve(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    batch.views.push_back(utf8_view(PyTuple_GET_ITEM(tuple, i), std::string(what) + "[" + std::to_string(i) + "]"));
+    batch.views.push_back(utf8_view(PyTuple_GET_ITEM(tuple, i), what, i));
   }
   return batch;
 }
@@ -107,21 +109,26 @@ py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::st
   size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
   threads = std::max<size_t>(1, std::min(threads, chunks));
 
-  std::vector<std::vector<int32_t>> rows(n);
+  // A chunk's rows back to back in one buffer (one allocation per chunk, not per row), freed once listed.
+  struct Chunk {
+    fastbert::Encoding enc;
+    std::vector<size_t> ends;
+  };
+  std::vector<Chunk> out(chunks);
   std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[chunks]);
   for (size_t c = 0; c < chunks; ++c) done[c].store(false, std::memory_order_relaxed);
   std::atomic<size_t> next{0};
   auto encode_chunk = [&](size_t c) {
+    Chunk& chunk = out[c];
     for (size_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-      fastbert::Encoding enc;
-      if (add_special_tokens) enc.ids.push_back(t.cls_id());
-      t.encode(texts[i], enc, false);
-      if (add_special_tokens) enc.ids.push_back(t.sep_id());
+      if (add_special_tokens) chunk.enc.ids.push_back(t.cls_id());
+      t.encode(texts[i], chunk.enc, false);
+      if (add_special_tokens) chunk.enc.ids.push_back(t.sep_id());
       if (!pairs.empty()) {
-        t.encode(pairs[i], enc, false);
-        if (add_special_tokens) enc.ids.push_back(t.sep_id());
+        t.encode(pairs[i], chunk.enc, false);
+        if (add_special_tokens) chunk.enc.ids.push_back(t.sep_id());
       }
-      rows[i] = std::move(enc.ids);
+      chunk.ends.push_back(chunk.enc.ids.size());
     }
     done[c].store(true, std::memory_order_release);
   };
@@ -148,20 +155,21 @@ py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::st
       }
       continue;
     }
-    for (size_t i = built * kChunk; i < std::min(n, (built + 1) * kChunk); ++i) {
-      PyObject* inner = PyList_New(static_cast<Py_ssize_t>(rows[i].size()));
+    const Chunk& chunk = out[built];
+    for (size_t r = 0, begin = 0; r < chunk.ends.size(); begin = chunk.ends[r++]) {
+      PyObject* inner = PyList_New(static_cast<Py_ssize_t>(chunk.ends[r] - begin));
       if (inner == nullptr) {
         failed = true;
         break;
       }
-      for (size_t k = 0; k < rows[i].size(); ++k) {
-        PyObject* value = ints[rows[i][k]];
+      for (size_t k = begin; k < chunk.ends[r]; ++k) {
+        PyObject* value = ints[chunk.enc.ids[k]];
         Py_INCREF(value);
-        PyList_SET_ITEM(inner, k, value);
+        PyList_SET_ITEM(inner, k - begin, value);
       }
-      PyList_SET_ITEM(outer, i, inner);
-      std::vector<int32_t>().swap(rows[i]);
+      PyList_SET_ITEM(outer, built * kChunk + r, inner);
     }
+    out[built] = Chunk();
     ++built;
   }
   if (failed) next.store(chunks);  // the other threads stop after their current chunk
