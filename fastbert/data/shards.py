@@ -174,29 +174,44 @@ class ShardDataset:
             if self.verify == "lazy" and shard not in self._verified:
                 self._verify(shard)
             info = self.meta["shards"][shard]
-            arrays = {key: np.load(self.directory / info["files"][key]["file"], mmap_mode="r") for key in ARRAYS}
+            # Plain ndarray views of the mapped files: indexing a np.memmap costs a Python-level __array_finalize__.
+            arrays = {key: np.load(self.directory / info["files"][key]["file"], mmap_mode="r").view(np.ndarray)
+                      for key in ARRAYS}
             self._arrays[shard] = arrays
         return arrays
 
     def segments(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Sample ``index`` as (segment A ids, segment B ids, label), without special tokens."""
+        start, cut, stop, label = self._locate(index)
+        tokens = self._shard(self._shard_of(index))["tokens"]
+        return tokens[start:cut].astype(np.int64), tokens[cut:stop].astype(np.int64), label
+
+    def _shard_of(self, index: int) -> int:
+        return int(self._starts.searchsorted(index, side="right")) - 1
+
+    def _locate(self, index: int) -> tuple[int, int, int, int]:
+        """(start, end of segment A, stop, label) of sample ``index`` in its shard's token array."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} is outside the dataset of {len(self)}")
-        shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+        shard = self._shard_of(index)
         local = index - int(self._starts[shard])
         a = self._shard(shard)
-        start, stop = int(a["offsets"][local]), int(a["offsets"][local + 1])
-        cut = start + int(a["split"][local])
-        return np.asarray(a["tokens"][start:cut], np.int64), np.asarray(a["tokens"][cut:stop], np.int64), \
-            int(a["labels"][local])
+        start, stop = a["offsets"][local:local + 2].tolist()
+        return start, start + int(a["split"][local]), stop, int(a["labels"][local])
 
     def __getitem__(self, index: int) -> Sample:
-        seg_a, seg_b, label = self.segments(index)
-        cls, sep = self.special_ids["cls"], self.special_ids["sep"]
-        if len(seg_b):
-            ids = np.concatenate([[cls], seg_a, [sep], seg_b, [sep]])
-            types = np.concatenate([np.zeros(len(seg_a) + 2, np.int64), np.ones(len(seg_b) + 1, np.int64)])
-        else:
-            ids = np.concatenate([[cls], seg_a, [sep]])
-            types = np.zeros(len(ids), np.int64)
-        return Sample(ids.astype(np.int64), types, label)
+        start, cut, stop, label = self._locate(index)
+        tokens = self._shard(self._shard_of(index))["tokens"]
+        len_a, len_b = cut - start, stop - cut
+        # [CLS] A [SEP] (B [SEP]), written into one array rather than concatenated from pieces
+        n = len_a + 2 + (len_b + 1 if len_b else 0)
+        ids = np.empty(n, np.int64)
+        ids[0] = self.special_ids["cls"]
+        ids[1:len_a + 1] = tokens[start:cut]
+        ids[len_a + 1] = self.special_ids["sep"]
+        types = np.zeros(n, np.int64)
+        if len_b:
+            ids[len_a + 2:n - 1] = tokens[cut:stop]
+            ids[n - 1] = self.special_ids["sep"]
+            types[len_a + 2:] = 1
+        return Sample(ids, types, label)
