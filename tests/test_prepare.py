@@ -11,9 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fastbert import _wordpiece
 from fastbert.data.corpus import stdlib_documents
-from fastbert.data.prepare import InputError, PrepareOptions, PrepareStats, document_pairs, prepare
-from fastbert.data.shards import ShardDataset, ShardError
+from fastbert.data.prepare import (
+    InputError,
+    PrepareOptions,
+    PrepareStats,
+    document_pairs,
+    encode_documents,
+    prepare,
+    read_documents,
+    split_sentences,
+)
+from fastbert.data.shards import ShardDataset, ShardError, ShardWriter
 from fastbert.tokenizer import WordPieceTokenizer
 
 
@@ -66,6 +76,74 @@ def test_sentence_objective_labels(objective, vocab_path):
         else:
             assert b_doc == {i}
             assert (max(p.a) < min(p.b)) == (p.label == 1), "SOP label 0 means swapped"
+
+
+@pytest.fixture(scope="module")
+def encoded(corpus_dir, vocab_path):
+    tok = WordPieceTokenizer.from_vocab(vocab_path)
+    docs, _, _ = read_documents(corpus_dir / "a.txt")
+    docs.insert(3, "\u200b\x00 \u200b")  # a document whose only sentence has no tokens at all
+    return tok, docs, encode_documents(docs, tok, num_threads=2)
+
+
+def test_encoded_documents_are_the_tokenizer_on_each_sentence(encoded):
+    tok, docs, documents = encoded
+    expected = [[ids for ids in (tok.encode(s, add_special_tokens=False) for s in split_sentences(d)) if ids]
+                for d in docs]
+    assert documents.to_lists() == [d for d in expected if d]
+    assert len(documents) == len(docs) - 1
+
+
+@pytest.mark.parametrize("objective", ["nsp", "sop", "none"])
+@pytest.mark.parametrize("seq_len", [32, 128])
+def test_cpp_pairs_are_the_python_recipe(encoded, objective, seq_len, vocab_path):
+    _, _, documents = encoded
+    lists = documents.to_lists()
+    opts, stats = options(vocab_path, objective=objective, seq_len=seq_len, seed=11), PrepareStats()
+    expected = [(p.a, p.b, p.label) for i in range(len(lists)) for p in document_pairs(i, lists, opts, stats)]
+    got, truncated, dropped = [], 0, 0
+    for begin in range(0, len(documents), 7):  # in blocks, as prepare() calls it
+        tokens, offsets, split, labels, t, d = _wordpiece.segment_pairs(
+            documents.tokens, documents.sentence_offsets, documents.doc_offsets, begin,
+            min(begin + 7, len(documents)), seq_len, objective, opts.short_seq_prob, opts.seed)
+        cuts = offsets[:-1] + split
+        got += [(tokens[offsets[i]:cuts[i]].tolist(), tokens[cuts[i]:offsets[i + 1]].tolist(), int(labels[i]))
+                for i in range(len(split))]
+        truncated, dropped = truncated + t, dropped + d
+    assert len(expected) > 50 and got == expected
+    assert (truncated, dropped) == (stats.truncated_tokens, stats.dropped_segments)
+    if objective != "none":
+        assert truncated > 0  # the truncation path was exercised
+
+
+def test_segment_pairs_refuses_inconsistent_arrays():
+    tokens = np.arange(10, dtype=np.int32)
+    with pytest.raises(ValueError, match="sentence_offsets must increase strictly.*item 1 is empty"):
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 4, 10]), np.array([0, 3]), 0, 1, 64, "sop", 0.1, 0)
+    with pytest.raises(ValueError, match="doc_offsets run past the end"):
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 3]), 0, 1, 64, "sop", 0.1, 0)
+    with pytest.raises(ValueError, match="NSP needs at least two documents"):
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 2]), 0, 1, 64, "nsp", 0.1, 0)
+    with pytest.raises(ValueError, match="objective must be"):
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 2]), 0, 1, 64, "mlm", 0.1, 0)
+
+
+def test_shard_writer_cuts_blocks_into_shards(tmp_path):
+    rng = np.random.default_rng(0)
+    samples = [(rng.integers(5, 900, rng.integers(1, 9)).tolist(), rng.integers(5, 900, rng.integers(0, 9)).tolist(),
+                int(rng.integers(-1, 2))) for _ in range(53)]
+    writer = ShardWriter(tmp_path, vocab_tokens=[f"t{i}" for i in range(1000)], special_ids={"cls": 1, "sep": 2},
+                         seq_len=32, objective="nsp", seed=0, shard_size=7)
+    for lo, hi in [(0, 3), (3, 4), (4, 20), (20, 20), (20, 53)]:  # blocks smaller and larger than a shard
+        block = samples[lo:hi]
+        writer.add_samples(np.array([t for a, b, _ in block for t in a + b], dtype=np.int32),
+                           np.cumsum([0] + [len(a) + len(b) for a, b, _ in block]),
+                           np.array([len(a) for a, _, _ in block]), np.array([lab for _, _, lab in block]))
+    meta = writer.close()
+    assert [s["num_samples"] for s in meta["shards"]] == [7] * 7 + [4]
+    data = ShardDataset(tmp_path, verify="full")
+    got = [(a.tolist(), b.tolist(), label) for a, b, label in (data.segments(i) for i in range(len(data)))]
+    assert got == samples
 
 
 def test_round_trip_decodes_to_the_normalized_source(corpus_dir, vocab_path, hf_tokenizer, tmp_path):

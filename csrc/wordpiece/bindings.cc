@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "matcher.h"
+#include "pairs.h"
 #include "tokenizer.h"
 #include "vocab.h"
 #ifdef FASTBERT_WITH_CUDA
@@ -350,6 +351,58 @@ PYBIND11_MODULE(_wordpiece, m) {
 #endif
       ;
 
+  m.def(
+      "segment_pairs",
+      [](const py::array_t<int32_t, py::array::c_style | py::array::forcecast>& tokens,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& sentence_offsets,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& doc_offsets, int64_t begin,
+         int64_t end, int32_t seq_len, const std::string& objective, double short_seq_prob, uint64_t seed) {
+        fastbert::PairOptions options;
+        options.seq_len = seq_len;
+        options.short_seq_prob = short_seq_prob;
+        options.seed = seed;
+        if (objective == "none") {
+          options.objective = fastbert::Objective::kNone;
+        } else if (objective == "nsp") {
+          options.objective = fastbert::Objective::kNsp;
+        } else if (objective == "sop") {
+          options.objective = fastbert::Objective::kSop;
+        } else {
+          throw py::value_error("objective must be 'nsp', 'sop' or 'none', got '" + objective + "'");
+        }
+        if (seq_len < 8) throw py::value_error("seq_len must be at least 8, got " + std::to_string(seq_len));
+        // The offsets are trusted below, so check them here: increasing, starting at 0, within what they index.
+        auto check = [](const int64_t* offsets, py::ssize_t n, int64_t limit, const char* what) {
+          if (n < 1 || offsets[0] != 0) throw py::value_error(std::string(what) + " must start with 0");
+          for (py::ssize_t k = 1; k < n; ++k) {
+            if (offsets[k] <= offsets[k - 1]) {
+              throw py::value_error(std::string(what) + " must increase strictly (empty items are not allowed); "
+                                    "item " + std::to_string(k - 1) + " is empty or reversed");
+            }
+          }
+          if (offsets[n - 1] > limit) throw py::value_error(std::string(what) + " run past the end of what they index");
+        };
+        check(sentence_offsets.data(), sentence_offsets.size(), tokens.size(), "sentence_offsets");
+        check(doc_offsets.data(), doc_offsets.size(), sentence_offsets.size() - 1, "doc_offsets");
+        fastbert::PairOutput out;
+        {
+          py::gil_scoped_release release;
+          fastbert::segment_pairs(tokens.data(), sentence_offsets.data(), doc_offsets.data(), doc_offsets.size() - 1,
+                                  begin, end, options, out);
+        }
+        auto array = [](const auto& v) {
+          using T = typename std::decay_t<decltype(v)>::value_type;
+          py::array_t<T> a(static_cast<py::ssize_t>(v.size()));
+          std::copy(v.begin(), v.end(), a.mutable_data());
+          return a;
+        };
+        return py::make_tuple(array(out.tokens), array(out.offsets), array(out.split), array(out.labels),
+                              out.truncated_tokens, out.dropped_segments);
+      },
+      py::arg("tokens"), py::arg("sentence_offsets"), py::arg("doc_offsets"), py::arg("begin"), py::arg("end"),
+      py::arg("seq_len"), py::arg("objective"), py::arg("short_seq_prob"), py::arg("seed"),
+      "Samples of documents [begin, end): (tokens int32, offsets int64, split int32, labels int8, truncated "
+      "tokens, dropped segments); see fastbert.data.prepare.document_pairs for the recipe.");
   m.def(
       "find_invalid_utf8",
       [](py::bytes data) -> py::object {

@@ -6,7 +6,9 @@ split into sentences with blingfire, encoded with the C++ batch encoder, and cut
 original BERT recipe: a target length of ``seq_len - 3`` tokens, shorter with probability 0.1; NSP negatives take
 segment B from a different document; SOP swaps A and B half the time; ``none`` packs whole sentences up to the
 length, RoBERTa-style. Every random choice comes from ``(seed, document index)``, and files are read by workers
-but assembled in input order, so the shards are byte-identical for any ``--workers``.
+but assembled in input order, so the shards are byte-identical for any ``--workers``. Token ids stay in flat
+arrays from the encoder to the shards: ``document_pairs`` below defines the pairing recipe, and the C++ extension
+runs the same algorithm on those arrays (``fastbert._wordpiece.segment_pairs``).
 
 Bad input is never silently dropped: invalid UTF-8 is an error naming the file and byte offset (or, with
 ``errors="replace"``, replaced and counted); a malformed JSON line names its file and line; empty files are skipped
@@ -66,9 +68,48 @@ class PrepareOptions:
 
 
 @dataclass
+class Documents:
+    """Tokenized documents held flat: sentence ``s`` is ``tokens[sentence_offsets[s]:sentence_offsets[s + 1]]``
+    and document ``d`` is sentences ``doc_offsets[d]`` to ``doc_offsets[d + 1]``. No sentence or document is
+    empty."""
+
+    tokens: np.ndarray  # int32
+    sentence_offsets: np.ndarray  # int64, [num_sentences + 1]
+    doc_offsets: np.ndarray  # int64, [num_documents + 1]
+
+    @classmethod
+    def empty(cls) -> Documents:
+        zero = np.zeros(1, dtype=np.int64)
+        return cls(np.zeros(0, dtype=np.int32), zero, zero.copy())
+
+    def __len__(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[Documents]) -> Documents:
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return cls.empty()
+        token_base = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
+        sentence_base = np.cumsum([0] + [p.num_sentences for p in parts[:-1]])
+        return cls(np.concatenate([p.tokens for p in parts]),
+                   np.concatenate([[0]] + [p.sentence_offsets[1:] + t for p, t in zip(parts, token_base, strict=True)]),
+                   np.concatenate([[0]] + [p.doc_offsets[1:] + s for p, s in zip(parts, sentence_base, strict=True)]))
+
+    def to_lists(self) -> list[list[list[int]]]:
+        """document -> sentence -> token ids, as Python lists (what ``document_pairs`` takes)."""
+        sentences = np.split(self.tokens, self.sentence_offsets[1:-1])
+        return [[s.tolist() for s in sentences[self.doc_offsets[d]:self.doc_offsets[d + 1]]] for d in range(len(self))]
+
+
+@dataclass
 class FileResult:
     path: str
-    documents: list[list[list[int]]]  # document -> sentence -> token ids
+    documents: Documents
     num_bytes: int
     replaced: int = 0
 
@@ -170,6 +211,7 @@ def split_sentences(document: str) -> list[str]:
 
 _WORKER_TOKENIZER = None
 DOCUMENTS_PER_TASK = 64  # a worker's unit of work: enough to amortise the hand-off, small enough to balance
+PAIR_BLOCK = 20_000  # documents cut into samples per call, between progress updates
 
 
 def _load_tokenizer(vocab: str, do_lower_case: bool):
@@ -183,8 +225,9 @@ def _init_worker(vocab: str, do_lower_case: bool) -> None:
     _WORKER_TOKENIZER = _load_tokenizer(vocab, do_lower_case)
 
 
-def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> list[list[list[int]]]:
-    """Documents -> sentences -> token ids; documents left with no tokens are dropped (they had no text).
+def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> Documents:
+    """Documents -> sentences -> token ids; sentences and documents left with no tokens are dropped (they held only
+    characters that tokenization strips).
 
     ``num_threads`` (0: all cores) threads split sentences (blingfire's C call releases the GIL) and encode."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
@@ -197,14 +240,15 @@ def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> l
     else:
         sentences = [split_sentences(d) for d in docs]
     flat = [s for doc in sentences for s in doc]
-    ids = tokenizer.encode_batch(flat, add_special_tokens=False, num_threads=num_threads) if flat else []
-    out, k = [], 0
-    for doc in sentences:
-        encoded = [x for x in ids[k:k + len(doc)] if x]  # a sentence of only stripped characters has no tokens
-        k += len(doc)
-        if encoded:
-            out.append(encoded)
-    return out
+    if not flat:
+        return Documents.empty()
+    tokens, offsets = tokenizer.encode_batch_flat(flat, add_special_tokens=False, num_threads=num_threads)
+    kept = np.diff(offsets) > 0
+    sentence_offsets = np.concatenate([[0], offsets[1:][kept]])
+    doc_of_sentence = np.repeat(np.arange(len(sentences)), [len(d) for d in sentences])
+    per_doc = np.bincount(doc_of_sentence[kept], minlength=len(sentences))  # sentences with tokens, per document
+    doc_offsets = np.concatenate([[0], np.cumsum(per_doc[per_doc > 0])])
+    return Documents(tokens, sentence_offsets.astype(np.int64), doc_offsets.astype(np.int64))
 
 
 def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iterator[FileResult]:
@@ -222,7 +266,7 @@ def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iter
                 encoded = encode_documents(docs, tokenizer, num_threads=0)
             else:
                 blocks = [docs[k:k + DOCUMENTS_PER_TASK] for k in range(0, len(docs), DOCUMENTS_PER_TASK)]
-                encoded = [d for block in pool.imap(encode_documents, blocks) for d in block]
+                encoded = Documents.concatenate(list(pool.imap(encode_documents, blocks)))
             yield FileResult(str(path), encoded, size, replaced)
     finally:
         if pool is not None:
@@ -230,33 +274,58 @@ def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iter
 
 
 # Segment pairs -----------------------------------------------------------------------------------------------------
-def _truncate_pair(a: list[int], b: list[int], limit: int, rng: np.random.Generator) -> int:
+# The functions here are the readable definition of the recipe; prepare() runs the same algorithm in C++
+# (csrc/wordpiece/pairs.cc, fastbert._wordpiece.segment_pairs) and a test holds the two to identical samples.
+_MASK64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix64(x: int) -> int:
+    """SplitMix64's finaliser on a Python int."""
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class PairRandom:
+    """A document's random stream: SplitMix64 seeded from (seed, document index)."""
+
+    def __init__(self, seed: int, stream: int):
+        self.state = _mix64(_mix64((seed + _GOLDEN) & _MASK64) ^ stream)
+
+    def uniform(self) -> float:
+        """A float in [0, 1) with 53 random bits."""
+        self.state = (self.state + _GOLDEN) & _MASK64
+        return (_mix64(self.state) >> 11) * 2.0**-53
+
+    def randint(self, low: int, high: int) -> int:
+        """An int in [low, high), from one uniform draw."""
+        return low + int(self.uniform() * (high - low))
+
+
+def _truncate_pair(a: list[int], b: list[int], limit: int, rng: PairRandom) -> int:
     """BERT's truncation: trim the longer segment (B on a tie) one token at a time, from the front or the back at
-    random; returns tokens cut. Which segment loses each token follows from the lengths alone, so the loop is
-    computed in closed form: one coin per trimmed token, in trimming order, as the token-by-token loop draws them."""
+    random; returns tokens cut."""
     excess = len(a) + len(b) - limit
     if excess <= 0:
         return 0
-    front = [coin < 0.5 for coin in rng.random(excess).tolist()]  # per trimmed token: from the front?
-    gap = len(a) - len(b)
-    first = min(excess, abs(gap))  # trimmed from the longer segment until the lengths meet
-    longer_front = sum(front[:first])
-    # then B and A take turns, B first: steps first, first + 2, ... are B's; first + 1, first + 3, ... are A's
-    a_front, b_front = sum(front[first + 1::2]), sum(front[first::2])
-    a_cut, b_cut = (excess - first) // 2, (excess - first + 1) // 2
-    if gap > 0:
-        a_front, a_cut = a_front + longer_front, a_cut + first
-    else:
-        b_front, b_cut = b_front + longer_front, b_cut + first
-    a[:] = a[a_front:len(a) - (a_cut - a_front)]
-    b[:] = b[b_front:len(b) - (b_cut - b_front)]
+    a0, a1, b0, b1 = 0, len(a), 0, len(b)
+    for _ in range(excess):
+        front = rng.uniform() < 0.5
+        if a1 - a0 > b1 - b0:
+            a0, a1 = (a0 + 1, a1) if front else (a0, a1 - 1)
+        else:
+            b0, b1 = (b0 + 1, b1) if front else (b0, b1 - 1)
+    a[:], b[:] = a[a0:a1], b[b0:b1]
     return excess
 
 
 def document_pairs(index: int, documents: list[list[list[int]]], options: PrepareOptions, stats: PrepareStats
                    ) -> list[SegmentPair]:
     """The samples cut from ``documents[index]``; randomness from ``(seed, index)`` only."""
-    rng = np.random.default_rng([options.seed, index])
+    rng = PairRandom(options.seed, index)
     doc = documents[index]
     if options.objective == "none":
         return _packed(doc, options.seq_len - 2)
@@ -267,14 +336,10 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
     if any(len(s) > piece for s in doc):
         doc = [s[k:k + piece] for s in doc for k in range(0, len(s), piece)]
     pairs: list[SegmentPair] = []
-    uniform = rng.random
-
-    def randint(low: int, high: int) -> int:
-        """An int in [low, high): from one uniform draw, several times cheaper than ``Generator.integers``."""
-        return low + int(uniform() * (high - low))
+    uniform, randint = rng.uniform, rng.randint
 
     def draw_target() -> int:
-        return randint(2, max_tokens + 1) if rng.random() < options.short_seq_prob else max_tokens
+        return randint(2, max_tokens + 1) if uniform() < options.short_seq_prob else max_tokens
 
     target, chunk, length, i = draw_target(), [], 0, 0
     while i < len(doc):
@@ -285,7 +350,7 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
             a = list(chain.from_iterable(chunk[:a_end]))
             # Unlike the original recipe, a one-sentence chunk is not forced to be a negative (it is split below
             # when it must be a positive), so IsNext stays at 50% however short the documents are.
-            if options.objective == "nsp" and rng.random() < 0.5:
+            if options.objective == "nsp" and uniform() < 0.5:
                 label, b = 0, []
                 other = randint(0, len(documents) - 1)
                 other += other >= index
@@ -302,7 +367,7 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
                     cut = randint(1, len(a))
                     a, b = a[:cut], a[cut:]
                 label = 1
-                if options.objective == "sop" and rng.random() < 0.5:
+                if options.objective == "sop" and uniform() < 0.5:
                     a, b, label = b, a, 0
             stats.truncated_tokens += _truncate_pair(a, b, max_tokens, rng)
             if a and b:
@@ -339,7 +404,7 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
     files = input_files(inputs)
     tokenizer = _load_tokenizer(options.vocab, options.do_lower_case)
     stats = PrepareStats(files=len(files))
-    documents: list[list[list[int]]] = []
+    parts: list[Documents] = []
     total_bytes = sum(p.stat().st_size for p in files)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="encode", disable=not progress) as bar:
         for result in encoded_files(files, options, tokenizer):
@@ -348,13 +413,15 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
             stats.replaced_characters += result.replaced
             if result.replaced:
                 log.warning("%s: replaced %d invalid UTF-8 sequence(s)", result.path, result.replaced)
-            if not result.documents:
+            if not len(result.documents):
                 log.warning("%s: no text; skipped", result.path)
                 stats.empty_files.append(result.path)
-            documents += result.documents
+            parts.append(result.documents)
+    documents = Documents.concatenate(parts)
+    del parts
     stats.documents = len(documents)
-    stats.sentences = sum(len(d) for d in documents)
-    if not documents:
+    stats.sentences = documents.num_sentences
+    if not len(documents):
         raise InputError(f"no text in any input ({len(files)} file(s) read)")
     if options.objective == "nsp" and len(documents) < 2:
         raise InputError("NSP needs at least two documents to draw negatives from (separate documents in .txt "
@@ -366,9 +433,18 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
     writer = ShardWriter(out_dir, vocab_tokens=vocab, special_ids=special, seq_len=options.seq_len,
                          objective=options.objective, seed=options.seed, shard_size=options.shard_size,
                          extra_meta={"do_lower_case": options.do_lower_case})
-    for index in tqdm(range(len(documents)), desc="pairs", unit="doc", disable=not progress):
-        for pair in document_pairs(index, documents, options, stats):
-            writer.add(pair)
+    from fastbert import _wordpiece
+
+    with tqdm(total=len(documents), desc="pairs", unit="doc", disable=not progress) as bar:
+        for begin in range(0, len(documents), PAIR_BLOCK):
+            end = min(len(documents), begin + PAIR_BLOCK)
+            tokens, offsets, split, labels, truncated, dropped = _wordpiece.segment_pairs(
+                documents.tokens, documents.sentence_offsets, documents.doc_offsets, begin, end, options.seq_len,
+                options.objective, options.short_seq_prob, options.seed)
+            writer.add_samples(tokens, offsets, split, labels)
+            stats.truncated_tokens += truncated
+            stats.dropped_segments += dropped
+            bar.update(end - begin)
     meta = writer.close(stats={k: v for k, v in vars(stats).items()})
     log.info("wrote %d samples (%d tokens) in %d shard(s) to %s", meta["num_samples"], meta["num_tokens"],
              len(meta["shards"]), out_dir)

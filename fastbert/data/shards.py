@@ -18,7 +18,6 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -78,38 +77,69 @@ class ShardWriter:
             "seed": seed, "dtype": np.dtype(self.dtype).name, "num_samples": 0, "num_tokens": 0, "shards": [],
             **(extra_meta or {})}
         self.shard_size = shard_size
-        self._pending: list[SegmentPair] = []
+        self._pending: list[dict[str, np.ndarray]] = []  # blocks of samples not yet in a shard
+        self._pending_count = 0
 
-    def add(self, pair: SegmentPair) -> None:
-        self._pending.append(pair)
-        if len(self._pending) >= self.shard_size:
+    def add_samples(self, tokens: np.ndarray, offsets: np.ndarray, split: np.ndarray, labels: np.ndarray) -> None:
+        """Add samples given as arrays: sample ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (``offsets`` starts
+        at 0), its first ``split[i]`` tokens being segment A, with sentence label ``labels[i]``."""
+        if len(split):
+            self._pending.append({"tokens": np.asarray(tokens), "offsets": np.asarray(offsets, dtype=np.int64),
+                                  "split": np.asarray(split), "labels": np.asarray(labels)})
+            self._pending_count += len(split)
+        while self._pending_count >= self.shard_size:
             self._flush()
 
+    def _take(self, count: int) -> dict[str, np.ndarray]:
+        """The first ``count`` pending samples as one block (offsets from 0), removed from the pending blocks."""
+        blocks, taken = [], 0
+        while taken < count:
+            block = self._pending[0]
+            n = len(block["split"])
+            if taken + n <= count:
+                blocks.append(self._pending.pop(0))
+                taken += n
+                continue
+            k = count - taken
+            cut = block["offsets"][k]
+            blocks.append({"tokens": block["tokens"][:cut], "offsets": block["offsets"][:k + 1],
+                           "split": block["split"][:k], "labels": block["labels"][:k]})
+            self._pending[0] = {"tokens": block["tokens"][cut:], "offsets": block["offsets"][k:] - cut,
+                                "split": block["split"][k:], "labels": block["labels"][k:]}
+            taken = count
+        self._pending_count -= count
+        base = np.cumsum([0] + [b["offsets"][-1] for b in blocks[:-1]])
+        return {"tokens": np.concatenate([b["tokens"] for b in blocks]),
+                "offsets": np.concatenate([[0]] + [b["offsets"][1:] + o for b, o in zip(blocks, base, strict=True)]),
+                "split": np.concatenate([b["split"] for b in blocks]),
+                "labels": np.concatenate([b["labels"] for b in blocks])}
+
     def _flush(self) -> None:
-        if not self._pending:
+        """Write the next shard: up to ``shard_size`` pending samples."""
+        if not self._pending_count:
             return
-        pairs, self._pending = self._pending, []
+        samples = self._take(min(self.shard_size, self._pending_count))
         name = f"shard-{len(self.meta['shards']):05d}"
-        lengths = np.array([len(p.a) + len(p.b) for p in pairs], dtype=np.int64)
+        num_samples, num_tokens = len(samples["split"]), int(samples["offsets"][-1])
         arrays = {
-            "tokens": np.fromiter(chain.from_iterable(chain.from_iterable((p.a, p.b) for p in pairs)),
-                                  dtype=self.dtype, count=int(lengths.sum())),
-            "offsets": np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-            "split": np.array([len(p.a) for p in pairs], dtype=np.int32),
-            "labels": np.array([p.label for p in pairs], dtype=np.int8),
+            "tokens": samples["tokens"].astype(self.dtype),
+            "offsets": samples["offsets"].astype(np.int64),
+            "split": samples["split"].astype(np.int32),
+            "labels": samples["labels"].astype(np.int8),
         }
         files = {}
         for key, array in arrays.items():
             path = self.out_dir / f"{name}.{key}.npy"
             write_atomic(path, _npy_bytes(array))
             files[key] = {"file": path.name, "sha256": file_sha256(path)}
-        self.meta["shards"].append({"name": name, "num_samples": len(pairs), "num_tokens": int(lengths.sum()),
+        self.meta["shards"].append({"name": name, "num_samples": num_samples, "num_tokens": num_tokens,
                                     "files": files})
-        self.meta["num_samples"] += len(pairs)
-        self.meta["num_tokens"] += int(lengths.sum())
+        self.meta["num_samples"] += num_samples
+        self.meta["num_tokens"] += num_tokens
 
     def close(self, **extra_meta: Any) -> dict[str, Any]:
-        self._flush()
+        while self._pending_count:
+            self._flush()
         self.meta.update(extra_meta)
         write_atomic(self.out_dir / META_NAME, (json.dumps(self.meta, indent=2) + "\n").encode())
         return self.meta
