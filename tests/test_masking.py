@@ -134,3 +134,44 @@ def test_works_in_a_dataloader_with_workers(workers):
     assert [p for p, _ in got] == list(range(3, 9))
     for position, ids in got:
         assert torch.equal(ids, data[position]["input_ids"])
+
+
+@pytest.mark.parametrize("whole_word", [False, True])
+@pytest.mark.parametrize("probability,max_predictions", [(0.15, None), (0.5, None), (0.4, 3)])
+def test_cpp_masking_is_the_numpy_reference(whole_word, probability, max_predictions):
+    cont = list(range(5000, 6000))
+    rng = np.random.default_rng(2)
+    c = MaskingCollator(VOCAB, SPECIALS, MASK, seed=11, mlm_probability=probability, max_predictions=max_predictions,
+                        whole_word=whole_word, continuation_ids=cont)
+    for trial in range(20):
+        batch, seq = int(rng.integers(1, 12)), int(rng.integers(1, 140))
+        lengths = rng.integers(0, seq + 1, batch)
+        ids = np.where(rng.random((batch, seq)) < 0.3, rng.integers(5000, 6000, (batch, seq)),
+                       rng.integers(1000, VOCAB, (batch, seq)))
+        ids[:, 0] = CLS
+        ids[np.arange(seq)[None, :] >= lengths[:, None]] = PAD
+        ids[rng.random((batch, seq)) < 0.05] = UNK  # specials inside sequences too
+        samples, epochs = rng.integers(0, 10**6, batch), rng.integers(0, 5, batch)
+        got, expected = c.mask(ids, lengths, samples, epochs), c.mask_reference(ids, lengths, samples, epochs)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1]), trial
+
+
+def test_masking_refuses_ids_outside_the_vocabulary():
+    c = collator()
+    ids = np.array([[CLS, 2000, VOCAB + 5, SEP]])
+    with pytest.raises(ValueError, match=r"token id 30527 at row 0, position 2 is outside the vocabulary of 30522"):
+        c.mask(ids, np.array([4]), np.array([0]), np.array([0]))
+
+
+def test_caps_depend_on_the_sample_not_the_batch():
+    # With a high probability the cap binds; a sample's cap must come from its own length, not the batch's longest.
+    c = collator(mlm_probability=0.6)
+    samples = make_samples(30)
+    idx, epochs = np.arange(30), np.zeros(30, dtype=np.int64)
+    together = c(samples, idx, epochs)
+    cu = together["cu_seqlens"]
+    for j in range(30):
+        alone = c([samples[j]], idx[j:j + 1], epochs[j:j + 1])
+        assert torch.equal(alone["input_ids"], together["input_ids"][cu[j]:cu[j + 1]])
+        cap = max(1, round(len(samples[j].input_ids) * 20 / 128))
+        assert (alone["labels"] != -100).sum() == cap

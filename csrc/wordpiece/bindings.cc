@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "masking.h"
 #include "matcher.h"
 #include "pairs.h"
 #include "tokenizer.h"
@@ -403,6 +404,61 @@ PYBIND11_MODULE(_wordpiece, m) {
       py::arg("seq_len"), py::arg("objective"), py::arg("short_seq_prob"), py::arg("seed"),
       "Samples of documents [begin, end): (tokens int32, offsets int64, split int32, labels int8, truncated "
       "tokens, dropped segments); see fastbert.data.prepare.document_pairs for the recipe.");
+  m.def(
+      "mask_batch",
+      [](const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& ids,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& lengths,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& samples,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& epochs,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& caps,
+         const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& is_special,
+         const py::array_t<uint8_t, py::array::c_style | py::array::forcecast>& is_continuation,
+         const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& random_ids, int64_t mask_id,
+         uint64_t seed, double mlm_probability, double mask_fraction, double random_fraction, bool whole_word,
+         int64_t ignore_index) {
+        if (ids.ndim() != 2) throw py::value_error("ids must be [batch, seq]");
+        const py::ssize_t batch = ids.shape(0), seq = ids.shape(1);
+        for (const auto* a : {&lengths, &samples, &epochs, &caps}) {
+          if (a->ndim() != 1 || a->shape(0) != batch) {
+            throw py::value_error("lengths, samples, epochs and caps must be [batch]");
+          }
+        }
+        const py::ssize_t vocab = is_special.size();
+        if (is_continuation.size() != vocab) throw py::value_error("is_special and is_continuation differ in size");
+        if (random_ids.size() == 0) throw py::value_error("random_ids is empty");
+        const int64_t* row = ids.data();
+        for (py::ssize_t k = 0; k < ids.size(); ++k) {
+          if (row[k] < 0 || row[k] >= vocab) {
+            throw py::value_error("token id " + std::to_string(row[k]) + " at row " + std::to_string(k / seq) +
+                                  ", position " + std::to_string(k % seq) + " is outside the vocabulary of " +
+                                  std::to_string(vocab));
+          }
+        }
+        fastbert::MaskOptions options;
+        options.seed = seed;
+        options.mlm_probability = mlm_probability;
+        options.mask_fraction = mask_fraction;
+        options.random_fraction = random_fraction;
+        options.mask_id = mask_id;
+        options.whole_word = whole_word;
+        options.ignore_index = ignore_index;
+        py::array_t<int64_t> masked({batch, seq}), labels({batch, seq});
+        int64_t* masked_data = masked.mutable_data();
+        int64_t* labels_data = labels.mutable_data();
+        {
+          py::gil_scoped_release release;
+          fastbert::mask_batch(ids.data(), batch, seq, lengths.data(), samples.data(), epochs.data(), caps.data(),
+                               is_special.data(), is_continuation.data(), random_ids.data(), random_ids.size(),
+                               options, masked_data, labels_data);
+        }
+        return py::make_tuple(masked, labels);
+      },
+      py::arg("ids"), py::arg("lengths"), py::arg("samples"), py::arg("epochs"), py::arg("caps"),
+      py::arg("is_special"), py::arg("is_continuation"), py::arg("random_ids"), py::arg("mask_id"), py::arg("seed"),
+      py::arg("mlm_probability"), py::arg("mask_fraction"), py::arg("random_fraction"), py::arg("whole_word"),
+      py::arg("ignore_index"),
+      "BERT's dynamic masking of a padded [batch, seq] id matrix: (masked ids, labels); see "
+      "fastbert.data.masking.MaskingCollator.mask_reference.");
   m.def(
       "find_invalid_utf8",
       [](py::bytes data) -> py::object {

@@ -5,9 +5,11 @@ special tokens), at most ``max_predictions`` of them; replace 80% of the selecte
 token, keep 10%. With ``whole_word`` a word's ``##`` continuations are selected together with it.
 
 Every random draw is a hash of ``(seed, epoch, sample index, token position, purpose)``, so a sample is masked the
-same way whatever the world size, micro-batch, batch composition or number of DataLoader workers, and the work is
-vectorised over the whole batch. The per-sequence count is ``0.15 * maskable`` with stochastic rounding, so the
-selected fraction is 15% in expectation at every sequence length.
+same way whatever the world size, micro-batch, batch composition or number of DataLoader workers (the cap on
+predictions, too, comes from the sequence's own length). The per-sequence count is ``0.15 * maskable`` with
+stochastic rounding, so the selected fraction is 15% in expectation at every sequence length. The masking runs in
+the C++ extension (``csrc/wordpiece/masking.cc``); ``MaskingCollator.mask_reference`` is the numpy definition it
+is tested against.
 """
 
 from __future__ import annotations
@@ -82,15 +84,33 @@ class MaskingCollator:
         self.is_continuation = np.zeros(vocab_size, dtype=bool)
         self.is_continuation[np.asarray(list(continuation_ids), dtype=np.int64)] = True
         self.random_ids = np.flatnonzero(~self.is_special)  # random replacements are ordinary tokens
+        self._special_bytes = self.is_special.view(np.uint8)
+        self._continuation_bytes = self.is_continuation.view(np.uint8)
 
-    def max_predictions_for(self, seq_len: int) -> int:
+    def max_predictions_for(self, lengths: np.ndarray) -> np.ndarray:
+        """The most predictions for sequences of ``lengths`` tokens: ``max_predictions``, or by default BERT's 20 per
+        128 tokens. It depends on the sequence alone, not on the batch it is in."""
+        lengths = np.asarray(lengths, dtype=np.int64)
         if self.max_predictions is not None:
-            return self.max_predictions
-        return max(1, round(seq_len * PREDICTIONS_PER_TOKEN))
+            return np.full_like(lengths, self.max_predictions)
+        return np.maximum(1, np.round(lengths * PREDICTIONS_PER_TOKEN)).astype(np.int64)
 
     def mask(self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray]:
-        """Mask a padded ``[B, S]`` id matrix; returns (masked ids, labels with -100 where not predicted)."""
+        """Mask a padded ``[B, S]`` id matrix; returns (masked ids, labels with -100 where not predicted).
+
+        Runs in the C++ extension, one row at a time; :meth:`mask_reference` is the same computation in numpy."""
+        from fastbert import _wordpiece
+
+        lengths = np.asarray(lengths, dtype=np.int64)
+        return _wordpiece.mask_batch(
+            ids, lengths, samples, epochs, self.max_predictions_for(lengths), self._special_bytes,
+            self._continuation_bytes, self.random_ids, self.mask_id, self.seed, self.mlm_probability, MASK_FRACTION,
+            RANDOM_FRACTION, self.whole_word, IGNORE_INDEX)
+
+    def mask_reference(self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`mask` in numpy over the whole batch: the readable definition the C++ path is tested against."""
         batch, seq = ids.shape
         pos = np.arange(seq)[None, :]
         s, e = samples[:, None], epochs[:, None]
@@ -107,7 +127,7 @@ class MaskingCollator:
         want = maskable.sum(1) * self.mlm_probability
         count = np.floor(want) + (random_uniform(self.seed, epochs, samples, np.zeros_like(samples), _ROUND)
                                   < want - np.floor(want))
-        count = np.minimum(count, self.max_predictions_for(seq)).astype(np.int64)
+        count = np.minimum(count, self.max_predictions_for(lengths)).astype(np.int64)
         ranked = np.take_along_axis(maskable, order, axis=1)
         if self.whole_word:
             # Take whole words in draw order while the running token count stays within the budget.

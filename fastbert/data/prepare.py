@@ -229,16 +229,22 @@ def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> D
     """Documents -> sentences -> token ids; sentences and documents left with no tokens are dropped (they held only
     characters that tokenization strips).
 
-    ``num_threads`` (0: all cores) threads split sentences (blingfire's C call releases the GIL) and encode."""
+    With ``num_threads`` > 1 (0: all cores), blocks of documents are split into sentences on a thread pool
+    (blingfire's C call releases the GIL) while the calling thread encodes the blocks already split (the C++
+    encoder releases it too), so the two stages overlap."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
     threads = num_threads if num_threads > 0 else (os.cpu_count() or 1)
     if threads > 1 and len(docs) > 1:
-        step = max(1, min(64, len(docs) // (4 * threads)))  # blocks of documents: few hand-offs, even shares
+        step = max(1, min(16, len(docs) // (4 * threads)))  # blocks of documents: few hand-offs, even shares
         with ThreadPoolExecutor(threads) as pool:
-            blocks = pool.map(lambda k: [split_sentences(d) for d in docs[k:k + step]], range(0, len(docs), step))
-            sentences = [s for block in blocks for s in block]
-    else:
-        sentences = [split_sentences(d) for d in docs]
+            split = pool.map(lambda k: [split_sentences(d) for d in docs[k:k + step]], range(0, len(docs), step))
+            parts = [_encode_sentences(block, tokenizer, 1) for block in split]
+        return Documents.concatenate(parts)
+    return _encode_sentences([split_sentences(d) for d in docs], tokenizer, threads)
+
+
+def _encode_sentences(sentences: list[list[str]], tokenizer, num_threads: int) -> Documents:
+    """Sentences of documents -> Documents, without the sentences and documents that have no tokens."""
     flat = [s for doc in sentences for s in doc]
     if not flat:
         return Documents.empty()
