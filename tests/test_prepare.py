@@ -275,3 +275,12 @@ def test_cli_prepare_data(corpus_dir, vocab_path, tmp_path):
     bad = subprocess.run(["fastbert", "prepare-data", str(tmp_path / "missing.txt"), "--vocab", str(vocab_path),
                           "--out", str(tmp_path / "o2")], capture_output=True, text=True)
     assert bad.returncode == 1 and "missing.txt: no such file" in bad.stderr
+
+
+def test_text_blingfire_cannot_split_is_kept_whole(monkeypatch):
+    import blingfire
+
+    assert split_sentences("One sentence. And a second one.") == ["One sentence.", "And a second one."]
+    monkeypatch.setattr(blingfire, "text_to_sentences", lambda text: "")  # what it returns when it fails
+    assert split_sentences("Text it failed on.") == ["Text it failed on."]
+    assert split_sentences("  ") == []

@@ -206,7 +206,11 @@ def read_documents(path: Path, errors: str = "strict", text_field: str = "text")
 def split_sentences(document: str) -> list[str]:
     import blingfire
 
-    return [s for s in blingfire.text_to_sentences(document).split("\n") if s.strip()]
+    sentences = [s for s in blingfire.text_to_sentences(document).split("\n") if s.strip()]
+    if not sentences and document.strip():
+        # blingfire returns "" when it fails; keep the text as one sentence (cut to fit later) rather than lose it
+        return [document]
+    return sentences
 
 
 _WORKER_TOKENIZER = None
