@@ -73,8 +73,8 @@ def test_sigkill_and_resume_reproduce_the_loss_sequence(setup, reference_run, tm
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = out / "metrics.jsonl"
     deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill somewhere after step 3's checkpoint window
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+    while time.time() < deadline and proc.poll() is None:  # kill after step 3, around step 4's checkpoint
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
             break
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before it could be killed"
@@ -85,7 +85,7 @@ def test_sigkill_and_resume_reproduce_the_loss_sequence(setup, reference_run, tm
     partial.mkdir(parents=True)
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     latest = (out / "checkpoints" / "latest").read_text()
-    assert latest in {"step-00000002", "step-00000004"}
+    assert latest in {"step-00000002", "step-00000004", "step-00000006"}  # complete, and short of the last step
     result = run(pretrain_cmd(setup, out, "--dropout", "0.1", "--save-every", "2", "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / latest}" in result.stderr
