@@ -6,19 +6,12 @@
 #include <numeric>
 #include <vector>
 
+#include "splitmix.h"
+
 namespace fastbert {
 namespace {
 
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
 enum Purpose : uint64_t { kSelect = 1, kRound = 2, kReplace = 3, kRandomId = 4 };  // as in masking.py
-
-uint64_t mix64(uint64_t x) {  // SplitMix64's finaliser
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ULL;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
 
 // The draws of one (seed, epoch, sample, purpose): uniform(position) in [0, 1).
 struct Draws {
@@ -27,7 +20,7 @@ struct Draws {
       : prefix(mix64(mix64(mix64(seed * kGolden + purpose) ^ static_cast<uint64_t>(epoch)) ^
                      static_cast<uint64_t>(sample))) {}
   double operator()(int64_t position) const {
-    return static_cast<double>(mix64(prefix ^ static_cast<uint64_t>(position)) >> 11) * 0x1.0p-53;
+    return unit_interval(mix64(prefix ^ static_cast<uint64_t>(position)));
   }
 };
 
@@ -69,11 +62,7 @@ void mask_batch(const int64_t* ids, int64_t batch, int64_t seq, const int64_t* l
     std::fill(selected.begin(), selected.end(), 0);
     if (options.whole_word) {
       // Whole words while the running token count stays within the budget, never a word split at its edge.
-      int64_t first_over = -1;
-      for (int64_t k = budget; k < num_maskable; ++k) {
-        first_over = word_start[order[k]];
-        break;
-      }
+      const int64_t first_over = budget < num_maskable ? word_start[order[budget]] : -1;
       for (int64_t k = 0; k < std::min(budget, num_maskable); ++k) {
         if (word_start[order[k]] != first_over) selected[order[k]] = 1;
       }

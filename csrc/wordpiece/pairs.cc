@@ -6,18 +6,10 @@
 #include <string>
 #include <utility>
 
+#include "splitmix.h"
+
 namespace fastbert {
 namespace {
-
-constexpr uint64_t kGolden = 0x9E3779B97F4A7C15ULL;
-
-uint64_t mix64(uint64_t x) {  // SplitMix64's finaliser
-  x ^= x >> 30;
-  x *= 0xBF58476D1CE4E5B9ULL;
-  x ^= x >> 27;
-  x *= 0x94D049BB133111EBULL;
-  return x ^ (x >> 31);
-}
 
 struct Span {
   int64_t begin, end;
@@ -81,7 +73,7 @@ PairRandom::PairRandom(uint64_t seed, uint64_t stream) : state_(mix64(mix64(seed
 
 double PairRandom::uniform() {
   state_ += kGolden;
-  return static_cast<double>(mix64(state_) >> 11) * 0x1.0p-53;
+  return unit_interval(mix64(state_));
 }
 
 int64_t PairRandom::randint(int64_t low, int64_t high) {
