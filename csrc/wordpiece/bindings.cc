@@ -113,7 +113,7 @@ py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::st
 
   // A chunk's rows back to back in one buffer (one allocation per chunk, not per row), freed once listed.
   struct Chunk {
-    fastbert::Encoding enc;
+    std::vector<int32_t> ids;
     std::vector<size_t> ends;
   };
   std::vector<Chunk> out(chunks);
@@ -123,14 +123,8 @@ py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::st
   auto encode_chunk = [&](size_t c) {
     Chunk& chunk = out[c];
     for (size_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-      if (add_special_tokens) chunk.enc.ids.push_back(t.cls_id());
-      t.encode(texts[i], chunk.enc, false);
-      if (add_special_tokens) chunk.enc.ids.push_back(t.sep_id());
-      if (!pairs.empty()) {
-        t.encode(pairs[i], chunk.enc, false);
-        if (add_special_tokens) chunk.enc.ids.push_back(t.sep_id());
-      }
-      chunk.ends.push_back(chunk.enc.ids.size());
+      t.encode_ids(texts[i], pairs.empty() ? nullptr : &pairs[i], add_special_tokens, chunk.ids);
+      chunk.ends.push_back(chunk.ids.size());
     }
     done[c].store(true, std::memory_order_release);
   };
@@ -165,7 +159,7 @@ py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::st
         break;
       }
       for (size_t k = begin; k < chunk.ends[r]; ++k) {
-        PyObject* value = ints[chunk.enc.ids[k]];
+        PyObject* value = ints[chunk.ids[k]];
         Py_INCREF(value);
         PyList_SET_ITEM(inner, k - begin, value);
       }

@@ -249,20 +249,26 @@ void Tokenizer::split_words(std::string_view text, std::string& bytes, std::vect
   walk(text, false, on_word, on_special);
 }
 
+void Tokenizer::encode_ids(std::string_view text, const std::string_view* pair, bool add_special_tokens,
+                           std::vector<int32_t>& ids) const {
+  Encoding enc;
+  enc.ids.swap(ids);
+  if (add_special_tokens) enc.ids.push_back(cls_id_);
+  encode(text, enc, false);
+  if (add_special_tokens) enc.ids.push_back(sep_id_);
+  if (pair != nullptr) {
+    encode(*pair, enc, false);
+    if (add_special_tokens) enc.ids.push_back(sep_id_);
+  }
+  ids.swap(enc.ids);
+}
+
 std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string_view>& texts,
                                                           const std::vector<std::string_view>& pairs,
                                                           bool add_special_tokens, int num_threads) const {
   std::vector<std::vector<int32_t>> results(texts.size());
   parallel_for(texts.size(), num_threads, [&](size_t i) {
-    Encoding enc;
-    if (add_special_tokens) enc.ids.push_back(cls_id_);
-    encode(texts[i], enc, false);
-    if (add_special_tokens) enc.ids.push_back(sep_id_);
-    if (!pairs.empty()) {
-      encode(pairs[i], enc, false);
-      if (add_special_tokens) enc.ids.push_back(sep_id_);
-    }
-    results[i] = std::move(enc.ids);
+    encode_ids(texts[i], pairs.empty() ? nullptr : &pairs[i], add_special_tokens, results[i]);
   });
   return results;
 }

@@ -39,6 +39,11 @@ class Tokenizer {
   void split_words(std::string_view text, std::string& bytes, std::vector<int64_t>& word_ends,
                    std::vector<int32_t>& special_ids) const;
 
+  // Appends the ids of `text` (and `pair` when not null) to `ids`; with add_special_tokens, as
+  // [CLS] text [SEP] (pair [SEP]).
+  void encode_ids(std::string_view text, const std::string_view* pair, bool add_special_tokens,
+                  std::vector<int32_t>& ids) const;
+
   // Encodes texts[i] on num_threads threads (pairs may be empty or as long as texts). With add_special_tokens,
   // each result is [CLS] a [SEP] (b [SEP]). Safe to call without the GIL: touches no Python object.
   std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string_view>& texts,
