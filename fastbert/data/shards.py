@@ -212,26 +212,21 @@ class ShardDataset:
 
     def segments(self, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         """Sample ``index`` as (segment A ids, segment B ids, label), without special tokens."""
-        start, cut, stop, label = self._locate(index)
-        tokens = self._shard(self._shard_of(index))["tokens"]
+        tokens, start, cut, stop, label = self._locate(index)
         return tokens[start:cut].astype(np.int64), tokens[cut:stop].astype(np.int64), label
 
-    def _shard_of(self, index: int) -> int:
-        return int(self._starts.searchsorted(index, side="right")) - 1
-
-    def _locate(self, index: int) -> tuple[int, int, int, int]:
-        """(start, end of segment A, stop, label) of sample ``index`` in its shard's token array."""
+    def _locate(self, index: int) -> tuple[np.ndarray, int, int, int, int]:
+        """Sample ``index``'s shard token array, its (start, end of segment A, stop) there, and its label."""
         if not 0 <= index < len(self):
             raise IndexError(f"sample {index} is outside the dataset of {len(self)}")
-        shard = self._shard_of(index)
+        shard = int(self._starts.searchsorted(index, side="right")) - 1
         local = index - int(self._starts[shard])
         a = self._shard(shard)
         start, stop = a["offsets"][local:local + 2].tolist()
-        return start, start + int(a["split"][local]), stop, int(a["labels"][local])
+        return a["tokens"], start, start + int(a["split"][local]), stop, int(a["labels"][local])
 
     def __getitem__(self, index: int) -> Sample:
-        start, cut, stop, label = self._locate(index)
-        tokens = self._shard(self._shard_of(index))["tokens"]
+        tokens, start, cut, stop, label = self._locate(index)
         len_a, len_b = cut - start, stop - cut
         # [CLS] A [SEP] (B [SEP]), written into one array rather than concatenated from pieces
         n = len_a + 2 + (len_b + 1 if len_b else 0)
