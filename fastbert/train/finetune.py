@@ -32,7 +32,7 @@ from fastbert.model import (
     BertForSequenceClassification,
     BertForTokenClassification,
 )
-from fastbert.optim import warmup_poly_lr
+from fastbert.optim import parameter_groups, warmup_poly_lr
 from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
 
@@ -220,12 +220,6 @@ def evaluate(task: str, examples: list, predictions: list) -> dict[str, float]:
 
 
 # Engines ----------------------------------------------------------------------------------------------------------
-def _parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
 class _PlainEngine:
     """One process: the model, a fused AdamW, gradient clipping at 1, bf16 autocast when asked."""
 
@@ -233,7 +227,7 @@ class _PlainEngine:
 
     def __init__(self, args: FinetuneArgs, model: torch.nn.Module, device: torch.device, precision: str):
         self.module, self.device = model.to(device).train(), device
-        self.optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def set_lr(self, lr: float) -> None:
@@ -298,7 +292,7 @@ class _DeepSpeedEngine:
                       steps_per_print=10**9)
         if precision == "bf16":
             config["bf16"] = {"enabled": True}
-        optimizer = torch.optim.AdamW(_parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
+        optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
         self.engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.module = self.engine.module
         self.module.train()
