@@ -106,6 +106,13 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
     return config.replace(**changes)
 
 
+def _lamb_clips(args: PretrainArgs) -> bool:
+    """Whether LAMB clips the gradient rather than DeepSpeed. Without ZeRO or mixed precision LAMB sees the whole
+    averaged gradient: it clips, and reports the norm, which DeepSpeed's own fp32 clipping computes and drops.
+    Otherwise DeepSpeed's optimizer wrapper, which alone sees the whole gradient, clips."""
+    return args.zero_stage == 0 and args.precision == "fp32" and args.grad_clip > 0
+
+
 def _ds_config(args: PretrainArgs) -> dict:
     config: dict = {}
     if args.deepspeed:
@@ -124,11 +131,8 @@ def _ds_config(args: PretrainArgs) -> dict:
         raise TrainingSetupError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
-    # Without ZeRO or mixed precision, LAMB itself sees the whole averaged gradient: it clips (and reports the norm,
-    # which DeepSpeed's own fp32 clipping computes and drops). Otherwise DeepSpeed's optimizer wrapper clips.
-    lamb_clips = args.zero_stage == 0 and args.precision == "fp32"
     config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
-                  gradient_clipping=0.0 if lamb_clips else args.grad_clip, zero_allow_untested_optimizer=True,
+                  gradient_clipping=0.0 if _lamb_clips(args) else args.grad_clip, zero_allow_untested_optimizer=True,
                   steps_per_print=10**9)
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if args.precision == "bf16":
@@ -213,9 +217,8 @@ def pretrain(args: PretrainArgs) -> dict:
 
     torch.manual_seed(args.seed)
     model = BertForPreTraining(config)
-    lamb_clips = not ds_config["gradient_clipping"] and args.grad_clip
     optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr,
-                     max_grad_norm=args.grad_clip if lamb_clips else None, max_trust_ratio=args.max_trust_ratio)
+                     max_grad_norm=args.grad_clip if _lamb_clips(args) else None, max_trust_ratio=args.max_trust_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if args.zero_stage in (1, 2):
         optimizer.attach_zero_partitions(list(model.parameters()), engine.optimizer.dp_process_group)
