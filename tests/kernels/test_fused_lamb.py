@@ -83,6 +83,22 @@ def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, 
     return worst
 
 
+def _three_steps(fused, ref, fused_params, ref_params, monkeypatch, moment_rtol: float, ulps: float) -> float:
+    """Three steps of the fused and the torch optimizer on the same gradients, compared (and re-synced) after each;
+    returns the worst weight error relative to the step size."""
+    worst = 0.0
+    for step in range(3):
+        for params in (fused_params, ref_params):
+            _set_grads(params, step, 0.1)
+        before = [p.detach().clone() for p in ref_params]
+        _step(fused, "triton", monkeypatch)
+        _step(ref, "torch", monkeypatch)
+        assert fused._plan is not None and ref._plan is None  # each really took its own path
+        assert not fused.last_step_skipped
+        worst = max(worst, _compare_and_sync(fused, ref, fused_params, ref_params, before, step, moment_rtol, ulps))
+    return worst
+
+
 @pytest.mark.parametrize("max_grad_norm,max_trust_ratio", [(0.5, 10.0), (None, 0.3), (0.5, None)],
                          ids=["clipped-cap10", "unclipped-cap0.3", "clipped-nocap"])
 def test_fused_matches_torch_path_fp32(max_grad_norm, max_trust_ratio, monkeypatch):
@@ -93,16 +109,7 @@ def test_fused_matches_torch_path_fp32(max_grad_norm, max_trust_ratio, monkeypat
     # Clipping scales m by the clip factor and v by its square; the torch path's squared gradient norm (norms per
     # tensor, squared, summed) is itself about 1e-6 off the exact one, the kernel's about 1e-7.
     moment_rtol = 3e-6 if max_grad_norm else 1e-6
-    worst = 0.0
-    for step in range(3):
-        for params in (fused_params, ref_params):
-            _set_grads(params, step, 0.1)
-        before = [p.detach().clone() for p in ref_params]
-        _step(fused, "triton", monkeypatch)
-        _step(ref, "torch", monkeypatch)
-        assert fused._plan is not None and ref._plan is None  # each really took its own path
-        assert not fused.last_step_skipped
-        worst = max(worst, _compare_and_sync(fused, ref, fused_params, ref_params, before, step, moment_rtol, 2))
+    worst = _three_steps(fused, ref, fused_params, ref_params, monkeypatch, moment_rtol, 2)
     print(f"fp32 worst weight error / step size: {worst:.3g}")
 
 
@@ -114,13 +121,7 @@ def test_fused_matches_torch_path_low_precision(dtype, monkeypatch):
     ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
     fused, ref = Lamb(_groups(fused_params), lr=0.05), Lamb(_groups(ref_params), lr=0.05)
     ulps = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-    for step in range(3):
-        for params in (fused_params, ref_params):
-            _set_grads(params, step, 0.1)
-        before = [p.detach().clone() for p in ref_params]
-        _step(fused, "triton", monkeypatch)
-        _step(ref, "torch", monkeypatch)
-        _compare_and_sync(fused, ref, fused_params, ref_params, before, step, 3e-6, ulps)
+    _three_steps(fused, ref, fused_params, ref_params, monkeypatch, 3e-6, ulps)
 
 
 def _flat_model(sizes: list[int]) -> list[torch.Tensor]:
