@@ -6,14 +6,21 @@ rank r), ``config.json``, ``vocab.txt`` and ``tokenizer_config.json``; the train
 ``client_state``. ``RUN_DIR/checkpoints/latest`` names the newest complete tag: it is replaced atomically by rank 0
 after every rank has finished writing, so a run killed mid-save resumes from the previous checkpoint. Only the last
 ``keep`` checkpoints are kept.
+
+A checkpoint may come from elsewhere (``--resume``, ``--init-from``, ``export``, ``finetune --model``), and DeepSpeed
+reads its own files with ``torch.load(weights_only=False)``, which runs whatever code a pickle names. So before
+DeepSpeed sees a checkpoint, ``verify_safe`` parses every ``.pt`` file in it with ``weights_only=True``, allowing only
+tensors, containers and the few plain DeepSpeed classes of ``deepspeed_safe_globals``.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +38,53 @@ CHECKPOINTS = "checkpoints"
 
 class CheckpointNotFound(FileNotFoundError):
     pass
+
+
+class UnsafeCheckpoint(CheckpointNotFound):
+    """A checkpoint file that ``torch.load(weights_only=True)`` refuses: loading it could run code. A kind of
+    ``CheckpointNotFound``, so every command that reports a missing checkpoint reports this one too."""
+
+
+def deepspeed_safe_globals() -> list[type]:
+    """The classes besides tensors and containers that DeepSpeed pickles into our checkpoints: its ZeRO 1/2
+    optimizer states hold the loss scaler (``LossScaler`` in fp32 and bf16 runs; ``DynamicLossScaler`` in fp16 runs,
+    which need CUDA, so that one comes from reading ``DeepSpeedZeroOptimizer.state_dict`` rather than from a saved
+    run), the stage as a ``ZeroStageEnum`` and each parameter's ``fragment_address``. Each is plain data: unpickling
+    one sets attributes and calls no code of the file's choosing. Model-state and RNG files need none of them."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: Path, mmap: bool = False) -> Any:
+    """``torch.load`` of a checkpoint file that refuses anything but weights and DeepSpeed's plain classes."""
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def _refusal(e: Exception) -> str:
+    """torch's reason for refusing a file, without its advice to retry with ``weights_only=False``."""
+    text = str(e).strip()
+    if isinstance(e, pickle.UnpicklingError):
+        paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+        text = " ".join(p for p in paragraphs[1:] if not p.startswith("Check the documentation")) or text
+    return " ".join(text.split())
+
+
+def verify_safe(checkpoint: Path) -> None:
+    """Raise ``UnsafeCheckpoint`` unless every ``.pt`` file of ``checkpoint`` loads with ``weights_only=True``.
+
+    Call it before handing the checkpoint to DeepSpeed, whose loads (``engine.load_checkpoint``, ``zero_to_fp32``)
+    pass ``weights_only=False``: they then read only files that have been shown to hold no code. Zip-format files
+    are memory-mapped, so this parses each pickle without reading the tensors' bytes."""
+    for path in sorted(Path(checkpoint).glob("*.pt")):
+        try:
+            load_weights_only(path, mmap=zipfile.is_zipfile(path))
+        except Exception as e:  # whatever stops a safe load (a banned global, a corrupt file) is a refusal
+            raise UnsafeCheckpoint(f"{path}: refused: it does not load with torch.load(weights_only=True), and "
+                                   f"loading it otherwise could run code: {_refusal(e)}") from e
 
 
 def rng_state() -> dict[str, Any]:
@@ -97,6 +151,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: 
 
 def load(engine, checkpoint: Path, load_optimizer: bool = True) -> dict[str, Any]:
     """Load the engine state (and optimizer state unless ``load_optimizer`` is false); returns the client state."""
+    verify_safe(checkpoint)
     path, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
                                                 load_optimizer_states=load_optimizer,
                                                 load_lr_scheduler_states=False, load_module_only=not load_optimizer)

@@ -2,7 +2,8 @@
 model.safetensors, vocab.txt, tokenizer_config.json) that transformers loads.
 
 The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``), which gathers the optimizer's fp32
-partitions of every rank, so bf16 runs and ZeRO runs export their master weights, not a rounded copy.
+partitions of every rank, so bf16 runs and ZeRO runs export their master weights, not a rounded copy. It loads
+with ``weights_only=False``, so every file of the checkpoint first passes ``checkpoint.verify_safe``.
 """
 
 from __future__ import annotations
@@ -19,13 +20,11 @@ from fastbert.train import checkpoint
 def consolidated_state_dict(ckpt: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    checkpoint.verify_safe(ckpt)  # zero_to_fp32 loads with weights_only=False
     if any(ckpt.glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-    import torch
-
-    # No ZeRO partitions: the module weights are the fp32 weights. Our own file, but still loaded without code.
-    states = torch.load(next(ckpt.glob("mp_rank_*_model_states.pt")), map_location="cpu", weights_only=False)
-    return states["module"]
+    # No ZeRO partitions: the module weights are the fp32 weights.
+    return checkpoint.load_weights_only(next(ckpt.glob("mp_rank_*_model_states.pt")))["module"]
 
 
 def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
