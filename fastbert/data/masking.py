@@ -15,11 +15,11 @@ is tested against.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fastbert.data.shards import Sample
 from fastbert.ops import IGNORE_INDEX
 
 MLM_PROBABILITY = 0.15
@@ -48,15 +48,6 @@ def random_uniform(seed: int, epoch: np.ndarray, sample: np.ndarray, position: n
         h = _mix64(h ^ sample.astype(np.uint64))
         h = _mix64(h ^ position.astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
-
-
-@dataclass
-class Sample:
-    """One pretraining sample: token ids with specials, segment ids and the sentence-objective label (-1: none)."""
-
-    input_ids: np.ndarray
-    token_type_ids: np.ndarray
-    sentence_label: int = -1
 
 
 class MaskingCollator:

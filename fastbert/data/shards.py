@@ -24,7 +24,6 @@ from typing import Any
 import numpy as np
 
 from fastbert.atomic import write_atomic
-from fastbert.data.masking import Sample
 
 FORMAT_VERSION = 1
 META_NAME = "meta.json"
@@ -52,6 +51,15 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     return buffer.getvalue()
+
+
+@dataclass
+class Sample:
+    """One pretraining sample: token ids with specials, segment ids and the sentence-objective label (-1: none)."""
+
+    input_ids: np.ndarray
+    token_type_ids: np.ndarray
+    sentence_label: int = -1
 
 
 @dataclass
