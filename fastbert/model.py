@@ -159,7 +159,13 @@ class BertLayer(nn.Module):
 
     def _attention(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         c = self.config
-        q, k, v = self.qkv(x).view(x.shape[0], 3, c.num_attention_heads, c.head_dim).unbind(1)
+        # The key bias adds q . b_k to every score in a query's row, which the softmax cancels: its exact gradient is
+        # 0. Left in, autograd hands it rounding noise instead, which LAMB/Adam normalise into steps of size lr that
+        # differ with every summation order (micro-batch size, world size, ZeRO stage). So it is left out: the
+        # outputs are the same up to rounding (HF checkpoints load as they are) and the key bias never moves.
+        b = self.qkv.bias
+        bias = torch.cat([b[:c.hidden_size], b.new_zeros(c.hidden_size), b[2 * c.hidden_size:]])
+        q, k, v = F.linear(x, self.qkv.weight, bias).view(x.shape[0], 3, c.num_attention_heads, c.head_dim).unbind(1)
         p = c.attention_probs_dropout_prob if self.training else 0.0
         a = ops.attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=p)
         return F.linear(a.reshape(x.shape), self.attn_out.weight)

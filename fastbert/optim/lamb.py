@@ -6,14 +6,22 @@ biases and LayerNorm), trust ratio ``||w|| / ||update||`` (1 when either norm is
 ``max_trust_ratio``), then ``w -= lr * trust * update``.
 
 Under ZeRO-1/2 DeepSpeed hands a client optimizer one flat fp32 partition per parameter group and rank, so a naive
-LAMB computes one trust ratio per rank-sized slab of unrelated parameters. ``attach_zero_partitions`` reads where
-each model parameter's fragment lies in this rank's partition (``param._hp_mapping``); each step then sums every
-parameter's squared norms over its fragments, all-reduces them across the data-parallel group, and applies each
-parameter's own trust ratio to its fragments: the same update as without ZeRO. ZeRO-3 partitions parameters
-differently and is refused by the training driver.
+LAMB computes one trust ratio per rank-sized slab of unrelated parameters. ``attach_to_engine`` looks at the
+optimizer wrapper DeepSpeed built and, for the partitioned ones, reads where each model parameter's fragment lies in
+this rank's partition (``param._hp_mapping``), checking that the ranks' fragments cover every parameter exactly once;
+each step then sums every parameter's squared norms over its fragments, all-reduces them across the data-parallel
+group, and applies each parameter's own trust ratio to its fragments: the same update as without ZeRO. What it
+cannot map (ZeRO-3, a wrapper that flattens parameters without a fragment map) is refused with the reason.
 
-A step whose gradients are not finite (checked together with the norms, so every rank agrees) is skipped: weights,
-moments and the step count stay as they were; ``last_step_skipped`` tells the caller.
+Gradient clipping needs the whole gradient's norm. Without partitions LAMB sees it and clips (``max_grad_norm``);
+under ZeRO-1/2 DeepSpeed steps one parameter group at a time, so only DeepSpeed's wrapper, which computes the norm
+in float64 before stepping, can clip (``gradient_clipping`` in its config), and ``attach_to_engine`` turns LAMB's
+clipping off. LAMB's squared norms are summed over 2048-element rows and in float64 across rows: torch's CPU
+``norm`` and ``_foreach_norm`` accumulate a long vector with a relative error that grows with its length (2.5e-3
+on the squared norm of a 23M-element embedding gradient), enough to move every update of a 30,522-word model.
+
+A step whose gradients are not finite (the all-reduced squared norm is then not finite, so every rank agrees) is
+skipped: weights, moments and the step count stay as they were; ``last_step_skipped`` tells the caller.
 
 Two implementations of the same step, chosen as ``fastbert.ops`` chooses for every op: on CUDA (or with
 ``FASTBERT_BACKEND=triton``, which under ``TRITON_INTERPRET=1`` runs on CPU tensors) the fused Triton kernels of
@@ -35,6 +43,22 @@ import torch
 import torch.distributed as dist
 
 from fastbert.ops import _kernel_for
+
+_ROW = 2048  # elements per row of a squared-norm sum: short enough that fp32 accumulation within a row is exact
+
+
+def square_sum(x: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of ``x`` as a float64 0-dim tensor, accurate at any length (see the module docstring)."""
+    flat = x.detach().reshape(-1)
+    whole = flat.numel() // _ROW * _ROW
+    total = torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), dim=1, dtype=torch.float32).double().square().sum()
+    if whole < flat.numel():
+        total = total + flat[whole:].double().square().sum()
+    return total
+
+
+class LambSetupError(ValueError):
+    """DeepSpeed built an optimizer wrapper whose tensors LAMB cannot map back to whole parameters."""
 
 
 @dataclass(frozen=True)
@@ -58,17 +82,62 @@ class Lamb(torch.optim.Optimizer):
         self._group = None
         self._plan = None  # the fused path's chunk tables and the layout they were built for
         self.last_step_skipped = False
+        self.partitioned = False  # whether DeepSpeed handed this optimizer flat partitions (``attach_to_engine``)
         # The gradient norm before clipping, when this optimizer sees whole gradients (no ZeRO partitions). The name
         # is DeepSpeed's: its engine reads the attribute after each step for ``get_global_grad_norm()``.
         self._global_grad_norm: float | None = None
 
     # ZeRO -----------------------------------------------------------------------------------------------------------
-    def attach_zero_partitions(self, model_params: list[torch.nn.Parameter], process_group=None) -> None:
-        """Learn each parameter's fragment in the flat partitions DeepSpeed ZeRO-1/2 gave this optimizer.
+    def attach_to_engine(self, engine, model_params: list[torch.nn.Parameter]) -> None:
+        """Map this optimizer's tensors to the model's parameters from what ``deepspeed.initialize`` built.
 
-        Call after ``deepspeed.initialize``; ``model_params`` in the same order on every rank. Gradient clipping is
-        then DeepSpeed's (``gradient_clipping`` in its config), since only it sees the whole gradient.
+        Call right after it, with ``model_params`` in the same order on every rank. Without a partitioning wrapper
+        DeepSpeed hands LAMB whole tensors (the parameters or same-shaped fp32 copies) and nothing is needed; ZeRO-1/2
+        and DeepSpeed's BF16 optimizer hand it flat partitions, mapped through each parameter's ``_hp_mapping``.
+        Anything else raises ``LambSetupError`` saying why. Sets ``partitioned``; when true, gradient clipping is
+        DeepSpeed's (see the module docstring).
         """
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+        wrapper = engine.optimizer
+        name = type(wrapper).__name__
+        if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
+            raise LambSetupError(f"DeepSpeed built {name} (ZeRO-3): it partitions the parameters themselves, so LAMB's "
+                                 "per-parameter trust ratio cannot be formed from a rank's shard; use ZeRO-1 or 2")
+        if isinstance(wrapper, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
+            self.attach_zero_partitions(model_params, wrapper.dp_process_group)
+            self._check_coverage(model_params, name)
+            return
+        self.partitioned = False
+        own = sorted(tuple(p.shape) for g in self.param_groups for p in g["params"])
+        model = sorted(tuple(p.shape) for p in model_params if p.requires_grad)
+        if own != model:
+            raise LambSetupError(f"DeepSpeed's {name} hands LAMB {len(own)} tensors that are not the model's "
+                                 f"{len(model)} parameters and carry no fragment map, so LAMB's per-parameter trust "
+                                 "ratio cannot be formed; run with --zero-stage 1 or 2, or fp32/bf16 without ZeRO")
+
+    def _check_coverage(self, model_params: list[torch.nn.Parameter], wrapper: str) -> None:
+        """Every trainable parameter's fragments, over all ranks, add up to the whole parameter exactly once."""
+        covered = torch.zeros(len(model_params), dtype=torch.float64)
+        for fragments in self._fragments.values():
+            for f in fragments:
+                covered[f.param_index] += f.numel
+        if dist.is_available() and dist.is_initialized():
+            device = next(iter(self.param_groups[0]["params"])).device
+            covered = covered.to(device)
+            dist.all_reduce(covered, group=self._group)
+            covered = covered.cpu()
+        for index, p in enumerate(model_params):
+            if p.requires_grad and covered[index] != p.numel():
+                raise LambSetupError(f"{wrapper}: the ranks' optimizer partitions hold {int(covered[index])} of the "
+                                     f"{p.numel()} elements of parameter {index} {tuple(p.shape)}; LAMB cannot map "
+                                     "this DeepSpeed version's partitions to parameters")
+
+    def attach_zero_partitions(self, model_params: list[torch.nn.Parameter], process_group=None) -> None:
+        """Learn each parameter's fragment in the flat partitions DeepSpeed ZeRO-1/2 gave this optimizer
+        (``attach_to_engine`` calls this when the engine's wrapper partitions)."""
         flats = {id(p): p for group in self.param_groups for p in group["params"]}
         fragments: dict[int, list[Fragment]] = {id(p): [] for p in flats.values()}
         for index, param in enumerate(model_params):
@@ -81,6 +150,7 @@ class Lamb(torch.optim.Optimizer):
         self._fragments = fragments
         self._num_params = len(model_params)
         self._group = process_group
+        self.partitioned = True
         self.max_grad_norm = None
 
     def _layout(self) -> tuple[dict[int, list[Fragment]], int]:
@@ -93,15 +163,13 @@ class Lamb(torch.optim.Optimizer):
                 index += 1
         return fragments, index
 
-    # The step -------------------------------------------------------------------------------------------------------
-    def _any_rank(self, flag: bool, device: torch.device) -> bool:
-        """Whether ``flag`` holds on any rank of the data-parallel group (ZeRO ranks see different gradients)."""
-        if self._fragments is None or not (dist.is_available() and dist.is_initialized()):
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, group=self._group)
-        return bool(t.item() > 0)
+    @property
+    def grad_norm(self) -> float | None:
+        """The global gradient norm before clipping of the last step; None before the first step, when it was not
+        finite, or under ZeRO partitions (then ask DeepSpeed's engine, which computed it)."""
+        return self._global_grad_norm
 
+    # The step -------------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure() if closure is not None else None
@@ -117,9 +185,18 @@ class Lamb(torch.optim.Optimizer):
             self._foreach_step(groups, fragments, num_params)
         return loss
 
-    def _clip_factor(self, grad_sq: torch.Tensor) -> float:
-        norm = grad_sq.sqrt().item()
-        self._global_grad_norm = norm if self._fragments is None else None
+    def _global_norm(self, local_sq: torch.Tensor) -> float | None:
+        """The norm of the gradients being stepped, from this rank's squared sum (all-reduced under ZeRO, so every
+        rank agrees), or None when it is not finite. Without partitions that is the global gradient norm, kept as
+        ``_global_grad_norm`` (DeepSpeed's ``get_global_grad_norm`` reads it); under ZeRO, one group's."""
+        total = local_sq.reshape(1).double()
+        self._all_reduce_sums(total)
+        norm = total.sqrt().item()
+        norm = norm if math.isfinite(norm) else None
+        self._global_grad_norm = None if self.partitioned else norm
+        return norm
+
+    def _clip_factor(self, norm: float) -> float:
         if self.max_grad_norm is None:
             return 1.0
         return min(1.0, self.max_grad_norm / (norm + 1e-6))
@@ -143,11 +220,11 @@ class Lamb(torch.optim.Optimizer):
         if self._plan is None or self._plan[0] != key:  # the chunk tables depend on the layout only
             self._plan = (key, kernel.plan_chunks(layouts, num_params, device))
         plan = self._plan[1]
-        grad_sq = kernel.grad_square_sum(plan, grads)
-        self.last_step_skipped = self._any_rank(not bool(torch.isfinite(grad_sq)), device)
+        norm = self._global_norm(kernel.grad_square_sum(plan, grads))
+        self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
             return
-        clip = self._clip_factor(grad_sq)
+        clip = self._clip_factor(norm)
         hyper = []
         for group, ps in groups:
             for p in ps:
@@ -174,14 +251,15 @@ class Lamb(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = {id(p): p.grad.float() for p in params}
-        grad_sq = torch.stack(torch._foreach_norm(list(grads.values()))).square().sum()
-        self.last_step_skipped = self._any_rank(not bool(torch.isfinite(grad_sq)), device)
+        norm = self._global_norm(sum(square_sum(grads[id(p)].view(-1).narrow(0, f.start, f.numel))
+                                     for p in params for f in fragments[id(p)]))
+        self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
             return
-        clip = self._clip_factor(grad_sq)
+        clip = self._clip_factor(norm)
 
         # Moments and raw updates, then every parameter's squared weight and update norms from its fragments.
-        sums = torch.zeros(2 * num_params, device=device, dtype=torch.float32)
+        sums = torch.zeros(2 * num_params, device=device, dtype=torch.float64)
         updates: list[list[torch.Tensor]] = []
         for group, ps in groups:
             beta1, beta2 = group["betas"]
@@ -204,16 +282,11 @@ class Lamb(torch.optim.Optimizer):
             if group["weight_decay"]:
                 torch._foreach_add_(u, [p.float() for p in ps], alpha=group["weight_decay"])
             updates.append(u)
-            if self._fragments is None:  # each tensor is one whole parameter
-                index = torch.tensor([fragments[id(p)][0].param_index for p in ps], device=device)
-                sums[2 * index] = torch.stack(torch._foreach_norm([p.float() for p in ps])).square()
-                sums[2 * index + 1] = torch.stack(torch._foreach_norm(u)).square()
-                continue
             for p, up in zip(ps, u, strict=True):
                 w_flat, u_flat = p.detach().float().view(-1), up.view(-1)
                 for f in fragments[id(p)]:
-                    sums[2 * f.param_index] += w_flat.narrow(0, f.start, f.numel).square().sum()
-                    sums[2 * f.param_index + 1] += u_flat.narrow(0, f.start, f.numel).square().sum()
+                    sums[2 * f.param_index] += square_sum(w_flat.narrow(0, f.start, f.numel))
+                    sums[2 * f.param_index + 1] += square_sum(u_flat.narrow(0, f.start, f.numel))
         self._all_reduce_sums(sums)
 
         norms = sums.view(num_params, 2).sqrt()

@@ -32,6 +32,7 @@ from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
 from fastbert.data.shards import ShardDataset, vocab_sha256
 from fastbert.model import BertForPreTraining
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
+from fastbert.optim.lamb import LambSetupError
 from fastbert.train import checkpoint
 from fastbert.train.flops import peak_flops, training_flops
 
@@ -106,11 +107,11 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
     return config.replace(**changes)
 
 
-def _lamb_clips(args: PretrainArgs) -> bool:
-    """Whether LAMB clips the gradient rather than DeepSpeed. Without ZeRO or mixed precision LAMB sees the whole
-    averaged gradient: it clips, and reports the norm, which DeepSpeed's own fp32 clipping computes and drops.
-    Otherwise DeepSpeed's optimizer wrapper, which alone sees the whole gradient, clips."""
-    return args.zero_stage == 0 and args.precision == "fp32" and args.grad_clip > 0
+def _deepspeed_clipping(args: PretrainArgs) -> float:
+    """DeepSpeed's ``gradient_clipping``: under ZeRO-1/2 only its wrapper sees the whole gradient, so it clips;
+    otherwise LAMB clips (with an exact norm) and DeepSpeed's own clipping stays off. Checked against what
+    DeepSpeed built in ``pretrain``."""
+    return args.grad_clip if args.zero_stage in (1, 2) else 0.0
 
 
 def _ds_config(args: PretrainArgs) -> dict:
@@ -132,7 +133,7 @@ def _ds_config(args: PretrainArgs) -> dict:
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
     config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
-                  gradient_clipping=0.0 if _lamb_clips(args) else args.grad_clip, zero_allow_untested_optimizer=True,
+                  gradient_clipping=_deepspeed_clipping(args), zero_allow_untested_optimizer=True,
                   steps_per_print=10**9)
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if args.precision == "bf16":
@@ -218,10 +219,16 @@ def pretrain(args: PretrainArgs) -> dict:
     torch.manual_seed(args.seed)
     model = BertForPreTraining(config)
     optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr,
-                     max_grad_norm=args.grad_clip if _lamb_clips(args) else None, max_trust_ratio=args.max_trust_ratio)
+                     max_grad_norm=args.grad_clip if args.grad_clip > 0 else None, max_trust_ratio=args.max_trust_ratio)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if args.zero_stage in (1, 2):
-        optimizer.attach_zero_partitions(list(model.parameters()), engine.optimizer.dp_process_group)
+    try:
+        optimizer.attach_to_engine(engine, list(model.parameters()))
+    except LambSetupError as e:
+        raise TrainingSetupError(str(e)) from e
+    if optimizer.partitioned != (args.zero_stage in (1, 2)):
+        raise TrainingSetupError(f"DeepSpeed built {type(engine.optimizer).__name__} for --zero-stage "
+                                 f"{args.zero_stage}, which fastbert has not been tested with (gradient clipping "
+                                 "would be applied twice or not at all)")
 
     start_step = 0
     if resume_from is not None:
@@ -303,7 +310,7 @@ def pretrain(args: PretrainArgs) -> dict:
             step += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             n = totals[3].item()
-            grad_norm = engine.get_global_grad_norm()
+            grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
             last = {"step": step, "loss": totals[0].item() / n, "mlm_accuracy": totals[1].item() / n,
                     "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
                     "skipped": bool(skipped[0] > 0), "tokens_per_s": totals[4].item() / elapsed,
