@@ -5,6 +5,10 @@ build environment needs setuptools, pybind11 and ninja and never torch. Every ``
 translation unit; ninja compiles them in parallel and only recompiles what changed. CUDA sources
 (``csrc/wordpiece/*.cu``) are compiled with nvcc when it is found or when ``FASTBERT_CUDA=1`` asks for it, and
 are skipped otherwise; ``FASTBERT_CUDA=0`` turns them off.
+
+The packages are every ``fastbert.*`` package found under ``fastbert/`` plus ``kernels/`` installed as
+``fastbert.kernels`` (pyproject.toml cannot say both: its ``find`` does not follow a ``package-dir`` mapping).
+MANIFEST.in puts all of ``csrc/`` (headers, tables, CUDA sources, the table generator) in the sdist.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -130,7 +134,12 @@ class NinjaBuildExt(build_ext):
         subprocess.run([_ninja_binary(), "-C", str(build_dir), "-j", jobs], check=True)
 
 
+PACKAGES = [*find_packages(str(ROOT), include=["fastbert", "fastbert.*"]), "fastbert.kernels",
+            *(f"fastbert.kernels.{p}" for p in find_packages(str(ROOT / "kernels")))]
+
 setup(
+    packages=PACKAGES,
+    package_dir={"fastbert.kernels": "kernels"},
     ext_modules=[Extension("fastbert._wordpiece", sources=[str(p.relative_to(ROOT)) for p in SRC.glob("*.cc")])],
     cmdclass={"build_ext": NinjaBuildExt},
 )
