@@ -1,13 +1,15 @@
 """Fine-tuning data formats: GLUE-style tables (TSV, CSV, JSONL), CoNLL token files, SQuAD v1.1/v2.0 JSON.
 
 Readers return plain records that remember their file and line, and raise ``TaskDataError`` naming the file, line
-and field of a malformed row, or, with ``skip_bad_rows``, count it in a ``BadRows`` tally instead. They do not
-tokenize (``fastbert.tasks.features`` does).
+and field of a malformed row, or, with ``skip_bad_rows``, count it in a ``BadRows`` tally instead. Files are UTF-8
+(a leading byte-order mark is allowed); bytes that are not are reported as ``file:line`` with their offset, never as
+a bare ``UnicodeDecodeError``. They do not tokenize (``fastbert.tasks.features`` does).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -55,12 +57,35 @@ class QAExample:
     where: str
 
 
+def _read_text(path: Path) -> str:
+    """The file decoded as UTF-8 (BOM stripped, line endings untouched); undecodable bytes become a
+    ``TaskDataError`` naming the line, the byte's offset in it and in the file."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise TaskDataError(f"{path}: cannot read: {e.strerror or e}") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line_no = data.count(b"\n", 0, e.start) + 1
+        raise TaskDataError(f"{path}:{line_no}: not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start - line_start} of the "
+                            f"line (byte {e.start} of the file): {e.reason}; re-save the file as UTF-8") from None
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at ``\\n`` (a ``\\r`` before it dropped) so numbers match an editor's and the decoder's; not
+    ``str.splitlines``, which also splits at U+2028, form feeds and other characters a JSON string may hold."""
+    return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
+
+
 def _rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a .tsv, .csv or .jsonl table."""
+    """(line number, row) pairs of a .tsv, .csv or .jsonl table. A row with more fields than the header keeps
+    the extras under the key ``None`` (``read_text_examples`` reports it)."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         rows = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        for line_no, line in enumerate(_lines(_read_text(path)), 1):
             if not line.strip():
                 continue
             try:
@@ -73,12 +98,14 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         return rows
     if suffix not in (".tsv", ".csv"):
         raise TaskDataError(f"{path}: unsupported table format {suffix!r} (expected .tsv, .csv or .jsonl)")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",",
-                                quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if suffix == ".tsv" else ",",
+                            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    try:
         if reader.fieldnames is None:
             raise TaskDataError(f"{path}: empty file (expected a header line)")
         return [(reader.line_num, row) for row in reader]
+    except csv.Error as e:  # e.g. a field over csv's size limit, a NUL byte
+        raise TaskDataError(f"{path}:{reader.line_num}: malformed {suffix[1:].upper()} row: {e}") from None
 
 
 def read_text_examples(path: str | os.PathLike, text_column: str = "text", pair_column: str | None = None,
@@ -89,6 +116,11 @@ def read_text_examples(path: str | os.PathLike, text_column: str = "text", pair_
     out = []
     for line_no, row in _rows(path):
         where = f"{path}:{line_no}"
+        if None in row:
+            bad.handle(f"{where}: {len(row) - 1 + len(row[None])} fields but the header has {len(row) - 1} "
+                       f"(an unquoted {'tab' if path.suffix.lower() == '.tsv' else 'comma'} inside a field?)",
+                       skip_bad_rows)
+            continue
         text = row.get(text_column)
         pair = row.get(pair_column) if pair_column else None
         if not isinstance(text, str) or (pair_column and not isinstance(pair, str)):
@@ -119,7 +151,7 @@ def read_conll(path: str | os.PathLike, with_tags: bool = True, skip_bad_rows: b
     lines are skipped."""
     path, bad = Path(path), bad if bad is not None else BadRows()
     out, words, tags, start, broken = [], [], [], 1, False
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _lines(_read_text(path))
     for line_no, line in enumerate([*lines, ""], 1):
         parts = line.split()
         if not parts or parts[0] == "-DOCSTART-":
@@ -141,7 +173,7 @@ def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRow
     """SQuAD v1.1 / v2.0 JSON; every answer must lie inside its context where it says it does."""
     path, bad = Path(path), bad if bad is not None else BadRows()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
         raise TaskDataError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
