@@ -5,10 +5,17 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
+#include <exception>
 #include <memory>
+#include <new>
+#include <optional>
+#include <stdexcept>
 #include <string>
 #include <string_view>
+#include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "masking.h"
@@ -75,110 +82,252 @@ Utf8Batch utf8_views(const py::handle& items, const char* what) {
 }
 
 // Python ints 0 .. n-1, made once and shared by every result: an id then costs a reference count, not an
-// allocation. Grown on demand, never freed (ints are immutable; vocabularies are small).
+// allocation. Grown on demand, with the GIL like every call here, and never freed (ints are immutable;
+// vocabularies are small). A caller keeps the returned pointer across GIL releases while another Python thread
+// may grow the cache for a larger vocabulary, so growing copies the ints into a larger array and keeps the old
+// array too: every pointer ever returned stays valid. Capacity doubles, so the arrays kept total less than the
+// last one.
 PyObject* const* shared_ints(int32_t n) {
-  static std::vector<PyObject*> ints;
-  while (static_cast<int32_t>(ints.size()) < n) {
-    PyObject* value = PyLong_FromLong(static_cast<long>(ints.size()));
-    if (value == nullptr) throw py::error_already_set();
-    ints.push_back(value);
+  struct Cache {
+    std::vector<std::unique_ptr<PyObject*[]>> arrays;  // every array handed out; the last is the current one
+    int32_t size = 0;
+    int32_t capacity = 0;
+  };
+  static Cache& cache = *new Cache;  // never destroyed: its ints outlive every result that shares them
+  if (n > cache.capacity) {
+    const auto capacity =
+        static_cast<int32_t>(std::min<int64_t>(INT32_MAX, std::max<int64_t>(n, 2 * int64_t(cache.capacity))));
+    std::unique_ptr<PyObject*[]> grown(new PyObject*[static_cast<size_t>(capacity)]);
+    if (!cache.arrays.empty()) std::copy_n(cache.arrays.back().get(), cache.size, grown.get());
+    cache.arrays.push_back(std::move(grown));
+    cache.capacity = capacity;
   }
-  return ints.data();
+  PyObject** ints = cache.arrays.back().get();
+  while (cache.size < n) {
+    PyObject* value = PyLong_FromLong(static_cast<long>(cache.size));
+    if (value == nullptr) throw py::error_already_set();
+    ints[cache.size++] = value;
+  }
+  return ints;
 }
 
-// A list of ids (each in [0, vocab_size)) made of the shared ints.
-py::list id_list(const std::vector<int32_t>& ids, int32_t vocab_size) {
-  PyObject* const* ints = shared_ints(vocab_size);
-  PyObject* list = PyList_New(static_cast<Py_ssize_t>(ids.size()));
-  if (list == nullptr) throw py::error_already_set();
-  for (size_t k = 0; k < ids.size(); ++k) {
+// A new list of ids (each in [0, vocab_size)) made of the shared ints, or nullptr with a Python error set.
+PyObject* new_id_list(const int32_t* ids, size_t count, PyObject* const* ints) {
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(count));
+  if (list == nullptr) return nullptr;
+  for (size_t k = 0; k < count; ++k) {
     Py_INCREF(ints[ids[k]]);
     PyList_SET_ITEM(list, k, ints[ids[k]]);
   }
+  return list;
+}
+
+py::list id_list(const std::vector<int32_t>& ids, int32_t vocab_size) {
+  PyObject* list = new_id_list(ids.data(), ids.size(), shared_ints(vocab_size));
+  if (list == nullptr) throw py::error_already_set();
   return py::reinterpret_steal<py::list>(list);
 }
 
-// Every text's (and pair's) ids as a list of lists of ints, encoded on num_threads threads. Making Python objects
-// needs the GIL, so one thread must do it; rather than after the encoding, the calling thread does it while the
-// others encode: it turns finished chunks of rows into lists in order, and when the next chunk is not finished
-// it encodes an unclaimed chunk itself (without the GIL). The lists are built with the cyclic GC paused, since
-// every new list would otherwise count towards a collection that can only find these fresh, acyclic lists.
-py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::string_view>& texts,
-                         const std::vector<std::string_view>& pairs, bool add_special_tokens, int num_threads) {
-  constexpr size_t kChunk = 16;
+// Pauses the cyclic GC while a batch's lists are built, since every new list would otherwise count towards a
+// collection that can only find these fresh, acyclic lists; resumes it on every way out, errors included.
+class GcPause {
+ public:
+  GcPause() : was_enabled_(PyGC_Disable()) {}
+  ~GcPause() {
+    if (was_enabled_) PyGC_Enable();
+  }
+  GcPause(const GcPause&) = delete;
+  GcPause& operator=(const GcPause&) = delete;
+
+ private:
+  int was_enabled_;
+};
+
+constexpr size_t kChunk = 16;  // rows a thread claims at a time
+
+// An exception a row's encoding threw, on whichever thread encoded it, kept for the calling thread.
+struct RowFailure {
+  size_t row = 0;
+  std::exception_ptr error;
+};
+
+// Raises a row's failure as a Python exception naming the item (`name[row]`, and `pairs[row]` when there are
+// pairs) and its size: MemoryError when an allocation failed, RuntimeError otherwise.
+[[noreturn]] void raise_row_failure(const RowFailure& failure, const char* name,
+                                    const std::vector<std::string_view>& texts,
+                                    const std::vector<std::string_view>& pairs) {
+  const std::string row = "[" + std::to_string(failure.row) + "]";
+  std::string item = name + row + " (" + std::to_string(texts[failure.row].size()) + " bytes)";
+  if (!pairs.empty()) item += " with pairs" + row + " (" + std::to_string(pairs[failure.row].size()) + " bytes)";
+  try {
+    std::rethrow_exception(failure.error);
+  } catch (const std::bad_alloc&) {
+    PyErr_SetString(PyExc_MemoryError, (item + ": out of memory while encoding it").c_str());
+  } catch (const std::length_error&) {
+    PyErr_SetString(PyExc_MemoryError, (item + ": out of memory while encoding it").c_str());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, (item + ": " + e.what()).c_str());
+  } catch (...) {
+    PyErr_SetString(PyExc_RuntimeError, (item + ": unknown C++ exception while encoding it").c_str());
+  }
+  throw py::error_already_set();
+}
+
+// Runs encode_row(i) for every row i of texts (and pairs: empty, or one per text) on up to num_threads threads
+// (<= 0: one per hardware thread), the calling thread among them, in chunks of kChunk rows. take_chunk(c), when
+// given, runs on the calling thread with the GIL for each chunk in order as soon as it is encoded, so Python
+// objects are made while the other threads still encode: the calling thread turns finished chunks into objects,
+// and when the next chunk is not finished it encodes an unclaimed chunk itself (without the GIL). With
+// take_chunk = nullptr the GIL is released once for the whole run. Must be called with the GIL.
+//
+// An exception from encode_row, on any thread, is carried back to the calling thread: the chunks before the
+// failing row's are still taken, no thread claims a chunk after it, and once every thread is joined it is raised
+// by raise_row_failure, so any number of threads raises what one thread would. An exception from take_chunk
+// stops the threads the same way and propagates once they are joined.
+template <typename EncodeRow, typename TakeChunk>
+void encode_in_chunks(const std::vector<std::string_view>& texts, const std::vector<std::string_view>& pairs,
+                      const char* name, int num_threads, EncodeRow&& encode_row, TakeChunk&& take_chunk) {
+  constexpr bool kTakes = !std::is_same_v<std::decay_t<TakeChunk>, std::nullptr_t>;
   const size_t n = texts.size();
   const size_t chunks = (n + kChunk - 1) / kChunk;
   size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
   threads = std::max<size_t>(1, std::min(threads, chunks));
 
-  // A chunk's rows back to back in one buffer (one allocation per chunk, not per row), freed once listed.
-  struct Chunk {
-    std::vector<int32_t> ids;
-    std::vector<size_t> ends;
-  };
-  std::vector<Chunk> out(chunks);
+  std::vector<RowFailure> failures(chunks);
   std::unique_ptr<std::atomic<bool>[]> done(new std::atomic<bool>[chunks]);
   for (size_t c = 0; c < chunks; ++c) done[c].store(false, std::memory_order_relaxed);
   std::atomic<size_t> next{0};
   auto encode_chunk = [&](size_t c) {
-    Chunk& chunk = out[c];
-    for (size_t i = c * kChunk; i < std::min(n, (c + 1) * kChunk); ++i) {
-      t.encode_ids(texts[i], pairs.empty() ? nullptr : &pairs[i], add_special_tokens, chunk.ids);
-      chunk.ends.push_back(chunk.ids.size());
+    size_t i = c * kChunk;
+    try {
+      for (; i < std::min(n, (c + 1) * kChunk); ++i) encode_row(i);
+    } catch (...) {
+      failures[c] = {i, std::current_exception()};
+      next.store(chunks);  // chunks are claimed in order, so every chunk before this one is already claimed
     }
     done[c].store(true, std::memory_order_release);
   };
 
-  PyObject* const* ints = shared_ints(t.vocab().size());
-  PyObject* outer = PyList_New(static_cast<Py_ssize_t>(n));
-  if (outer == nullptr) throw py::error_already_set();
-  const int gc_was_enabled = PyGC_Disable();
-  std::vector<std::thread> pool;
-  for (size_t k = 1; k < threads; ++k) {
-    pool.emplace_back([&] {
-      for (size_t c; (c = next.fetch_add(1)) < chunks;) encode_chunk(c);
-    });
-  }
-  bool failed = false;
-  for (size_t built = 0; built < chunks && !failed;) {
-    if (!done[built].load(std::memory_order_acquire)) {
+  // Declared after what the threads use, so it is destroyed (the threads stopped and joined) before it.
+  struct Pool {
+    std::atomic<size_t>& next;
+    size_t chunks;
+    std::vector<std::thread> threads;
+    ~Pool() {
+      next.store(chunks);  // on an early way out, the threads stop after their current chunk
       py::gil_scoped_release release;
+      for (auto& thread : threads) thread.join();
+    }
+  } pool{next, chunks, {}};
+  pool.threads.reserve(threads - 1);
+  for (size_t k = 1; k < threads; ++k) {
+    try {
+      pool.threads.emplace_back([&] {
+        for (size_t c; (c = next.fetch_add(1)) < chunks;) encode_chunk(c);
+      });
+    } catch (const std::system_error&) {
+      break;  // the system refused another thread: encode on those there are
+    }
+  }
+
+  std::optional<py::gil_scoped_release> released_for_the_run;
+  if (!kTakes) released_for_the_run.emplace();
+  for (size_t taken = 0; taken < chunks;) {
+    if (!done[taken].load(std::memory_order_acquire)) {
+      std::optional<py::gil_scoped_release> released;
+      if (kTakes) released.emplace();
       const size_t c = next.fetch_add(1);
       if (c < chunks) {
         encode_chunk(c);
       } else {  // every chunk is claimed: the one needed next is being encoded by another thread
-        while (!done[built].load(std::memory_order_acquire)) std::this_thread::yield();
+        while (!done[taken].load(std::memory_order_acquire)) std::this_thread::yield();
       }
       continue;
     }
-    const Chunk& chunk = out[built];
-    for (size_t r = 0, begin = 0; r < chunk.ends.size(); begin = chunk.ends[r++]) {
-      PyObject* inner = PyList_New(static_cast<Py_ssize_t>(chunk.ends[r] - begin));
-      if (inner == nullptr) {
-        failed = true;
-        break;
-      }
-      for (size_t k = begin; k < chunk.ends[r]; ++k) {
-        PyObject* value = ints[chunk.ids[k]];
-        Py_INCREF(value);
-        PyList_SET_ITEM(inner, k - begin, value);
-      }
-      PyList_SET_ITEM(outer, built * kChunk + r, inner);
+    if (failures[taken].error) {
+      released_for_the_run.reset();
+      raise_row_failure(failures[taken], name, texts, pairs);
     }
-    out[built] = Chunk();
-    ++built;
+    if constexpr (kTakes) take_chunk(taken);
+    ++taken;
   }
-  if (failed) next.store(chunks);  // the other threads stop after their current chunk
-  {
-    py::gil_scoped_release release;
-    for (auto& thread : pool) thread.join();
-  }
-  if (gc_was_enabled) PyGC_Enable();
-  if (failed) {
-    Py_DECREF(outer);
-    throw py::error_already_set();
-  }
-  return py::reinterpret_steal<py::list>(outer);
+}
+
+// A chunk's rows back to back in one buffer (one allocation per chunk, not per row), freed once taken.
+struct IdChunk {
+  std::vector<int32_t> ids;
+  std::vector<size_t> ends;  // row r is ids[ends[r - 1] .. ends[r]) (from 0 for r = 0)
+};
+
+// Every text's (and pair's) ids as a list of lists of ints, built on the calling thread while other threads
+// encode (see encode_in_chunks), with the cyclic GC paused.
+py::list encode_to_lists(const fastbert::Tokenizer& t, const std::vector<std::string_view>& texts,
+                         const std::vector<std::string_view>& pairs, bool add_special_tokens, int num_threads) {
+  const size_t n = texts.size();
+  std::vector<IdChunk> out((n + kChunk - 1) / kChunk);
+  PyObject* const* ints = shared_ints(t.vocab().size());
+  py::list lists(n);
+  const GcPause gc_pause;
+  encode_in_chunks(
+      texts, pairs, "texts", num_threads,
+      [&](size_t i) {
+        IdChunk& chunk = out[i / kChunk];
+        t.encode_ids(texts[i], pairs.empty() ? nullptr : &pairs[i], add_special_tokens, chunk.ids);
+        chunk.ends.push_back(chunk.ids.size());
+      },
+      [&](size_t c) {
+        const IdChunk& chunk = out[c];
+        for (size_t r = 0, begin = 0; r < chunk.ends.size(); begin = chunk.ends[r++]) {
+          PyObject* row = new_id_list(chunk.ids.data() + begin, chunk.ends[r] - begin, ints);
+          if (row == nullptr) throw py::error_already_set();
+          PyList_SET_ITEM(lists.ptr(), c * kChunk + r, row);
+        }
+        out[c] = IdChunk();
+      });
+  return lists;
+}
+
+// (ids, [(start, end), ...] or None) per text, without special tokens, built like encode_to_lists.
+py::list encode_to_tuples(const fastbert::Tokenizer& t, const std::vector<std::string_view>& texts,
+                          bool with_offsets, int num_threads, const char* name) {
+  struct Chunk {
+    fastbert::Encoding rows;   // the rows' ids and offsets back to back
+    std::vector<size_t> ends;  // ends in rows.ids; twice that in rows.offsets
+  };
+  const size_t n = texts.size();
+  std::vector<Chunk> out((n + kChunk - 1) / kChunk);
+  PyObject* const* ints = shared_ints(t.vocab().size());
+  py::list tuples(n);
+  const GcPause gc_pause;
+  encode_in_chunks(
+      texts, {}, name, num_threads,
+      [&](size_t i) {
+        Chunk& chunk = out[i / kChunk];
+        t.encode(texts[i], chunk.rows, with_offsets);
+        chunk.ends.push_back(chunk.rows.ids.size());
+      },
+      [&](size_t c) {
+        const Chunk& chunk = out[c];
+        for (size_t r = 0, begin = 0; r < chunk.ends.size(); begin = chunk.ends[r++]) {
+          py::object ids = py::reinterpret_steal<py::object>(
+              new_id_list(chunk.rows.ids.data() + begin, chunk.ends[r] - begin, ints));
+          if (!ids) throw py::error_already_set();
+          py::object offsets = py::none();
+          if (with_offsets) {
+            offsets = py::list(chunk.ends[r] - begin);
+            for (size_t k = begin; k < chunk.ends[r]; ++k) {
+              PyObject* span = Py_BuildValue("(ii)", chunk.rows.offsets[2 * k], chunk.rows.offsets[2 * k + 1]);
+              if (span == nullptr) throw py::error_already_set();
+              PyList_SET_ITEM(offsets.ptr(), k - begin, span);
+            }
+          }
+          PyObject* pair = PyTuple_Pack(2, ids.ptr(), offsets.ptr());
+          if (pair == nullptr) throw py::error_already_set();
+          PyList_SET_ITEM(tuples.ptr(), c * kChunk + r, pair);
+        }
+        out[c] = Chunk();
+      });
+  return tuples;
 }
 
 py::list offsets_list(const std::vector<int32_t>& flat) {
@@ -258,20 +407,30 @@ PYBIND11_MODULE(_wordpiece, m) {
           [](const fastbert::Tokenizer& t, const py::sequence& texts, bool add_special_tokens, int num_threads) {
             const Utf8Batch batch = utf8_views(texts, "texts");
             const size_t n = batch.views.size();
+            std::vector<IdChunk> chunks((n + kChunk - 1) / kChunk);
+            encode_in_chunks(
+                batch.views, {}, "texts", num_threads,
+                [&](size_t i) {
+                  IdChunk& chunk = chunks[i / kChunk];
+                  t.encode_ids(batch.views[i], nullptr, add_special_tokens, chunk.ids);
+                  chunk.ends.push_back(chunk.ids.size());
+                },
+                nullptr);
             py::array_t<int64_t> offsets(static_cast<py::ssize_t>(n + 1));
             int64_t* off = offsets.mutable_data();
-            std::vector<std::vector<int32_t>> ids;
-            {
-              py::gil_scoped_release release;
-              ids = t.encode_batch(batch.views, {}, add_special_tokens, num_threads);
-              off[0] = 0;
-              for (size_t i = 0; i < n; ++i) off[i + 1] = off[i] + static_cast<int64_t>(ids[i].size());
+            off[0] = 0;
+            for (size_t c = 0; c < chunks.size(); ++c) {
+              for (size_t r = 0; r < chunks[c].ends.size(); ++r) {
+                off[c * kChunk + r + 1] = off[c * kChunk] + static_cast<int64_t>(chunks[c].ends[r]);
+              }
             }
             py::array_t<int32_t> flat(static_cast<py::ssize_t>(off[n]));
             int32_t* out = flat.mutable_data();
             {
               py::gil_scoped_release release;
-              for (size_t i = 0; i < n; ++i) std::copy(ids[i].begin(), ids[i].end(), out + off[i]);
+              for (size_t c = 0; c < chunks.size(); ++c) {
+                std::copy(chunks[c].ids.begin(), chunks[c].ids.end(), out + off[c * kChunk]);
+              }
             }
             return py::make_tuple(flat, offsets);
           },
@@ -283,17 +442,7 @@ PYBIND11_MODULE(_wordpiece, m) {
           [](const fastbert::Tokenizer& t, const py::sequence& texts, bool with_offsets, int num_threads,
              const std::string& name) {
             const Utf8Batch batch = utf8_views(texts, name.c_str());
-            std::vector<fastbert::Encoding> encodings;
-            {
-              py::gil_scoped_release release;
-              encodings = t.encode_batch_offsets(batch.views, with_offsets, num_threads);
-            }
-            py::list out(encodings.size());
-            for (size_t i = 0; i < encodings.size(); ++i) {
-              out[i] = py::make_tuple(id_list(encodings[i].ids, t.vocab().size()),
-                                      with_offsets ? py::object(offsets_list(encodings[i].offsets)) : py::none());
-            }
-            return out;
+            return encode_to_tuples(t, batch.views, with_offsets, num_threads, name.c_str());
           },
           py::arg("texts"), py::arg("with_offsets") = false, py::arg("num_threads") = 0, py::arg("name") = "texts",
           "(ids, offsets or None) per text, without special tokens, on C++ threads; errors call the items `name`.")
