@@ -44,13 +44,45 @@ def options(vocab_path, **kw) -> PrepareOptions:
     return PrepareOptions(vocab=str(vocab_path), **{"seq_len": 64, "seed": 3, **kw})
 
 
-def test_output_is_identical_for_any_number_of_workers(corpus_dir, vocab_path, tmp_path):
-    one = prepare([str(corpus_dir)], tmp_path / "w1", options(vocab_path, shard_size=500), progress=False)
-    two = prepare([str(corpus_dir)], tmp_path / "w2", options(vocab_path, shard_size=500, workers=2),
-                  progress=False)
-    assert one == two and len(one["shards"]) > 1
-    for f in sorted((tmp_path / "w1").iterdir()):
-        assert f.read_bytes() == (tmp_path / "w2" / f.name).read_bytes(), f.name
+def test_output_is_identical_for_any_number_of_workers(vocab_path, tmp_path, monkeypatch):
+    """Workers encode blocks of DOCUMENTS_PER_TASK documents (cut in the parent, so patching it reaches them);
+    small blocks over several files, none a multiple of the block size, exercise the reassembly in order."""
+    from fastbert.data import prepare as prepare_module
+
+    docs = [" ".join(paragraphs) for paragraphs in stdlib_documents(limit_bytes=120_000)]
+    inputs, sizes = tmp_path / "in", [5, 8, 2, len(docs) - 15]
+    inputs.mkdir()
+    for i, (start, size) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)):
+        part = docs[start:start + size]
+        if i % 2:
+            (inputs / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
+        else:
+            (inputs / f"{i}.txt").write_text("\n\n".join(part) + "\n")
+    assert sizes[-1] >= 10
+
+    monkeypatch.setattr(prepare_module, "DOCUMENTS_PER_TASK", 3)
+    blocks_per_file: dict[int, list[int]] = {}
+    concatenate = prepare_module.Documents.concatenate.__func__
+
+    def counting(cls, parts):
+        blocks_per_file.setdefault(workers, []).append(len(parts))
+        return concatenate(cls, parts)
+
+    monkeypatch.setattr(prepare_module.Documents, "concatenate", classmethod(counting))
+    metas = {}
+    for workers in (1, 2, 3):
+        metas[workers] = prepare([str(inputs)], tmp_path / f"w{workers}",
+                                 options(vocab_path, shard_size=500, workers=workers), progress=False)
+    for workers in (2, 3):  # one block per 3 documents, so the larger files were encoded by several workers
+        assert blocks_per_file[workers][:len(sizes)] == [-(-n // 3) for n in sizes], blocks_per_file
+    assert metas[1] == metas[2] == metas[3] and len(metas[1]["shards"]) > 1
+    names = sorted(f.name for f in (tmp_path / "w1").iterdir())
+    assert "meta.json" in names and len(names) > 3
+    for workers in (2, 3):
+        assert sorted(f.name for f in (tmp_path / f"w{workers}").iterdir()) == names
+        for name in names:
+            assert (tmp_path / f"w{workers}" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), \
+                (workers, name)
 
 
 def _synthetic_documents(count: int, rng) -> list[list[list[int]]]:
