@@ -74,7 +74,7 @@ def _prepare_data(args: argparse.Namespace) -> int:
     options = PrepareOptions(vocab=args.vocab, do_lower_case=not args.cased, seq_len=args.seq_len,
                              objective=args.objective, seed=args.seed, workers=args.workers, errors=args.errors,
                              text_field=args.text_field, short_seq_prob=args.short_seq_prob,
-                             shard_size=args.shard_size)
+                             shard_size=args.shard_size, whole_word=args.whole_word)
     try:
         meta = prepare(args.inputs, args.out, options)
     except (InputError, ValueError) as e:
@@ -104,6 +104,8 @@ def _add_prepare_data(subparsers) -> None:
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files")
     p.add_argument("--short-seq-prob", type=float, default=0.1)
     p.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
+    p.add_argument("--whole-word", action="store_true",
+                   help="record that pretraining on these shards masks whole words (as pretrain --whole-word)")
     p.set_defaults(func=_prepare_data)
 
 
@@ -147,6 +149,8 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0)
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
+    p.add_argument("--max-trust-ratio", type=float, default=10.0, help="cap on LAMB's per-parameter trust ratio")
     p.add_argument("--deepspeed", default=None, help="extra DeepSpeed config JSON")
     p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of --out, if any) or a checkpoint")
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. phase 2)")
@@ -156,6 +160,10 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loader-workers", type=int, default=0)
+    p.add_argument("--whole-word", action="store_true",
+                   help="mask whole words: a word's ## continuation pieces (from the vocab) with it")
+    p.add_argument("--dist-timeout", type=float, default=120.0,
+                   help="seconds a collective may wait for another rank before the run fails")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_pretrain)
 

@@ -191,18 +191,19 @@ class _ChunkedMLMLoss(torch.autograd.Function):
         rows, vocab = hidden.shape[0], weight.shape[0]
         valid = labels != IGNORE_INDEX
         safe_labels = torch.where(valid, labels, 0)
-        denom = valid.sum().clamp(min=1).float()
+        compute = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for a float64 model
+        denom = valid.sum().clamp(min=1).to(compute)
         want_grad = any(ctx.needs_input_grad[:3])
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
         grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
-        loss = hidden.new_zeros((), dtype=torch.float32)
-        correct = hidden.new_zeros((), dtype=torch.float32)
+        loss = hidden.new_zeros((), dtype=compute)
+        correct = hidden.new_zeros((), dtype=compute)
         block = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
         for start in range(0, rows, block):
             stop = min(start + block, rows)
             h, y, keep = hidden[start:stop], safe_labels[start:stop], valid[start:stop]
-            logits = torch.addmm(bias, h, weight.t()).float()
+            logits = torch.addmm(bias, h, weight.t()).to(compute)
             top, predicted = logits.max(dim=1)  # the first maximum, as argmax picks it
             target = logits.gather(1, y[:, None]).squeeze(1)
             # One exp pass serves both the log-sum-exp and the gradient: exp(logits - max), in place of the logits.
@@ -212,7 +213,7 @@ class _ChunkedMLMLoss(torch.autograd.Function):
             correct += ((predicted == y) & keep).sum()
             if not want_grad:
                 continue
-            weight_row = keep.float() / denom
+            weight_row = keep.to(compute) / denom
             grad = exp.mul_((weight_row / total)[:, None])  # softmax, scaled by each row's share of the mean
             grad[torch.arange(stop - start, device=grad.device), y] -= weight_row
             grad = grad.to(hidden.dtype)

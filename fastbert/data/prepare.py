@@ -55,6 +55,7 @@ class PrepareOptions:
     text_field: str = "text"
     short_seq_prob: float = SHORT_SEQ_PROB
     shard_size: int = 100_000
+    whole_word: bool = False  # recorded in meta.json: pretraining on these shards masks whole words by default
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
@@ -442,7 +443,7 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
     tokenizer.save_pretrained(out_dir)  # the vocabulary travels with the shards it encoded
     writer = ShardWriter(out_dir, vocab_tokens=vocab, special_ids=special, seq_len=options.seq_len,
                          objective=options.objective, seed=options.seed, shard_size=options.shard_size,
-                         extra_meta={"do_lower_case": options.do_lower_case})
+                         extra_meta={"do_lower_case": options.do_lower_case, "whole_word": options.whole_word})
     from fastbert import _wordpiece
 
     with tqdm(total=len(documents), desc="pairs", unit="doc", disable=not progress) as bar:

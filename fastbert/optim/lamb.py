@@ -51,10 +51,16 @@ def square_sum(x: torch.Tensor) -> torch.Tensor:
     """The sum of squares of ``x`` as a float64 0-dim tensor, accurate at any length (see the module docstring)."""
     flat = x.detach().reshape(-1)
     whole = flat.numel() // _ROW * _ROW
-    total = torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), dim=1, dtype=torch.float32).double().square().sum()
+    rows = torch.linalg.vector_norm(flat[:whole].view(-1, _ROW), dim=1, dtype=_master_dtype(flat.dtype))
+    total = rows.double().square().sum()
     if whole < flat.numel():
         total = total + flat[whole:].double().square().sum()
     return total
+
+
+def _master_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype LAMB's math and moments use for parameters of ``dtype``: float32, or float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 class LambSetupError(ValueError):
@@ -241,8 +247,8 @@ class Lamb(torch.optim.Optimizer):
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=torch.float32),
-                         exp_avg_sq=torch.zeros_like(p, dtype=torch.float32))
+            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
+                         exp_avg_sq=torch.zeros_like(p, dtype=_master_dtype(p.dtype)))
         return state
 
     def _foreach_step(self, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]],
@@ -250,7 +256,7 @@ class Lamb(torch.optim.Optimizer):
         """The step with torch's multi-tensor (foreach) ops: the definition the fused path is tested against."""
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
-        grads = {id(p): p.grad.float() for p in params}
+        grads = {id(p): p.grad.to(_master_dtype(p.dtype)) for p in params}
         norm = self._global_norm(sum(square_sum(grads[id(p)].view(-1).narrow(0, f.start, f.numel))
                                      for p in params for f in fragments[id(p)]))
         self.last_step_skipped = norm is None
@@ -280,10 +286,10 @@ class Lamb(torch.optim.Optimizer):
             u = torch._foreach_div(m, [1 - beta1**t for t in steps])
             torch._foreach_div_(u, denom)
             if group["weight_decay"]:
-                torch._foreach_add_(u, [p.float() for p in ps], alpha=group["weight_decay"])
+                torch._foreach_add_(u, [p.to(_master_dtype(p.dtype)) for p in ps], alpha=group["weight_decay"])
             updates.append(u)
             for p, up in zip(ps, u, strict=True):
-                w_flat, u_flat = p.detach().float().view(-1), up.view(-1)
+                w_flat, u_flat = p.detach().to(_master_dtype(p.dtype)).view(-1), up.view(-1)
                 for f in fragments[id(p)]:
                     sums[2 * f.param_index] += square_sum(w_flat.narrow(0, f.start, f.numel))
                     sums[2 * f.param_index + 1] += square_sum(u_flat.narrow(0, f.start, f.numel))

@@ -35,10 +35,12 @@ from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.train import checkpoint
 from fastbert.train.flops import peak_flops, training_flops
+from fastbert.train.step import SUMS, optimizer_step, step_metrics
 
 log = logging.getLogger("fastbert.train")
-MODEL_INPUTS = ("input_ids", "token_type_ids", "position_ids", "labels", "next_sentence_label", "cu_seqlens",
-                "max_seqlen")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 class TrainingSetupError(ValueError):
@@ -71,6 +73,7 @@ class PretrainArgs:
     dropout: float | None = None
     seed: int = 0
     loader_workers: int = 0
+    whole_word: bool = False
     dist_timeout: float = 120.0
     progress: bool = True
 
@@ -128,8 +131,8 @@ def _ds_config(args: PretrainArgs) -> dict:
         raise TrainingSetupError("ZeRO-3 is not supported with LAMB: ZeRO-3 partitions parameters so that LAMB's "
                                  "per-parameter trust ratio cannot be formed from the local partition; use "
                                  "--zero-stage 1 or 2 (they give the same update as no ZeRO)")
-    if args.precision not in ("fp32", "bf16", "fp16"):
-        raise TrainingSetupError(f"--precision must be fp32, bf16 or fp16, got {args.precision!r}")
+    if args.precision not in PRECISIONS:
+        raise TrainingSetupError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
     config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
@@ -243,11 +246,15 @@ def pretrain(args: PretrainArgs) -> dict:
     if start_position != start_step * plan.accumulation:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
 
+    whole_word = args.whole_word or bool(dataset.meta.get("whole_word", False))
+    continuation_ids = [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if whole_word else []
     collate = MaskingCollator(config.vocab_size, list(dataset.special_ids.values()), dataset.special_ids["mask"],
-                              seed=args.seed, pad_id=dataset.special_ids["pad"])
+                              seed=args.seed, pad_id=dataset.special_ids["pad"], whole_word=whole_word,
+                              continuation_ids=continuation_ids)
     loader = torch.utils.data.DataLoader(
         MicroBatchDataset(dataset, plan, collate), batch_size=None, num_workers=args.loader_workers,
-        sampler=range(start_position, args.steps * plan.accumulation), persistent_workers=False)
+        sampler=range(start_position, args.steps * plan.accumulation), persistent_workers=False,
+        pin_memory=engine.device.type == "cuda")
 
     files = {"config.json": config.to_json_string("BertForPreTraining").encode(), "vocab.txt": vocab_bytes,
              "tokenizer_config.json": tokenizer_config}
@@ -291,37 +298,24 @@ def pretrain(args: PretrainArgs) -> dict:
             lr = warmup_poly_lr(step, args.lr, args.warmup, args.steps, args.decay_power)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            # loss, mlm acc, nsp acc, micro-batches, tokens, samples, sum of squared lengths, masked tokens
-            totals = torch.zeros(8, dtype=torch.float64)
-            for _ in range(plan.accumulation):
-                batch = next(batches)
-                out = engine(**{k: batch[k] for k in MODEL_INPUTS if k in batch})
-                engine.backward(out.loss)
-                engine.step()
-                lengths = batch["cu_seqlens"].diff()
-                totals += torch.tensor([out.loss.item(), out.mlm_accuracy.item(),
-                                        out.sentence_accuracy.item() if out.sentence_accuracy is not None else 0.0,
-                                        1, batch["input_ids"].numel(), lengths.numel(), lengths.square().sum().item(),
-                                        batch["masked_positions"].numel()], dtype=torch.float64)
-            skipped = torch.tensor([float(optimizer.last_step_skipped or not engine.was_step_applied()),
-                                    float(stop.requested)])
-            dist.all_reduce(totals)
-            dist.all_reduce(skipped)
+            micro_batches = [next(batches) for _ in range(plan.accumulation)]
+            sums = optimizer_step(engine, micro_batches, world,
+                                  skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
+                                  stop=stop.requested)
+            values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
             step += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            n = totals[3].item()
             grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
-            last = {"step": step, "loss": totals[0].item() / n, "mlm_accuracy": totals[1].item() / n,
-                    "lr": lr, "grad_norm": None if grad_norm is None else float(grad_norm),
-                    "skipped": bool(skipped[0] > 0), "tokens_per_s": totals[4].item() / elapsed,
-                    "samples_per_s": totals[5].item() / elapsed}
-            if objective != "none":
-                last["sentence_accuracy"] = totals[2].item() / n
+            skipped = values["skipped"] > 0
+            last = {"step": step, **step_metrics(values, objective != "none"), "lr": lr,
+                    "grad_norm": None if skipped or grad_norm is None else float(grad_norm), "skipped": skipped,
+                    "tokens_per_s": values["tokens"] / elapsed, "samples_per_s": values["sequences"] / elapsed}
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
             if peak is not None:
-                model_flops = training_flops(config, tokens=int(totals[4]), squared_lengths=int(totals[6]),
-                                             sequences=int(totals[5]), masked=int(totals[7]))
+                model_flops = training_flops(config, tokens=int(values["tokens"]),
+                                             squared_lengths=int(values["squared_lengths"]),
+                                             sequences=int(values["sequences"]), masked=int(values["masked"]))
                 last["mfu"] = model_flops / elapsed / (peak * world)
             if last["skipped"]:
                 log.warning("step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)",
@@ -337,7 +331,7 @@ def pretrain(args: PretrainArgs) -> dict:
                     bar.update(1)
                     bar.set_postfix(loss=f"{last['loss']:.3f}", mlm=f"{last['mlm_accuracy']:.3f}",
                                     seq_s=f"{last['samples_per_s']:.1f}")
-            stopping = bool(skipped[1] > 0)
+            stopping = values["stop"] > 0
             if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
                 client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation),
                                 "args": asdict(args)}
