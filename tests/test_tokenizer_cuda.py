@@ -13,6 +13,8 @@ import pytest
 from fastbert import _wordpiece
 from fastbert.tokenizer import WordPieceTokenizer
 
+pytestmark = pytest.mark.gpu  # the kernel compiles everywhere nvcc is, but runs only on a CUDA device
+
 TEXTS = [
     "Hello, World! Unaffable naïve café [MASK] ab[SEP]cd 中文字 ΟΔΟΣ İstanbul",
     "emoji 😀 👨‍👩‍👧 ZWJ, Thai ภาษาไทย, Arabic العربية, controls\x00\x07 and \u200b format",

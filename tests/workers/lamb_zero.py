@@ -1,6 +1,6 @@
 """Trains a small BERT for a few LAMB steps under DeepSpeed and saves the final parameters (rank 0).
 
-    torchrun --nproc_per_node N tests/workers/lamb_zero.py STAGE aware|naive OUT.pt
+    torchrun --nproc_per_node N tests/workers/lamb_zero.py STAGE aware|naive OUT.pt [vocab]
 
 Global batch 8 in micro-batches of 2 on every world size, so the optimizer steps see the same samples; dropout 0,
 fp32. Used by tests/test_lamb.py to compare ZeRO-1/2 against no ZeRO.
@@ -22,32 +22,35 @@ from fastbert.data.masking import MaskingCollator, Sample  # noqa: E402
 from fastbert.data.sampler import MicroBatchPlan  # noqa: E402
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr  # noqa: E402
 
-STEPS, GLOBAL, MICRO, VOCAB = 10, 8, 2, 300
+STEPS, GLOBAL, MICRO = 10, 8, 2
 
 
 def main() -> None:
     stage, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    vocab = int(sys.argv[4]) if len(sys.argv) > 4 else 300
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
                         attention_probs_dropout_prob=0.0)
     model = BertForPreTraining(config)
-    optimizer = Lamb(parameter_groups(model, 0.01), lr=2e-2, max_grad_norm=None)
-    ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO, "gradient_clipping": 1.0,
+    optimizer = Lamb(parameter_groups(model, 0.01), lr=2e-2, max_grad_norm=None if stage > 0 else 1.0)
+    # As the driver does: DeepSpeed clips under ZeRO (it alone sees every group's gradient), LAMB clips otherwise.
+    ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
+                 "gradient_clipping": 1.0 if stage > 0 else 0.0,
                  "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
                  "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    if stage > 0 and mode == "aware":
-        optimizer.attach_zero_partitions(list(model.parameters()), engine.optimizer.dp_process_group)
+    if mode == "aware":
+        optimizer.attach_to_engine(engine, list(model.parameters()))
     rng = np.random.default_rng(1)
     samples = []
     for _ in range(64):
         n = int(rng.integers(5, 30))
-        samples.append(Sample(np.concatenate([[2], rng.integers(5, VOCAB, n), [3]]), np.zeros(n + 2, np.int64),
+        samples.append(Sample(np.concatenate([[2], rng.integers(5, vocab, n), [3]]), np.zeros(n + 2, np.int64),
                               int(rng.integers(0, 2))))
-    collate = MaskingCollator(VOCAB, [0, 1, 2, 3, 4], 4, seed=5)
+    collate = MaskingCollator(vocab, [0, 1, 2, 3, 4], 4, seed=5)
     plan = MicroBatchPlan(len(samples), GLOBAL, MICRO, seed=2, rank=rank, world_size=world)
     for step in range(STEPS):
         for group in engine.optimizer.param_groups:
