@@ -163,6 +163,25 @@ class _StopRequest:
             signal.signal(sig, handler)
 
 
+def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]) -> MaskingCollator:
+    """The run's masking: BERT's 15% with 80/10/10, whole words (a word's ``##`` pieces with it) when asked by
+    ``--whole-word`` or by the shards' meta.json (``prepare-data --whole-word``)."""
+    whole_word = args.whole_word or bool(dataset.meta.get("whole_word", False))
+    continuation_ids = [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if whole_word else []
+    return MaskingCollator(len(vocab_tokens), list(dataset.special_ids.values()), dataset.special_ids["mask"],
+                           seed=args.seed, pad_id=dataset.special_ids["pad"], whole_word=whole_word,
+                           continuation_ids=continuation_ids)
+
+
+def _loader_worker_init(worker_id: int) -> None:
+    """A data-loader worker ignores SIGTERM and SIGINT. A signal sent to the launcher's whole process group (a job
+    scheduler's SIGTERM, Ctrl-C) reaches the workers too; left to the default they die, and PyTorch's SIGCHLD
+    handler then raises in the rank wherever it is, so the rank crashes instead of saving a checkpoint. The rank
+    stops them when it is done; if the rank itself dies, they notice and exit."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _read_vocab(data_dir: Path) -> tuple[list[str], bytes, bytes]:
     vocab_path = data_dir / "vocab.txt"
     if not vocab_path.exists():
@@ -246,15 +265,11 @@ def pretrain(args: PretrainArgs) -> dict:
     if start_position != start_step * plan.accumulation:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
 
-    whole_word = args.whole_word or bool(dataset.meta.get("whole_word", False))
-    continuation_ids = [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if whole_word else []
-    collate = MaskingCollator(config.vocab_size, list(dataset.special_ids.values()), dataset.special_ids["mask"],
-                              seed=args.seed, pad_id=dataset.special_ids["pad"], whole_word=whole_word,
-                              continuation_ids=continuation_ids)
+    collate = masking_collator(args, dataset, vocab_tokens)
     loader = torch.utils.data.DataLoader(
         MicroBatchDataset(dataset, plan, collate), batch_size=None, num_workers=args.loader_workers,
         sampler=range(start_position, args.steps * plan.accumulation), persistent_workers=False,
-        pin_memory=engine.device.type == "cuda")
+        pin_memory=engine.device.type == "cuda", worker_init_fn=_loader_worker_init if args.loader_workers else None)
 
     files = {"config.json": config.to_json_string("BertForPreTraining").encode(), "vocab.txt": vocab_bytes,
              "tokenizer_config.json": tokenizer_config}
