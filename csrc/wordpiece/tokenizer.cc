@@ -2,9 +2,7 @@
 #include "tokenizer.h"
 
 #include <algorithm>
-#include <atomic>
 #include <stdexcept>
-#include <thread>
 
 #include "unicode_tables.inc"
 
@@ -42,28 +40,6 @@ int32_t count_chars(const uint8_t* p, size_t n) {
   int32_t chars = 0;
   for (size_t i = 0; i < n; ++i) chars += (p[i] & 0xC0) != 0x80;
   return chars;
-}
-
-// Runs fn(i) for every i in [0, n) on up to num_threads threads (<= 0: one per hardware thread).
-template <typename Fn>
-void parallel_for(size_t n, int num_threads, Fn&& fn) {
-  size_t threads = num_threads > 0 ? size_t(num_threads) : std::max(1u, std::thread::hardware_concurrency());
-  constexpr size_t kChunk = 16;
-  threads = std::min(threads, (n + kChunk - 1) / kChunk);
-  if (threads <= 1) {
-    for (size_t i = 0; i < n; ++i) fn(i);
-    return;
-  }
-  std::atomic<size_t> next{0};
-  auto work = [&] {
-    for (size_t begin; (begin = next.fetch_add(kChunk)) < n;) {
-      for (size_t i = begin; i < std::min(n, begin + kChunk); ++i) fn(i);
-    }
-  };
-  std::vector<std::thread> pool;
-  for (size_t t = 1; t < threads; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
 }
 
 int32_t require_token(const Vocab& vocab, const std::string& token, const char* role) {
@@ -261,23 +237,6 @@ void Tokenizer::encode_ids(std::string_view text, const std::string_view* pair, 
     if (add_special_tokens) enc.ids.push_back(sep_id_);
   }
   ids.swap(enc.ids);
-}
-
-std::vector<std::vector<int32_t>> Tokenizer::encode_batch(const std::vector<std::string_view>& texts,
-                                                          const std::vector<std::string_view>& pairs,
-                                                          bool add_special_tokens, int num_threads) const {
-  std::vector<std::vector<int32_t>> results(texts.size());
-  parallel_for(texts.size(), num_threads, [&](size_t i) {
-    encode_ids(texts[i], pairs.empty() ? nullptr : &pairs[i], add_special_tokens, results[i]);
-  });
-  return results;
-}
-
-std::vector<Encoding> Tokenizer::encode_batch_offsets(const std::vector<std::string_view>& texts, bool with_offsets,
-                                                      int num_threads) const {
-  std::vector<Encoding> results(texts.size());
-  parallel_for(texts.size(), num_threads, [&](size_t i) { encode(texts[i], results[i], with_offsets); });
-  return results;
 }
 
 }  // namespace fastbert

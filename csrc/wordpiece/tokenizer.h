@@ -44,15 +44,6 @@ class Tokenizer {
   void encode_ids(std::string_view text, const std::string_view* pair, bool add_special_tokens,
                   std::vector<int32_t>& ids) const;
 
-  // Encodes texts[i] on num_threads threads (pairs may be empty or as long as texts). With add_special_tokens,
-  // each result is [CLS] a [SEP] (b [SEP]). Safe to call without the GIL: touches no Python object.
-  std::vector<std::vector<int32_t>> encode_batch(const std::vector<std::string_view>& texts,
-                                                 const std::vector<std::string_view>& pairs,
-                                                 bool add_special_tokens, int num_threads) const;
-  // Same, keeping offsets and no special tokens (the Python side truncates, adds them and pads).
-  std::vector<Encoding> encode_batch_offsets(const std::vector<std::string_view>& texts, bool with_offsets,
-                                             int num_threads) const;
-
   const Vocab& vocab() const { return vocab_; }
   const Trie& trie() const { return *trie_; }
   bool lowercase() const { return lowercase_; }
