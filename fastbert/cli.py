@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import platform
 import sys
 
@@ -119,6 +120,12 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from fastbert.config import PRESETS
+
+    if args.model not in PRESETS and not os.path.isfile(args.model):
+        print(f"fastbert pretrain: error: --model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+              "config.json file", file=sys.stderr)
+        return 2
     fields = {f.name for f in dataclasses.fields(PretrainArgs)}
     options = PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
     try:
@@ -302,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastbert", description="Fast, exact BERT pretraining and fine-tuning.")
     parser.add_argument("--version", action="version", version=f"fastbert {fastbert.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -336,7 +344,19 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print(f"fastbert {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, OSError, RuntimeError) as e:
+        # What bad input and broken files raise (a commands's own errors are ValueErrors): the message, not a
+        # traceback; --debug shows it.
+        if args.debug:
+            raise
+        print(f"fastbert {args.command}: error: {type(e).__name__}: {e} (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -91,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"fastbert tokenize: error: no such file: {', '.join(missing)}", file=sys.stderr)
         return 2
 
+    if args.output is not None and not args.output.parent.is_dir():
+        print(f"fastbert tokenize: error: -o {args.output}: the directory {args.output.parent} does not exist",
+              file=sys.stderr)
+        return 2
     total = sum(p.stat().st_size for p in args.files)
     tmp = None if args.output is None else args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
     out: TextIO = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")  # noqa: SIM115

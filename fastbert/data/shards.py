@@ -170,7 +170,10 @@ class ShardDataset:
         if not meta_path.exists():
             raise ShardError(f"{self.directory}: no {META_NAME}; the directory was not prepared, or prepare-data "
                              f"did not finish")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ShardError(f"{meta_path}: not a readable meta.json ({e}); prepare the data again") from e
         if self.meta.get("format_version") != FORMAT_VERSION:
             raise ShardError(f"{meta_path}: format_version {self.meta.get('format_version')!r}, this fastbert reads "
                              f"{FORMAT_VERSION}")
