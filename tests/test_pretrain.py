@@ -17,10 +17,123 @@ import torch
 
 from fastbert.data.corpus import stdlib_documents
 from fastbert.data.prepare import PrepareOptions, prepare
+from ports import free_port
 
 MODEL = {"vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 128, "max_position_embeddings": 128}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+WORKERS = Path(__file__).parent / "workers"
+# What metrics.jsonl records that is not a function of the run's inputs: timings.
+TIMINGS = {"tokens_per_s", "samples_per_s", "mfu"}
+
+
+def torchrun(nproc: int, *target: str) -> tuple[str, ...]:
+    """A torchrun launcher on a free port; ``target`` is ``("-m", "fastbert")`` or a script and its arguments."""
+    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *(target or ("-m", "fastbert")))
+
+
+def start(cmd) -> subprocess.Popen:
+    """A launcher in a process group of its own, so that a test can signal or kill it with all its children."""
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """pid -> (parent pid, process group, state) of every process, from /proc."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        table[int(stat.parent.name)] = (int(fields[1]), int(fields[2]), fields[0])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    table, found, frontier = _processes(), [], [pid]
+    while frontier:
+        children = [c for c, (parent, _, _) in table.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """``sig`` to the launcher's process group and to every process below it: torchrun starts each rank in a session
+    of its own, so the launcher's group alone does not reach the ranks (nor their loader workers)."""
+    for pid in [proc.pid, *descendants(proc.pid)]:
+        for send in (os.killpg, os.kill):
+            try:
+                send(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> str:
+    """The launcher's output once it exits; past ``timeout`` its whole group is killed and the test fails."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        output = proc.communicate()[0]
+        pytest.fail(f"{proc.args[:6]}... still running after {timeout} s:\n{output[-3000:]}")
+
+
+def wait_until(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """Poll ``ready()`` while ``proc`` runs; kill its group and fail if it ends first or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            kill_group(proc)
+            output = proc.communicate()[0]
+            state = "ended" if proc.returncode is not None and time.monotonic() <= deadline else "timed out"
+            pytest.fail(f"the run {state} before the test could act (rc {proc.returncode}):\n{output[-3000:]}")
+        time.sleep(0.02)
+
+
+def steps_logged(run_dir: Path) -> int:
+    metrics = run_dir / "metrics.jsonl"
+    return len(metrics.read_text().splitlines()) if metrics.exists() else 0
+
+
+def tensor_differences(a, b, path: str = "") -> list[str]:
+    """Every place where two loaded checkpoint files differ in a tensor (bitwise, dtype and shape included) or in
+    their structure; other leaves (ints, strings, DeepSpeed's plain objects) are not compared."""
+    if torch.is_tensor(a) or torch.is_tensor(b):
+        if not (torch.is_tensor(a) and torch.is_tensor(b)):
+            return [f"{path}: tensor vs {type(b if torch.is_tensor(a) else a).__name__}"]
+        if a.dtype != b.dtype or a.shape != b.shape or not torch.equal(a, b):
+            return [f"{path}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"]
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{path}: keys {sorted(map(str, a.keys() ^ b.keys()))} in one only"]
+        return [d for k in a for d in tensor_differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: length {len(a)} vs {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensor_differences(x, y, f"{path}[{i}]")]
+    return []
+
+
+def checkpoint_differences(a: Path, b: Path) -> list[str]:
+    """Bitwise differences between two checkpoints' DeepSpeed files: the model states (module weights, and the
+    optimizer state without ZeRO) and every rank's ZeRO optimizer partition (fp32 master weights, LAMB's moments).
+    RNG files are left out (they hold numpy's unseeded global state, which nothing in training draws from)."""
+    from fastbert.train.checkpoint import load_weights_only
+
+    names = sorted(p.name for p in a.glob("*.pt") if not p.name.startswith("rng-"))
+    assert any(n.endswith("model_states.pt") for n in names), names
+    assert names == sorted(p.name for p in b.glob("*.pt") if not p.name.startswith("rng-")), (a, b)
+    return [d for n in names for d in tensor_differences(load_weights_only(a / n), load_weights_only(b / n), n)]
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timings."""
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +162,18 @@ def pretrain_cmd(setup, out: Path, *extra: str, launcher: tuple[str, ...] = (sys
             "--no-progress", *extra]
 
 
+def node_launchers(tmp_path: Path, command, *target: str) -> list[subprocess.Popen]:
+    """Two one-rank nodes on this machine, each under its own ``deepspeed --no_ssh --node_rank`` launcher (as on two
+    hosts) in its own process group; ``command(launcher)`` makes the command line, ``target`` is what the launcher
+    runs (default ``--module fastbert``)."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
+    port = str(free_port())
+    return [start(command(("deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
+                           "--master_addr", "127.0.0.1", "--master_port", port,
+                           *(target or ("--module", "fastbert"))))) for r in range(2)]
+
+
 def run(cmd, timeout=600, **kw) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **kw.pop("env", {})}, timeout=timeout,
                             **kw)
@@ -67,31 +192,135 @@ def reference_run(setup) -> Path:
     return out
 
 
-def test_sigkill_and_resume_reproduce_the_loss_sequence(setup, reference_run, tmp_path):
+def test_sigkill_and_resume_reproduce_the_run_bitwise(setup, reference_run, tmp_path):
+    """One process, no ZeRO, two loader workers (the reference run has none): killed with SIGKILL after a checkpoint
+    landed and resumed, the final checkpoint and every logged metric are bitwise those of the straight run."""
     out = tmp_path / "killed"
-    proc = subprocess.Popen(pretrain_cmd(setup, out, "--dropout", "0.1", "--save-every", "2"), env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = out / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:  # kill after step 3, around step 4's checkpoint
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ("--dropout", "0.1", "--save-every", "2", "--loader-workers", "2")
+    proc = start(pretrain_cmd(setup, out, *args))
+    wait_until(proc, lambda: steps_logged(out) >= 3)  # kill after step 3, around step 4's checkpoint
+    kill_group(proc)
+    proc.communicate(timeout=60)
     # A half-written newer checkpoint must not be picked up.
     partial = out / "checkpoints" / "step-00000099"
     partial.mkdir(parents=True)
     (partial / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
     latest = (out / "checkpoints" / "latest").read_text()
     assert latest in {"step-00000002", "step-00000004", "step-00000006"}  # complete, and short of the last step
-    result = run(pretrain_cmd(setup, out, "--dropout", "0.1", "--save-every", "2", "--resume", "auto"))
+    result = run(pretrain_cmd(setup, out, *args, "--resume", "auto"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / latest}" in result.stderr
-    ref, got = losses(reference_run), losses(out)
-    assert len(got) == len(ref) == 8
-    assert max(abs(a - b) for a, b in zip(ref, got, strict=True)) <= 1e-7, (ref, got)
+    assert metrics(out) == metrics(reference_run)
+    final = "checkpoints/step-00000008"
+    assert checkpoint_differences(reference_run / final, out / final) == []
+
+
+ZERO2_RUN = ("--dropout", "0.1", "--zero-stage", "2", "--loader-workers", "2", "--save-every", "2", "--steps", "6")
+
+
+@pytest.fixture(scope="module")
+def zero2_reference(setup) -> Path:
+    out = setup["root"] / "zero2-reference"
+    result = run(pretrain_cmd(setup, out, *ZERO2_RUN, launcher=torchrun(2)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+def test_torchrun_zero2_interrupted_and_resumed_is_bitwise_the_straight_run(setup, zero2_reference, tmp_path, sig):
+    """2 ranks under torchrun, ZeRO-2, two loader workers a rank, dropout 0.1. SIGTERM to torchrun's process group
+    (torchrun sends it on to each rank's process group, the loader workers included) makes every rank save at the
+    step it stops at; SIGKILL (to every process of the run) loses the steps after the last checkpoint. Either way,
+    resumed with --resume auto, the final checkpoint (weights, both ranks' optimizer partitions) and the metrics are
+    bitwise the straight run's."""
+    out = tmp_path / "interrupted"
+    latest = out / "checkpoints" / "latest"
+    proc = start(pretrain_cmd(setup, out, *ZERO2_RUN, launcher=torchrun(2)))
+    wait_until(proc, (lambda: steps_logged(out) >= 2) if sig == signal.SIGTERM else latest.exists)
+    if sig == signal.SIGTERM:
+        os.killpg(proc.pid, sig)  # torchrun passes it on to each rank's process group
+    else:
+        kill_group(proc)  # the launcher, the ranks and their loader workers at once
+    output = finish(proc, timeout=120)
+    tag = latest.read_text()
+    step = int(tag.removeprefix("step-"))
+    assert step < 6, f"the run got to {tag} before the signal"
+    if sig == signal.SIGTERM:
+        assert output.count(f"stopped by signal after step {step}") == 2, output[-3000:]  # each rank, no crash
+        assert "DataLoader worker" not in output, output[-3000:]
+        assert steps_logged(out) == step
+    result = run(pretrain_cmd(setup, out, *ZERO2_RUN, "--resume", "auto", launcher=torchrun(2)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / tag} at step {step}" in result.stderr
+    assert metrics(out) == metrics(zero2_reference)
+    final = "checkpoints/step-00000006"
+    assert len(list((out / final).glob("zero_pp_rank_*_optim_states.pt"))) == 2
+    assert checkpoint_differences(zero2_reference / final, out / final) == []
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+def test_a_nan_on_one_rank_skips_the_step_on_every_rank(setup, tmp_path, zero):
+    """Rank 1's losses are NaN on every micro-batch of step 3 (tests/workers/pretrain_fault.py): both ranks skip it
+    (checkpoints 2 and 3 bitwise equal, weights and optimizer state), it is logged as skipped and no other step is,
+    the learning rate schedule goes on by step number, and the steps after it train with finite losses."""
+    from fastbert.optim import warmup_poly_lr
+
+    k, steps, out = 3, 5, tmp_path / "nan"
+    cmd = pretrain_cmd(setup, out, "--zero-stage", str(zero), "--steps", str(steps), "--save-every", "1", "--keep",
+                       "0", "--dropout", "0.1",
+                       launcher=torchrun(2, str(WORKERS / "pretrain_fault.py"), "nan", "1", str(k)))
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step {k} skipped" in result.stderr
+    logged = metrics(out)
+    assert [m["step"] for m in logged] == list(range(1, steps + 1))
+    assert [m["skipped"] for m in logged] == [s == k for s in range(1, steps + 1)]
+    assert math.isnan(logged[k - 1]["loss"]) and logged[k - 1]["grad_norm"] is None  # the NaN did reach step k
+    for m in logged[:k - 1] + logged[k:]:
+        assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]), m
+    assert [m["lr"] for m in logged] == [warmup_poly_lr(s - 1, 5e-3, 2, steps, 1.0) for s in range(1, steps + 1)]
+    ckpt = [None] + [out / "checkpoints" / f"step-{s:08d}" for s in range(1, steps + 1)]
+    assert checkpoint_differences(ckpt[k - 1], ckpt[k]) == []
+    assert checkpoint_differences(ckpt[k - 2], ckpt[k - 1]) != []  # the steps around it do update
+    assert checkpoint_differences(ckpt[k], ckpt[k + 1]) != []
+
+
+def _stopped(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` is stopped (state T)."""
+    return any(group == pgid and state == "T" for _, group, state in _processes().values())
+
+
+@pytest.mark.parametrize("fault", ["killed", "hung"])
+def test_a_dead_or_hung_node_fails_the_other_within_dist_timeout(setup, tmp_path, fault):
+    """Two nodes, each under its own deepspeed launcher, --dist-timeout 10, ZeRO-2. "killed": node 1's whole process
+    group is SIGKILLed after the first step. "hung": node 1's rank stops itself (SIGSTOP, sockets left open) in the
+    middle of step 2, so node 0's rank is waiting inside one of DeepSpeed's own collectives (its data-parallel group,
+    not the world group) and only the timeout can end the wait. Either way node 0 exits non-zero with an error well
+    before the default 120 s timeout, let alone gloo's 30 min default for DeepSpeed's groups."""
+    out = tmp_path / "nodes"
+    target = ("--module", "fastbert") if fault == "killed" else (str(WORKERS / "pretrain_fault.py"), "stop", "1", "2")
+    procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(
+        setup, out, "--steps", "50", "--zero-stage", "2", "--dist-timeout", "10", launcher=launcher), *target)
+    try:
+        if fault == "killed":
+            wait_until(procs[0], lambda: steps_logged(out) >= 1)
+            os.killpg(procs[1].pid, signal.SIGKILL)
+        else:
+            wait_until(procs[0], lambda: _stopped(procs[1].pid))
+        start_time = time.monotonic()
+        output = finish(procs[0], timeout=110)
+        elapsed = time.monotonic() - start_time
+    finally:
+        for proc in procs:
+            kill_group(proc)
+            if not proc.stdout.closed:
+                proc.communicate()
+    assert procs[0].returncode != 0, output[-3000:]
+    assert "fastbert pretrain: error:" in output, output[-3000:]
+    if fault == "hung":
+        assert "10000ms" in output, output[-3000:]  # gloo names the timeout it waited: --dist-timeout's
+    assert elapsed < 60, f"node 0 took {elapsed:.0f} s to fail"
+    assert steps_logged(out) < 50
 
 
 def test_export_is_loaded_by_transformers_with_the_same_losses(setup, reference_run, tmp_path):
@@ -130,21 +359,16 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     assert abs(expected[0] - ref[0]) < 0.5  # same data, same init; dropout differs
     torchrun = tmp_path / "torchrun"
     result = run(pretrain_cmd(setup, torchrun, *dropout0, "--zero-stage", "2", launcher=(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611", "-m",
-        "fastbert")))
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        "-m", "fastbert")))
     assert result.returncode == 0, result.stderr[-3000:]
     ds = tmp_path / "deepspeed"
     result = run(pretrain_cmd(setup, ds, *dropout0, "--zero-stage", "1", launcher=(
-        "deepspeed", "--num_accelerators", "2", "--master_port", "29612", "--module", "fastbert")))
+        "deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "fastbert")))
     assert result.returncode == 0, result.stderr[-3000:]
-    hostfile = tmp_path / "hostfile"
-    hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     nodes = tmp_path / "nodes"
-    procs = [subprocess.Popen(pretrain_cmd(setup, nodes, *dropout0, launcher=(
-        "deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r), "--master_addr", "127.0.0.1",
-        "--master_port", "29613", "--module", "fastbert")), env=ENV, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(setup, nodes, *dropout0, launcher=launcher))
+    outputs = [finish(p, timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
     for other in (torchrun, ds, nodes):
         got = losses(other)
@@ -200,7 +424,7 @@ def test_a_dead_rank_does_not_hang_the_others(setup, tmp_path):
         "from fastbert.cli import main\n"
         "sys.exit(main())\n")
     cmd = pretrain_cmd(setup, tmp_path / "dead", "--save-every", "2", launcher=(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29614",
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(script)))
     start = time.time()
     result = run(cmd, timeout=300)
@@ -214,19 +438,21 @@ def test_plot_writes_a_png(reference_run):
     assert (reference_run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
+def test_a_signal_saves_a_checkpoint_and_stops(setup, tmp_path, sig):
+    """SIGTERM (a scheduler) or SIGINT (Ctrl-C) to the run's whole process group, loader workers included: the run
+    saves a checkpoint at the step it stopped at and exits 0."""
     out = tmp_path / "term"
-    cmd = pretrain_cmd(setup, out)
+    cmd = pretrain_cmd(setup, out, "--loader-workers", "2")
     cmd[cmd.index("--steps") + 1] = "500"
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    while proc.poll() is None and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
-    done = len(metrics.read_text().splitlines())
-    assert f"stopped by signal after step {done}" in err
+    proc = start(cmd)
+    wait_until(proc, lambda: steps_logged(out) >= 2)
+    os.killpg(proc.pid, sig)
+    output = finish(proc, timeout=120)
+    assert proc.returncode == 0, output[-3000:]
+    done = steps_logged(out)
+    assert done < 500
+    assert f"stopped by signal after step {done}" in output
     assert (out / "checkpoints" / "latest").read_text() == f"step-{done:08d}"
 
 

@@ -90,9 +90,17 @@ def init_distributed(timeout_s: float) -> None:
     if "RANK" not in os.environ:  # a plain process: a world of one
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    timeout = timedelta(seconds=timeout_s)
+    # DeepSpeed runs its collectives on groups of its own (``dist.new_group`` with no timeout: a clone of the world
+    # for data parallelism, ZeRO's groups), and torch gives such a group its default timeout (30 minutes for gloo),
+    # not the world group's. So that a dead or hung rank fails the run within --dist-timeout whichever collective the
+    # others are waiting in, every group made from here on gets it as its default.
+    dist.distributed_c10d.default_pg_timeout = timeout
+    if torch.cuda.is_available():
+        dist.distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(seconds=timeout_s))
+        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
