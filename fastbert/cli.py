@@ -231,7 +231,8 @@ def _add_finetune(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=3e-5)
+    p.add_argument("--lr", type=float, default=None,
+                   help="default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
