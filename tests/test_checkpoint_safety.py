@@ -138,3 +138,12 @@ def test_deepspeed_optimizer_states_pass_and_nothing_else_does(tmp_path):
         checkpoint.verify_safe(ckpt)
     assert sorted(c.__name__ for c in checkpoint.deepspeed_safe_globals()) == [
         "DynamicLossScaler", "LossScaler", "ZeroStageEnum", "fragment_address"]
+
+
+def test_a_truncated_checkpoint_is_named_as_unreadable(run_dir, tmp_path):
+    path = run_dir / checkpoint.CHECKPOINTS / TAG / "mp_rank_00_model_states.pt"
+    torch.save({"module": {"w": torch.zeros(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(checkpoint.UnsafeCheckpoint, match=r"mp_rank_00_model_states.pt: unreadable, the file is "
+                                                          r"truncated or corrupted"):
+        export(run_dir, tmp_path / "hf")

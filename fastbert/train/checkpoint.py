@@ -82,9 +82,12 @@ def verify_safe(checkpoint: Path) -> None:
     for path in sorted(Path(checkpoint).glob("*.pt")):
         try:
             load_weights_only(path, mmap=zipfile.is_zipfile(path))
-        except Exception as e:  # whatever stops a safe load (a banned global, a corrupt file) is a refusal
+        except pickle.UnpicklingError as e:  # a global outside the allow-list: loading it could run code
             raise UnsafeCheckpoint(f"{path}: refused: it does not load with torch.load(weights_only=True), and "
                                    f"loading it otherwise could run code: {_refusal(e)}") from e
+        except Exception as e:  # a truncated or corrupted file (torch's zip reader, an early EOF)
+            raise UnsafeCheckpoint(f"{path}: unreadable, the file is truncated or corrupted ({_refusal(e)}); "
+                                   "resume or export from another checkpoint") from e
 
 
 def rng_state() -> dict[str, Any]:
