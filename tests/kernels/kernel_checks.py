@@ -6,16 +6,26 @@ changes a margin; the interpreter has no bounds checks of its own, so this is ho
 Outputs the kernels allocate are guarded too: tests swap each kernel module's ``_empty`` for
 ``GuardedBuffers.empty``, whose interior also starts as NaN, so an element the kernel forgot to write shows up.
 
-Tolerance (DESIGN.md): ``|fused - ref| <= 2 * |torch in the same low precision - ref| + atol`` elementwise, where
-``ref`` is the float32 torch reference computed from the same (already rounded) low-precision inputs.
+Tolerance: each kernel output is compared elementwise with a float64 reference computed from the same (already
+rounded) inputs, within ``rounding_tolerance``: what rounding the result once to its dtype and computing it in
+float32 can cost, derived from the terms the kernel adds up, never a multiple of torch's own low-precision error.
+A kernel test builds one ``Comparison`` per output; ``test_mutations.py`` feeds the same comparisons scaled
+outputs (zeros, half, negated, 0.9x) and requires each to be rejected. ``assert_close`` (an atol of a few ulps at
+the tensor's largest magnitude) remains for float32 checks with no per-term bound: whole models, dropout, dispatch.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pytest
 import torch
 
 MARGIN = 257  # at least this many elements on each side; odd, so a stray vector-width write past the end lands inside
 INT_SENTINEL = -(2**30) + 7
+U32 = 2.0**-24  # unit roundoff of float32
 
 
 class GuardedBuffers:
@@ -58,14 +68,129 @@ class GuardedBuffers:
                     f"{name}: margin {side} the tensor was written at offsets {touched[:8].tolist()}")
 
 
+@contextlib.contextmanager
+def patched(owner, **attributes):
+    """``monkeypatch.setattr`` for code that runs outside a single test (a cached case): restored on exit."""
+    saved = {name: getattr(owner, name) for name in attributes}
+    for name, value in attributes.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owner, name, value)
+
+
 def assert_no_nan(name: str, tensor: torch.Tensor) -> None:
     bad = torch.isnan(tensor).nonzero()
     assert bad.numel() == 0, f"{name} holds NaN (unwritten or out-of-bounds read) at {bad[:8].tolist()}"
 
 
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+def rounded_magnitude(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``|x|`` as far as rounding it to ``dtype`` goes: below the smallest normal the error stops shrinking."""
+    return x.detach().double().abs().clamp(min=torch.finfo(dtype).smallest_normal)
+
+
+def rounding_tolerance(ref: torch.Tensor, dtype: torch.dtype, *, rounded: Sequence[torch.Tensor] = (),
+                       sum_abs: torch.Tensor | None = None, ops: int = 0, operand_l2: torch.Tensor | None = None,
+                       operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Elementwise bound on ``|fused - ref|`` for an output the kernel computes in float32 and rounds to ``dtype``:
+
+        u·(|ref| + Σ|rounded|) + (1 + u)·(ops·2^-24·sum_abs + 4·u_op·operand_l2) + u·rms(ref)
+
+    ``ref`` is float64 from the kernel's own rounded inputs; u is the unit roundoff of ``dtype``. First, one rounding
+    of the result, and of each further value the kernel rounds to ``dtype`` on the way (``rounded``: partial sums, a
+    result before its final scaling). Then the float32 error of adding up terms whose absolute values sum to
+    ``sum_abs`` along a chain of ``ops`` operations (worst case), and of terms rounded to ``operand_dtype`` (u_op;
+    default ``dtype``) before a float32-accumulated dot, as tensor cores take them: ``operand_l2`` is the root of
+    their sum of squares (each rounded factor taken at ``rounded_magnitude``), and independent round-to-nearest
+    errors stay within about seven standard deviations of it. Last, an atol of one rounding at the tensor's RMS.
+    Every magnitude that is rounded is floored at the smallest normal of its dtype.
+    """
+    u = unit_roundoff(dtype)
+    magnitude = rounded_magnitude(ref, dtype)
+    rms = ref.detach().double().square().mean().sqrt().item() if ref.numel() else 0.0
+    allowed = u * (magnitude + sum(rounded_magnitude(r, dtype) for r in rounded)) + u * rms
+    computed = torch.zeros_like(magnitude)
+    if sum_abs is not None:
+        computed = computed + ops * U32 * sum_abs.detach().double()
+    if operand_l2 is not None:
+        computed = computed + 4 * unit_roundoff(operand_dtype or dtype) * operand_l2.detach().double()
+    return allowed + (1 + u) * computed
+
+
+def assert_within(name: str, fused: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor) -> None:
+    """``|fused - ref| <= allowed`` everywhere, no NaN; the message names the worst element and how many fail."""
+    assert fused.shape == ref.shape, f"{name}: shape {tuple(fused.shape)} != reference {tuple(ref.shape)}"
+    assert_no_nan(name, fused)
+    fused, ref = fused.detach().double(), ref.detach().double()
+    error = (fused - ref).abs()
+    bad = error > allowed
+    if bool(bad.any()):
+        worst = (error / allowed).flatten().argmax().item()
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst at flat index {worst}: error "
+            f"{error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g} "
+            f"(fused {fused.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g})")
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One kernel output, its float64 reference and the elementwise tolerance. ``base`` is the tensor the output
+    updates in place (the weights before an optimizer step), so that a mutation scales the update, not the weight."""
+
+    name: str
+    fused: torch.Tensor
+    ref: torch.Tensor
+    allowed: torch.Tensor
+    base: torch.Tensor | None = None
+
+    def check(self, fused: torch.Tensor | None = None) -> None:
+        assert_within(self.name, self.fused if fused is None else fused, self.ref, self.allowed)
+
+    def mutated(self, factor: float) -> torch.Tensor:
+        """The output a kernel off by ``factor`` would return (in the output's dtype)."""
+        base = 0.0 if self.base is None else self.base.double()
+        return (base + factor * (self.fused.double() - base)).to(self.fused.dtype)
+
+
+def compare(name: str, fused: torch.Tensor, ref: torch.Tensor, **tolerance) -> Comparison:
+    """A ``Comparison`` within ``rounding_tolerance(ref, fused.dtype, **tolerance)``."""
+    ref = ref.detach().double()
+    return Comparison(name, fused.detach(), ref, rounding_tolerance(ref, fused.dtype, **tolerance))
+
+
+def spy(monkeypatch, owner, name: str) -> list:
+    """Wraps ``owner.name`` so that each call is recorded as ``(args, kwargs)`` and then runs the real function."""
+    calls, real = [], getattr(owner, name)
+
+    def recording(*args, **kwargs):
+        calls.append((args, kwargs))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return calls
+
+
+def same_arguments(got: tuple, want: tuple) -> bool:
+    """Positional arguments as a spy recorded them: the very same tensors, equal other values."""
+    if len(got) != len(want):
+        return False
+    return all(a is b if torch.is_tensor(b) else a == b for a, b in zip(got, want, strict=True))
+
+
+def forbid(monkeypatch, owner, name: str, why: str) -> None:
+    """Makes ``owner.name`` fail the test when called (``pytest.fail`` is not an Exception, so nothing swallows it)."""
+    monkeypatch.setattr(owner, name, lambda *args, **kwargs: pytest.fail(f"{why} ({owner.__name__}.{name} called)"))
+
+
 def assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, ulps: float = 4.0,
                  magnitude: float = 1e-3) -> None:
-    """The tolerance rule: ``fused`` may be off the fp32 ``ref`` by twice torch's own low-precision error + atol.
+    """Whole-model float32 comparisons only: ``fused`` may be off ``ref`` by twice ``|low - ref|`` + atol.
 
     ``atol`` is ``ulps`` units in the last place of ``fused``'s dtype at the largest reference magnitude: what a
     correct kernel can lose by rounding once where torch happened to round the other way. A wrong formula is off

@@ -6,12 +6,14 @@ adding their sums as the all-reduce does), guarded buffers, skipped non-finite s
 from __future__ import annotations
 
 import copy
+import functools
+import os
 from types import SimpleNamespace
 
 import pytest
 import torch
 from fastbert.kernels import lamb as kernel
-from kernel_checks import GuardedBuffers, assert_no_nan
+from kernel_checks import Comparison, GuardedBuffers, assert_no_nan, rounding_tolerance
 
 from fastbert.optim import Lamb
 
@@ -42,18 +44,24 @@ def _set_grads(params: list[torch.Tensor], step: int, scale: float) -> None:
         p.grad = g.to(p.dtype)
 
 
-def _step(opt: Lamb, backend: str, monkeypatch) -> None:
-    monkeypatch.setenv("FASTBERT_BACKEND", backend)
-    opt.step()
-    monkeypatch.delenv("FASTBERT_BACKEND")
+def _step(opt: Lamb, backend: str) -> None:
+    """One step with ``FASTBERT_BACKEND=backend`` (restored after, so that cached runs outside a test can use it)."""
+    saved = os.environ.get("FASTBERT_BACKEND")
+    os.environ["FASTBERT_BACKEND"] = backend
+    try:
+        opt.step()
+    finally:
+        if saved is None:
+            del os.environ["FASTBERT_BACKEND"]
+        else:
+            os.environ["FASTBERT_BACKEND"] = saved
 
 
 def _assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, rtol: float, ulps: float,
-                  scale: torch.Tensor | None = None) -> float:
+                  scale: torch.Tensor | None = None) -> None:
     """Elementwise ``|fused - ref| <= rtol * scale + ulps * eps(fp32) * max|ref|``, ``scale`` being ``|ref|`` unless
     given: a relative error plus a few roundings at the tensor's magnitude. Moments pass their largest magnitude as
-    the scale (exp_avg cancels: a relative difference in the clip factor shows at the size of the terms). Returns
-    the worst error over ``max(scale)``."""
+    the scale (exp_avg cancels: a relative difference in the clip factor shows at the size of the terms)."""
     fused, ref = fused.detach().double(), ref.detach().double()
     scale = ref.abs() if scale is None else scale.detach().double().abs()
     allowed = rtol * scale + ulps * torch.finfo(torch.float32).eps * ref.abs().max()
@@ -62,66 +70,86 @@ def _assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, rtol: float
     assert bool((error <= allowed).all()), (
         f"{name}: error {error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g} at "
         f"{worst.item()} (fused {fused.flatten()[worst].item():.8g}, ref {ref.flatten()[worst].item():.8g})")
-    return (error.max() / scale.max().clamp(min=1e-30)).item()
 
 
-def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, step: int, moment_rtol: float,
-                      weight_ulps: float) -> float:
-    """One step of both paths compared (weights against the step torch took), then the fused side reset to torch's
-    numbers so that the next step compares one step again, not accumulated rounding."""
-    worst = 0.0
+STEP_OPS = 16  # the float32 steps of the two paths differ by ulps of the step: norms summed in other orders
+
+
+def _weight_comparison(name: str, fused: torch.Tensor, torch_path: torch.Tensor, before: torch.Tensor) -> Comparison:
+    """Weights after one step against the torch path's: both round the new weight to its dtype once, torch also
+    rounds the update before adding it, and the two float32 updates differ by ``STEP_OPS`` ulps of the step."""
+    ref = torch_path.detach().double()
+    step = ref - before.double()
+    allowed = rounding_tolerance(ref, fused.dtype, rounded=[ref, step], sum_abs=step.abs(), ops=STEP_OPS)
+    return Comparison(name, fused.detach().clone(), ref, allowed, base=before.detach().clone())
+
+
+def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, step: int,
+                      moment_rtol: float) -> list[Comparison]:
+    """One step of both paths: the moments compared, the weights' comparisons (against the step torch took)
+    returned, then the fused side reset to torch's numbers so that the next step compares one step again, not
+    accumulated rounding."""
+    weights = []
     for i, (a, b, w0) in enumerate(zip(fused_params, ref_params, before, strict=True)):
         assert fused.state[a]["step"] == ref.state[b]["step"] == step + 1
-        worst = max(worst, _assert_close(f"param {i} {tuple(a.shape)} step {step}", a.float(), b.float(), 1e-6,
-                                         weight_ulps, scale=b.float() - w0.float()))
+        weights.append(_weight_comparison(f"param {i} {tuple(a.shape)} step {step}", a, b, w0))
         for name in ("exp_avg", "exp_avg_sq"):
             moment = ref.state[b][name]
             _assert_close(f"{name} {i} step {step}", fused.state[a][name], moment, moment_rtol, 4,
                           scale=moment.abs().max().expand(moment.shape))
             fused.state[a][name].copy_(ref.state[b][name])
         a.data.copy_(b.detach())
-    return worst
+    return weights
 
 
-def _three_steps(fused, ref, fused_params, ref_params, monkeypatch, moment_rtol: float, ulps: float) -> float:
-    """Three steps of the fused and the torch optimizer on the same gradients, compared (and re-synced) after each;
-    returns the worst weight error relative to the step size."""
-    worst = 0.0
+FP32_CONFIGS = {"clipped-cap10": (0.5, 10.0), "unclipped-cap0.3": (None, 0.3), "clipped-nocap": (0.5, None)}
+
+
+def three_steps(dtype: torch.dtype, config: str = "clipped-cap10") -> list[Comparison]:
+    """Three steps of the fused and the torch optimizer on the same gradients, moments compared and both sides
+    re-synced after each; returns the weights' comparisons (cached: test_mutations.py reuses them). float32 runs
+    ``config``; fp16 and bf16 weights and gradients run clipped at the default norm 1."""
+    return _three_steps(dtype, config if dtype == torch.float32 else None)
+
+
+@functools.cache
+def _three_steps(dtype: torch.dtype, config: str | None) -> list[Comparison]:
+    if dtype == torch.float32:
+        max_grad_norm, max_trust_ratio = FP32_CONFIGS[config]
+        kwargs = dict(lr=0.05, max_grad_norm=max_grad_norm, max_trust_ratio=max_trust_ratio)
+        # Clipping scales m by the clip factor and v by its square; the torch path's squared gradient norm (norms
+        # per tensor, squared, summed) is itself about 1e-6 off the exact one, the kernel's about 1e-7.
+        moment_rtol = 3e-6 if max_grad_norm else 1e-6
+        fused_params = _params(dtype)
+    else:
+        kwargs, moment_rtol = dict(lr=0.05), 3e-6
+        fused_params = _params(dtype, seed=1)
+    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    fused, ref = Lamb(_groups(fused_params), **kwargs), Lamb(_groups(ref_params), **kwargs)
+    weights = []
     for step in range(3):
         for params in (fused_params, ref_params):
             _set_grads(params, step, 0.1)
         before = [p.detach().clone() for p in ref_params]
-        _step(fused, "triton", monkeypatch)
-        _step(ref, "torch", monkeypatch)
+        _step(fused, "triton")
+        _step(ref, "torch")
         assert fused._plan is not None and ref._plan is None  # each really took its own path
         assert not fused.last_step_skipped
-        worst = max(worst, _compare_and_sync(fused, ref, fused_params, ref_params, before, step, moment_rtol, ulps))
-    return worst
+        weights += _compare_and_sync(fused, ref, fused_params, ref_params, before, step, moment_rtol)
+    return weights
 
 
-@pytest.mark.parametrize("max_grad_norm,max_trust_ratio", [(0.5, 10.0), (None, 0.3), (0.5, None)],
-                         ids=["clipped-cap10", "unclipped-cap0.3", "clipped-nocap"])
-def test_fused_matches_torch_path_fp32(max_grad_norm, max_trust_ratio, monkeypatch):
-    fused_params = _params(torch.float32)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    kwargs = dict(lr=0.05, max_grad_norm=max_grad_norm, max_trust_ratio=max_trust_ratio)
-    fused, ref = Lamb(_groups(fused_params), **kwargs), Lamb(_groups(ref_params), **kwargs)
-    # Clipping scales m by the clip factor and v by its square; the torch path's squared gradient norm (norms per
-    # tensor, squared, summed) is itself about 1e-6 off the exact one, the kernel's about 1e-7.
-    moment_rtol = 3e-6 if max_grad_norm else 1e-6
-    worst = _three_steps(fused, ref, fused_params, ref_params, monkeypatch, moment_rtol, 2)
-    print(f"fp32 worst weight error / step size: {worst:.3g}")
+@pytest.mark.parametrize("config", FP32_CONFIGS)
+def test_fused_matches_torch_path_fp32(config):
+    for comparison in three_steps(torch.float32, config):
+        comparison.check()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_matches_torch_path_low_precision(dtype, monkeypatch):
-    """Low-precision weights and gradients (clipped at the default norm 1): moments match in fp32; weights within
-    one ulp of their dtype (torch rounds the update to the weight dtype before adding it, the kernel rounds once)."""
-    fused_params = _params(dtype, seed=1)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
-    fused, ref = Lamb(_groups(fused_params), lr=0.05), Lamb(_groups(ref_params), lr=0.05)
-    ulps = torch.finfo(dtype).eps / torch.finfo(torch.float32).eps
-    _three_steps(fused, ref, fused_params, ref_params, monkeypatch, 3e-6, ulps)
+def test_fused_matches_torch_path_low_precision(dtype):
+    """Low-precision weights and gradients: moments match in fp32; weights within the rounding of both paths."""
+    for comparison in three_steps(dtype):
+        comparison.check()
 
 
 def _flat_model(sizes: list[int]) -> list[torch.Tensor]:
@@ -155,7 +183,7 @@ def _zero_case():
     return sizes, _fake_zero(sizes, [(0, split), (split, sum(sizes))])
 
 
-def test_two_simulated_ranks_match_whole_parameters(monkeypatch):
+def test_two_simulated_ranks_match_whole_parameters():
     """Each rank runs the kernels on its flat partition; the all-reduce is the sum of the ranks' sums."""
     sizes, ranks = _zero_case()
     whole = [w.clone().requires_grad_() for w in _flat_model(sizes)]
@@ -171,7 +199,7 @@ def test_two_simulated_ranks_match_whole_parameters(monkeypatch):
     for step in range(2):
         _set_grads(whole, step, 0.3)
         flat_grad = torch.cat([x.grad for x in whole])
-        _step(ref, "torch", monkeypatch)
+        _step(ref, "torch")
         grad_sq = 0.0
         for f in flats:
             f.g = torch.zeros_like(f.w)
@@ -196,7 +224,7 @@ def test_two_simulated_ranks_match_whole_parameters(monkeypatch):
             assert torch.equal(f.w[f.numel:], torch.zeros(PADDING))  # padding stays zero
 
 
-def test_optimizer_fragment_path_fused_matches_torch(monkeypatch):
+def test_optimizer_fragment_path_fused_matches_torch():
     """The optimizer's own ZeRO path on one rank (no process group: nothing to all-reduce), fused against torch,
     with a partition that starts inside a parameter and carries padding."""
     sizes, ranks = _zero_case()
@@ -216,8 +244,8 @@ def test_optimizer_fragment_path_fused_matches_torch(monkeypatch):
         g = torch.randn(numel + PADDING, generator=gen)
         g[numel:] = 0.0
         flats[0].grad, flats[1].grad = g.clone(), g.clone()
-        _step(opts[0], "triton", monkeypatch)
-        _step(opts[1], "torch", monkeypatch)
+        _step(opts[0], "triton")
+        _step(opts[1], "torch")
         assert opts[0]._plan is not None
         _assert_close("weights", flats[0], flats[1], 1e-6, 4)
         for name in ("exp_avg", "exp_avg_sq"):
@@ -289,44 +317,44 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_non_finite_gradient_changes_nothing(bad, dtype, monkeypatch):
+def test_non_finite_gradient_changes_nothing(bad, dtype):
     params = _params(dtype)
     opt = Lamb(_groups(params), lr=0.05)
     _set_grads(params, 0, 0.1)
-    _step(opt, "triton", monkeypatch)
+    _step(opt, "triton")
     weights = [p.detach().clone() for p in params]
     state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
              for i, p in enumerate(params)}
     _set_grads(params, 1, 0.1)
     params[1].grad[3, 5] = bad
-    _step(opt, "triton", monkeypatch)
+    _step(opt, "triton")
     assert opt.last_step_skipped
     for i, p in enumerate(params):
         assert torch.equal(p.detach(), weights[i])
         assert opt.state[p]["step"] == state[i]["step"] == 1
         assert all(torch.equal(opt.state[p][k], state[i][k]) for k in ("exp_avg", "exp_avg_sq"))
     params[1].grad[3, 5] = 0.0
-    _step(opt, "triton", monkeypatch)
+    _step(opt, "triton")
     assert not opt.last_step_skipped and opt.state[params[0]]["step"] == 2
 
 
-def test_first_step_skipped_creates_no_state(monkeypatch):
+def test_first_step_skipped_creates_no_state():
     params = _params(torch.float32)
     opt = Lamb(_groups(params))
     _set_grads(params, 0, 0.1)
     params[0].grad[0, 0] = float("nan")
-    _step(opt, "triton", monkeypatch)
+    _step(opt, "triton")
     assert opt.last_step_skipped and not opt.state
 
 
-def test_two_runs_are_bitwise_equal(monkeypatch):
+def test_two_runs_are_bitwise_equal():
     runs = []
     for _ in range(2):
         params = _params(torch.float32, seed=7)
         opt = Lamb(_groups(params), lr=0.05)
         for step in range(2):
             _set_grads(params, step, 0.1)
-            _step(opt, "triton", monkeypatch)
+            _step(opt, "triton")
         runs.append([p.detach().clone() for p in params] + [opt.state[p]["exp_avg_sq"] for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
@@ -352,7 +380,7 @@ def test_plan_chunks_follow_fragments_and_chunk_boundaries():
                            torch.device("cpu"))
 
 
-def test_non_contiguous_parameter_falls_back_to_torch(monkeypatch):
+def test_non_contiguous_parameter_falls_back_to_torch():
     base = torch.randn(6, 5)
     p = base.t().contiguous().t().requires_grad_()  # a leaf with transposed strides
     assert not p.is_contiguous()
@@ -360,22 +388,22 @@ def test_non_contiguous_parameter_falls_back_to_torch(monkeypatch):
     opts = [Lamb([p], lr=0.1), Lamb([ref], lr=0.1)]
     grad = torch.randn(6, 5)
     p.grad, ref.grad = grad.clone(), grad.clone()
-    _step(opts[0], "triton", monkeypatch)
-    _step(opts[1], "torch", monkeypatch)
+    _step(opts[0], "triton")
+    _step(opts[1], "torch")
     assert opts[0]._plan is None and torch.equal(p.detach(), ref.detach())
 
 
-def test_deepcopy_keeps_working(monkeypatch):
+def test_deepcopy_keeps_working():
     """A copied optimizer (as checkpoint tools do) rebuilds its plan for its own tensors."""
     params = _params(torch.float32)
     opt = Lamb(_groups(params), lr=0.05)
     _set_grads(params, 0, 0.1)
-    _step(opt, "triton", monkeypatch)
+    _step(opt, "triton")
     params2 = [p.detach().clone().requires_grad_() for p in params]
     opt2 = Lamb(_groups(params2), lr=0.05)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     for a, b in zip(params, params2, strict=True):
         b.grad = a.grad.clone()
-    _step(opt, "triton", monkeypatch)
-    _step(opt2, "triton", monkeypatch)
+    _step(opt, "triton")
+    _step(opt2, "triton")
     assert all(torch.equal(a.detach(), b.detach()) for a, b in zip(params, params2, strict=True))

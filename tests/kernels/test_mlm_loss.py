@@ -1,13 +1,24 @@
-"""mlm_loss loss, accuracy and every gradient against the fp32 full-logits reference, on guarded buffers."""
+"""mlm_loss loss, accuracy and every gradient against the float64 full-logits reference, on guarded buffers; ops
+dispatch."""
 
 from __future__ import annotations
 
-import math
+import functools
 
 import pytest
 import torch
 from fastbert.kernels import mlm_loss as kernel
-from kernel_checks import GuardedBuffers, assert_close
+from kernel_checks import (
+    Comparison,
+    GuardedBuffers,
+    assert_close,
+    compare,
+    forbid,
+    patched,
+    rounded_magnitude,
+    same_arguments,
+    spy,
+)
 
 from fastbert import ops
 
@@ -25,55 +36,106 @@ def _inputs(rows, vocab, width, dtype, ignored, seed):
     return hidden, weight, bias, labels
 
 
-def _run(fn, inputs, dtype, grad_loss, place):
-    hidden, weight, bias, labels = inputs
-    leaves = [place(t.to(dtype), requires_grad=True) for t in (hidden, weight, bias)]
-    loss, accuracy = fn(*leaves, place(labels))
-    (loss * grad_loss).backward()
-    return loss, accuracy, [leaf.grad for leaf in leaves]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("rows", "vocab", "width", "block_rows", "ignored"), [
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CASES = [  # rows, vocab, width, rows per block (None: the default, one block), fraction of ignored rows
     (1, 1000, 64, None, 0.0),     # M = 1, vocab below one BLOCK_V
     (37, 3001, 96, 10, 0.3),      # rows not a multiple of the row block; vocab not a multiple of BLOCK_V
     (20, 2048, 384, 7, 0.0),      # vocab an exact multiple of BLOCK_V
     (9, 1500, 32, None, 1.0),     # no labelled row: loss 0, zero gradients
-])
-def test_mlm_loss_matches_reference(rows, vocab, width, block_rows, ignored, dtype, monkeypatch):
+]
+GRAD_LOSS = 1.7
+
+
+class _LogitsSpy:
+    """Stands in for the row kernel ``kernel._mlm_loss_rows`` and keeps a copy of each block of logits it is given
+    (the kernel overwrites them with the gradient), so that the reference starts from the very same rounded
+    logits."""
+
+    def __init__(self, jit_function):
+        self.jit_function, self.blocks = jit_function, []
+
+    def __getitem__(self, grid):
+        def launch(logits, *args, **kwargs):
+            self.blocks.append(logits.detach().clone())
+            return self.jit_function[grid](logits, *args, **kwargs)
+        return launch
+
+
+@functools.cache
+def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
+    """The kernel run once on guarded buffers (cached: test_mutations.py reuses it). The logits come from torch's
+    matmul in the input dtype and are checked against float64 on their own; the loss and the gradients are
+    checked against float64 from those same logits.
+
+    The row kernel's float32 gradient ``g = (softmax - onehot) / labelled`` is off by ulps of ``G = (p (1 + |z| +
+    |lse|) + onehot) / labelled`` and is rounded to the input dtype before the matmuls that turn it into
+    ``d_hidden = g W`` and ``d_weight = gᵀ h`` (operand rounding) and the float32 column sum ``d_bias``. The
+    backward scales the saved gradients by ``grad_loss`` in their own dtype: ``grad_loss`` rounded, and the
+    result rounded twice. ``d_weight`` also accumulates over row blocks in its dtype, rounding each partial sum."""
+    rows, vocab, width, block_rows, ignored = case
+    hidden, weight, bias, labels = (t.to(dtype) if t.is_floating_point() else t
+                                    for t in _inputs(rows, vocab, width, dtype, ignored, seed=rows))
     guard = GuardedBuffers()
-    monkeypatch.setattr(kernel, "_empty", guard.empty)
-    if block_rows is not None:
-        monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", block_rows * vocab + vocab // 2)
-    inputs = _inputs(rows, vocab, width, dtype, ignored, seed=rows)
-    grad_loss = 1.7
-
-    def clone(t, requires_grad=False):
-        return t.clone().requires_grad_(requires_grad)
-
-    ref = _run(kernel.reference, inputs, torch.float32, grad_loss, clone)
-    low = _run(kernel.reference, inputs, dtype, grad_loss, clone)
-    got = _run(kernel.mlm_loss, inputs, dtype, grad_loss, guard.place)
+    row_kernel = _LogitsSpy(kernel._mlm_loss_rows)
+    chunk = kernel.CHUNK_ELEMENTS if block_rows is None else block_rows * vocab + vocab // 2
+    with patched(kernel, _empty=guard.empty, CHUNK_ELEMENTS=chunk, _mlm_loss_rows=row_kernel):
+        leaves = [guard.place(t, requires_grad=True) for t in (hidden, weight, bias)]
+        loss, accuracy = kernel.mlm_loss(*leaves, guard.place(labels))
+        (loss * GRAD_LOSS).backward()
     guard.check()
+    assert loss.dtype == torch.float32
+    assert all(leaf.grad.dtype == dtype for leaf in leaves)
+    block = chunk // vocab
+    assert [b.shape[0] for b in row_kernel.blocks] == [min(block, rows - s) for s in range(0, rows, block)]
 
-    assert got[0].dtype == torch.float32
-    assert_close("loss", got[0], ref[0], low[0].to(torch.float32), ulps=64)
+    h, w, b = hidden.double(), weight.double(), bias.double()
+    z = torch.cat(row_kernel.blocks).double()
+    valid = labels != kernel.IGNORE_INDEX
+    labelled = max(int(valid.sum()), 1)
+    safe = torch.where(valid, labels, 0)
+    lse = z.logsumexp(dim=1)
+    p = (z - lse[:, None]).exp()
+    onehot = torch.nn.functional.one_hot(safe, vocab).double()
+    keep = valid.double()[:, None] / labelled
+    g = (p - onehot) * keep
+    g_error = (p * (1 + z.abs() + lse.abs()[:, None]) + onehot) * keep
+    target = z.gather(1, safe[:, None]).squeeze(1)
+
+    correct = ((z.argmax(dim=1) == labels) & valid).sum().item()  # the same logits: not one row may differ
+    assert accuracy.item() == pytest.approx(correct / labelled, rel=1e-6), "accuracy"
     if ignored < 1.0:
-        assert ref[1].item() > 0.2, "the test should have rows the model gets right"
-    if dtype == torch.float32:
-        assert got[1].item() == pytest.approx(ref[1].item(), abs=1e-6), "accuracy"
-    else:  # near-ties of the top two logits may flip in low precision: allow one row either way
-        assert abs(got[1].item() - ref[1].item()) <= 1 / rows + 1e-6, f"accuracy {got[1]} vs {ref[1]}"
-    # Each gradient is a sum over K terms (vocab for d_hidden, rows for the others) in another order than torch's;
-    # in fp32 every softmax term also carries the rounding of the log-sum-exp, whose magnitude is about log V.
-    lse_scale = math.log(vocab) if dtype == torch.float32 else 1.0
-    for name, g, r, lo, terms in zip(("d_hidden", "d_weight", "d_bias"), got[2], ref[2], low[2], (vocab, rows, rows),
-                                     strict=True):
-        assert_close(name, g, r, lo, ulps=(8 + terms**0.5) * lse_scale)
-    if ignored == 1.0:
-        assert got[0].item() == 0.0 and all(bool((g == 0).all()) for g in got[2])
+        assert accuracy.item() > 0.2, "the test should have rows the model gets right"
+        assert loss.item() > 0.5
     else:
-        assert got[0].item() > 0.5
+        assert loss.item() == 0.0 and all(bool((leaf.grad == 0).all()) for leaf in leaves)
+    g2 = rounded_magnitude(g, dtype).square()
+    partial, partials = torch.zeros_like(w), []
+    for start in range(0, rows - block, block):  # every partial sum but the last is rounded on its own
+        partial = partial + GRAD_LOSS * g[start:start + block].T @ h[start:start + block]
+        partials.append(partial)
+    ops = vocab + rows + 16
+    grads = {
+        "d_hidden": (leaves[0].grad, g @ w, g_error @ w.abs(), (g2 @ w.square()).sqrt(), []),
+        "d_weight": (leaves[1].grad, g.T @ h, g_error.T @ h.abs(), (g2.T @ h.square()).sqrt(), partials),
+        "d_bias": (leaves[2].grad, g.sum(0), g_error.sum(0), g2.sum(0).sqrt(), []),
+    }
+    out = {
+        "logits": compare("logits", z.to(dtype), h @ w.T + b, sum_abs=h.abs() @ w.abs().T + b.abs(), ops=width + 2),
+        "loss": compare("loss", loss, ((lse - target) * valid).sum() / labelled,
+                        sum_abs=((lse.abs() + target.abs() + 1) * valid).sum() / labelled, ops=ops),
+    }
+    for name, (fused, ref, sum_abs, operand_l2, partials) in grads.items():
+        ref = GRAD_LOSS * ref
+        out[name] = compare(name, fused, ref, rounded=[ref, ref, *partials],
+                            sum_abs=GRAD_LOSS * sum_abs, ops=ops, operand_l2=GRAD_LOSS * operand_l2)
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASES, ids=lambda case: "-".join(map(str, case)))
+def test_mlm_loss_matches_reference(case, dtype):
+    for comparison in comparisons(case, dtype).values():
+        comparison.check()
 
 
 def test_no_float32_logits_for_every_row(monkeypatch):
@@ -87,12 +149,20 @@ def test_no_float32_logits_for_every_row(monkeypatch):
 
 
 def test_ops_dispatches_to_the_kernel(monkeypatch):
-    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     hidden, weight, bias, labels = _inputs(5, 1100, 32, torch.float32, 0.2, seed=2)
-    loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
     ref_loss, ref_accuracy = ops._ChunkedMLMLoss.apply(hidden, weight, bias, labels)
+    monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    calls = spy(monkeypatch, kernel, "mlm_loss")
+    with monkeypatch.context() as m:
+        forbid(m, ops._ChunkedMLMLoss, "apply", "ops.mlm_loss fell back to the torch reference")
+        loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
+    assert len(calls) == 1 and same_arguments(calls[0][0], (hidden, weight, bias, labels))
     assert_close("loss", loss, ref_loss, ref_loss, ulps=64)
     assert accuracy.item() == ref_accuracy.item()
+    for backend in ("torch", "auto"):  # auto: CPU tensors take the reference
+        monkeypatch.setenv("FASTBERT_BACKEND", backend)
+        forbid(monkeypatch, kernel, "mlm_loss", f"FASTBERT_BACKEND={backend} used the kernel")
+        assert ops.mlm_loss(hidden, weight, bias, labels)[0].item() == ref_loss.item()
 
 
 def test_backward_twice_is_refused():
