@@ -257,7 +257,7 @@ class Lamb(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = {id(p): p.grad.to(_master_dtype(p.dtype)) for p in params}
-        norm = self._global_norm(sum(square_sum(grads[id(p)].view(-1).narrow(0, f.start, f.numel))
+        norm = self._global_norm(sum(square_sum(grads[id(p)].reshape(-1).narrow(0, f.start, f.numel))
                                      for p in params for f in fragments[id(p)]))
         self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
@@ -289,7 +289,7 @@ class Lamb(torch.optim.Optimizer):
                 torch._foreach_add_(u, [p.to(_master_dtype(p.dtype)) for p in ps], alpha=group["weight_decay"])
             updates.append(u)
             for p, up in zip(ps, u, strict=True):
-                w_flat, u_flat = p.detach().to(_master_dtype(p.dtype)).view(-1), up.view(-1)
+                w_flat, u_flat = p.detach().to(_master_dtype(p.dtype)).reshape(-1), up.reshape(-1)
                 for f in fragments[id(p)]:
                     sums[2 * f.param_index] += square_sum(w_flat.narrow(0, f.start, f.numel))
                     sums[2 * f.param_index + 1] += square_sum(u_flat.narrow(0, f.start, f.numel))
