@@ -43,14 +43,20 @@ def _find_nvcc() -> str | None:
 def _cudart_dir(nvcc: str) -> Path:
     """The directory holding libcudart_static.a. nvcc may be a wrapper script outside the toolkit, and toolkits
     put their libraries in lib64, lib or targets/<arch>/lib, so look in each candidate root."""
-    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), str(Path(nvcc).resolve().parent.parent),
-             "/usr/local/cuda"]
+    roots = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        str(Path(nvcc).resolve().parent.parent),
+        "/usr/local/cuda",
+    ]
     for root in filter(None, roots):
         for sub in ("lib64", "lib", *(str(p.relative_to(root)) for p in Path(root).glob("targets/*/lib"))):
             if (Path(root) / sub / "libcudart_static.a").exists():
                 return Path(root) / sub
-    raise RuntimeError(f"nvcc is {nvcc} but libcudart_static.a was not found under {[r for r in roots if r]}; "
-                       "set CUDA_HOME to the CUDA toolkit, or FASTBERT_CUDA=0 to build without CUDA")
+    raise RuntimeError(
+        f"nvcc is {nvcc} but libcudart_static.a was not found under {[r for r in roots if r]}; "
+        "set CUDA_HOME to the CUDA toolkit, or FASTBERT_CUDA=0 to build without CUDA"
+    )
 
 
 def _ninja_binary() -> str:
@@ -134,8 +140,11 @@ class NinjaBuildExt(build_ext):
         subprocess.run([_ninja_binary(), "-C", str(build_dir), "-j", jobs], check=True)
 
 
-PACKAGES = [*find_packages(str(ROOT), include=["fastbert", "fastbert.*"]), "fastbert.kernels",
-            *(f"fastbert.kernels.{p}" for p in find_packages(str(ROOT / "kernels")))]
+PACKAGES = [
+    *find_packages(str(ROOT), include=["fastbert", "fastbert.*"]),
+    "fastbert.kernels",
+    *(f"fastbert.kernels.{p}" for p in find_packages(str(ROOT / "kernels"))),
+]
 
 setup(
     packages=PACKAGES,

@@ -61,8 +61,12 @@ def write_corpus(path: Path, megabytes: float) -> list[str]:
 
 def ours(corpus: Path, work: Path, workers: int) -> dict:
     start = time.perf_counter()
-    meta = prepare([str(corpus)], work / f"shards{workers}", PrepareOptions(
-        vocab=str(vocab_dir() / "vocab.txt"), seq_len=SEQ, workers=workers), progress=False)
+    meta = prepare(
+        [str(corpus)],
+        work / f"shards{workers}",
+        PrepareOptions(vocab=str(vocab_dir() / "vocab.txt"), seq_len=SEQ, workers=workers),
+        progress=False,
+    )
     prepared = time.perf_counter()
     data = ShardDataset(work / f"shards{workers}")
     ids = data.special_ids
@@ -73,8 +77,13 @@ def ours(corpus: Path, work: Path, workers: int) -> dict:
         collate([data[int(i)] for i in idx], idx, np.zeros(BATCH, dtype=np.int64))
         batches += 1
     done = time.perf_counter()
-    return {"prepare_s": prepared - start, "collate_s": done - prepared, "total_s": done - start,
-            "batches": batches, "samples": meta["num_samples"]}
+    return {
+        "prepare_s": prepared - start,
+        "collate_s": done - prepared,
+        "total_s": done - start,
+        "batches": batches,
+        "samples": meta["num_samples"],
+    }
 
 
 def huggingface(docs: list[str]) -> dict:
@@ -92,7 +101,7 @@ def huggingface(docs: list[str]) -> dict:
     def group_texts(batch):  # transformers' run_mlm.py recipe: concatenate, then cut into blocks of SEQ tokens
         joined = {k: sum(batch[k], []) for k in batch}
         size = len(joined["input_ids"]) // SEQ * SEQ
-        return {k: [v[i:i + SEQ] for i in range(0, size, SEQ)] for k, v in joined.items()}
+        return {k: [v[i : i + SEQ] for i in range(0, size, SEQ)] for k, v in joined.items()}
 
     ds = ds.map(group_texts, batched=True)
     prepared = time.perf_counter()
@@ -102,8 +111,13 @@ def huggingface(docs: list[str]) -> dict:
         collator([ds[i] for i in range(lo, lo + BATCH)])
         batches += 1
     done = time.perf_counter()
-    return {"prepare_s": prepared - start, "collate_s": done - prepared, "total_s": done - start,
-            "batches": batches, "samples": len(ds)}
+    return {
+        "prepare_s": prepared - start,
+        "collate_s": done - prepared,
+        "total_s": done - start,
+        "batches": batches,
+        "samples": len(ds),
+    }
 
 
 def main() -> None:
@@ -116,8 +130,11 @@ def main() -> None:
         corpus = work / "corpus.txt"
         docs = write_corpus(corpus, args.megabytes)
         mb = corpus.stat().st_size / 1e6
-        rows = {"fastbert, 1 worker": ours(corpus, work, 1), "fastbert, 2 workers": ours(corpus, work, 2),
-                "HF datasets.map + collator": huggingface(docs)}
+        rows = {
+            "fastbert, 1 worker": ours(corpus, work, 1),
+            "fastbert, 2 workers": ours(corpus, work, 2),
+            "HF datasets.map + collator": huggingface(docs),
+        }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     hf_total = rows["HF datasets.map + collator"]["total_s"]
@@ -127,11 +144,25 @@ def main() -> None:
         r["prepare_mb_per_s"] = mb / r["prepare_s"]
         r["batches_per_s"] = r["batches"] / r["collate_s"]
         r["end_to_end_speedup_vs_hf"] = hf_total / r["total_s"]
-        print(f"{name:<28} {r['prepare_mb_per_s']:>13.2f} {r['batches_per_s']:>10.1f} {r['samples']:>8} "
-              f"{r['total_s']:>8.2f} {r['end_to_end_speedup_vs_hf']:>6.2f}x")
+        print(
+            f"{name:<28} {r['prepare_mb_per_s']:>13.2f} {r['batches_per_s']:>10.1f} {r['samples']:>8} "
+            f"{r['total_s']:>8.2f} {r['end_to_end_speedup_vs_hf']:>6.2f}x"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"benchmark": "data_cpu", "megabytes": mb, "batch": BATCH, "seq_len": SEQ,
-                                    "threads": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "benchmark": "data_cpu",
+                "megabytes": mb,
+                "batch": BATCH,
+                "seq_len": SEQ,
+                "threads": os.cpu_count(),
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}")
 
 

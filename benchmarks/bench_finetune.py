@@ -60,22 +60,38 @@ def hf_trainer(train, test, epochs: int, work: Path) -> dict:
 
     steps = epochs * -(-len(train) // BATCH)
     trainer = transformers.Trainer(
-        model=model, train_dataset=Encoded(train), data_collator=transformers.DataCollatorWithPadding(tok),
-        args=transformers.TrainingArguments(output_dir=str(work / "hf"), per_device_train_batch_size=BATCH,
-                                            num_train_epochs=epochs, learning_rate=LR,
-                                            warmup_steps=int(0.1 * steps), weight_decay=0.01, use_cpu=True,
-                                            report_to=[], save_strategy="no", disable_tqdm=True, seed=0))
+        model=model,
+        train_dataset=Encoded(train),
+        data_collator=transformers.DataCollatorWithPadding(tok),
+        args=transformers.TrainingArguments(
+            output_dir=str(work / "hf"),
+            per_device_train_batch_size=BATCH,
+            num_train_epochs=epochs,
+            learning_rate=LR,
+            warmup_steps=int(0.1 * steps),
+            weight_decay=0.01,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=0,
+        ),
+    )
     result = trainer.train()
     model.eval()
     correct = 0
     with torch.no_grad():
         for k in range(0, len(test), 64):
-            enc = tok([t for t, _ in test[k:k + 64]], truncation=True, max_length=MAX_LEN, padding=True,
-                      return_tensors="pt")
+            enc = tok(
+                [t for t, _ in test[k : k + 64]], truncation=True, max_length=MAX_LEN, padding=True, return_tensors="pt"
+            )
             pred = model(**enc).logits.argmax(-1).tolist()
-            correct += sum(labels[p] == y for p, (_, y) in zip(pred, test[k:k + 64], strict=True))
-    return {"train_examples_per_s": result.metrics["train_samples_per_second"], "accuracy": correct / len(test),
-            "train_seconds": result.metrics["train_runtime"]}
+            correct += sum(labels[p] == y for p, (_, y) in zip(pred, test[k : k + 64], strict=True))
+    return {
+        "train_examples_per_s": result.metrics["train_samples_per_second"],
+        "accuracy": correct / len(test),
+        "train_seconds": result.metrics["train_runtime"],
+    }
 
 
 def ours(train, test, epochs: int, work: Path) -> dict:
@@ -83,13 +99,29 @@ def ours(train, test, epochs: int, work: Path) -> dict:
         (work / f"{name}.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in rows))
     started = time.perf_counter()
     records = []
-    finetune(FinetuneArgs(task="classify", model=str(model_dir()), train=str(work / "train.jsonl"),
-                          eval=str(work / "eval.jsonl"), out=str(work / "ours"), epochs=epochs, lr=LR,
-                          batch_size=BATCH, max_length=MAX_LEN, progress=False), on_epoch=records.append)
+    finetune(
+        FinetuneArgs(
+            task="classify",
+            model=str(model_dir()),
+            train=str(work / "train.jsonl"),
+            eval=str(work / "eval.jsonl"),
+            out=str(work / "ours"),
+            epochs=epochs,
+            lr=LR,
+            batch_size=BATCH,
+            max_length=MAX_LEN,
+            progress=False,
+        ),
+        on_epoch=records.append,
+    )
     seconds = sum(r["train_seconds"] for r in records)
-    return {"train_examples_per_s": epochs * len(train) / seconds, "accuracy": records[-1]["eval_accuracy"],
-            "best_accuracy": max(r["eval_accuracy"] for r in records), "train_seconds": seconds,
-            "wall_seconds": time.perf_counter() - started}
+    return {
+        "train_examples_per_s": epochs * len(train) / seconds,
+        "accuracy": records[-1]["eval_accuracy"],
+        "best_accuracy": max(r["eval_accuracy"] for r in records),
+        "train_seconds": seconds,
+        "wall_seconds": time.perf_counter() - started,
+    }
 
 
 def main() -> None:
@@ -100,13 +132,23 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = stdlib_comment_or_docstring(args.train + args.eval, seed=0)
-    train, test = rows[:args.train], rows[args.train:]
+    train, test = rows[: args.train], rows[args.train :]
     with tempfile.TemporaryDirectory(prefix="bench-finetune-") as tmp:
-        result = {"fastbert": ours(train, test, args.epochs, Path(tmp)),
-                  "transformers": hf_trainer(train, test, args.epochs, Path(tmp))}
+        result = {
+            "fastbert": ours(train, test, args.epochs, Path(tmp)),
+            "transformers": hf_trainer(train, test, args.epochs, Path(tmp)),
+        }
     result["speedup"] = result["fastbert"]["train_examples_per_s"] / result["transformers"]["train_examples_per_s"]
-    result.update(task="stdlib comment vs docstring (balanced)", model="all-MiniLM-L6-v2", train=args.train,
-                  eval=args.eval, epochs=args.epochs, lr=LR, batch=BATCH, threads=torch.get_num_threads())
+    result.update(
+        task="stdlib comment vs docstring (balanced)",
+        model="all-MiniLM-L6-v2",
+        train=args.train,
+        eval=args.eval,
+        epochs=args.epochs,
+        lr=LR,
+        batch=BATCH,
+        threads=torch.get_num_threads(),
+    )
     print(f"{'':<14} {'train ex/s':>11} {'eval accuracy':>14}")
     for name in ("fastbert", "transformers"):
         r = result[name]

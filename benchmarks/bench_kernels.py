@@ -52,36 +52,48 @@ def plans() -> list[Plan]:
     mv = MASKED * VOCAB
     attention_fwd = 4 * BATCH * HEADS * SEQ * SEQ * HEAD_DIM
     return [
-        Plan("residual_layer_norm", f"[{TOKENS}, {HIDDEN}] post-LN, bias + dropout + residual",
-             flops=20 * e,
-             # fwd: read x, residual; write normalized, summed. bwd: read dy, summed; write dresidual, dx.
-             fused_bytes=2 * (4 * e) + 2 * (4 * e),
-             # fwd: x+b (2), dropout (2 + mask 1w) , +residual (3), layer_norm (2); bwd: LN (3), dropout (2 + mask
-             # 1r), bias grad sum (1); in 2-byte elements except the 1-byte mask
-             unfused_bytes=2 * (2 + 2 + 3 + 2) * e + e + 2 * (3 + 2 + 1) * e + e,
-             note="memory-bound; mean and rstd saved, mask regenerated from the seed"),
-        Plan("bias_gelu", f"[{TOKENS}, {INTERMEDIATE}] exact erf GELU",
-             flops=30 * e_ffn,
-             fused_bytes=2 * (2 * e_ffn) + 2 * (3 * e_ffn),  # fwd: read x, write y; bwd: read dy, x; write dx
-             unfused_bytes=2 * (4 * e_ffn) + 2 * (4 * e_ffn),  # fwd: add, gelu; bwd: gelu grad, bias-grad sum
-             note="memory-bound; would vanish into a GEMM epilogue"),
-        Plan("attention", f"B={BATCH} S={SEQ} heads={HEADS} d={HEAD_DIM}, dropout 0.1",
-             flops=attention_fwd * 3.5,  # forward 2 matmuls, backward 5 (QK^T recomputed)
-             # fwd: read q, k, v; write o (+ lse); bwd: read q, k, v, o, do; write dq, dk, dv
-             fused_bytes=2 * 4 * e + 2 * 8 * e + 8 * TOKENS * HEADS,
-             # eager math: fwd writes scores, softmax reads/writes them, dropout reads/writes them + mask, PV reads
-             # them; bwd reads/writes about twice as much
-             unfused_bytes=3 * (2 * 6 * scores + 2 * scores) + 2 * 12 * e,
-             note="compute-bound at S=512; no S x S matrix in memory"),
-        Plan("mlm_loss", f"M={MASKED} masked rows, V={VOCAB}, H={HIDDEN}",
-             flops=3 * 2 * mv * HIDDEN,  # logits, d_hidden, d_weight
-             # logits written once (bf16), read twice by the kernel, gradient written once, read by two matmuls
-             fused_bytes=2 * 6 * mv + 2 * (MASKED * HIDDEN * 3 + VOCAB * HIDDEN * 3),
-             # naive: logits bf16 w, fp32 upcast r/w, log_softmax r/w, loss grad w, softmax grad r/w, bf16 cast r/w,
-             # then the two matmuls read it
-             unfused_bytes=mv * (2 + 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2 + 2 * 2) + 2 * (MASKED * HIDDEN * 3
-                                                                                      + VOCAB * HIDDEN * 3),
-             note="matmul-bound; no [M, V] fp32 tensor, peak memory one row block"),
+        Plan(
+            "residual_layer_norm",
+            f"[{TOKENS}, {HIDDEN}] post-LN, bias + dropout + residual",
+            flops=20 * e,
+            # fwd: read x, residual; write normalized, summed. bwd: read dy, summed; write dresidual, dx.
+            fused_bytes=2 * (4 * e) + 2 * (4 * e),
+            # fwd: x+b (2), dropout (2 + mask 1w) , +residual (3), layer_norm (2); bwd: LN (3), dropout (2 + mask
+            # 1r), bias grad sum (1); in 2-byte elements except the 1-byte mask
+            unfused_bytes=2 * (2 + 2 + 3 + 2) * e + e + 2 * (3 + 2 + 1) * e + e,
+            note="memory-bound; mean and rstd saved, mask regenerated from the seed",
+        ),
+        Plan(
+            "bias_gelu",
+            f"[{TOKENS}, {INTERMEDIATE}] exact erf GELU",
+            flops=30 * e_ffn,
+            fused_bytes=2 * (2 * e_ffn) + 2 * (3 * e_ffn),  # fwd: read x, write y; bwd: read dy, x; write dx
+            unfused_bytes=2 * (4 * e_ffn) + 2 * (4 * e_ffn),  # fwd: add, gelu; bwd: gelu grad, bias-grad sum
+            note="memory-bound; would vanish into a GEMM epilogue",
+        ),
+        Plan(
+            "attention",
+            f"B={BATCH} S={SEQ} heads={HEADS} d={HEAD_DIM}, dropout 0.1",
+            flops=attention_fwd * 3.5,  # forward 2 matmuls, backward 5 (QK^T recomputed)
+            # fwd: read q, k, v; write o (+ lse); bwd: read q, k, v, o, do; write dq, dk, dv
+            fused_bytes=2 * 4 * e + 2 * 8 * e + 8 * TOKENS * HEADS,
+            # eager math: fwd writes scores, softmax reads/writes them, dropout reads/writes them + mask, PV reads
+            # them; bwd reads/writes about twice as much
+            unfused_bytes=3 * (2 * 6 * scores + 2 * scores) + 2 * 12 * e,
+            note="compute-bound at S=512; no S x S matrix in memory",
+        ),
+        Plan(
+            "mlm_loss",
+            f"M={MASKED} masked rows, V={VOCAB}, H={HIDDEN}",
+            flops=3 * 2 * mv * HIDDEN,  # logits, d_hidden, d_weight
+            # logits written once (bf16), read twice by the kernel, gradient written once, read by two matmuls
+            fused_bytes=2 * 6 * mv + 2 * (MASKED * HIDDEN * 3 + VOCAB * HIDDEN * 3),
+            # naive: logits bf16 w, fp32 upcast r/w, log_softmax r/w, loss grad w, softmax grad r/w, bf16 cast r/w,
+            # then the two matmuls read it
+            unfused_bytes=mv * (2 + 2 + 4 + 4 + 4 + 4 + 4 + 4 + 4 + 2 + 2 * 2)
+            + 2 * (MASKED * HIDDEN * 3 + VOCAB * HIDDEN * 3),
+            note="matmul-bound; no [M, V] fp32 tensor, peak memory one row block",
+        ),
     ]
 
 
@@ -99,27 +111,46 @@ def print_plan() -> dict:
         print("  missing: run python -m pytest tests/kernels/test_aot_compile.py")
     print(f"  {'kernel':<34} {'arch':<6} {'config':<52} {'regs':>4} {'spill':>5} {'shared':>7}")
     for row in rows:
-        short = {"BLOCK_M": "BM", "BLOCK_N": "BN", "BLOCK_V": "BV", "num_warps": "w", "num_stages": "s",
-                 "head_dim": "d"}
+        short = {
+            "BLOCK_M": "BM",
+            "BLOCK_N": "BN",
+            "BLOCK_V": "BV",
+            "num_warps": "w",
+            "num_stages": "s",
+            "head_dim": "d",
+        }
         order = sorted(row["config"].items(), key=lambda kv: (kv[0] not in ("dtype", "head_dim"), kv[0]))
         config = " ".join(f"{short.get(k, k)}={v}" for k, v in order if k != "kernel")
         spills = row["spill_stores"] + row["spill_loads"]
-        print(f"  {row['kernel']:<34} {row['arch']:<6} {config[:52]:<52} {row['registers']:>4} {spills:>5} "
-              f"{row['shared']:>7}")
+        print(
+            f"  {row['kernel']:<34} {row['arch']:<6} {config[:52]:<52} {row['registers']:>4} {spills:>5} "
+            f"{row['shared']:>7}"
+        )
     print()
     print(f"Analytic plan, forward + backward, bf16, BERT-base at sequence {SEQ} (not measured: no GPU here):")
-    print(f"  {'kernel':<20} {'GFLOP':>8} {'fused MB':>9} {'unfused MB':>11} {'bytes saved':>11} "
-          f"{'ideal H100 us':>14} {'ideal A100 us':>14}  note")
+    print(
+        f"  {'kernel':<20} {'GFLOP':>8} {'fused MB':>9} {'unfused MB':>11} {'bytes saved':>11} "
+        f"{'ideal H100 us':>14} {'ideal A100 us':>14}  note"
+    )
     table = []
     for plan in plans():
         saved = 1 - plan.fused_bytes / plan.unfused_bytes
-        print(f"  {plan.kernel:<20} {plan.flops / 1e9:>8.1f} {plan.fused_bytes / 1e6:>9.1f} "
-              f"{plan.unfused_bytes / 1e6:>11.1f} {saved:>10.0%} {plan.ideal_us('H100'):>14.1f} "
-              f"{plan.ideal_us('A100'):>14.1f}  {plan.note}")
-        table.append({**asdict(plan), "ideal_us_h100": round(plan.ideal_us("H100"), 1),
-                      "ideal_us_a100": round(plan.ideal_us("A100"), 1)})
-    print("\nGoals on paper for H100: attention fwd+bwd at >= 60% of bf16 dense peak, LayerNorm and loss at >= 80% "
-          "of HBM bandwidth; unmeasured until a GPU is available.")
+        print(
+            f"  {plan.kernel:<20} {plan.flops / 1e9:>8.1f} {plan.fused_bytes / 1e6:>9.1f} "
+            f"{plan.unfused_bytes / 1e6:>11.1f} {saved:>10.0%} {plan.ideal_us('H100'):>14.1f} "
+            f"{plan.ideal_us('A100'):>14.1f}  {plan.note}"
+        )
+        table.append(
+            {
+                **asdict(plan),
+                "ideal_us_h100": round(plan.ideal_us("H100"), 1),
+                "ideal_us_a100": round(plan.ideal_us("A100"), 1),
+            }
+        )
+    print(
+        "\nGoals on paper for H100: attention fwd+bwd at >= 60% of bf16 dense peak, LayerNorm and loss at >= 80% "
+        "of HBM bandwidth; unmeasured until a GPU is available."
+    )
     return {"measured": False, "plan": table, "resources": rows}
 
 
@@ -131,10 +162,12 @@ def _bench(fn) -> float:
 
 def _fwd_bwd(make):
     """A closure running forward + backward of ``make()``'s (output, inputs) once."""
+
     def run():
         out, inputs = make()
         out = out[0] if isinstance(out, tuple) else out
         torch.autograd.grad(out.float().sum(), inputs)
+
     return run
 
 
@@ -176,12 +209,18 @@ def measure_cuda(dev: str = "cuda") -> dict:
     def gelu_eager(h, hb):
         return F.gelu(h + hb)
 
-    compiled = {"ln": torch.compile(ln_eager), "gelu": torch.compile(gelu_eager),
-                "attention": torch.compile(attn_eager), "loss": torch.compile(loss_eager)}
+    compiled = {
+        "ln": torch.compile(ln_eager),
+        "gelu": torch.compile(gelu_eager),
+        "attention": torch.compile(attn_eager),
+        "loss": torch.compile(loss_eager),
+    }
     cases = {
         "residual_layer_norm": {
-            "fastbert": lambda: (residual_layer_norm.residual_layer_norm(x, r, w, b, 1e-12, xb, 0.1, True),
-                                 (x, r, w, b, xb)),
+            "fastbert": lambda: (
+                residual_layer_norm.residual_layer_norm(x, r, w, b, 1e-12, xb, 0.1, True),
+                (x, r, w, b, xb),
+            ),
             "eager": lambda: (ln_eager(x, r, w, b, xb), (x, r, w, b, xb)),
             "compile": lambda: (compiled["ln"](x, r, w, b, xb), (x, r, w, b, xb)),
         },
@@ -218,8 +257,9 @@ def measure_cuda(dev: str = "cuda") -> dict:
                 share = tflops * 1e12 / peak[0] if compute_bound else gbs * 1e9 / peak[1]
             shown = f"{share:>7.0%}" if share is not None else f"{'-':>7}"
             print(f"  {kernel:<20} {provider:<9} {ms:>8.3f} {tflops:>8.1f} {gbs:>8.0f} {shown}")
-            results.append({"kernel": kernel, "provider": provider, "ms": ms, "tflops": tflops, "gbs": gbs,
-                            "share_of_peak": share})
+            results.append(
+                {"kernel": kernel, "provider": provider, "ms": ms, "tflops": tflops, "gbs": gbs, "share_of_peak": share}
+            )
     return {"measured": True, "device": name, "results": results}
 
 

@@ -67,8 +67,13 @@ def measure(provider: str, rows: int, vocab: int, hidden: int) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if cuda else _status_kib("VmHWM") * 1024
-    return {"provider": provider, "dtype": str(dtype).removeprefix("torch."),
-            "peak_mib": round((peak - before) / 2**20, 1), "seconds": round(seconds, 2), "loss": round(loss.item(), 5)}
+    return {
+        "provider": provider,
+        "dtype": str(dtype).removeprefix("torch."),
+        "peak_mib": round((peak - before) / 2**20, 1),
+        "seconds": round(seconds, 2),
+        "loss": round(loss.item(), 5),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -88,23 +93,36 @@ def main(argv: list[str] | None = None) -> int:
     providers = PROVIDERS + (("naive-cuda", "fastbert-cuda") if torch.cuda.is_available() else ())
     results = []
     for provider in providers:
-        done = subprocess.run([sys.executable, __file__, "--child", provider, *shape], check=True,
-                              capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, __file__, "--child", provider, *shape], check=True, capture_output=True, text=True
+        )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     naive = results[0]["peak_mib"]
     logits_mib = args.rows * args.vocab * 4 / 2**20
-    print(f"MLM loss fwd+bwd, M={args.rows} V={args.vocab} H={args.hidden} float32 on CPU "
-          f"({platform.processor() or platform.machine()}); one [M, V] fp32 tensor = {logits_mib:.0f} MiB")
+    print(
+        f"MLM loss fwd+bwd, M={args.rows} V={args.vocab} H={args.hidden} float32 on CPU "
+        f"({platform.processor() or platform.machine()}); one [M, V] fp32 tensor = {logits_mib:.0f} MiB"
+    )
     print(f"{'provider':<14} {'dtype':<9} {'peak MiB':>9} {'vs naive':>9} {'seconds':>8} {'loss':>9}")
     for r in results:
         base = naive if not r["provider"].endswith("-cuda") else results[2]["peak_mib"]
-        print(f"{r['provider']:<14} {r['dtype']:<9} {r['peak_mib']:>9.1f} {r['peak_mib'] / base:>9.3f} "
-              f"{r['seconds']:>8.2f} {r['loss']:>9.5f}")
+        print(
+            f"{r['provider']:<14} {r['dtype']:<9} {r['peak_mib']:>9.1f} {r['peak_mib'] / base:>9.3f} "
+            f"{r['seconds']:>8.2f} {r['loss']:>9.5f}"
+        )
     ratio = results[1]["peak_mib"] / naive
     print(f"goal: fastbert <= 1/8 of naive ({naive / 8:.1f} MiB): {'met' if ratio <= 1 / 8 else 'NOT met'}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    table = {"rows": args.rows, "vocab": args.vocab, "hidden": args.hidden, "dtype": "float32",
-             "machine": platform.machine(), "results": results, "ratio": round(ratio, 4), "goal_met": ratio <= 1 / 8}
+    table = {
+        "rows": args.rows,
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "dtype": "float32",
+        "machine": platform.machine(),
+        "results": results,
+        "ratio": round(ratio, 4),
+        "goal_met": ratio <= 1 / 8,
+    }
     partial = RESULTS.with_name(RESULTS.name + ".tmp")
     partial.write_text(json.dumps(table, indent=1) + "\n")
     partial.replace(RESULTS)

@@ -59,27 +59,61 @@ def main() -> None:
 
         def fastbert_run(stage: int, port: int) -> dict:
             run_dir = work / f"run-zero{stage}"
-            torchrun("-m", "fastbert", "pretrain", "--model", "tiny", "--data", str(work / "data"), "--out",
-                     str(run_dir), "--global-batch", str(GLOBAL), "--micro-batch", str(MICRO), "--steps",
-                     str(args.steps), "--zero-stage", str(stage), "--warmup", "2", "--no-progress", port=port)
+            torchrun(
+                "-m",
+                "fastbert",
+                "pretrain",
+                "--model",
+                "tiny",
+                "--data",
+                str(work / "data"),
+                "--out",
+                str(run_dir),
+                "--global-batch",
+                str(GLOBAL),
+                "--micro-batch",
+                str(MICRO),
+                "--steps",
+                str(args.steps),
+                "--zero-stage",
+                str(stage),
+                "--warmup",
+                "2",
+                "--no-progress",
+                port=port,
+            )
             rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-            return summarize([GLOBAL / r["samples_per_s"] for r in rows],
-                             [r["tokens_per_s"] * GLOBAL / r["samples_per_s"] for r in rows])
+            return summarize(
+                [GLOBAL / r["samples_per_s"] for r in rows],
+                [r["tokens_per_s"] * GLOBAL / r["samples_per_s"] for r in rows],
+            )
 
         ours = fastbert_run(2, 29701)
-        torchrun(str(HERE / "hf_trainer_pretrain.py"), str(work / "data"), str(work / "hf.json"), str(args.steps),
-                 str(MICRO), port=29702)
+        torchrun(
+            str(HERE / "hf_trainer_pretrain.py"),
+            str(work / "data"),
+            str(work / "hf.json"),
+            str(args.steps),
+            str(MICRO),
+            port=29702,
+        )
         hf_log = json.loads((work / "hf.json").read_text())
         theirs = summarize(hf_log["step_times"], hf_log["step_tokens"])
         ours_zero0 = fastbert_run(0, 29703)
 
     # same global batch and samples, so the steps/s ratio is the speedup
-    result = {"benchmark": "pretrain_cpu", "model": "tiny", "global_batch": GLOBAL, "seq_len": SEQ, "ranks": 2,
-              "fastbert": {**ours, "setup": "torchrun, DeepSpeed ZeRO-2, LAMB"},
-              "fastbert_zero0": {**ours_zero0, "setup": "torchrun, DeepSpeed without ZeRO, LAMB"},
-              "transformers": {**theirs, "setup": "torchrun, Trainer with DDP (gloo), AdamW"},
-              "speedup": ours["steps_per_s"] / theirs["steps_per_s"],
-              "speedup_zero0": ours_zero0["steps_per_s"] / theirs["steps_per_s"]}
+    result = {
+        "benchmark": "pretrain_cpu",
+        "model": "tiny",
+        "global_batch": GLOBAL,
+        "seq_len": SEQ,
+        "ranks": 2,
+        "fastbert": {**ours, "setup": "torchrun, DeepSpeed ZeRO-2, LAMB"},
+        "fastbert_zero0": {**ours_zero0, "setup": "torchrun, DeepSpeed without ZeRO, LAMB"},
+        "transformers": {**theirs, "setup": "torchrun, Trainer with DDP (gloo), AdamW"},
+        "speedup": ours["steps_per_s"] / theirs["steps_per_s"],
+        "speedup_zero0": ours_zero0["steps_per_s"] / theirs["steps_per_s"],
+    }
     print(f"{'':<16} {'steps/s':>8} {'tokens/s':>10} {'speedup':>8}  setup")
     for name in ("fastbert", "fastbert_zero0", "transformers"):
         r = result[name]

@@ -57,8 +57,11 @@ def _utf8_lines(paths: list[Path]) -> list[str]:
 def english_lines() -> list[str]:
     lines = []
     if shutil.which("bible"):
-        lines += subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, check=True).stdout.decode(
-            "utf-8").splitlines()
+        lines += (
+            subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, check=True)
+            .stdout.decode("utf-8")
+            .splitlines()
+        )
     if FORTUNES.is_dir():
         lines += _utf8_lines(sorted(p for p in FORTUNES.iterdir() if p.is_file() and not p.suffix))
     return lines
@@ -125,6 +128,7 @@ def bench_corpus(name: str, lines: list[str], ours: WordPieceTokenizer, rust, hf
         def run() -> object:
             os.environ["TOKENIZERS_PARALLELISM"] = "true" if parallel else "false"
             return rust.encode_batch_fast(lines)
+
         return run
 
     runs = {
@@ -144,14 +148,18 @@ def bench_corpus(name: str, lines: list[str], ours: WordPieceTokenizer, rust, hf
         median = statistics.median(samples)
         rows[key] = {"seconds": median, "MB_per_s": nbytes / median / 1e6, "tokens_per_s": ntokens / median}
     ratios = {
-        "fastbert_vs_tokenizers_1_thread": (rows["tokenizers 1 thread"]["seconds"]
-                                            / rows["fastbert 1 thread"]["seconds"]),
-        "fastbert_vs_tokenizers_all_threads": (rows[f"tokenizers {threads} threads"]["seconds"]
-                                               / rows[f"fastbert {threads} threads"]["seconds"]),
-        "fastbert_vs_transformers_all_threads": (rows[f"transformers {threads} threads"]["seconds"]
-                                                 / rows[f"fastbert {threads} threads"]["seconds"]),
-        "fastbert_thread_scaling": (rows["fastbert 1 thread"]["seconds"]
-                                    / rows[f"fastbert {threads} threads"]["seconds"]),
+        "fastbert_vs_tokenizers_1_thread": (
+            rows["tokenizers 1 thread"]["seconds"] / rows["fastbert 1 thread"]["seconds"]
+        ),
+        "fastbert_vs_tokenizers_all_threads": (
+            rows[f"tokenizers {threads} threads"]["seconds"] / rows[f"fastbert {threads} threads"]["seconds"]
+        ),
+        "fastbert_vs_transformers_all_threads": (
+            rows[f"transformers {threads} threads"]["seconds"] / rows[f"fastbert {threads} threads"]["seconds"]
+        ),
+        "fastbert_thread_scaling": (
+            rows["fastbert 1 thread"]["seconds"] / rows[f"fastbert {threads} threads"]["seconds"]
+        ),
     }
     return {"lines": len(lines), "bytes": nbytes, "tokens": ntokens, "runs": rows, "ratios": ratios}
 
@@ -164,8 +172,12 @@ def linear_time(lines: list[str], ours: WordPieceTokenizer, rounds: int) -> dict
     for _ in range(rounds):
         t1.append(timed(lambda: ours._core.encode(one)))
         t2.append(timed(lambda: ours._core.encode(two)))
-    return {"bytes": len(one.encode("utf-8")), "seconds_1x": statistics.median(t1),
-            "seconds_2x": statistics.median(t2), "ratio": statistics.median(t2) / statistics.median(t1)}
+    return {
+        "bytes": len(one.encode("utf-8")),
+        "seconds_1x": statistics.median(t1),
+        "seconds_2x": statistics.median(t2),
+        "ratio": statistics.median(t2) / statistics.median(t1),
+    }
 
 
 def main() -> None:
@@ -189,8 +201,9 @@ def main() -> None:
     results = {}
     for i, (name, lines) in enumerate(corpora.items()):
         if not lines:
-            print(f"{name}: skipped (install the Debian packages bible-kjv fortunes fortunes-de fortunes-ru "
-                  "fortunes-zh)")
+            print(
+                f"{name}: skipped (install the Debian packages bible-kjv fortunes fortunes-de fortunes-ru fortunes-zh)"
+            )
             continue
         results[name] = bench_corpus(name, take(lines, args.mb, seed=i), ours, rust, hf, args.rounds)
     linear = linear_time(take(corpora["python-sources"], args.mb / 2, seed=9), ours, args.rounds)
@@ -204,13 +217,23 @@ def main() -> None:
             slower = row["seconds"] / result["runs"][same_threads]["seconds"]
             print(f"{name:15s} {key:26s} {row['MB_per_s']:8.2f} {row['tokens_per_s'] / 1e6:10.2f} {slower:11.2f}x")
         print(f"{name:15s} ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in result["ratios"].items()))
-    print(f"linear time: one line of {linear['bytes'] / 1e6:.1f} MB in {linear['seconds_1x']:.3f} s, twice as long "
-          f"in {linear['seconds_2x']:.3f} s (ratio {linear['ratio']:.2f})")
+    print(
+        f"linear time: one line of {linear['bytes'] / 1e6:.1f} MB in {linear['seconds_1x']:.3f} s, twice as long "
+        f"in {linear['seconds_2x']:.3f} s (ratio {linear['ratio']:.2f})"
+    )
 
-    payload = {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-               "tokenizers": tokenizers.__version__, "transformers": transformers.__version__,
-               "load_average_before": load_before, "load_average_after": load_average(), "rounds": args.rounds,
-               "corpora": results, "linear_time": linear}
+    payload = {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "tokenizers": tokenizers.__version__,
+        "transformers": transformers.__version__,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
+        "rounds": args.rounds,
+        "corpora": results,
+        "linear_time": linear,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -56,7 +56,7 @@ def real_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.
         start = 0
         while start < len(ids) - 8 and len(pairs) < batch_size:
             target = seq_len - 3 if rng.random() >= 0.1 else rng.randint(8, seq_len - 3)
-            window = ids[start:start + target]
+            window = ids[start : start + target]
             cut = rng.randint(1, len(window) - 1)
             pairs.append((window[:cut], window[cut:]))
             start += target
@@ -67,9 +67,9 @@ def real_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.
     mask = torch.zeros_like(input_ids)
     for i, (a, b) in enumerate(pairs):
         row = [tok.cls_token_id, *a, tok.sep_token_id, *b, tok.sep_token_id]
-        input_ids[i, :len(row)] = torch.tensor(row)
-        token_types[i, len(a) + 2:len(row)] = 1
-        mask[i, :len(row)] = 1
+        input_ids[i, : len(row)] = torch.tensor(row)
+        token_types[i, len(a) + 2 : len(row)] = 1
+        mask[i, : len(row)] = 1
     g = torch.Generator().manual_seed(seed)
     special = torch.isin(input_ids, torch.tensor([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id]))
     chosen = (torch.rand(input_ids.shape, generator=g) < 0.15) & ~special
@@ -78,8 +78,13 @@ def real_batch(batch_size: int, seq_len: int, seed: int = 0) -> dict[str, torch.
     masked_ids = torch.where(chosen & (roll < 0.8), tok.mask_token_id, input_ids)
     random_ids = torch.randint(0, tok.vocab_size, input_ids.shape, generator=g)
     masked_ids = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, masked_ids)
-    return dict(input_ids=masked_ids, attention_mask=mask, token_type_ids=token_types, labels=labels,
-                next_sentence_label=torch.randint(0, 2, (batch_size,), generator=g))
+    return dict(
+        input_ids=masked_ids,
+        attention_mask=mask,
+        token_type_ids=token_types,
+        labels=labels,
+        next_sentence_label=torch.randint(0, 2, (batch_size,), generator=g),
+    )
 
 
 def timed_step(model, optimizer, batch) -> float:
@@ -95,26 +100,38 @@ def bench_config(name: str, steps: int, warmup: int) -> dict:
     batch_size, seq_len = SHAPES[name]
     config = BertConfig.preset(name)
     torch.manual_seed(0)
-    hf_config = transformers.BertConfig(**{k: v for k, v in config.to_dict().items()
-                                           if k not in ("share_layers", "pre_layer_norm", "sentence_objective")})
+    hf_config = transformers.BertConfig(
+        **{
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("share_layers", "pre_layer_norm", "sentence_objective")
+        }
+    )
     hf = transformers.BertForPreTraining(hf_config).train()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = BertForPreTraining.from_pretrained(tmp).train()
     batch = real_batch(batch_size, seq_len)
     real_tokens = int(batch["attention_mask"].sum())
-    optimizers = {"fastbert": torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
-                  "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)}
+    optimizers = {
+        "fastbert": torch.optim.AdamW(ours.parameters(), lr=1e-4, foreach=True),
+        "transformers": torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True),
+    }
     models = {"fastbert": ours, "transformers": hf}
     times: dict[str, list[float]] = {k: [] for k in models}
     for i in range(warmup + steps):
-        for key in (("fastbert", "transformers") if i % 2 == 0 else ("transformers", "fastbert")):
+        for key in ("fastbert", "transformers") if i % 2 == 0 else ("transformers", "fastbert"):
             t = timed_step(models[key], optimizers[key], batch)
             if i >= warmup:
                 times[key].append(t)
-    row = {"config": name, "batch": batch_size, "seq_len": seq_len, "real_tokens": real_tokens,
-           "masked_tokens": int((batch["labels"] != -100).sum()),
-           "padding_fraction": round(1 - real_tokens / (batch_size * seq_len), 4)}
+    row = {
+        "config": name,
+        "batch": batch_size,
+        "seq_len": seq_len,
+        "real_tokens": real_tokens,
+        "masked_tokens": int((batch["labels"] != -100).sum()),
+        "padding_fraction": round(1 - real_tokens / (batch_size * seq_len), 4),
+    }
     for key, ts in times.items():
         median = statistics.median(ts)
         row[f"{key}_ms"] = round(median * 1e3, 1)
@@ -131,18 +148,29 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = [bench_config(name, args.steps, args.warmup) for name in args.configs]
-    header = f"{'config':<6} {'batch':>9} {'pad %':>6} {'fastbert ms':>12} {'HF ms':>9} {'fastbert tok/s':>15} " \
-             f"{'HF tok/s':>10} {'speedup':>8}"
+    header = (
+        f"{'config':<6} {'batch':>9} {'pad %':>6} {'fastbert ms':>12} {'HF ms':>9} {'fastbert tok/s':>15} "
+        f"{'HF tok/s':>10} {'speedup':>8}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['config']:<6} {r['batch']:>4}x{r['seq_len']:<4} {100 * r['padding_fraction']:>6.1f} "
-              f"{r['fastbert_ms']:>12.1f} {r['transformers_ms']:>9.1f} {r['fastbert_tokens_per_s']:>15.0f} "
-              f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.2f}x")
-    result = {"benchmark": "train_step_cpu", "device": platform.processor() or platform.machine(),
-              "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "transformers": transformers.__version__, "precision": "fp32", "optimizer": "AdamW (foreach)",
-              "steps": args.steps, "rows": rows}
+        print(
+            f"{r['config']:<6} {r['batch']:>4}x{r['seq_len']:<4} {100 * r['padding_fraction']:>6.1f} "
+            f"{r['fastbert_ms']:>12.1f} {r['transformers_ms']:>9.1f} {r['fastbert_tokens_per_s']:>15.0f} "
+            f"{r['transformers_tokens_per_s']:>10.0f} {r['speedup']:>7.2f}x"
+        )
+    result = {
+        "benchmark": "train_step_cpu",
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "precision": "fp32",
+        "optimizer": "AdamW (foreach)",
+        "steps": args.steps,
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")

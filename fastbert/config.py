@@ -23,11 +23,33 @@ GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "
 KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert")
 # Keys HF writes that do not change the model's function; they are accepted and dropped on read.
 _IGNORED_HF_KEYS = {
-    "architectures", "transformers_version", "_name_or_path", "gradient_checkpointing", "use_cache",
-    "classifier_dropout", "classifier_dropout_prob", "torch_dtype", "dtype", "id2label", "label2id",
-    "problem_type", "num_hidden_groups", "inner_group_num", "bos_token_id", "eos_token_id", "is_decoder",
-    "add_cross_attention", "tie_word_embeddings", "output_attentions", "output_hidden_states", "return_dict",
-    "chunk_size_feed_forward", "tokenizer_class", "prefix", "finetuning_task", "_attn_implementation_autoset",
+    "architectures",
+    "transformers_version",
+    "_name_or_path",
+    "gradient_checkpointing",
+    "use_cache",
+    "classifier_dropout",
+    "classifier_dropout_prob",
+    "torch_dtype",
+    "dtype",
+    "id2label",
+    "label2id",
+    "problem_type",
+    "num_hidden_groups",
+    "inner_group_num",
+    "bos_token_id",
+    "eos_token_id",
+    "is_decoder",
+    "add_cross_attention",
+    "tie_word_embeddings",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "chunk_size_feed_forward",
+    "tokenizer_class",
+    "prefix",
+    "finetuning_task",
+    "_attn_implementation_autoset",
 }
 
 
@@ -60,25 +82,35 @@ class BertConfig:
     id2label: dict[int, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                     "max_position_embeddings", "num_labels"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_labels",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})")
+                f"({self.num_attention_heads})"
+            )
         if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
             raise ConfigError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):
             raise ConfigError(f"embedding_size must be a positive integer or None, got {self.embedding_size!r}")
         if self.hidden_act not in GELU_APPROXIMATION:
             raise ConfigError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}")
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}"
+            )
         if self.sentence_objective not in SENTENCE_OBJECTIVES:
             raise ConfigError(
-                f"sentence_objective must be one of {SENTENCE_OBJECTIVES}, got {self.sentence_objective!r}")
+                f"sentence_objective must be one of {SENTENCE_OBJECTIVES}, got {self.sentence_objective!r}"
+            )
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
@@ -138,8 +170,10 @@ class BertConfig:
         d = dict(d)
         model_type = d.pop("model_type", "bert")
         if model_type not in KNOWN_MODEL_TYPES:
-            raise ConfigError(f"{source}: model_type {model_type!r} is not a BERT-family model fastbert can build "
-                              f"(known: {', '.join(KNOWN_MODEL_TYPES)})")
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not a BERT-family model fastbert can build "
+                f"(known: {', '.join(KNOWN_MODEL_TYPES)})"
+            )
         pos_type = d.pop("position_embedding_type", "absolute")
         if pos_type != "absolute":
             raise ConfigError(f"{source}: position_embedding_type {pos_type!r} is not supported (only 'absolute')")
@@ -147,8 +181,10 @@ class BertConfig:
             groups, inner = d.pop("num_hidden_groups", 1), d.pop("inner_group_num", 1)
             layers = d.get("num_hidden_layers", 12)
             if inner != 1 or groups not in (1, layers):
-                raise ConfigError(f"{source}: ALBERT with num_hidden_groups={groups}, inner_group_num={inner} is not "
-                                  f"supported (use 1 shared group or one group per layer)")
+                raise ConfigError(
+                    f"{source}: ALBERT with num_hidden_groups={groups}, inner_group_num={inner} is not "
+                    f"supported (use 1 shared group or one group per layer)"
+                )
             d.setdefault("share_layers", groups == 1)
             d.setdefault("embedding_size", 128)
             d.setdefault("sentence_objective", "sop")

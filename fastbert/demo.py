@@ -59,8 +59,7 @@ def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tup
     results = []
     for sentence in sentences:
         words = sentence.split()
-        candidates = [i for i, w in enumerate(words) if w.isalpha() and len(tokenizer.tokenize(w)) == 1
-                      and len(w) > 3]
+        candidates = [i for i, w in enumerate(words) if w.isalpha() and len(tokenizer.tokenize(w)) == 1 and len(w) > 3]
         if not candidates:
             continue
         target = max(candidates, key=lambda i: len(words[i]))
@@ -92,10 +91,20 @@ def run_demo(args: DemoArgs) -> dict:
     meta = prepare([str(corpus)], out / "data", PrepareOptions(vocab=str(vocab), seq_len=args.seq_len))
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")
     print(f"[4/6] pretraining the tiny model for {args.steps} steps (LAMB, global batch {args.global_batch})")
-    final = pretrain(PretrainArgs(data=str(out / "data"), out=str(out / "run"), model="tiny", steps=args.steps,
-                                  global_batch=args.global_batch, micro_batch=args.micro_batch, lr=args.lr,
-                                  warmup=max(1, args.steps // 10), save_every=max(1, args.steps // 3),
-                                  resume="auto"))
+    final = pretrain(
+        PretrainArgs(
+            data=str(out / "data"),
+            out=str(out / "run"),
+            model="tiny",
+            steps=args.steps,
+            global_batch=args.global_batch,
+            micro_batch=args.micro_batch,
+            lr=args.lr,
+            warmup=max(1, args.steps // 10),
+            save_every=max(1, args.steps // 3),
+            resume="auto",
+        )
+    )
     print("[5/6] export to HF format and plot the curves")
     hf_dir = export(out / "run", out / "hf")
     png = plot(out / "run")

@@ -25,8 +25,12 @@ from fastbert.config import BertConfig
 SAFETENSORS_NAME = "model.safetensors"
 PYTORCH_NAME = "pytorch_model.bin"
 # Keys that exist in HF checkpoints but carry no weight of ours: buffers and the decoder tied to the embeddings.
-_IGNORABLE_SUFFIXES = ("embeddings.position_ids", "embeddings.token_type_ids", "predictions.decoder.weight",
-                       "predictions.decoder.bias")
+_IGNORABLE_SUFFIXES = (
+    "embeddings.position_ids",
+    "embeddings.token_type_ids",
+    "predictions.decoder.weight",
+    "predictions.decoder.bias",
+)
 
 
 class CheckpointError(ValueError):
@@ -44,13 +48,23 @@ def _layer_names(model_type: str, layer: int) -> dict[str, str]:
     """Our per-layer module names -> the checkpoint's, for one layer."""
     if model_type == "albert":
         p = f"encoder.albert_layer_groups.{layer}.albert_layers.0."
-        return {"attn_out": p + "attention.dense", "attn_norm": p + "attention.LayerNorm", "ffn_in": p + "ffn",
-                "ffn_out": p + "ffn_output", "ffn_norm": p + "full_layer_layer_norm",
-                "qkv": p + "attention.{}"}
+        return {
+            "attn_out": p + "attention.dense",
+            "attn_norm": p + "attention.LayerNorm",
+            "ffn_in": p + "ffn",
+            "ffn_out": p + "ffn_output",
+            "ffn_norm": p + "full_layer_layer_norm",
+            "qkv": p + "attention.{}",
+        }
     p = f"encoder.layer.{layer}."
-    return {"attn_out": p + "attention.output.dense", "attn_norm": p + "attention.output.LayerNorm",
-            "ffn_in": p + "intermediate.dense", "ffn_out": p + "output.dense", "ffn_norm": p + "output.LayerNorm",
-            "qkv": p + "attention.self.{}"}
+    return {
+        "attn_out": p + "attention.output.dense",
+        "attn_norm": p + "attention.output.LayerNorm",
+        "ffn_in": p + "intermediate.dense",
+        "ffn_out": p + "output.dense",
+        "ffn_norm": p + "output.LayerNorm",
+        "qkv": p + "attention.self.{}",
+    }
 
 
 def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[str, ...]]:
@@ -70,15 +84,18 @@ def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[st
     for i in range(1 if config.share_layers else config.num_hidden_layers):
         for ours, theirs in _layer_names(model_type, i).items():
             m[f"encoder.layers.{i}.{ours}"] = (
-                tuple(theirs.format(x) for x in ("query", "key", "value")) if ours == "qkv" else theirs)
+                tuple(theirs.format(x) for x in ("query", "key", "value")) if ours == "qkv" else theirs
+            )
     pred = "predictions." if albert else "cls.predictions."
-    m.update({
-        "head:cls.transform": pred + ("dense" if albert else "transform.dense"),
-        "head:cls.transform_norm": pred + ("LayerNorm" if albert else "transform.LayerNorm"),
-        "head:cls.sentence": "sop_classifier.classifier" if albert else "cls.seq_relationship",
-        "head:classifier": "classifier",
-        "head:qa_outputs": "qa_outputs",
-    })
+    m.update(
+        {
+            "head:cls.transform": pred + ("dense" if albert else "transform.dense"),
+            "head:cls.transform_norm": pred + ("LayerNorm" if albert else "transform.LayerNorm"),
+            "head:cls.sentence": "sop_classifier.classifier" if albert else "cls.seq_relationship",
+            "head:classifier": "classifier",
+            "head:qa_outputs": "qa_outputs",
+        }
+    )
     return m
 
 
@@ -102,7 +119,7 @@ def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tup
             out[key] = ("predictions.bias" if model_type == "albert" else "cls.predictions.bias",)
             continue
         module, _, leaf = key.rpartition(".")
-        local = module[len(prefix):] if module.startswith(prefix) else f"head:{module}"
+        local = module[len(prefix) :] if module.startswith(prefix) else f"head:{module}"
         if local not in modules:
             raise AssertionError(f"no checkpoint name for {key}")  # a module added without a key map entry
         theirs = modules[local]
@@ -151,8 +168,9 @@ def _normalize_keys(state: dict[str, torch.Tensor], model_type: str) -> dict[str
     return out
 
 
-def load_state_dict_into(model: torch.nn.Module, state: dict[str, torch.Tensor], model_type: str,
-                         source: str = "checkpoint") -> LoadingInfo:
+def load_state_dict_into(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], model_type: str, source: str = "checkpoint"
+) -> LoadingInfo:
     """Copy a checkpoint's weights into ``model``; every shape is checked before anything is copied."""
     state = _normalize_keys(state, model_type)
     sources = checkpoint_key_map(model, model_type)
@@ -174,8 +192,9 @@ def load_state_dict_into(model: torch.nn.Module, state: dict[str, torch.Tensor],
             continue
         updates[key] = value
     if errors:
-        raise CheckpointError(f"{source} does not fit {type(model).__name__}; nothing was loaded:\n  "
-                              + "\n  ".join(errors))
+        raise CheckpointError(
+            f"{source} does not fit {type(model).__name__}; nothing was loaded:\n  " + "\n  ".join(errors)
+        )
     info.unexpected_keys = sorted(k for k in state if k not in used and not k.endswith(_IGNORABLE_SUFFIXES))
     with torch.no_grad():
         for key, value in updates.items():
@@ -183,8 +202,9 @@ def load_state_dict_into(model: torch.nn.Module, state: dict[str, torch.Tensor],
     return info
 
 
-def load_pretrained(cls, directory, config: BertConfig | None = None, output_loading_info: bool = False,
-                    **config_overrides):
+def load_pretrained(
+    cls, directory, config: BertConfig | None = None, output_loading_info: bool = False, **config_overrides
+):
     directory = Path(directory)
     config_path = directory / "config.json"
     if not config_path.exists():
@@ -199,8 +219,11 @@ def load_pretrained(cls, directory, config: BertConfig | None = None, output_loa
     model = cls(config)
     info = load_state_dict_into(model, state, model_type, source=str(path))
     if info.missing_keys or info.unexpected_keys:
-        warnings.warn(f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
-                      f"unused (unexpected) {info.unexpected_keys}", stacklevel=3)
+        warnings.warn(
+            f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
+            f"unused (unexpected) {info.unexpected_keys}",
+            stacklevel=3,
+        )
     return (model, info) if output_loading_info else model
 
 
@@ -215,7 +238,7 @@ def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         for name, part in zip(names, parts, strict=False):
             out[name] = part.detach().contiguous().cpu()
     if model_type != "fastbert" and not hasattr(model, "bert"):
-        out = {k[len(model_type) + 1:]: v for k, v in out.items()}  # a bare encoder is saved without prefix
+        out = {k[len(model_type) + 1 :]: v for k, v in out.items()}  # a bare encoder is saved without prefix
     return out
 
 
@@ -237,8 +260,11 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     if arch is None:
         arch = name.replace("Bert", "Albert") if model_type == "albert" else name
     if model_type == "bert" and name == "BertForPreTraining" and config.sentence_objective == "sop":
-        warnings.warn("transformers' BertForPreTraining calls the SOP head 'seq_relationship'; it loads, but the "
-                      "label means 'swapped', not 'next'", stacklevel=3)
+        warnings.warn(
+            "transformers' BertForPreTraining calls the SOP head 'seq_relationship'; it loads, but the "
+            "label means 'swapped', not 'next'",
+            stacklevel=3,
+        )
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / SAFETENSORS_NAME, save(hf_state_dict(model), metadata={"format": "pt"}))
     config.save_pretrained(directory, architecture=arch)

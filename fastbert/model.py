@@ -128,8 +128,7 @@ class BertEmbeddings(nn.Module):
         self.config = config
         self.word_embeddings = nn.Embedding(config.vocab_size, width, padding_idx=config.pad_token_id)
         self.position_embeddings = nn.Embedding(config.max_position_embeddings, width)
-        self.token_type_embeddings = (
-            nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, width) if config.type_vocab_size > 0 else None
         self.norm = nn.LayerNorm(width, eps=config.layer_norm_eps)
         self.projection = nn.Linear(width, config.hidden_size) if config.embedding_size is not None else None
 
@@ -164,7 +163,7 @@ class BertLayer(nn.Module):
         # differ with every summation order (micro-batch size, world size, ZeRO stage). So it is left out: the
         # outputs are the same up to rounding (HF checkpoints load as they are) and the key bias never moves.
         b = self.qkv.bias
-        bias = torch.cat([b[:c.hidden_size], b.new_zeros(c.hidden_size), b[2 * c.hidden_size:]])
+        bias = torch.cat([b[: c.hidden_size], b.new_zeros(c.hidden_size), b[2 * c.hidden_size :]])
         q, k, v = F.linear(x, self.qkv.weight, bias).view(x.shape[0], 3, c.num_attention_heads, c.head_dim).unbind(1)
         p = c.attention_probs_dropout_prob if self.training else 0.0
         a = ops.attention(q, k, v, layout.cu_seqlens, layout.max_seqlen, dropout_p=p)
@@ -177,14 +176,31 @@ class BertLayer(nn.Module):
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
         c, p, train = self.config, self.config.hidden_dropout_prob, self.training
         if not c.pre_layer_norm:
-            x, _ = ops.residual_layer_norm(self._attention(x, layout), x, self.attn_norm.weight, self.attn_norm.bias,
-                                           c.layer_norm_eps, self.attn_out.bias, p, train)
-            x, _ = ops.residual_layer_norm(self._ffn(x), x, self.ffn_norm.weight, self.ffn_norm.bias,
-                                           c.layer_norm_eps, self.ffn_out.bias, p, train)
+            x, _ = ops.residual_layer_norm(
+                self._attention(x, layout),
+                x,
+                self.attn_norm.weight,
+                self.attn_norm.bias,
+                c.layer_norm_eps,
+                self.attn_out.bias,
+                p,
+                train,
+            )
+            x, _ = ops.residual_layer_norm(
+                self._ffn(x), x, self.ffn_norm.weight, self.ffn_norm.bias, c.layer_norm_eps, self.ffn_out.bias, p, train
+            )
             return x
         normed, _ = ops.residual_layer_norm(x, None, self.attn_norm.weight, self.attn_norm.bias, c.layer_norm_eps)
-        normed, x = ops.residual_layer_norm(self._attention(normed, layout), x, self.ffn_norm.weight,
-                                            self.ffn_norm.bias, c.layer_norm_eps, self.attn_out.bias, p, train)
+        normed, x = ops.residual_layer_norm(
+            self._attention(normed, layout),
+            x,
+            self.ffn_norm.weight,
+            self.ffn_norm.bias,
+            c.layer_norm_eps,
+            self.attn_out.bias,
+            p,
+            train,
+        )
         return x + ops.dropout(self._ffn(normed) + self.ffn_out.bias, p, train)
 
 
@@ -193,8 +209,9 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.config = config
         # ALBERT's cross-layer sharing: one layer's parameters applied num_hidden_layers times.
-        self.layers = nn.ModuleList(BertLayer(config) for _ in range(1 if config.share_layers else
-                                                                     config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            BertLayer(config) for _ in range(1 if config.share_layers else config.num_hidden_layers)
+        )
         self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.pre_layer_norm else None
 
     def forward(self, x: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -241,8 +258,13 @@ class BertPreTrainedModel(nn.Module):
                 nn.init.zeros_(module.bias)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, config: BertConfig | None = None,
-                        output_loading_info: bool = False, **config_overrides):
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        config: BertConfig | None = None,
+        output_loading_info: bool = False,
+        **config_overrides,
+    ):
         """Load an HF or fastbert checkpoint directory (config.json + model.safetensors or pytorch_model.bin).
 
         Missing and unexpected keys are reported as a warning (and returned with ``output_loading_info=True``);
@@ -274,28 +296,33 @@ class BertModel(BertPreTrainedModel):
         self.pooler = BertPooler(config) if add_pooling_layer else None
         self.init_weights()
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None,
-               max_seqlen=None) -> tuple[torch.Tensor, Layout]:
+    def encode(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None
+    ) -> tuple[torch.Tensor, Layout]:
         """Run the encoder; returns the flat ``[total_tokens, hidden]`` states and the batch layout."""
         if cu_seqlens is not None:
             if input_ids.dim() != 1:
                 raise ValueError(
-                    f"with cu_seqlens, input_ids must be flat [total_tokens], got {tuple(input_ids.shape)}")
+                    f"with cu_seqlens, input_ids must be flat [total_tokens], got {tuple(input_ids.shape)}"
+                )
             if attention_mask is not None:
                 raise ValueError("give either attention_mask (padded layout) or cu_seqlens (unpadded), not both")
             layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
             if int(layout.cu_seqlens[-1]) != input_ids.numel():
-                raise ValueError(f"cu_seqlens ends at {int(layout.cu_seqlens[-1])} but input_ids holds "
-                                 f"{input_ids.numel()} tokens")
+                raise ValueError(
+                    f"cu_seqlens ends at {int(layout.cu_seqlens[-1])} but input_ids holds {input_ids.numel()} tokens"
+                )
         else:
             if input_ids.dim() != 2:
                 raise ValueError(
-                    f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}")
+                    f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}"
+                )
             if attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             elif attention_mask.shape != input_ids.shape:
-                raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
             layout = Layout.from_attention_mask(attention_mask)
         self._check_inputs(input_ids, token_type_ids, position_ids, layout)
         ids = layout.unpad(input_ids)
@@ -310,23 +337,35 @@ class BertModel(BertPreTrainedModel):
         _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
         if token_type_ids is not None:
             if token_type_ids.shape != input_ids.shape:
-                raise ValueError(f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape "
-                                 f"{tuple(input_ids.shape)}")
+                raise ValueError(
+                    f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
             if c.type_vocab_size == 0:
                 if bool(token_type_ids.any()):
-                    raise ValueError("token_type_ids hold segment ids but this model has no segment embeddings "
-                                     "(type_vocab_size=0)")
+                    raise ValueError(
+                        "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
+                    )
             else:
                 _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
         longest = layout.shape[1] if layout.shape is not None else layout.max_seqlen
         if position_ids is not None:
             _check_range("position_ids", position_ids, c.max_position_embeddings, "max_position_embeddings")
         elif longest > c.max_position_embeddings:
-            raise IndexError(f"a sequence has {longest} positions but max_position_embeddings is "
-                             f"{c.max_position_embeddings}: the sequence is too long")
+            raise IndexError(
+                f"a sequence has {longest} positions but max_position_embeddings is "
+                f"{c.max_position_embeddings}: the sequence is too long"
+            )
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, *, cu_seqlens=None,
-                max_seqlen=None) -> BertModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> BertModelOutput:
         hidden, layout = self.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         pooled = self.pooler(hidden, layout) if self.pooler is not None else None
         return BertModelOutput(layout.pad(hidden), pooled)
@@ -345,8 +384,9 @@ class BertPreTrainingHeads(nn.Module):
 
     def transform_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         h = ops.bias_gelu(F.linear(hidden, self.transform.weight), self.transform.bias, self.config.gelu_approximation)
-        return F.layer_norm(h, (h.shape[-1],), self.transform_norm.weight, self.transform_norm.bias,
-                            self.config.layer_norm_eps)
+        return F.layer_norm(
+            h, (h.shape[-1],), self.transform_norm.weight, self.transform_norm.bias, self.config.layer_norm_eps
+        )
 
 
 class BertForPreTraining(BertPreTrainedModel):
@@ -364,10 +404,21 @@ class BertForPreTraining(BertPreTrainedModel):
     def decoder_weight(self) -> torch.Tensor:
         return self.bert.embeddings.word_embeddings.weight
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, *, cu_seqlens=None, max_seqlen=None) -> PreTrainingOutput:
-        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                                          max_seqlen)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> PreTrainingOutput:
+        hidden, layout = self.bert.encode(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
         out = PreTrainingOutput()
         if self.cls.sentence is not None:
             out.seq_relationship_logits = self.cls.sentence(self.bert.pooler(hidden, layout))
@@ -378,15 +429,19 @@ class BertForPreTraining(BertPreTrainedModel):
             flat_labels = layout.unpad(labels)
             masked = torch.nonzero(flat_labels != ops.IGNORE_INDEX, as_tuple=False).flatten()
             out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
-                self.cls.transform_hidden(hidden.index_select(0, masked)), self.decoder_weight, self.cls.bias,
-                flat_labels.index_select(0, masked))
+                self.cls.transform_hidden(hidden.index_select(0, masked)),
+                self.decoder_weight,
+                self.cls.bias,
+                flat_labels.index_select(0, masked),
+            )
             out.loss = out.mlm_loss
         if next_sentence_label is not None:
             if out.seq_relationship_logits is None:
                 raise ValueError("next_sentence_label given but the model's sentence_objective is 'none'")
             out.sentence_loss = F.cross_entropy(out.seq_relationship_logits, next_sentence_label.view(-1))
-            out.sentence_accuracy = (out.seq_relationship_logits.argmax(-1) == next_sentence_label.view(-1)
-                                     ).float().mean().detach()
+            out.sentence_accuracy = (
+                (out.seq_relationship_logits.argmax(-1) == next_sentence_label.view(-1)).float().mean().detach()
+            )
             out.loss = out.sentence_loss if out.loss is None else out.loss + out.sentence_loss
         return out
 
@@ -402,10 +457,20 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,
-                cu_seqlens=None, max_seqlen=None) -> ClassifierOutput:
-        pooled = self.bert(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens,
-                           max_seqlen=max_seqlen).pooler_output
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> ClassifierOutput:
+        pooled = self.bert(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens=cu_seqlens, max_seqlen=max_seqlen
+        ).pooler_output
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None:
@@ -427,10 +492,20 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None, *,
-                cu_seqlens=None, max_seqlen=None) -> ClassifierOutput:
-        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                                          max_seqlen)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> ClassifierOutput:
+        hidden, layout = self.bert.encode(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
@@ -448,10 +523,21 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.qa_outputs = nn.Linear(config.hidden_size, 2)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, start_positions=None,
-                end_positions=None, *, cu_seqlens=None, max_seqlen=None) -> QuestionAnsweringOutput:
-        hidden, layout = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens,
-                                          max_seqlen)
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        start_positions=None,
+        end_positions=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> QuestionAnsweringOutput:
+        hidden, layout = self.bert.encode(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
         logits = self.qa_outputs(hidden)
         if layout.index is None:
             raise ValueError("BertForQuestionAnswering needs the padded layout (input_ids [B, S])")

@@ -69,8 +69,13 @@ class FusedSelfAttention(nn.Module):
     """BERT self-attention (``query``, ``key``, ``value`` projections, as in ``transformers``) around the flash
     kernel. ``forward(hidden_states, attention_mask)`` returns ``(context, None)`` like ``BertSelfAttention``."""
 
-    def __init__(self, hidden_size: int, num_heads: int, dropout_p: float = 0.0,
-                 projections: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        dropout_p: float = 0.0,
+        projections: tuple[nn.Linear, nn.Linear, nn.Linear] | None = None,
+    ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size={hidden_size} is not a multiple of num_heads={num_heads}")
@@ -82,13 +87,19 @@ class FusedSelfAttention(nn.Module):
     @classmethod
     def from_hf(cls, attention: nn.Module) -> FusedSelfAttention:
         """Wraps a ``transformers`` BertSelfAttention's own projection layers (shared, not copied)."""
-        return cls(attention.all_head_size, attention.num_attention_heads, attention.dropout.p,
-                   (attention.query, attention.key, attention.value))
+        return cls(
+            attention.all_head_size,
+            attention.num_attention_heads,
+            attention.dropout.p,
+            (attention.query, attention.key, attention.value),
+        )
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
         batch, seq, _ = hidden_states.shape
-        q, k, v = (proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
-                   for proj in (self.query, self.key, self.value))
+        q, k, v = (
+            proj(hidden_states).view(batch, seq, self.num_heads, self.head_dim)
+            for proj in (self.query, self.key, self.value)
+        )
         keep = key_padding_mask(attention_mask)
         p = self.dropout_p if self.training else 0.0
         kernel = ops._kernel_for("attention", q)
@@ -96,36 +107,61 @@ class FusedSelfAttention(nn.Module):
             out = kernel.attention_padded(q, k, v, keep, p)
         else:
             mask = None if keep is None else keep[:, None, None, :]
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=mask, dropout_p=p).transpose(1, 2)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p
+            ).transpose(1, 2)
         return out.reshape(batch, seq, -1), None
 
 
 class MLMLoss(nn.Module):
     """``(loss, accuracy)`` of the tied decoder over masked rows, through ``ops.mlm_loss``."""
 
-    def forward(self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return ops.mlm_loss(hidden, weight, bias, labels)
 
 
-def _masked_lm_forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
-                       inputs_embeds=None, labels=None, **kwargs):
+def _masked_lm_forward(
+    self,
+    input_ids=None,
+    attention_mask=None,
+    token_type_ids=None,
+    position_ids=None,
+    inputs_embeds=None,
+    labels=None,
+    **kwargs,
+):
     """BertForMaskedLM.forward with the loss from ``MLMLoss`` on the labelled positions only; with labels, logits
     are not computed (``logits`` is None), which is the memory the fused loss saves."""
     if labels is None:
-        return type(self).forward(self, input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                                  position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs)
+        return type(self).forward(
+            self,
+            input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
     from transformers.modeling_outputs import MaskedLMOutput
 
-    outputs = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                        position_ids=position_ids, inputs_embeds=inputs_embeds, return_dict=True, **kwargs)
+    outputs = self.bert(
+        input_ids,
+        attention_mask=attention_mask,
+        token_type_ids=token_type_ids,
+        position_ids=position_ids,
+        inputs_embeds=inputs_embeds,
+        return_dict=True,
+        **kwargs,
+    )
     flat_labels = labels.reshape(-1)
     rows = (flat_labels != ops.IGNORE_INDEX).nonzero().flatten()
     hidden = outputs[0].reshape(flat_labels.numel(), -1).index_select(0, rows)
     head = self.cls.predictions
-    loss, _accuracy = self.fastbert_mlm_loss(head.transform(hidden), head.decoder.weight, head.decoder.bias,
-                                             flat_labels.index_select(0, rows))
+    loss, _accuracy = self.fastbert_mlm_loss(
+        head.transform(hidden), head.decoder.weight, head.decoder.bias, flat_labels.index_select(0, rows)
+    )
     return MaskedLMOutput(loss=loss, logits=None, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 

@@ -49,8 +49,9 @@ def _kernel_for(op: str, tensor: torch.Tensor):
 
 
 # Dropout --------------------------------------------------------------------------------------------------------
-def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device,
-                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def dropout_mask(
+    shape: torch.Size | tuple[int, ...], p: float, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """The multiplier of inverted dropout: 0 for a dropped element, ``1 / (1 - p)`` for a kept one.
 
     Each element takes 16 random bits (four per random int64 word), several times cheaper on CPU than

@@ -23,12 +23,15 @@ class InputError(Exception):
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``tokenize`` on the ``fastbert`` command's subparsers."""
     parser = subparsers.add_parser(
-        "tokenize", help="write the WordPiece ids of text files, one line of ids per input line",
+        "tokenize",
+        help="write the WordPiece ids of text files, one line of ids per input line",
         description="Tokenize UTF-8 text files with a BERT vocabulary. Each input line becomes one output line of "
-                    "space-separated ids (an empty line gives an empty line).")
+        "space-separated ids (an empty line gives an empty line).",
+    )
     parser.add_argument("files", nargs="+", metavar="FILE", type=Path, help="UTF-8 text files")
-    parser.add_argument("--vocab", required=True, type=Path,
-                        help="a vocab.txt, or a directory with vocab.txt and tokenizer_config.json")
+    parser.add_argument(
+        "--vocab", required=True, type=Path, help="a vocab.txt, or a directory with vocab.txt and tokenizer_config.json"
+    )
     parser.add_argument("--cased", action="store_true", help="keep case and accents (default: lowercase, strip)")
     parser.add_argument("--add-special-tokens", action="store_true", help="wrap each line in [CLS] ... [SEP]")
     parser.add_argument("-o", "--output", type=Path, help="write here instead of standard output")
@@ -79,8 +82,9 @@ def run(args: argparse.Namespace) -> int:
         if args.vocab.is_dir():
             tokenizer = WordPieceTokenizer.from_pretrained(args.vocab)
             if args.cased:
-                tokenizer = WordPieceTokenizer(tokenizer.vocab, False, source=str(args.vocab),
-                                               **tokenizer.special_tokens)
+                tokenizer = WordPieceTokenizer(
+                    tokenizer.vocab, False, source=str(args.vocab), **tokenizer.special_tokens
+                )
         else:
             tokenizer = WordPieceTokenizer.from_vocab(args.vocab, do_lower_case=not args.cased)
     except (VocabError, ValueError, OSError) as e:
@@ -92,19 +96,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     if args.output is not None and not args.output.parent.is_dir():
-        print(f"fastbert tokenize: error: -o {args.output}: the directory {args.output.parent} does not exist",
-              file=sys.stderr)
+        print(
+            f"fastbert tokenize: error: -o {args.output}: the directory {args.output.parent} does not exist",
+            file=sys.stderr,
+        )
         return 2
     total = sum(p.stat().st_size for p in args.files)
     tmp = None if args.output is None else args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
     out: TextIO = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="tokenize", disable=args.no_progress or None,
-                  file=sys.stderr) as bar:
+        with tqdm(
+            total=total, unit="B", unit_scale=True, desc="tokenize", disable=args.no_progress or None, file=sys.stderr
+        ) as bar:
             for path in args.files:
                 for lines, size in read_lines(path):
-                    ids = tokenizer.encode_batch(lines, add_special_tokens=args.add_special_tokens,
-                                                 num_threads=args.threads)
+                    ids = tokenizer.encode_batch(
+                        lines, add_special_tokens=args.add_special_tokens, num_threads=args.threads
+                    )
                     out.write("".join(" ".join(map(str, row)) + "\n" for row in ids))
                     bar.update(size)
     except (InputError, OSError) as e:

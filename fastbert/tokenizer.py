@@ -21,8 +21,13 @@ from fastbert.atomic import write_atomic
 VocabError = _wordpiece.VocabError
 
 SPECIAL_TOKEN_ROLES = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-DEFAULT_SPECIAL_TOKENS = {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]",
-                          "mask_token": "[MASK]"}
+DEFAULT_SPECIAL_TOKENS = {
+    "unk_token": "[UNK]",
+    "sep_token": "[SEP]",
+    "pad_token": "[PAD]",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
+}
 TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second")
 PADDING_STRATEGIES = ("longest", "max_length")
 CONTINUATION = "##"
@@ -31,8 +36,15 @@ CONTINUATION = "##"
 class WordPieceTokenizer:
     """BERT's WordPiece tokenizer, producing the same ids as HF's ``BertTokenizerFast`` for the same vocabulary."""
 
-    def __init__(self, vocab: _wordpiece.Vocab, do_lower_case: bool = True, *, model_max_length: int = 512,
-                 source: str = "<memory>", **special_tokens: str) -> None:
+    def __init__(
+        self,
+        vocab: _wordpiece.Vocab,
+        do_lower_case: bool = True,
+        *,
+        model_max_length: int = 512,
+        source: str = "<memory>",
+        **special_tokens: str,
+    ) -> None:
         unknown = set(special_tokens) - set(SPECIAL_TOKEN_ROLES)
         if unknown:
             raise TypeError(f"unknown special token roles {sorted(unknown)}; expected some of {SPECIAL_TOKEN_ROLES}")
@@ -44,8 +56,14 @@ class WordPieceTokenizer:
         self.do_lower_case = do_lower_case
         self.model_max_length = model_max_length
         specials = list(dict.fromkeys(self.special_tokens[r] for r in SPECIAL_TOKEN_ROLES))
-        self._core = _wordpiece.Tokenizer(vocab, do_lower_case, specials, self.special_tokens["unk_token"],
-                                          self.special_tokens["cls_token"], self.special_tokens["sep_token"])
+        self._core = _wordpiece.Tokenizer(
+            vocab,
+            do_lower_case,
+            specials,
+            self.special_tokens["unk_token"],
+            self.special_tokens["cls_token"],
+            self.special_tokens["sep_token"],
+        )
         self.all_special_ids = {vocab.token_to_id(t) for t in specials}
         self.pad_token_id: int = vocab.token_to_id(self.special_tokens["pad_token"])
         self.cls_token_id: int = vocab.token_to_id(self.special_tokens["cls_token"])
@@ -74,8 +92,10 @@ class WordPieceTokenizer:
         do_lower_case = config.get("do_lower_case", True)
         strip_accents = config.get("strip_accents")
         if strip_accents is not None and strip_accents != do_lower_case:
-            raise ValueError(f"{config_path}: strip_accents={strip_accents} with do_lower_case={do_lower_case} is "
-                             "not supported (accents are stripped exactly when lowercasing)")
+            raise ValueError(
+                f"{config_path}: strip_accents={strip_accents} with do_lower_case={do_lower_case} is "
+                "not supported (accents are stripped exactly when lowercasing)"
+            )
         if not config.get("tokenize_chinese_chars", True):
             raise ValueError(f"{config_path}: tokenize_chinese_chars=false is not supported")
         specials = {}
@@ -96,8 +116,14 @@ class WordPieceTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         vocab_path, config_path = directory / "vocab.txt", directory / "tokenizer_config.json"
         write_atomic(vocab_path, "".join(token + "\n" for token in self.vocab.tokens).encode("utf-8"))
-        config = {"tokenizer_class": "BertTokenizer", "do_lower_case": self.do_lower_case, "strip_accents": None,
-                  "tokenize_chinese_chars": True, "model_max_length": self.model_max_length, **self.special_tokens}
+        config = {
+            "tokenizer_class": "BertTokenizer",
+            "do_lower_case": self.do_lower_case,
+            "strip_accents": None,
+            "tokenize_chinese_chars": True,
+            "model_max_length": self.model_max_length,
+            **self.special_tokens,
+        }
         write_atomic(config_path, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
         return [vocab_path, config_path]
 
@@ -143,23 +169,43 @@ class WordPieceTokenizer:
                 ids.append(self.sep_token_id)
         return ids
 
-    def encode_batch(self, texts: Sequence[str], pairs: Sequence[str] | None = None, add_special_tokens: bool = True,
-                     num_threads: int | None = None) -> list[list[int]]:
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        pairs: Sequence[str] | None = None,
+        add_special_tokens: bool = True,
+        num_threads: int | None = None,
+    ) -> list[list[int]]:
         """Ids of every text (and pair), encoded on num_threads C++ threads (default: all cores). Items may also be
         UTF-8 bytes; invalid UTF-8 raises ValueError naming the item and the byte offset."""
-        return self._core.encode_batch(_as_list(texts, "texts"), None if pairs is None else _as_list(pairs, "pairs"),
-                                       add_special_tokens, num_threads or 0)
+        return self._core.encode_batch(
+            _as_list(texts, "texts"),
+            None if pairs is None else _as_list(pairs, "pairs"),
+            add_special_tokens,
+            num_threads or 0,
+        )
 
-    def encode_batch_flat(self, texts: Sequence[str], add_special_tokens: bool = True,
-                          num_threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def encode_batch_flat(
+        self, texts: Sequence[str], add_special_tokens: bool = True, num_threads: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Every text's ids back to back, ``(ids int32[N], offsets int64[len(texts) + 1])``: text ``i`` is
         ``ids[offsets[i]:offsets[i + 1]]``. No Python int per id, so it is the fastest way to feed arrays."""
         return self._core.encode_batch_flat(_as_list(texts, "texts"), add_special_tokens, num_threads or 0)
 
-    def __call__(self, texts: str | Sequence[str], pairs: str | Sequence[str] | None = None, *,
-                 add_special_tokens: bool = True, max_length: int | None = None, truncation: bool | str = False,
-                 padding: bool | str = False, pad_to_multiple_of: int | None = None, return_tensors: str | None = None,
-                 return_offsets_mapping: bool = False, num_threads: int | None = None) -> dict[str, Any]:
+    def __call__(
+        self,
+        texts: str | Sequence[str],
+        pairs: str | Sequence[str] | None = None,
+        *,
+        add_special_tokens: bool = True,
+        max_length: int | None = None,
+        truncation: bool | str = False,
+        padding: bool | str = False,
+        pad_to_multiple_of: int | None = None,
+        return_tensors: str | None = None,
+        return_offsets_mapping: bool = False,
+        num_threads: int | None = None,
+    ) -> dict[str, Any]:
         """Model inputs for texts (and pairs): input_ids, token_type_ids, attention_mask and, when asked for,
         offset_mapping as character spans into the original strings ((0, 0) for added and padding tokens).
 
@@ -184,8 +230,10 @@ class WordPieceTokenizer:
         if pad == "max_length" and max_length is None:
             max_length = self.model_max_length
         if strategy and pad and pad_to_multiple_of and max_length % pad_to_multiple_of:
-            raise ValueError(f"truncation to max_length={max_length} would be padded past it to a multiple of "
-                             f"pad_to_multiple_of={pad_to_multiple_of}; make max_length a multiple of it")
+            raise ValueError(
+                f"truncation to max_length={max_length} would be padded past it to a multiple of "
+                f"pad_to_multiple_of={pad_to_multiple_of}; make max_length a multiple of it"
+            )
         if return_tensors not in (None, "np", "pt"):
             raise ValueError(f"return_tensors must be None, 'np' or 'pt', not {return_tensors!r}")
 
@@ -200,8 +248,9 @@ class WordPieceTokenizer:
             ids_b, offs_b = seconds[i] if seconds is not None else (None, None)
             # As in HF, a max_length that the special tokens alone exceed truncates nothing.
             if strategy and max_length >= added:
-                len_a, len_b = _truncated_lengths(len(ids_a), None if ids_b is None else len(ids_b),
-                                                  max_length - added, strategy, index=i)
+                len_a, len_b = _truncated_lengths(
+                    len(ids_a), None if ids_b is None else len(ids_b), max_length - added, strategy, index=i
+                )
                 ids_a, offs_a = ids_a[:len_a], offs_a and offs_a[:len_a]
                 if ids_b is not None:
                     ids_b, offs_b = ids_b[:len_b], offs_b and offs_b[:len_b]
@@ -220,8 +269,14 @@ class WordPieceTokenizer:
             return {key: value[0] for key, value in batch.items()}
         return batch
 
-    def _assemble(self, ids_a: list[int], offs_a: list | None, ids_b: list[int] | None, offs_b: list | None,
-                  add_special_tokens: bool) -> tuple[list[int], list[int], list | None]:
+    def _assemble(
+        self,
+        ids_a: list[int],
+        offs_a: list | None,
+        ids_b: list[int] | None,
+        offs_b: list | None,
+        add_special_tokens: bool,
+    ) -> tuple[list[int], list[int], list | None]:
         if add_special_tokens:
             ids = [self.cls_token_id, *ids_a, self.sep_token_id]
             offsets = None if offs_a is None else [(0, 0), *offs_a, (0, 0)]
@@ -248,8 +303,9 @@ class WordPieceTokenizer:
 
     # Decoding.
 
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False,
-               clean_up_tokenization_spaces: bool = True) -> str:
+    def decode(
+        self, ids: Sequence[int], skip_special_tokens: bool = False, clean_up_tokenization_spaces: bool = True
+    ) -> str:
         """Text of ids: continuation pieces are glued to the previous token, other tokens are separated by a space
         (and, with clean-up, no space is left before . ? ! , as BERT's WordPiece decoder does)."""
         pieces = []
@@ -259,7 +315,7 @@ class WordPieceTokenizer:
                 continue
             token = self.vocab.id_to_token(i)
             if pieces:
-                token = token[len(CONTINUATION):] if token.startswith(CONTINUATION) else " " + token
+                token = token[len(CONTINUATION) :] if token.startswith(CONTINUATION) else " " + token
             if clean_up_tokenization_spaces:
                 token = _clean_up(token)
             pieces.append(token)
@@ -270,8 +326,19 @@ class WordPieceTokenizer:
 
 
 def _clean_up(token: str) -> str:
-    for dirty, clean in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                         (" 'm", "'m"), (" do not", " don't"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+    for dirty, clean in (
+        (" .", "."),
+        (" ?", "?"),
+        (" !", "!"),
+        (" ,", ","),
+        (" ' ", "'"),
+        (" n't", "n't"),
+        (" 'm", "'m"),
+        (" do not", " don't"),
+        (" 's", "'s"),
+        (" 've", "'ve"),
+        (" 're", "'re"),
+    ):
         token = token.replace(dirty, clean)
     return token
 
@@ -323,16 +390,20 @@ def _truncated_lengths(n1: int, n2: int | None, limit: int, strategy: str, index
         raise ValueError(f"texts[{index}]: truncation='only_second' needs pairs")
     target = n1 if strategy == "only_first" else n2
     if target <= to_remove:
-        raise ValueError(f"texts[{index}]: truncation={strategy!r} cannot fit {total} tokens into {limit}: the "
-                         f"sequence to truncate has only {target}")
+        raise ValueError(
+            f"texts[{index}]: truncation={strategy!r} cannot fit {total} tokens into {limit}: the "
+            f"sequence to truncate has only {target}"
+        )
     return (n1 - to_remove, n2) if strategy == "only_first" else (n1, n2 - to_remove)
 
 
 def _to_tensors(batch: dict[str, list], kind: str) -> dict[str, Any]:
     lengths = {len(row) for row in batch["input_ids"]}
     if len(lengths) > 1:
-        raise ValueError(f"return_tensors={kind!r} needs rows of one length, got lengths {sorted(lengths)}; "
-                         "pass padding=True or padding='max_length'")
+        raise ValueError(
+            f"return_tensors={kind!r} needs rows of one length, got lengths {sorted(lengths)}; "
+            "pass padding=True or padding='max_length'"
+        )
     import numpy as np
 
     arrays = {key: np.asarray(rows, dtype=np.int64) for key, rows in batch.items()}

@@ -48,8 +48,9 @@ def compile_spec(spec: dict, arch: int) -> dict:
             signature[name] = "constexpr"
     # Pointers as the launcher usually sees them: 16-byte aligned, which triton's JIT specializes on (it does the
     # same for integers divisible by 16; those variants depend on the shapes and are not enumerated here).
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if signature[name].startswith("*")}
+    aligned = {
+        (i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")
+    }
     source = ASTSource(fn, signature, spec["constexprs"], aligned)
     options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
     log = io.StringIO()

@@ -68,11 +68,34 @@ def _operand(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
 
 @triton.jit
 def _attention_forward(
-    Q, K, V, O, LSE, CuSeqlens, KLens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_lh,
-    heads, max_seqlen, qk_scale, dropout_p, seed,
-    PADDED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    CuSeqlens,
+    KLens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    stride_lh,
+    heads,
+    max_seqlen,
+    qk_scale,
+    dropout_p,
+    seed,
+    PADDED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = bh // heads
@@ -97,10 +120,12 @@ def _attention_forward(
         cols = first_n + tl.arange(0, BLOCK_N)
         col_ok = cols < k_len
         key_tokens = (start + cols).to(tl.int64)
-        k = tl.load(K + key_tokens[:, None] * stride_kt + h * stride_kh + dims[None, :], mask=col_ok[:, None],
-                    other=0.0)
-        v = tl.load(V + key_tokens[:, None] * stride_vt + h * stride_vh + dims[None, :], mask=col_ok[:, None],
-                    other=0.0)
+        k = tl.load(
+            K + key_tokens[:, None] * stride_kt + h * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            V + key_tokens[:, None] * stride_vt + h * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -120,16 +145,32 @@ def _attention_forward(
     if DROPOUT:
         scale = scale / (1.0 - dropout_p)
     out = acc * scale[:, None]
-    tl.store(O + tokens[:, None] * stride_ot + h * stride_oh + dims[None, :], to_output(out, O.dtype.element_ty),
-             mask=row_ok[:, None])
+    tl.store(
+        O + tokens[:, None] * stride_ot + h * stride_oh + dims[None, :],
+        to_output(out, O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     lse = tl.where(has_keys, m_i + tl.math.log2(tl.where(has_keys, l_i, 1.0)), float("inf"))
     tl.store(LSE + h * stride_lh + tokens, lse, mask=row_ok)
 
 
 @triton.jit
 def _attention_backward_delta(
-    O, DO, Delta, CuSeqlens, KLens, stride_ot, stride_oh, stride_dot, stride_doh, stride_dh, heads, max_seqlen,
-    PADDED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    O,
+    DO,
+    Delta,
+    CuSeqlens,
+    KLens,
+    stride_ot,
+    stride_oh,
+    stride_dot,
+    stride_doh,
+    stride_dh,
+    heads,
+    max_seqlen,
+    PADDED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     bh = tl.program_id(1)
     b = bh // heads
@@ -147,12 +188,42 @@ def _attention_backward_delta(
 
 @triton.jit
 def _attention_backward_dkdv(
-    Q, K, V, DO, LSE, Delta, DK, DV, CuSeqlens, KLens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_lh,
-    heads, max_seqlen, qk_scale, sm_scale, dropout_p, seed,
-    PADDED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DK,
+    DV,
+    CuSeqlens,
+    KLens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dkt,
+    stride_dkh,
+    stride_dvt,
+    stride_dvh,
+    stride_lh,
+    heads,
+    max_seqlen,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    PADDED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # One program owns BLOCK_N keys and walks every query of the sequence, in the transposed (key-major) frame.
     bh = tl.program_id(1)
@@ -178,8 +249,9 @@ def _attention_backward_dkdv(
         row_ok = rows < q_len
         tokens = (start + rows).to(tl.int64)
         q = tl.load(Q + tokens[:, None] * stride_qt + h * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
-        do = tl.load(DO + tokens[:, None] * stride_dot + h * stride_doh + dims[None, :], mask=row_ok[:, None],
-                     other=0.0)
+        do = tl.load(
+            DO + tokens[:, None] * stride_dot + h * stride_doh + dims[None, :], mask=row_ok[:, None], other=0.0
+        )
         if UPCAST:
             q = q.to(tl.float32)
             do = do.to(tl.float32)
@@ -198,20 +270,53 @@ def _attention_backward_dkdv(
             dv += tl.dot(_operand(p_t, Q.dtype.element_ty, UPCAST), do, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(_operand(ds_t, Q.dtype.element_ty, UPCAST), q, input_precision=DOT_PRECISION)
-    tl.store(DK + key_tokens[:, None] * stride_dkt + h * stride_dkh + dims[None, :],
-             to_output(dk * sm_scale, DK.dtype.element_ty), mask=col_ok[:, None])
-    tl.store(DV + key_tokens[:, None] * stride_dvt + h * stride_dvh + dims[None, :],
-             to_output(dv, DV.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(
+        DK + key_tokens[:, None] * stride_dkt + h * stride_dkh + dims[None, :],
+        to_output(dk * sm_scale, DK.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
+    tl.store(
+        DV + key_tokens[:, None] * stride_dvt + h * stride_dvh + dims[None, :],
+        to_output(dv, DV.dtype.element_ty),
+        mask=col_ok[:, None],
+    )
 
 
 @triton.jit
 def _attention_backward_dq(
-    Q, K, V, DO, LSE, Delta, DQ, CuSeqlens, KLens,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dqt, stride_dqh, stride_lh,
-    heads, max_seqlen, qk_scale, sm_scale, dropout_p, seed,
-    PADDED: tl.constexpr, DROPOUT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    Delta,
+    DQ,
+    CuSeqlens,
+    KLens,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_dot,
+    stride_doh,
+    stride_dqt,
+    stride_dqh,
+    stride_lh,
+    heads,
+    max_seqlen,
+    qk_scale,
+    sm_scale,
+    dropout_p,
+    seed,
+    PADDED: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # One program owns BLOCK_M queries and walks every key of the sequence.
     bh = tl.program_id(1)
@@ -237,10 +342,12 @@ def _attention_backward_dq(
         cols = first_n + tl.arange(0, BLOCK_N)
         col_ok = cols < k_len
         key_tokens = (start + cols).to(tl.int64)
-        k = tl.load(K + key_tokens[:, None] * stride_kt + h * stride_kh + dims[None, :], mask=col_ok[:, None],
-                    other=0.0)
-        v = tl.load(V + key_tokens[:, None] * stride_vt + h * stride_vh + dims[None, :], mask=col_ok[:, None],
-                    other=0.0)
+        k = tl.load(
+            K + key_tokens[:, None] * stride_kt + h * stride_kh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
+        v = tl.load(
+            V + key_tokens[:, None] * stride_vt + h * stride_vh + dims[None, :], mask=col_ok[:, None], other=0.0
+        )
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -252,8 +359,11 @@ def _attention_backward_dq(
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(_operand(ds, Q.dtype.element_ty, UPCAST), k, input_precision=DOT_PRECISION)
-    tl.store(DQ + tokens[:, None] * stride_dqt + h * stride_dqh + dims[None, :],
-             to_output(dq * sm_scale, DQ.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        DQ + tokens[:, None] * stride_dqt + h * stride_dqh + dims[None, :],
+        to_output(dq * sm_scale, DQ.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -311,11 +421,34 @@ def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
     grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)
     if total and batch:
         _attention_forward[grid](
-            q, k, v, out, lse, cu_seqlens, cu_seqlens if k_lens is None else k_lens,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0),
-            out.stride(1), lse.stride(0), heads, max_seqlen, sm_scale * LOG2E, dropout_p, seed,
-            PADDED=k_lens is not None, DROPOUT=dropout_p > 0.0, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q),
-            HEAD_DIM=head_dim, **cfg)
+            q,
+            k,
+            v,
+            out,
+            lse,
+            cu_seqlens,
+            cu_seqlens if k_lens is None else k_lens,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            v.stride(0),
+            v.stride(1),
+            out.stride(0),
+            out.stride(1),
+            lse.stride(0),
+            heads,
+            max_seqlen,
+            sm_scale * LOG2E,
+            dropout_p,
+            seed,
+            PADDED=k_lens is not None,
+            DROPOUT=dropout_p > 0.0,
+            UPCAST=_interpreting(),
+            DOT_PRECISION=_dot_precision(q),
+            HEAD_DIM=head_dim,
+            **cfg,
+        )
     return out, lse
 
 
@@ -336,20 +469,65 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
     k_lens = cu_seqlens if k_lens is None else k_lens
     flags = {"PADDED": padded, "HEAD_DIM": head_dim}
     _attention_backward_delta[(triton.cdiv(max_seqlen, 64), batch * heads)](
-        out, do, delta, cu_seqlens, k_lens, out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        delta.stride(0), heads, max_seqlen, BLOCK_M=64, **flags)
+        out,
+        do,
+        delta,
+        cu_seqlens,
+        k_lens,
+        out.stride(0),
+        out.stride(1),
+        do.stride(0),
+        do.stride(1),
+        delta.stride(0),
+        heads,
+        max_seqlen,
+        BLOCK_M=64,
+        **flags,
+    )
     flags.update(DROPOUT=dropout_p > 0.0, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q))
     common = (heads, max_seqlen, sm_scale * LOG2E, sm_scale, dropout_p, seed)
-    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0),
-               do.stride(1))
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
     cfg = config(head_dim, "dkdv")
     _attention_backward_dkdv[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), batch * heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, k_lens, *strides, dk.stride(0), dk.stride(1), dv.stride(0),
-        dv.stride(1), lse.stride(0), *common, **flags, **cfg)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dk,
+        dv,
+        cu_seqlens,
+        k_lens,
+        *strides,
+        dk.stride(0),
+        dk.stride(1),
+        dv.stride(0),
+        dv.stride(1),
+        lse.stride(0),
+        *common,
+        **flags,
+        **cfg,
+    )
     cfg = config(head_dim, "dq")
     _attention_backward_dq[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, k_lens, *strides, dq.stride(0), dq.stride(1), lse.stride(0),
-        *common, **flags, **cfg)
+        q,
+        k,
+        v,
+        do,
+        lse,
+        delta,
+        dq,
+        cu_seqlens,
+        k_lens,
+        *strides,
+        dq.stride(0),
+        dq.stride(1),
+        lse.stride(0),
+        *common,
+        **flags,
+        **cfg,
+    )
     return dq, dk, dv
 
 
@@ -477,10 +655,23 @@ def aot_specs() -> list[dict]:
                         signature[name] = "constexpr"
                     else:
                         signature[name] = "i32"
-                constexprs = {"PADDED": False, "DROPOUT": True, "UPCAST": False, "DOT_PRECISION": "tf32",
-                              "HEAD_DIM": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-                specs.append({"fn": fn, "config": {**cfg, "kernel": kernel, "head_dim": head_dim, "dtype": dtype},
-                              "signature": signature, "constexprs": constexprs, "num_warps": cfg["num_warps"],
-                              "num_stages": cfg["num_stages"]})
+                constexprs = {
+                    "PADDED": False,
+                    "DROPOUT": True,
+                    "UPCAST": False,
+                    "DOT_PRECISION": "tf32",
+                    "HEAD_DIM": head_dim,
+                    "BLOCK_M": cfg["BLOCK_M"],
+                    "BLOCK_N": cfg["BLOCK_N"],
+                }
+                specs.append(
+                    {
+                        "fn": fn,
+                        "config": {**cfg, "kernel": kernel, "head_dim": head_dim, "dtype": dtype},
+                        "signature": signature,
+                        "constexprs": constexprs,
+                        "num_warps": cfg["num_warps"],
+                        "num_stages": cfg["num_stages"],
+                    }
+                )
     return specs
-

@@ -34,8 +34,18 @@ def _bias_gelu_forward(X, Bias, Y, rows, cols, stride_x, stride_y, BLOCK_M: tl.c
 
 @triton.jit
 def _bias_gelu_backward(
-    DY, X, Bias, DX, DBiasPartial, rows, cols, stride_dy, stride_x, stride_dx,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY,
+    X,
+    Bias,
+    DX,
+    DBiasPartial,
+    rows,
+    cols,
+    stride_dy,
+    stride_x,
+    stride_dx,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Program (p, c) walks row tiles p, p + P, p + 2P, ... of column tile c and writes one partial dbias row.
     pid_m = tl.program_id(0)
@@ -96,8 +106,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[tor
     grid = (min(triton.cdiv(rows, cfg["BLOCK_M"]), PARTIAL_ROWS), triton.cdiv(cols, cfg["BLOCK_N"]))
     partial = _empty((grid[0], cols), torch.float32, x.device)
     if rows:
-        _bias_gelu_backward[grid](dy2, x2, bias.contiguous(), dx, partial, rows, cols, dy2.stride(0), x2.stride(0),
-                                  dx.stride(0), **cfg)
+        _bias_gelu_backward[grid](
+            dy2, x2, bias.contiguous(), dx, partial, rows, cols, dy2.stride(0), x2.stride(0), dx.stride(0), **cfg
+        )
     dbias = partial.sum(dim=0).to(bias.dtype) if rows else torch.zeros_like(bias)
     return dx.view(x.shape), dbias
 
@@ -132,17 +143,39 @@ def aot_specs() -> list[dict]:
             cfg = config(cols)
             constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
             ints = {"rows": "i32", "cols": "i32"}
-            specs.append({
-                "fn": _bias_gelu_forward, "config": {**cfg, "dtype": dtype},
-                "signature": {"X": f"*{dtype}", "Bias": f"*{dtype}", "Y": f"*{dtype}", **ints,
-                              "stride_x": "i32", "stride_y": "i32"},
-                "constexprs": constexprs, "num_warps": cfg["num_warps"],
-            })
-            specs.append({
-                "fn": _bias_gelu_backward, "config": {**cfg, "dtype": dtype},
-                "signature": {"DY": f"*{dtype}", "X": f"*{dtype}", "Bias": f"*{dtype}", "DX": f"*{dtype}",
-                              "DBiasPartial": "*fp32", **ints, "stride_dy": "i32", "stride_x": "i32",
-                              "stride_dx": "i32"},
-                "constexprs": constexprs, "num_warps": cfg["num_warps"],
-            })
+            specs.append(
+                {
+                    "fn": _bias_gelu_forward,
+                    "config": {**cfg, "dtype": dtype},
+                    "signature": {
+                        "X": f"*{dtype}",
+                        "Bias": f"*{dtype}",
+                        "Y": f"*{dtype}",
+                        **ints,
+                        "stride_x": "i32",
+                        "stride_y": "i32",
+                    },
+                    "constexprs": constexprs,
+                    "num_warps": cfg["num_warps"],
+                }
+            )
+            specs.append(
+                {
+                    "fn": _bias_gelu_backward,
+                    "config": {**cfg, "dtype": dtype},
+                    "signature": {
+                        "DY": f"*{dtype}",
+                        "X": f"*{dtype}",
+                        "Bias": f"*{dtype}",
+                        "DX": f"*{dtype}",
+                        "DBiasPartial": "*fp32",
+                        **ints,
+                        "stride_dy": "i32",
+                        "stride_x": "i32",
+                        "stride_dx": "i32",
+                    },
+                    "constexprs": constexprs,
+                    "num_warps": cfg["num_warps"],
+                }
+            )
     return specs

@@ -99,8 +99,9 @@ def _raw_update(m, v, w, bias_correction1, bias_correction2, eps, weight_decay):
 
 
 @triton.jit
-def _grad_squares_chunk(Addresses, row, start, numel, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr,
-                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _grad_squares_chunk(
+    Addresses, row, start, numel, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
     G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     end = CHUNK if FAST else numel
@@ -112,8 +113,9 @@ def _grad_squares_chunk(Addresses, row, start, numel, GRAD_DTYPE: tl.constexpr, 
 
 
 @triton.jit
-def _lamb_grad_squares(Addresses, Chunks, Partials, first_chunk,
-                       GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_grad_squares(
+    Addresses, Chunks, Partials, first_chunk, GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
     if fast:
@@ -124,9 +126,19 @@ def _lamb_grad_squares(Addresses, Chunks, Partials, first_chunk,
 
 
 @triton.jit
-def _moments_chunk(Addresses, Hyper, row, start, numel, clip,
-                   WEIGHT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr,
-                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _moments_chunk(
+    Addresses,
+    Hyper,
+    row,
+    start,
+    numel,
+    clip,
+    WEIGHT_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    FAST: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
     G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
     M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
@@ -159,16 +171,28 @@ def _moments_chunk(Addresses, Hyper, row, start, numel, clip,
 
 
 @triton.jit
-def _lamb_moments(Addresses, Hyper, Chunks, Partials, clip, first_chunk,
-                  WEIGHT_DTYPE: tl.constexpr, GRAD_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _lamb_moments(
+    Addresses,
+    Hyper,
+    Chunks,
+    Partials,
+    clip,
+    first_chunk,
+    WEIGHT_DTYPE: tl.constexpr,
+    GRAD_DTYPE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
     if fast:
-        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, True,
-                                    CHUNK, BLOCK)
+        w_sq, u_sq = _moments_chunk(
+            Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, True, CHUNK, BLOCK
+        )
     else:
-        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, False,
-                                    CHUNK, BLOCK)
+        w_sq, u_sq = _moments_chunk(
+            Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, False, CHUNK, BLOCK
+        )
     tl.store(Partials + (first_chunk + pid) * 2, w_sq)
     tl.store(Partials + (first_chunk + pid) * 2 + 1, u_sq)
 
@@ -188,8 +212,21 @@ def _lamb_segment_sums(Partials, Ranges, Out, columns, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
-                 WEIGHT_DTYPE: tl.constexpr, FAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _apply_chunk(
+    Addresses,
+    row,
+    start,
+    numel,
+    scale,
+    bias_correction1,
+    bias_correction2,
+    eps,
+    weight_decay,
+    WEIGHT_DTYPE: tl.constexpr,
+    FAST: tl.constexpr,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
     M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
     V = _tensor(Addresses, row, 3, start, tl.float32, FAST)
@@ -204,8 +241,7 @@ def _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_cor
 
 
 @triton.jit
-def _lamb_apply(Addresses, Hyper, Chunks, Sums, WEIGHT_DTYPE: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr):
+def _lamb_apply(Addresses, Hyper, Chunks, Sums, WEIGHT_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
     param = tl.load(Chunks + pid * 4 + 3)
@@ -221,11 +257,37 @@ def _lamb_apply(Addresses, Hyper, Chunks, Sums, WEIGHT_DTYPE: tl.constexpr, CHUN
     eps = tl.load(Hyper + row * 9 + 6)
     weight_decay = tl.load(Hyper + row * 9 + 7)
     if fast:
-        _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
-                     WEIGHT_DTYPE, True, CHUNK, BLOCK)
+        _apply_chunk(
+            Addresses,
+            row,
+            start,
+            numel,
+            scale,
+            bias_correction1,
+            bias_correction2,
+            eps,
+            weight_decay,
+            WEIGHT_DTYPE,
+            True,
+            CHUNK,
+            BLOCK,
+        )
     else:
-        _apply_chunk(Addresses, row, start, numel, scale, bias_correction1, bias_correction2, eps, weight_decay,
-                     WEIGHT_DTYPE, False, CHUNK, BLOCK)
+        _apply_chunk(
+            Addresses,
+            row,
+            start,
+            numel,
+            scale,
+            bias_correction1,
+            bias_correction2,
+            eps,
+            weight_decay,
+            WEIGHT_DTYPE,
+            False,
+            CHUNK,
+            BLOCK,
+        )
 
 
 # The chunk plan -------------------------------------------------------------------------------------------------
@@ -262,8 +324,10 @@ def _pieces(index: int, layout: TensorLayout) -> list[tuple[int, int, int]]:
     pieces, at = [], 0
     for param, start, numel in sorted(layout.fragments, key=lambda f: f[1]):
         if param < 0 or start < at or numel < 0 or start + numel > layout.numel:
-            raise ValueError(f"lamb: tensor {index} of {layout.numel} elements: fragment (param {param}, start "
-                             f"{start}, numel {numel}) overlaps another or lies outside the tensor")
+            raise ValueError(
+                f"lamb: tensor {index} of {layout.numel} elements: fragment (param {param}, start "
+                f"{start}, numel {numel}) overlaps another or lies outside the tensor"
+            )
         if start > at:
             pieces.append((-1, at, start - at))
         if numel:
@@ -286,8 +350,11 @@ def plan_chunks(layouts: Sequence[TensorLayout], num_params: int, device: torch.
     seen: set[int] = set()
     for (weight_dtype, grad_dtype), tensors in by_dtypes.items():
         # A parameter's chunks are adjacent (pieces ordered by parameter), so its sums are one contiguous range.
-        pieces = sorted((param if param >= 0 else num_params, row, start, numel)
-                        for row, index in enumerate(tensors) for param, start, numel in _pieces(index, layouts[index]))
+        pieces = sorted(
+            (param if param >= 0 else num_params, row, start, numel)
+            for row, index in enumerate(tensors)
+            for param, start, numel in _pieces(index, layouts[index])
+        )
         rows, current = [], None
         for param, row, start, numel in pieces:
             if param < num_params and param != current:
@@ -307,9 +374,13 @@ def plan_chunks(layouts: Sequence[TensorLayout], num_params: int, device: torch.
             chunks = torch.tensor(rows, dtype=torch.int64).to(device)
             launches.append(Launch(weight_dtype, grad_dtype, tuple(tensors), chunks, first_chunk))
         first_chunk += len(rows)
-    return Plan(tuple(launches), first_chunk, num_params,
-                torch.tensor(ranges, dtype=torch.int64).view(num_params, 2).to(device),
-                torch.tensor([[0, first_chunk]], dtype=torch.int64).to(device))
+    return Plan(
+        tuple(launches),
+        first_chunk,
+        num_params,
+        torch.tensor(ranges, dtype=torch.int64).view(num_params, 2).to(device),
+        torch.tensor([[0, first_chunk]], dtype=torch.int64).to(device),
+    )
 
 
 # Host launchers -------------------------------------------------------------------------------------------------
@@ -332,8 +403,9 @@ def _segment_sums(partials: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     columns = partials.shape[1]
     out = _empty((ranges.shape[0], columns), torch.float32, partials.device)
     if ranges.shape[0]:
-        _lamb_segment_sums[(ranges.shape[0], columns)](partials, ranges, out, columns, BLOCK=SUM_BLOCK,
-                                                       num_warps=NUM_WARPS)
+        _lamb_segment_sums[(ranges.shape[0], columns)](
+            partials, ranges, out, columns, BLOCK=SUM_BLOCK, num_warps=NUM_WARPS
+        )
     return out
 
 
@@ -342,8 +414,10 @@ def _check(plan: Plan, name: str, tensors: Sequence[torch.Tensor]) -> None:
         for index in launch.tensors:
             t = tensors[index]
             if not t.is_contiguous() or t.device != launch.chunks.device:
-                raise ValueError(f"lamb: {name}[{index}] must be contiguous on {launch.chunks.device}, got strides "
-                                 f"{t.stride()} on {t.device}")
+                raise ValueError(
+                    f"lamb: {name}[{index}] must be contiguous on {launch.chunks.device}, got strides "
+                    f"{t.stride()} on {t.device}"
+                )
 
 
 def grad_square_sum(plan: Plan, grads: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -355,58 +429,110 @@ def grad_square_sum(plan: Plan, grads: Sequence[torch.Tensor]) -> torch.Tensor:
     for launch in plan.launches:
         addresses = _addresses(launch, None, grads, None, None)
         _lamb_grad_squares[(launch.chunks.shape[0],)](
-            addresses, launch.chunks, partials, launch.first_chunk, GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
-            CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            addresses,
+            launch.chunks,
+            partials,
+            launch.first_chunk,
+            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
+            CHUNK=CHUNK,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
     if not plan.num_chunks:
         return torch.zeros((), dtype=torch.float32, device=device)
     return _segment_sums(partials, plan.all_chunks).view(())
 
 
-def hyperparameters(lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int,
-                    max_trust_ratio: float | None) -> list[float]:
+def hyperparameters(
+    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int, max_trust_ratio: float | None
+) -> list[float]:
     """One tensor's row of the hyperparameter table (rounded to fp32 as torch rounds Python scalars)."""
     beta1, beta2 = betas
-    return [lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1**step, 1 - beta2**step, eps, weight_decay,
-            math.inf if max_trust_ratio is None else max_trust_ratio]
+    return [
+        lr,
+        1 - beta1,
+        beta2,
+        1 - beta2,
+        1 - beta1**step,
+        1 - beta2**step,
+        eps,
+        weight_decay,
+        math.inf if max_trust_ratio is None else max_trust_ratio,
+    ]
 
 
 def _hyper(launch: Launch, hyper: Sequence[Sequence[float]]) -> torch.Tensor:
     return torch.tensor([hyper[index] for index in launch.tensors], dtype=torch.float32).to(launch.chunks.device)
 
 
-def moments_and_norms(plan: Plan, weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor],
-                      exp_avgs: Sequence[torch.Tensor], exp_avg_sqs: Sequence[torch.Tensor],
-                      hyper: Sequence[Sequence[float]], clip: float) -> torch.Tensor:
+def moments_and_norms(
+    plan: Plan,
+    weights: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    hyper: Sequence[Sequence[float]],
+    clip: float,
+) -> torch.Tensor:
     """Updates the moments in place; returns ``[num_params, 2]`` fp32: each parameter's summed ``||w||^2`` and
     ``||u||^2`` over the fragments these tensors hold (zeros for a parameter they hold none of)."""
-    for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs),
-                          ("exp_avg_sqs", exp_avg_sqs)):
+    for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         _check(plan, name, tensors)
     partials = _empty((plan.num_chunks, 2), torch.float32, plan.all_chunks.device)
     for launch in plan.launches:
         _lamb_moments[(launch.chunks.shape[0],)](
-            _addresses(launch, weights, grads, exp_avgs, exp_avg_sqs), _hyper(launch, hyper), launch.chunks,
-            partials, clip, launch.first_chunk, WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
-            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype], CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _addresses(launch, weights, grads, exp_avgs, exp_avg_sqs),
+            _hyper(launch, hyper),
+            launch.chunks,
+            partials,
+            clip,
+            launch.first_chunk,
+            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
+            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
+            CHUNK=CHUNK,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
     return _segment_sums(partials, plan.param_ranges)
 
 
-def apply_update(plan: Plan, weights: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-                 exp_avg_sqs: Sequence[torch.Tensor], hyper: Sequence[Sequence[float]], sums: torch.Tensor) -> None:
+def apply_update(
+    plan: Plan,
+    weights: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    hyper: Sequence[Sequence[float]],
+    sums: torch.Tensor,
+) -> None:
     """``w -= lr * trust * u`` with each parameter's trust ratio from ``sums`` (all-reduced under ZeRO)."""
     if sums.shape != (plan.num_params, 2) or sums.dtype != torch.float32 or not sums.is_contiguous():
-        raise ValueError(f"lamb: sums must be contiguous fp32 of shape ({plan.num_params}, 2), got "
-                         f"{sums.dtype} {tuple(sums.shape)}")
+        raise ValueError(
+            f"lamb: sums must be contiguous fp32 of shape ({plan.num_params}, 2), got {sums.dtype} {tuple(sums.shape)}"
+        )
     for launch in plan.launches:
         _lamb_apply[(launch.chunks.shape[0],)](
-            _addresses(launch, weights, None, exp_avgs, exp_avg_sqs), _hyper(launch, hyper), launch.chunks, sums,
-            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype], CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS)
+            _addresses(launch, weights, None, exp_avgs, exp_avg_sqs),
+            _hyper(launch, hyper),
+            launch.chunks,
+            sums,
+            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
+            CHUNK=CHUNK,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
 
 
 # Reference ------------------------------------------------------------------------------------------------------
-def reference(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], exp_avgs: Sequence[torch.Tensor],
-              exp_avg_sqs: Sequence[torch.Tensor], hyper: Sequence[Sequence[float]], clip: float,
-              layouts: Sequence[TensorLayout], num_params: int) -> torch.Tensor:
+def reference(
+    weights: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    hyper: Sequence[Sequence[float]],
+    clip: float,
+    layouts: Sequence[TensorLayout],
+    num_params: int,
+) -> torch.Tensor:
     """The two phases in plain torch on the same inputs, with no all-reduce: updates moments and weights in place
     and returns the per-parameter sums it used. The definition the kernels are tested against, element for
     element (``fastbert.optim.Lamb``'s torch path is the definition of the whole step)."""
@@ -420,14 +546,14 @@ def reference(weights: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], ex
         u = (m / bc1) / ((v / bc2).sqrt() + eps) + wd * w.float()
         updates.append(u)
         for param, start, numel in layout.fragments:
-            sums[param, 0] += w.float().view(-1)[start:start + numel].square().sum()
-            sums[param, 1] += u.view(-1)[start:start + numel].square().sum()
+            sums[param, 0] += w.float().view(-1)[start : start + numel].square().sum()
+            sums[param, 1] += u.view(-1)[start : start + numel].square().sum()
     norms = sums.sqrt()
     trust = torch.where((norms[:, 0] > 0) & (norms[:, 1] > 0), norms[:, 0] / norms[:, 1].clamp(min=1e-30), 1.0)
     for w, u, h, layout in zip(weights, updates, hyper, layouts, strict=True):
         scale = torch.ones_like(u).view(-1)
         for param, start, numel in layout.fragments:
-            scale[start:start + numel] = trust[param].clamp(max=h[8])
+            scale[start : start + numel] = trust[param].clamp(max=h[8])
         w.copy_((w.float() - h[0] * scale.view_as(u) * u).to(w.dtype))
     return sums
 
@@ -439,22 +565,48 @@ def aot_specs() -> list[dict]:
     chunk_tables = {"Addresses": "*i64", "Chunks": "*i64"}
     specs = []
     for grad in names:
-        specs.append({"fn": _lamb_grad_squares, "config": {**tiles, "grad": names[grad], "num_warps": NUM_WARPS},
-                      "signature": {**chunk_tables, "Partials": "*fp32", "first_chunk": "i32"},
-                      "constexprs": {"GRAD_DTYPE": _TL_DTYPES[grad], **tiles}, "num_warps": NUM_WARPS})
+        specs.append(
+            {
+                "fn": _lamb_grad_squares,
+                "config": {**tiles, "grad": names[grad], "num_warps": NUM_WARPS},
+                "signature": {**chunk_tables, "Partials": "*fp32", "first_chunk": "i32"},
+                "constexprs": {"GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
+                "num_warps": NUM_WARPS,
+            }
+        )
     for weight in names:
         for grad in names:
-            specs.append({
-                "fn": _lamb_moments,
-                "config": {**tiles, "weight": names[weight], "grad": names[grad], "num_warps": NUM_WARPS},
-                "signature": {**chunk_tables, "Hyper": "*fp32", "Partials": "*fp32", "clip": "fp32",
-                              "first_chunk": "i32"},
-                "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], "GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
-                "num_warps": NUM_WARPS})
-        specs.append({"fn": _lamb_apply, "config": {**tiles, "weight": names[weight], "num_warps": NUM_WARPS},
-                      "signature": {**chunk_tables, "Hyper": "*fp32", "Sums": "*fp32"},
-                      "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], **tiles}, "num_warps": NUM_WARPS})
-    specs.append({"fn": _lamb_segment_sums, "config": {"BLOCK": SUM_BLOCK, "num_warps": NUM_WARPS},
-                  "signature": {"Partials": "*fp32", "Ranges": "*i64", "Out": "*fp32", "columns": "i32"},
-                  "constexprs": {"BLOCK": SUM_BLOCK}, "num_warps": NUM_WARPS})
+            specs.append(
+                {
+                    "fn": _lamb_moments,
+                    "config": {**tiles, "weight": names[weight], "grad": names[grad], "num_warps": NUM_WARPS},
+                    "signature": {
+                        **chunk_tables,
+                        "Hyper": "*fp32",
+                        "Partials": "*fp32",
+                        "clip": "fp32",
+                        "first_chunk": "i32",
+                    },
+                    "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], "GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
+                    "num_warps": NUM_WARPS,
+                }
+            )
+        specs.append(
+            {
+                "fn": _lamb_apply,
+                "config": {**tiles, "weight": names[weight], "num_warps": NUM_WARPS},
+                "signature": {**chunk_tables, "Hyper": "*fp32", "Sums": "*fp32"},
+                "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], **tiles},
+                "num_warps": NUM_WARPS,
+            }
+        )
+    specs.append(
+        {
+            "fn": _lamb_segment_sums,
+            "config": {"BLOCK": SUM_BLOCK, "num_warps": NUM_WARPS},
+            "signature": {"Partials": "*fp32", "Ranges": "*i64", "Out": "*fp32", "columns": "i32"},
+            "constexprs": {"BLOCK": SUM_BLOCK},
+            "num_warps": NUM_WARPS,
+        }
+    )
     return specs

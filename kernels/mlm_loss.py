@@ -31,8 +31,15 @@ NUM_WARPS = 4
 
 @triton.jit
 def _mlm_loss_rows(
-    Logits, Labels, InvDenom, Loss, Correct, vocab, stride_l,
-    WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    Logits,
+    Labels,
+    InvDenom,
+    Loss,
+    Correct,
+    vocab,
+    stride_l,
+    WRITE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0)
     logits = Logits + row.to(tl.int64) * stride_l
@@ -81,16 +88,19 @@ def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return _empty(shape, dtype, device).zero_()
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor,
-            want: tuple[bool, bool, bool]):
+def forward(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, want: tuple[bool, bool, bool]
+):
     """``(loss, accuracy, d_hidden, d_weight, d_bias)``, the gradients (of the mean loss) only where ``want``."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(f"mlm_loss: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [M, E] "
-                         "and [V, E]")
+        raise ValueError(
+            f"mlm_loss: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [M, E] and [V, E]"
+        )
     rows, vocab = hidden.shape[0], weight.shape[0]
     if bias.shape != (vocab,) or labels.shape != (rows,):
-        raise ValueError(f"mlm_loss: bias {tuple(bias.shape)} must be ({vocab},) and labels {tuple(labels.shape)} "
-                         f"must be ({rows},)")
+        raise ValueError(
+            f"mlm_loss: bias {tuple(bias.shape)} must be ({vocab},) and labels {tuple(labels.shape)} must be ({rows},)"
+        )
     device, dtype = hidden.device, hidden.dtype
     hidden, weight, bias, labels = hidden.contiguous(), weight.contiguous(), bias.contiguous(), labels.contiguous()
     want_grad = any(want)
@@ -108,8 +118,17 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labe
         logits = _empty((stop - start, vocab), dtype, device)
         torch.addmm(bias, h, weight.t(), out=logits)
         _mlm_loss_rows[(stop - start,)](
-            logits, labels[start:stop], inv_denom, loss_rows[start:stop], correct_rows[start:stop], vocab,
-            logits.stride(0), WRITE_GRAD=want_grad, BLOCK_V=BLOCK_V, num_warps=NUM_WARPS)
+            logits,
+            labels[start:stop],
+            inv_denom,
+            loss_rows[start:stop],
+            correct_rows[start:stop],
+            vocab,
+            logits.stride(0),
+            WRITE_GRAD=want_grad,
+            BLOCK_V=BLOCK_V,
+            num_warps=NUM_WARPS,
+        )
         if d_hidden is not None:
             torch.mm(logits, weight, out=d_hidden[start:stop])
         if d_weight is not None:
@@ -121,8 +140,9 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labe
     return loss, accuracy, d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype)
 
 
-def reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-              labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition the kernel is tested against: full logits, cross-entropy and argmax, in ``hidden``'s dtype
     for the matmul and float32 for the rest."""
     logits = torch.nn.functional.linear(hidden, weight, bias).float()
@@ -149,13 +169,16 @@ class MLMLoss(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_accuracy):
         grads, ctx.grads = ctx.grads, None
         if grads is None:
-            raise RuntimeError("mlm_loss: backward ran twice through the same graph; its gradients are computed in "
-                               "the forward and handed over once (retain_graph=True is not supported)")
+            raise RuntimeError(
+                "mlm_loss: backward ran twice through the same graph; its gradients are computed in "
+                "the forward and handed over once (retain_graph=True is not supported)"
+            )
         return (*(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None)
 
 
-def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-             labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mlm_loss(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean cross-entropy over labelled rows (``-100`` ignored) and the detached top-1 accuracy.
 
     hidden ``[M, E]`` (the transformed states at masked positions), weight ``[V, E]``, bias ``[V]``, labels
@@ -166,9 +189,21 @@ def mlm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 def aot_specs() -> list[dict]:
     """The one tile configuration, for each data dtype, for the ahead-of-time compile test."""
-    return [{
-        "fn": _mlm_loss_rows, "config": {"BLOCK_V": BLOCK_V, "num_warps": NUM_WARPS, "dtype": dtype},
-        "signature": {"Logits": f"*{dtype}", "Labels": "*i64", "InvDenom": "*fp32",
-                      "Loss": "*fp32", "Correct": "*fp32", "vocab": "i32", "stride_l": "i32"},
-        "constexprs": {"WRITE_GRAD": True, "BLOCK_V": BLOCK_V}, "num_warps": NUM_WARPS,
-    } for dtype in ("fp32", "fp16", "bf16")]
+    return [
+        {
+            "fn": _mlm_loss_rows,
+            "config": {"BLOCK_V": BLOCK_V, "num_warps": NUM_WARPS, "dtype": dtype},
+            "signature": {
+                "Logits": f"*{dtype}",
+                "Labels": "*i64",
+                "InvDenom": "*fp32",
+                "Loss": "*fp32",
+                "Correct": "*fp32",
+                "vocab": "i32",
+                "stride_l": "i32",
+            },
+            "constexprs": {"WRITE_GRAD": True, "BLOCK_V": BLOCK_V},
+            "num_warps": NUM_WARPS,
+        }
+        for dtype in ("fp32", "fp16", "bf16")
+    ]

@@ -28,10 +28,30 @@ PARTIAL_ROWS = 256  # programs along the rows in backward, each writing one fp32
 
 @triton.jit
 def _residual_layer_norm_forward(
-    X, XBias, Residual, Weight, Bias, Y, Sum, Mean, Rstd,
-    rows, cols, stride_x, stride_r, stride_y, stride_s, eps, dropout_p, seed,
-    HAS_X_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, DROPOUT: tl.constexpr, STORE_SUM: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    X,
+    XBias,
+    Residual,
+    Weight,
+    Bias,
+    Y,
+    Sum,
+    Mean,
+    Rstd,
+    rows,
+    cols,
+    stride_x,
+    stride_r,
+    stride_y,
+    stride_s,
+    eps,
+    dropout_p,
+    seed,
+    HAS_X_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    STORE_SUM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col = tl.arange(0, BLOCK_N)
@@ -66,10 +86,31 @@ def _residual_layer_norm_forward(
 
 @triton.jit
 def _residual_layer_norm_backward(
-    DY, DSum, Sum, Weight, Mean, Rstd, DS, DX, DWeightPartial, DBiasPartial, DXBiasPartial,
-    rows, cols, stride_dy, stride_dsum, stride_s, stride_ds, stride_dx, dropout_p, seed,
-    HAS_DSUM: tl.constexpr, DROPOUT: tl.constexpr, HAS_X_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DY,
+    DSum,
+    Sum,
+    Weight,
+    Mean,
+    Rstd,
+    DS,
+    DX,
+    DWeightPartial,
+    DBiasPartial,
+    DXBiasPartial,
+    rows,
+    cols,
+    stride_dy,
+    stride_dsum,
+    stride_s,
+    stride_ds,
+    stride_dx,
+    dropout_p,
+    seed,
+    HAS_DSUM: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    HAS_X_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     # Program p walks row tiles p, p + P, p + 2P, ... and writes one partial row of each parameter gradient.
     pid = tl.program_id(0)
@@ -142,8 +183,16 @@ def draw_seed() -> int:
     return int(torch.randint(2**32, 2**62, (1,)).item())
 
 
-def forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-            x_bias: torch.Tensor | None, dropout_p: float, seed: int):
+def forward(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    x_bias: torch.Tensor | None,
+    dropout_p: float,
+    seed: int,
+):
     cols = x.shape[-1]
     for name, t in (("residual", residual), ("x_bias", None if x_bias is None else x_bias.expand(x.shape))):
         if t is not None and t.shape != x.shape:
@@ -164,15 +213,44 @@ def forward(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     cfg = config(cols)
     if rows:
         _residual_layer_norm_forward[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
-            x2, x2 if x_bias is None else x_bias.contiguous(), r2, weight.contiguous(), bias.contiguous(), y, summed,
-            mean, rstd, rows, cols, x2.stride(0), r2.stride(0), y.stride(0), summed.stride(0), eps, dropout_p, seed,
-            HAS_X_BIAS=x_bias is not None, HAS_RESIDUAL=residual is not None, DROPOUT=dropout_p > 0.0,
-            STORE_SUM=store_sum, **cfg)
+            x2,
+            x2 if x_bias is None else x_bias.contiguous(),
+            r2,
+            weight.contiguous(),
+            bias.contiguous(),
+            y,
+            summed,
+            mean,
+            rstd,
+            rows,
+            cols,
+            x2.stride(0),
+            r2.stride(0),
+            y.stride(0),
+            summed.stride(0),
+            eps,
+            dropout_p,
+            seed,
+            HAS_X_BIAS=x_bias is not None,
+            HAS_RESIDUAL=residual is not None,
+            DROPOUT=dropout_p > 0.0,
+            STORE_SUM=store_sum,
+            **cfg,
+        )
     return y.view(x.shape), summed.view(x.shape), mean, rstd
 
 
-def backward(dy: torch.Tensor, dsum: torch.Tensor | None, summed: torch.Tensor, weight: torch.Tensor,
-             mean: torch.Tensor, rstd: torch.Tensor, dropout_p: float, seed: int, has_x_bias: bool):
+def backward(
+    dy: torch.Tensor,
+    dsum: torch.Tensor | None,
+    summed: torch.Tensor,
+    weight: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    dropout_p: float,
+    seed: int,
+    has_x_bias: bool,
+):
     """Returns ``(dx, dresidual, dweight, dbias, dx_bias)``; ``dx_bias`` is None without an ``x_bias``."""
     s2, dy2 = _as_rows(summed), _as_rows(dy)
     dsum2 = None if dsum is None else _as_rows(dsum)
@@ -185,10 +263,31 @@ def backward(dy: torch.Tensor, dsum: torch.Tensor | None, summed: torch.Tensor, 
     dxb_partial = partials[2] if has_x_bias else partials[0]
     if rows:
         _residual_layer_norm_backward[(programs,)](
-            dy2, dy2 if dsum2 is None else dsum2, s2, weight.contiguous(), mean, rstd, ds, dx, partials[0],
-            partials[1], dxb_partial, rows, cols, dy2.stride(0), dy2.stride(0) if dsum2 is None else dsum2.stride(0),
-            s2.stride(0), ds.stride(0), dx.stride(0), dropout_p, seed,
-            HAS_DSUM=dsum2 is not None, DROPOUT=dropout_p > 0.0, HAS_X_BIAS=has_x_bias, **cfg)
+            dy2,
+            dy2 if dsum2 is None else dsum2,
+            s2,
+            weight.contiguous(),
+            mean,
+            rstd,
+            ds,
+            dx,
+            partials[0],
+            partials[1],
+            dxb_partial,
+            rows,
+            cols,
+            dy2.stride(0),
+            dy2.stride(0) if dsum2 is None else dsum2.stride(0),
+            s2.stride(0),
+            ds.stride(0),
+            dx.stride(0),
+            dropout_p,
+            seed,
+            HAS_DSUM=dsum2 is not None,
+            DROPOUT=dropout_p > 0.0,
+            HAS_X_BIAS=has_x_bias,
+            **cfg,
+        )
         sums = [p.sum(dim=0).to(weight.dtype) for p in partials]
     else:
         sums = [torch.zeros_like(weight) for _ in partials]
@@ -196,9 +295,16 @@ def backward(dy: torch.Tensor, dsum: torch.Tensor | None, summed: torch.Tensor, 
     return dx.view(summed.shape), ds.view(summed.shape), sums[0], sums[1], dx_bias
 
 
-def reference(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-              x_bias: torch.Tensor | None = None, keep: torch.Tensor | None = None,
-              dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    x_bias: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition the kernel is tested against, with dropout given as an explicit 0/1 ``keep`` mask."""
     if x_bias is not None:
         x = x + x_bias
@@ -226,8 +332,9 @@ class ResidualLayerNorm(torch.autograd.Function):
         summed, weight, mean, rstd = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(summed)
-        dx, dres, dweight, dbias, dx_bias = backward(dy, dsum, summed, weight, mean, rstd, ctx.dropout_p, ctx.seed,
-                                                     ctx.has_x_bias)
+        dx, dres, dweight, dbias, dx_bias = backward(
+            dy, dsum, summed, weight, mean, rstd, ctx.dropout_p, ctx.seed, ctx.has_x_bias
+        )
         return dx, dres if ctx.has_residual else None, dweight, dbias, None, dx_bias, None, None
 
 
@@ -259,28 +366,75 @@ def aot_specs() -> list[dict]:
     for block_n in (128, 256, 512, 1024, 2048, 4096):
         fwd = config(block_n)
         bwd = config(block_n, backward=True)
-        specs.append({
-            "fn": _residual_layer_norm_forward, "config": {**fwd, "dtype": "bf16"},
-            "signature": {
-                "X": "*bf16", "XBias": "*bf16", "Residual": "*bf16", "Weight": "*bf16", "Bias": "*bf16",
-                "Y": "*bf16", "Sum": "*bf16", "Mean": "*fp32", "Rstd": "*fp32", "rows": "i32", "cols": "i32",
-                "stride_x": "i32", "stride_r": "i32", "stride_y": "i32", "stride_s": "i32", "eps": "fp32",
-                "dropout_p": "fp32", "seed": "i64",
-            },
-            "constexprs": {"HAS_X_BIAS": True, "HAS_RESIDUAL": True, "DROPOUT": True, "STORE_SUM": True,
-                           "BLOCK_M": fwd["BLOCK_M"], "BLOCK_N": fwd["BLOCK_N"]},
-            "num_warps": fwd["num_warps"],
-        })
-        specs.append({
-            "fn": _residual_layer_norm_backward, "config": {**bwd, "dtype": "bf16"},
-            "signature": {
-                "DY": "*bf16", "DSum": "*bf16", "Sum": "*bf16", "Weight": "*bf16", "Mean": "*fp32", "Rstd": "*fp32",
-                "DS": "*bf16", "DX": "*bf16", "DWeightPartial": "*fp32", "DBiasPartial": "*fp32",
-                "DXBiasPartial": "*fp32", "rows": "i32", "cols": "i32", "stride_dy": "i32", "stride_dsum": "i32",
-                "stride_s": "i32", "stride_ds": "i32", "stride_dx": "i32", "dropout_p": "fp32", "seed": "i64",
-            },
-            "constexprs": {"HAS_DSUM": True, "DROPOUT": True, "HAS_X_BIAS": True,
-                           "BLOCK_M": bwd["BLOCK_M"], "BLOCK_N": bwd["BLOCK_N"]},
-            "num_warps": bwd["num_warps"],
-        })
+        specs.append(
+            {
+                "fn": _residual_layer_norm_forward,
+                "config": {**fwd, "dtype": "bf16"},
+                "signature": {
+                    "X": "*bf16",
+                    "XBias": "*bf16",
+                    "Residual": "*bf16",
+                    "Weight": "*bf16",
+                    "Bias": "*bf16",
+                    "Y": "*bf16",
+                    "Sum": "*bf16",
+                    "Mean": "*fp32",
+                    "Rstd": "*fp32",
+                    "rows": "i32",
+                    "cols": "i32",
+                    "stride_x": "i32",
+                    "stride_r": "i32",
+                    "stride_y": "i32",
+                    "stride_s": "i32",
+                    "eps": "fp32",
+                    "dropout_p": "fp32",
+                    "seed": "i64",
+                },
+                "constexprs": {
+                    "HAS_X_BIAS": True,
+                    "HAS_RESIDUAL": True,
+                    "DROPOUT": True,
+                    "STORE_SUM": True,
+                    "BLOCK_M": fwd["BLOCK_M"],
+                    "BLOCK_N": fwd["BLOCK_N"],
+                },
+                "num_warps": fwd["num_warps"],
+            }
+        )
+        specs.append(
+            {
+                "fn": _residual_layer_norm_backward,
+                "config": {**bwd, "dtype": "bf16"},
+                "signature": {
+                    "DY": "*bf16",
+                    "DSum": "*bf16",
+                    "Sum": "*bf16",
+                    "Weight": "*bf16",
+                    "Mean": "*fp32",
+                    "Rstd": "*fp32",
+                    "DS": "*bf16",
+                    "DX": "*bf16",
+                    "DWeightPartial": "*fp32",
+                    "DBiasPartial": "*fp32",
+                    "DXBiasPartial": "*fp32",
+                    "rows": "i32",
+                    "cols": "i32",
+                    "stride_dy": "i32",
+                    "stride_dsum": "i32",
+                    "stride_s": "i32",
+                    "stride_ds": "i32",
+                    "stride_dx": "i32",
+                    "dropout_p": "fp32",
+                    "seed": "i64",
+                },
+                "constexprs": {
+                    "HAS_DSUM": True,
+                    "DROPOUT": True,
+                    "HAS_X_BIAS": True,
+                    "BLOCK_M": bwd["BLOCK_M"],
+                    "BLOCK_N": bwd["BLOCK_N"],
+                },
+                "num_warps": bwd["num_warps"],
+            }
+        )
     return specs

@@ -40,8 +40,12 @@ def pytest_runtest_makereport(item, call):
     """Under FASTBERT_STRICT_TESTS=1 a skip is a failure, except for tests marked ``gpu`` (no GPU in CI)."""
     outcome = yield
     report = outcome.get_result()
-    if (os.environ.get("FASTBERT_STRICT_TESTS") == "1" and report.skipped and item.get_closest_marker("gpu") is None
-            and not hasattr(report, "wasxfail")):
+    if (
+        os.environ.get("FASTBERT_STRICT_TESTS") == "1"
+        and report.skipped
+        and item.get_closest_marker("gpu") is None
+        and not hasattr(report, "wasxfail")
+    ):
         report.outcome = "failed"
         report.longrepr = f"skipped under FASTBERT_STRICT_TESTS=1: {report.longrepr}"
 

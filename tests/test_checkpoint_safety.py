@@ -29,8 +29,10 @@ class RunsCode:
 
 
 def plant(path: Path, marker: Path) -> None:
-    torch.save({"module": {}, "buffer_names": [], "param_shapes": [{}], "ds_version": "0.19.8",
-                "payload": RunsCode(marker)}, path)
+    torch.save(
+        {"module": {}, "buffer_names": [], "param_shapes": [{}], "ds_version": "0.19.8", "payload": RunsCode(marker)},
+        path,
+    )
 
 
 @pytest.fixture
@@ -39,8 +41,14 @@ def run_dir(tmp_path: Path) -> Path:
     states hold ``RunsCode``."""
     ckpt = tmp_path / "run" / checkpoint.CHECKPOINTS / TAG
     ckpt.mkdir(parents=True)
-    config = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
     (ckpt / "config.json").write_text(config.to_json_string())
     torch.save(checkpoint.rng_state(), ckpt / "rng-rank0.pt")
     plant(ckpt / "mp_rank_00_model_states.pt", tmp_path / "MARKER")
@@ -74,8 +82,23 @@ def test_the_commands_report_the_refusal(run_dir, tmp_path, capsys):
 
     (tmp_path / "train.tsv").write_text("text\tlabel\na fine day\tpos\na bad day\tneg\n")
     assert main(["export", str(run_dir), "--out", str(tmp_path / "hf")]) == 1
-    assert main(["finetune", "--task", "classify", "--model", str(run_dir), "--train", str(tmp_path / "train.tsv"),
-                 "--out", str(tmp_path / "ft"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "finetune",
+                "--task",
+                "classify",
+                "--model",
+                str(run_dir),
+                "--train",
+                str(tmp_path / "train.tsv"),
+                "--out",
+                str(tmp_path / "ft"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert not (tmp_path / "MARKER").exists(), "loading the checkpoint ran its code"
     err = capsys.readouterr().err
     for command in ("export", "finetune"):
@@ -120,11 +143,15 @@ def test_deepspeed_optimizer_states_pass_and_nothing_else_does(tmp_path):
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    states = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
-              "param_slice_mappings": [{"w": fragment_address(numel=6, start=0)}],
-              "single_partition_of_fp32_groups": [torch.arange(6.0)],
-              "fp16_scaler": DynamicLossScaler(init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2,
-                                               consecutive_hysteresis=False)}
+    states = {
+        "loss_scaler": LossScaler(1.0),
+        "zero_stage": ZeroStageEnum.gradients,
+        "param_slice_mappings": [{"w": fragment_address(numel=6, start=0)}],
+        "single_partition_of_fp32_groups": [torch.arange(6.0)],
+        "fp16_scaler": DynamicLossScaler(
+            init_scale=2.0**16, scale_window=1000, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+        ),
+    }
     ckpt = tmp_path / TAG
     ckpt.mkdir()
     torch.save(states, ckpt / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
@@ -137,13 +164,20 @@ def test_deepspeed_optimizer_states_pass_and_nothing_else_does(tmp_path):
     with pytest.raises(checkpoint.UnsafeCheckpoint, match="Namespace"):
         checkpoint.verify_safe(ckpt)
     assert sorted(c.__name__ for c in checkpoint.deepspeed_safe_globals()) == [
-        "DynamicLossScaler", "LossScaler", "ZeroStageEnum", "fragment_address"]
+        "DynamicLossScaler",
+        "LossScaler",
+        "ZeroStageEnum",
+        "fragment_address",
+    ]
 
 
 def test_a_truncated_checkpoint_is_named_as_unreadable(run_dir, tmp_path):
     path = run_dir / checkpoint.CHECKPOINTS / TAG / "mp_rank_00_model_states.pt"
     torch.save({"module": {"w": torch.zeros(1000)}}, path)
     path.write_bytes(path.read_bytes()[:2000])
-    with pytest.raises(checkpoint.UnsafeCheckpoint, match=r"mp_rank_00_model_states.pt: unreadable, the file is "
-                                                          r"truncated or corrupted"):
+    with pytest.raises(
+        checkpoint.UnsafeCheckpoint,
+        match=r"mp_rank_00_model_states.pt: unreadable, the file is "
+        r"truncated or corrupted",
+    ):
         export(run_dir, tmp_path / "hf")

@@ -20,8 +20,11 @@ def _fails_cleanly(args: list[str], *expected: str) -> str:
 
 
 def test_unknown_model_preset_lists_the_presets(tmp_path):
-    _fails_cleanly(["pretrain", "--model", "Tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
-                   "'Tiny'", "tiny, mini, base, large")
+    _fails_cleanly(
+        ["pretrain", "--model", "Tiny", "--data", str(tmp_path), "--out", str(tmp_path / "run")],
+        "'Tiny'",
+        "tiny, mini, base, large",
+    )
 
 
 def test_tokenize_into_a_missing_directory_names_it(tmp_path, vocab_path):
@@ -37,8 +40,9 @@ def test_corrupt_meta_json_is_named(tmp_path, vocab_path):
     data.mkdir()
     (data / "vocab.txt").write_bytes(Path(vocab_path).read_bytes())
     (data / "meta.json").write_text("{oops")
-    _fails_cleanly(["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"],
-                   str(data / "meta.json"))
+    _fails_cleanly(
+        ["pretrain", "--data", str(data), "--out", str(tmp_path / "run"), "--steps", "1"], str(data / "meta.json")
+    )
 
 
 def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypatch, capsys):
@@ -55,7 +59,8 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
     for sub in parser._subparsers._group_actions[0].choices.values():
         sub.set_defaults(func=broken)
     assert cli.main(["info"]) == 1
-    assert capsys.readouterr().err.strip() == ("fastbert info: error: RuntimeError: the zip archive is truncated "
-                                               "(--debug shows the traceback)")
+    assert capsys.readouterr().err.strip() == (
+        "fastbert info: error: RuntimeError: the zip archive is truncated (--debug shows the traceback)"
+    )
     with pytest.raises(RuntimeError, match="truncated"):
         cli.main(["--debug", "info"])

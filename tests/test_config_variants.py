@@ -45,8 +45,13 @@ def test_parameter_count_matches_formula(name):
 
 def test_albert_parameter_count_matches_transformers():
     config = VARIANTS["albert"]
-    hf_config = transformers.AlbertConfig(**{k: v for k, v in config.to_dict().items()
-                                             if k not in ("share_layers", "pre_layer_norm", "sentence_objective")})
+    hf_config = transformers.AlbertConfig(
+        **{
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("share_layers", "pre_layer_norm", "sentence_objective")
+        }
+    )
     hf = transformers.AlbertForPreTraining(hf_config)
     assert BertForPreTraining(config).num_parameters() == sum(p.numel() for p in hf.parameters())
 
@@ -54,14 +59,22 @@ def test_albert_parameter_count_matches_transformers():
 def test_shared_layers_share_storage_and_gradients():
     """The shared layer's gradient is the sum over all the places it is applied."""
     torch.manual_seed(0)
-    shared_cfg = BertConfig.preset("tiny", num_hidden_layers=3, share_layers=True, embedding_size=64,
-                                   hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    shared_cfg = BertConfig.preset(
+        "tiny",
+        num_hidden_layers=3,
+        share_layers=True,
+        embedding_size=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     shared = BertModel(shared_cfg, add_pooling_layer=False)
     assert len(shared.encoder.layers) == 1
     unshared = BertModel(shared_cfg.replace(share_layers=False), add_pooling_layer=False)
     state = shared.state_dict()
-    unshared.load_state_dict({k.replace("layers.0.", f"layers.{i}."): v for k, v in state.items()
-                              for i in range(3)} | {k: v for k, v in state.items() if "layers." not in k})
+    unshared.load_state_dict(
+        {k.replace("layers.0.", f"layers.{i}."): v for k, v in state.items() for i in range(3)}
+        | {k: v for k, v in state.items() if "layers." not in k}
+    )
     ids = torch.randint(1, shared_cfg.vocab_size, (2, 11))
     shared(ids).last_hidden_state.square().sum().backward()
     unshared(ids).last_hidden_state.square().sum().backward()
@@ -96,12 +109,15 @@ def test_unknown_model_type_is_named(tmp_path):
         BertConfig.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hidden_act", "swish", "hidden_act 'swish'"),
-    ("num_attention_heads", 5, "divisible"),
-    ("sentence_objective", "rtd", "sentence_objective"),
-    ("position_embedding_type", "relative_key", "position_embedding_type 'relative_key'"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hidden_act", "swish", "hidden_act 'swish'"),
+        ("num_attention_heads", 5, "divisible"),
+        ("sentence_objective", "rtd", "sentence_objective"),
+        ("position_embedding_type", "relative_key", "position_embedding_type 'relative_key'"),
+    ],
+)
 def test_bad_config_values_are_named(tmp_path, field, value, message):
     d = BertConfig.preset("tiny").to_dict() | {field: value}
     (tmp_path / "config.json").write_text(json.dumps(d, indent=2))
@@ -122,8 +138,11 @@ def test_wrong_shape_checkpoint_names_key_and_loads_nothing(tmp_path):
     from safetensors.torch import load_file
 
     state = load_file(str(tmp_path / "small" / "model.safetensors"))
-    with pytest.raises(CheckpointError, match=r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight: checkpoint "
-                                              r"shape \(512, 256\) != model shape \(1024, 256\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"bert\.encoder\.layer\.0\.intermediate\.dense\.weight: checkpoint "
+        r"shape \(512, 256\) != model shape \(1024, 256\)",
+    ):
         load_state_dict_into(target, state, "bert")
     assert all(torch.equal(before[k], v) for k, v in target.state_dict().items())
     with pytest.raises(CheckpointError):
@@ -144,8 +163,10 @@ def test_tf_era_gamma_beta_and_pytorch_bin_load(minilm_dir, tmp_path):
     from safetensors.torch import load_file
 
     state = load_file(str(minilm_dir / "model.safetensors"))
-    renamed = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-               for k, v in state.items()}
+    renamed = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+        for k, v in state.items()
+    }
     torch.save({"bert." + k: v for k, v in renamed.items()}, tmp_path / "pytorch_model.bin")
     (tmp_path / "config.json").write_text((minilm_dir / "config.json").read_text())
     a = BertModel.from_pretrained(tmp_path)

@@ -17,8 +17,13 @@ def test_demo_runs_end_to_end(tmp_path):
     from fastbert.tokenizer import WordPieceTokenizer
 
     out = tmp_path / "demo"
-    result = subprocess.run([sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", "2"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", "2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # writes under --out only

@@ -34,15 +34,29 @@ from fastbert.train.export import consolidated_state_dict
 from fastbert.train.step import optimizer_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-SMALL = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 128,
-         "max_position_embeddings": 64}
+SMALL = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 64,
+}
 
 
 def _cli(args: list[str], world: int = 1, timeout: float = 600) -> None:
     launcher = [sys.executable, "-m", "fastbert"]
     if world > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world), "--master_port",
-                    str(free_port()), "-m", "fastbert"]
+        launcher = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(world),
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fastbert",
+        ]
     result = subprocess.run([*launcher, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 
@@ -55,15 +69,49 @@ def data(tmp_path_factory, vocab_path) -> Path:
     root = tmp_path_factory.mktemp("exact")
     docs = [" ".join(p) for p in stdlib_documents(limit_bytes=60_000)]
     (root / "corpus.txt").write_text("\n\n".join(docs) + "\n")
-    _cli(["prepare-data", "--vocab", str(vocab_path), "--out", str(root / "data"), "--seq-len", "64",
-          "--objective", "nsp", str(root / "corpus.txt")])
+    _cli(
+        [
+            "prepare-data",
+            "--vocab",
+            str(vocab_path),
+            "--out",
+            str(root / "data"),
+            "--seq-len",
+            "64",
+            "--objective",
+            "nsp",
+            str(root / "corpus.txt"),
+        ]
+    )
     (root / "small.json").write_text(json.dumps({**SMALL, "vocab_size": 30522}))
     return root / "data"
 
 
 def _pretrain(data: Path, out: Path, world: int, *extra: str, model: str = "tiny") -> Path:
-    _cli(["pretrain", "--model", model, "--data", str(data), "--out", str(out), "--seq-len", "64", "--dropout", "0",
-          "--precision", "fp32", "--lr", "1e-3", "--warmup", "2", "--no-progress", *extra], world=world)
+    _cli(
+        [
+            "pretrain",
+            "--model",
+            model,
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            "--dropout",
+            "0",
+            "--precision",
+            "fp32",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "2",
+            "--no-progress",
+            *extra,
+        ],
+        world=world,
+    )
     return out
 
 
@@ -88,8 +136,13 @@ def _metrics(run: Path, key: str) -> list[float]:
 def _step_batch(dataset: ShardDataset, vocab_size: int, global_batch: int, step: int, seed: int = 0) -> dict:
     """The whole global batch of optimizer step ``step`` as one micro-batch (masking depends on the sample alone)."""
     plan = MicroBatchPlan(len(dataset), global_batch, global_batch, seed=seed)
-    collate = MaskingCollator(vocab_size, list(dataset.special_ids.values()), dataset.special_ids["mask"], seed=seed,
-                              pad_id=dataset.special_ids["pad"])
+    collate = MaskingCollator(
+        vocab_size,
+        list(dataset.special_ids.values()),
+        dataset.special_ids["mask"],
+        seed=seed,
+        pad_id=dataset.special_ids["pad"],
+    )
     indices, epochs = plan.indices(step)
     return collate([dataset[int(i)] for i in indices], indices, epochs)
 
@@ -108,8 +161,20 @@ def zero_runs(data, tmp_path_factory) -> dict[str, Path]:
     runs = {}
     for stage, world in itertools.product((0, 2), (1, 2)):
         extra = ("--save-every", "1", "--keep", "8") if (stage, world) in ((0, 1), (2, 2)) else ()
-        runs[f"z{stage}w{world}"] = _pretrain(data, root / f"z{stage}w{world}", world, "--zero-stage", str(stage),
-                                              "--global-batch", "16", "--micro-batch", "8", "--steps", "8", *extra)
+        runs[f"z{stage}w{world}"] = _pretrain(
+            data,
+            root / f"z{stage}w{world}",
+            world,
+            "--zero-stage",
+            str(stage),
+            "--global-batch",
+            "16",
+            "--micro-batch",
+            "8",
+            "--steps",
+            "8",
+            *extra,
+        )
     return runs
 
 
@@ -162,14 +227,20 @@ class LocalEngine:
 
 def _local_training(data: Path, dtype: torch.dtype, micro: int, steps: int, global_batch: int = 16) -> dict:
     dataset = ShardDataset(data)
-    config = BertConfig(vocab_size=30522, **SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        sentence_objective="nsp")
+    config = BertConfig(
+        vocab_size=30522, **SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, sentence_objective="nsp"
+    )
     torch.manual_seed(0)
     model = BertForPreTraining(config).to(dtype)
     optimizer = Lamb(parameter_groups(model, 0.01), lr=1e-3, max_grad_norm=1.0, max_trust_ratio=10.0)
     plan = MicroBatchPlan(len(dataset), global_batch, micro, seed=0)
-    collate = MaskingCollator(config.vocab_size, list(dataset.special_ids.values()), dataset.special_ids["mask"],
-                              seed=0, pad_id=dataset.special_ids["pad"])
+    collate = MaskingCollator(
+        config.vocab_size,
+        list(dataset.special_ids.values()),
+        dataset.special_ids["mask"],
+        seed=0,
+        pad_id=dataset.special_ids["pad"],
+    )
     engine = LocalEngine(model, optimizer, plan.accumulation)
     for step in range(steps):
         for group in optimizer.param_groups:
@@ -185,10 +256,13 @@ def _local_training(data: Path, dtype: torch.dtype, micro: int, steps: int, glob
 def test_micro_batch_accumulation_and_world_size_leave_the_training_unchanged(data, tmp_path):
     model = str(data.parent / "small.json")
     common = ("--global-batch", "16", "--steps", "10")
-    runs = {"m16": _pretrain(data, tmp_path / "m16", 1, *common, "--micro-batch", "16", model=model),
-            "m4": _pretrain(data, tmp_path / "m4", 1, *common, "--micro-batch", "4", model=model),
-            "m2w2z2": _pretrain(data, tmp_path / "m2w2z2", 2, *common, "--micro-batch", "2", "--zero-stage", "2",
-                                model=model)}
+    runs = {
+        "m16": _pretrain(data, tmp_path / "m16", 1, *common, "--micro-batch", "16", model=model),
+        "m4": _pretrain(data, tmp_path / "m4", 1, *common, "--micro-batch", "4", model=model),
+        "m2w2z2": _pretrain(
+            data, tmp_path / "m2w2z2", 2, *common, "--micro-batch", "2", "--zero-stage", "2", model=model
+        ),
+    }
     losses = {name: _metrics(run, "loss") for name, run in runs.items()}
     for a, b in itertools.combinations(runs, 2):
         assert losses[a] == pytest.approx(losses[b], rel=1e-6), (a, b)  # the same objective at every step

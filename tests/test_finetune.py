@@ -33,8 +33,9 @@ def small_model(tmp_path_factory, minilm_dir) -> Path:
     """A random-init 2-layer BERT with the real bert-base-uncased vocabulary, saved in HF format."""
     out = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
-    BertForPreTraining(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=128)).save_pretrained(out)
+    BertForPreTraining(
+        BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    ).save_pretrained(out)
     WordPieceTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
 
@@ -50,9 +51,19 @@ def test_classification_matches_the_hf_trainer(rows, minilm_dir, tmp_path):
     train, test = rows[:480], rows[480:640]
     write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in train])
     write_table(tmp_path / "eval.jsonl", [{"text": t, "label": y} for t, y in test])
-    args = FinetuneArgs(task="classify", model=str(minilm_dir), train=str(tmp_path / "train.jsonl"),
-                        eval=str(tmp_path / "eval.jsonl"), out=str(tmp_path / "ours"), epochs=1, lr=1e-4,
-                        batch_size=16, max_length=64, dropout=0.0, progress=False)
+    args = FinetuneArgs(
+        task="classify",
+        model=str(minilm_dir),
+        train=str(tmp_path / "train.jsonl"),
+        eval=str(tmp_path / "eval.jsonl"),
+        out=str(tmp_path / "ours"),
+        epochs=1,
+        lr=1e-4,
+        batch_size=16,
+        max_length=64,
+        dropout=0.0,
+        progress=False,
+    )
     ours = finetune(args)
     assert ours["eval_accuracy"] > 0.75  # the task is learnable, and was learned
 
@@ -63,7 +74,8 @@ def test_classification_matches_the_hf_trainer(rows, minilm_dir, tmp_path):
         warnings.simplefilter("ignore")
         tok = transformers.BertTokenizerFast.from_pretrained(str(minilm_dir))
         hf = transformers.BertForSequenceClassification.from_pretrained(
-            str(minilm_dir), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+            str(minilm_dir), num_labels=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+        )
     hf.classifier.load_state_dict(head)
     import random
 
@@ -85,21 +97,34 @@ def test_classification_matches_the_hf_trainer(rows, minilm_dir, tmp_path):
         def _get_train_sampler(self, *a, **k):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    trainer = InOrder(model=hf, train_dataset=Encoded([train[i] for i in order]),
-                      data_collator=transformers.DataCollatorWithPadding(tok),
-                      args=transformers.TrainingArguments(
-                          output_dir=str(tmp_path / "hf"), per_device_train_batch_size=16, num_train_epochs=1,
-                          learning_rate=1e-4, warmup_steps=3, weight_decay=0.01, use_cpu=True, report_to=[],
-                          save_strategy="no", disable_tqdm=True, seed=args.seed))
+    trainer = InOrder(
+        model=hf,
+        train_dataset=Encoded([train[i] for i in order]),
+        data_collator=transformers.DataCollatorWithPadding(tok),
+        args=transformers.TrainingArguments(
+            output_dir=str(tmp_path / "hf"),
+            per_device_train_batch_size=16,
+            num_train_epochs=1,
+            learning_rate=1e-4,
+            warmup_steps=3,
+            weight_decay=0.01,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            seed=args.seed,
+        ),
+    )
     trainer.train()
     hf.eval()
     with torch.no_grad():
         correct = 0
         for k in range(0, len(test), 50):
-            enc = tok([t for t, _ in test[k:k + 50]], truncation=True, max_length=64, padding=True,
-                      return_tensors="pt")
+            enc = tok(
+                [t for t, _ in test[k : k + 50]], truncation=True, max_length=64, padding=True, return_tensors="pt"
+            )
             pred = hf(**enc).logits.argmax(-1).tolist()
-            correct += sum(labels[p] == y for p, (_, y) in zip(pred, test[k:k + 50], strict=True))
+            correct += sum(labels[p] == y for p, (_, y) in zip(pred, test[k : k + 50], strict=True))
     hf_accuracy = correct / len(test)
     assert abs(ours["eval_accuracy"] - hf_accuracy) <= 0.01, (ours["eval_accuracy"], hf_accuracy)
 
@@ -116,11 +141,33 @@ def test_table_tasks_run_end_to_end(task, rows, small_model, tmp_path):
 
     write_table(tmp_path / "train.jsonl", [row(i, t, y) for i, (t, y) in enumerate(rows[:96])])
     write_table(tmp_path / "eval.jsonl", [row(i, t, y) for i, (t, y) in enumerate(rows[96:160])])
-    result = subprocess.run([sys.executable, "-m", "fastbert", "finetune", "--task", task, "--model",
-                             str(small_model), "--train", str(tmp_path / "train.jsonl"), "--eval",
-                             str(tmp_path / "eval.jsonl"), "--predict", str(tmp_path / "eval.jsonl"), "--out",
-                             str(tmp_path / "out"), "--epochs", "2", "--lr", "1e-3", "--no-progress"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbert",
+            "finetune",
+            "--task",
+            task,
+            "--model",
+            str(small_model),
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--eval",
+            str(tmp_path / "eval.jsonl"),
+            "--predict",
+            str(tmp_path / "eval.jsonl"),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "2",
+            "--lr",
+            "1e-3",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert ("eval_pearson" if task == "regress" else "eval_accuracy") in results
@@ -153,16 +200,24 @@ def test_ner_alignment_round_trips_and_runs(small_model, tmp_path):
     tok = WordPieceTokenizer.from_pretrained(small_model)
     names = ["B-CAP", "I-CAP", "O"]
     for words, tags in sentences[:20]:
-        f = feats.token_features(tok, formats.TokenExample(words, tags, "x"), {n: i for i, n in enumerate(names)},
-                                 512)
+        f = feats.token_features(tok, formats.TokenExample(words, tags, "x"), {n: i for i, n in enumerate(names)}, 512)
         recovered = [names[f.labels[i]] for i in f.first_subtoken]
         assert recovered == tags
         assert sum(label != -100 for label in f.labels) == len(words)
     conll = "\n\n".join("\n".join(f"{w} X {t}" for w, t in zip(ws, ts, strict=True)) for ws, ts in sentences)
     (tmp_path / "train.conll").write_text("-DOCSTART- O\n\n" + conll + "\n")
-    result = finetune(FinetuneArgs(task="ner", model=str(small_model), train=str(tmp_path / "train.conll"),
-                                   eval=str(tmp_path / "train.conll"), out=str(tmp_path / "out"), epochs=2, lr=1e-3,
-                                   progress=False))
+    result = finetune(
+        FinetuneArgs(
+            task="ner",
+            model=str(small_model),
+            train=str(tmp_path / "train.conll"),
+            eval=str(tmp_path / "train.conll"),
+            out=str(tmp_path / "out"),
+            epochs=2,
+            lr=1e-3,
+            progress=False,
+        )
+    )
     assert 0 <= result["eval_f1"] <= 1
 
 
@@ -204,9 +259,19 @@ def _squad_file(path: Path) -> list[formats.QAExample]:
         answer = " ".join(words[60:63])  # deep in the context: past the first window
         start = context.index(answer, len(" ".join(words[:60])))
         qas.append(answer)
-        data["data"][0]["paragraphs"].append({"context": context, "qas": [
-            {"id": f"q{k}", "question": f"Which words come after {words[58]} {words[59]}?",
-             "answers": [{"text": answer, "answer_start": start}], "is_impossible": False}]})
+        data["data"][0]["paragraphs"].append(
+            {
+                "context": context,
+                "qas": [
+                    {
+                        "id": f"q{k}",
+                        "question": f"Which words come after {words[58]} {words[59]}?",
+                        "answers": [{"text": answer, "answer_start": start}],
+                        "is_impossible": False,
+                    }
+                ],
+            }
+        )
     path.write_text(json.dumps(data))
     return formats.read_squad(path)
 
@@ -220,11 +285,24 @@ def test_qa_windows_cover_every_answer_and_an_overfit_model_decodes_it(minilm_di
         covering = [f for f in features if f.example_index == i and f.start_position > 0]
         assert covering, f"no window covers the answer of {ex.id}"
         for f in covering:
-            span = ex.context[f.context_offsets[f.start_position][0]:f.context_offsets[f.end_position][1]]
+            span = ex.context[f.context_offsets[f.start_position][0] : f.context_offsets[f.end_position][1]]
             assert span == ex.answers[0][0]
-    result = finetune(FinetuneArgs(task="qa", model=str(minilm_dir), train=str(tmp_path / "squad.json"),
-                                   eval=str(tmp_path / "squad.json"), out=str(tmp_path / "out"), max_length=64,
-                                   doc_stride=24, epochs=12, lr=2e-4, batch_size=8, dropout=0.0, progress=False))
+    result = finetune(
+        FinetuneArgs(
+            task="qa",
+            model=str(minilm_dir),
+            train=str(tmp_path / "squad.json"),
+            eval=str(tmp_path / "squad.json"),
+            out=str(tmp_path / "out"),
+            max_length=64,
+            doc_stride=24,
+            epochs=12,
+            lr=2e-4,
+            batch_size=8,
+            dropout=0.0,
+            progress=False,
+        )
+    )
     assert result["eval_exact_match"] == 100.0
 
 
@@ -238,18 +316,37 @@ def test_bad_rows_are_named_or_counted(tmp_path, small_model):
 
     write_table(tmp_path / "train.jsonl", [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}])
     write_table(tmp_path / "eval.jsonl", [{"text": "a b c", "label": "x"}, {"text": "g h", "label": "zzz"}])
-    args = dict(task="classify", model=str(small_model), train=str(tmp_path / "train.jsonl"),
-                eval=str(tmp_path / "eval.jsonl"), epochs=1, progress=False)
+    args = dict(
+        task="classify",
+        model=str(small_model),
+        train=str(tmp_path / "train.jsonl"),
+        eval=str(tmp_path / "eval.jsonl"),
+        epochs=1,
+        progress=False,
+    )
     with pytest.raises(formats.TaskDataError, match=r"eval\.jsonl:2: unknown label 'zzz'"):
         finetune(FinetuneArgs(**args, out=str(tmp_path / "o1")))
     result = finetune(FinetuneArgs(**args, out=str(tmp_path / "o2"), skip_bad_rows=True))
     assert len(result["skipped_rows"]) == 1
 
-    squad = {"data": [{"paragraphs": [{"context": "short context", "qas": [
-        {"id": "q", "question": "?", "answers": [{"text": "elsewhere", "answer_start": 3}]}]}]}]}
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "short context",
+                        "qas": [{"id": "q", "question": "?", "answers": [{"text": "elsewhere", "answer_start": 3}]}],
+                    }
+                ]
+            }
+        ]
+    }
     (tmp_path / "s.json").write_text(json.dumps(squad))
-    with pytest.raises(formats.TaskDataError, match=r"s\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\] \(id 'q'\): "
-                                                     r"answer 'elsewhere' at 3 is not in its context"):
+    with pytest.raises(
+        formats.TaskDataError,
+        match=r"s\.json: data\[0\]\.paragraphs\[0\]\.qas\[0\] \(id 'q'\): "
+        r"answer 'elsewhere' at 3 is not in its context",
+    ):
         formats.read_squad(tmp_path / "s.json")
     (tmp_path / "x.conll").write_text("word B-X\nlonely\n\n")
     with pytest.raises(formats.TaskDataError, match=r"x\.conll:2: token 'lonely' has no tag"):
@@ -274,19 +371,64 @@ def test_two_ranks_under_deepspeed_match_one_process(task, rows, small_model, tm
         train.write_text("\n\n".join(conll.split("\n\n")[:61]) + "\n")
         held = tmp_path / "eval.conll"
         held.write_text("\n\n".join(conll.split("\n\n")[61:]) + "\n")
-    common = ["--task", task, "--model", str(small_model), "--train", str(train), "--eval", str(held),
-              "--epochs", "2", "--lr", "1e-3", "--batch-size", "8", "--max-length", "64", "--dropout", "0",
-              "--no-progress"]
+    common = [
+        "--task",
+        task,
+        "--model",
+        str(small_model),
+        "--train",
+        str(train),
+        "--eval",
+        str(held),
+        "--epochs",
+        "2",
+        "--lr",
+        "1e-3",
+        "--batch-size",
+        "8",
+        "--max-length",
+        "64",
+        "--dropout",
+        "0",
+        "--no-progress",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "fastbert", "finetune", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)
+    one = subprocess.run(
+        [sys.executable, "-m", "fastbert", "finetune", *common, "--out", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), "-m", "fastbert", "finetune", *common, "--zero-stage", "2",
-                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "fastbert",
+            "finetune",
+            *common,
+            "--zero-stage",
+            "2",
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    epochs = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
-              for run in ("one", "two")]
+    epochs = [
+        [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
     for a, b in zip(*epochs, strict=True):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-5)
         metric = "eval_accuracy" if task == "classify" else "eval_f1"

@@ -11,8 +11,9 @@ from fastbert.model import BertForPreTraining
 from fastbert.train import flops
 
 
-@pytest.mark.parametrize("variant", [{}, {"embedding_size": 32}, {"sentence_objective": "none"}],
-                         ids=["bert", "factorised", "mlm-only"])
+@pytest.mark.parametrize(
+    "variant", [{}, {"embedding_size": 32}, {"sentence_objective": "none"}], ids=["bert", "factorised", "mlm-only"]
+)
 def test_training_flops_match_torch_flop_counter(variant):
     torch.manual_seed(0)
     # With attention dropout the CPU path computes attention with two matmuls, which the counter sees (it does
@@ -29,8 +30,9 @@ def test_training_flops_match_torch_flop_counter(variant):
     with FlopCounterMode(display=False) as counter:
         model(**inputs).loss.backward()
     masked = int((labels != -100).sum())
-    expected = flops.training_flops(config, tokens=batch * seq, squared_lengths=batch * seq * seq, sequences=batch,
-                                    masked=masked)
+    expected = flops.training_flops(
+        config, tokens=batch * seq, squared_lengths=batch * seq * seq, sequences=batch, masked=masked
+    )
     # The MLM loss accumulates the decoder's weight gradient with an in-place addmm_, which the counter skips.
     uncounted = 2 * masked * config.embedding_width * config.vocab_size
     assert counter.get_total_flops() + uncounted == expected
@@ -44,10 +46,18 @@ def test_attention_flops_follow_real_lengths():
     assert long - short == 2 * config.num_hidden_layers * 2 * config.hidden_size * 200
 
 
-@pytest.mark.parametrize("name,precision,tflops", [
-    ("NVIDIA A100-SXM4-80GB", "bf16", 312.0), ("NVIDIA A10", "bf16", 125.0), ("NVIDIA A10G", "fp16", 70.0),
-    ("NVIDIA H100 PCIe", "bf16", 756.0), ("NVIDIA H100 80GB HBM3", "fp32", 494.5),
-    ("Tesla V100-SXM2-16GB", "bf16", None), ("Some Future GPU", "bf16", None)])
+@pytest.mark.parametrize(
+    "name,precision,tflops",
+    [
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A10", "bf16", 125.0),
+        ("NVIDIA A10G", "fp16", 70.0),
+        ("NVIDIA H100 PCIe", "bf16", 756.0),
+        ("NVIDIA H100 80GB HBM3", "fp32", 494.5),
+        ("Tesla V100-SXM2-16GB", "bf16", None),
+        ("Some Future GPU", "bf16", None),
+    ],
+)
 def test_peak_flops_by_device_name(monkeypatch, name, precision, tflops):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     peak = flops.peak_flops(torch.device("cuda", 0), precision)

@@ -31,28 +31,43 @@ def python(code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture
 def text_file(tmp_path: Path, real_sentences: list[str]) -> Path:
-    documents = [" ".join(real_sentences[k:k + 4]) for k in range(0, len(real_sentences), 4)]
+    documents = [" ".join(real_sentences[k : k + 4]) for k in range(0, len(real_sentences), 4)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(documents) + "\n")
     return tmp_path / "corpus.txt"
 
 
 def test_the_tokenizer_and_config_import_without_torch(vocab_path, tmp_path):
-    result = python(f"""
+    result = python(
+        f"""
 from fastbert import BertConfig
 from fastbert.tokenizer import WordPieceTokenizer
 tokenizer = WordPieceTokenizer.from_vocab({str(vocab_path)!r})
 assert tokenizer("hello world")["input_ids"] == [101, 7592, 2088, 102]
 assert BertConfig.preset("tiny").hidden_size > 0
-{NO_TORCH}""", tmp_path)
+{NO_TORCH}""",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.parametrize("command", ["--help", "tokenize", "prepare-data"])
 def test_the_command_line_runs_without_torch(command, vocab_path, text_file, tmp_path):
-    args = {"--help": ["--help"],
-            "tokenize": ["tokenize", str(text_file), "--vocab", str(vocab_path), "--no-progress"],
-            "prepare-data": ["prepare-data", str(text_file), "--vocab", str(vocab_path), "--out", str(tmp_path / "d"),
-                             "--seq-len", "64", "--workers", "2"]}[command]
+    args = {
+        "--help": ["--help"],
+        "tokenize": ["tokenize", str(text_file), "--vocab", str(vocab_path), "--no-progress"],
+        "prepare-data": [
+            "prepare-data",
+            str(text_file),
+            "--vocab",
+            str(vocab_path),
+            "--out",
+            str(tmp_path / "d"),
+            "--seq-len",
+            "64",
+            "--workers",
+            "2",
+        ],
+    }[command]
     result = python(CLI.format(args=args), tmp_path)
     assert result.returncode == 0, result.stderr
     if command == "prepare-data":
@@ -64,12 +79,15 @@ def test_the_command_line_runs_without_torch(command, vocab_path, text_file, tmp
 def test_a_prepare_data_worker_starts_without_torch(vocab_path, text_file, tmp_path):
     """What a worker process runs (all of it under the spawn start method, where the worker imports the module
     afresh): the initializer, then encode_documents."""
-    result = python(f"""
+    result = python(
+        f"""
 from fastbert.data.prepare import _init_worker, encode_documents
 _init_worker({str(vocab_path)!r}, True)
 documents = encode_documents(open({str(text_file)!r}).read().split("\\n\\n"))
 assert len(documents) > 0 and documents.num_sentences > len(documents)
-{NO_TORCH}""", tmp_path)
+{NO_TORCH}""",
+        tmp_path,
+    )
     assert result.returncode == 0, result.stderr
 
 

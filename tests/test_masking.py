@@ -33,11 +33,11 @@ def test_masking_statistics_over_a_million_tokens():
     c = collator(padded=True)
     selected = maskable = masked = randomized = kept = 0
     for start in range(0, len(samples), 1000):
-        chunk = samples[start:start + 1000]
+        chunk = samples[start : start + 1000]
         batch = c(chunk, np.arange(start, start + len(chunk)), np.zeros(len(chunk), dtype=np.int64))
         ids = torch.zeros_like(batch["input_ids"])
         for i, s in enumerate(chunk):
-            ids[i, :len(s.input_ids)] = torch.from_numpy(s.input_ids)
+            ids[i, : len(s.input_ids)] = torch.from_numpy(s.input_ids)
         real = batch["attention_mask"].bool()
         special = torch.isin(ids, torch.tensor(SPECIALS))
         sel = batch["labels"] != -100
@@ -66,13 +66,13 @@ def test_a_sample_is_masked_the_same_in_any_batch():
     whole = c(samples, idx, epochs)
     per_sample = {}
     for lo in range(0, 64, 5):  # other batch sizes and compositions
-        part = c(samples[lo:lo + 5][::-1], idx[lo:lo + 5][::-1], epochs[lo:lo + 5])
+        part = c(samples[lo : lo + 5][::-1], idx[lo : lo + 5][::-1], epochs[lo : lo + 5])
         cu = part["cu_seqlens"]
         for j, sample_index in enumerate(part["sample_index"].tolist()):
-            per_sample[sample_index] = part["input_ids"][cu[j]:cu[j + 1]]
+            per_sample[sample_index] = part["input_ids"][cu[j] : cu[j + 1]]
     cu = whole["cu_seqlens"]
     for j, sample_index in enumerate(idx.tolist()):
-        assert torch.equal(whole["input_ids"][cu[j]:cu[j + 1]], per_sample[sample_index])
+        assert torch.equal(whole["input_ids"][cu[j] : cu[j + 1]], per_sample[sample_index])
     other_epoch = c(samples, idx, epochs + 1)
     assert not torch.equal(other_epoch["input_ids"], whole["input_ids"]), "a new epoch must mask anew"
 
@@ -104,8 +104,10 @@ def test_whole_word_masking_takes_words_whole():
     rng = np.random.default_rng(1)
     samples = []
     for _ in range(400):
-        words = [np.concatenate([[rng.integers(1000, 5000)], rng.integers(5000, 6000, rng.integers(0, 3))])
-                 for _ in range(rng.integers(5, 40))]
+        words = [
+            np.concatenate([[rng.integers(1000, 5000)], rng.integers(5000, 6000, rng.integers(0, 3))])
+            for _ in range(rng.integers(5, 40))
+        ]
         body = np.concatenate(words)
         samples.append(Sample(np.concatenate([[CLS], body, [SEP]]), np.zeros(len(body) + 2, dtype=np.int64)))
     c = collator(padded=True, whole_word=True, continuation_ids=cont)
@@ -114,7 +116,7 @@ def test_whole_word_masking_takes_words_whole():
     total = 0
     for i, s in enumerate(samples):
         is_cont = np.isin(s.input_ids, cont)
-        row = sel[i, :len(s.input_ids)]
+        row = sel[i, : len(s.input_ids)]
         # a continuation is selected exactly when the token before it is
         for t in np.flatnonzero(is_cont):
             assert row[t] == row[t - 1]
@@ -141,13 +143,24 @@ def test_works_in_a_dataloader_with_workers(workers):
 def test_cpp_masking_is_the_numpy_reference(whole_word, probability, max_predictions):
     cont = list(range(5000, 6000))
     rng = np.random.default_rng(2)
-    c = MaskingCollator(VOCAB, SPECIALS, MASK, seed=11, mlm_probability=probability, max_predictions=max_predictions,
-                        whole_word=whole_word, continuation_ids=cont)
+    c = MaskingCollator(
+        VOCAB,
+        SPECIALS,
+        MASK,
+        seed=11,
+        mlm_probability=probability,
+        max_predictions=max_predictions,
+        whole_word=whole_word,
+        continuation_ids=cont,
+    )
     for trial in range(20):
         batch, seq = int(rng.integers(1, 12)), int(rng.integers(1, 140))
         lengths = rng.integers(0, seq + 1, batch)
-        ids = np.where(rng.random((batch, seq)) < 0.3, rng.integers(5000, 6000, (batch, seq)),
-                       rng.integers(1000, VOCAB, (batch, seq)))
+        ids = np.where(
+            rng.random((batch, seq)) < 0.3,
+            rng.integers(5000, 6000, (batch, seq)),
+            rng.integers(1000, VOCAB, (batch, seq)),
+        )
         ids[:, 0] = CLS
         ids[np.arange(seq)[None, :] >= lengths[:, None]] = PAD
         ids[rng.random((batch, seq)) < 0.05] = UNK  # specials inside sequences too
@@ -171,7 +184,7 @@ def test_caps_depend_on_the_sample_not_the_batch():
     together = c(samples, idx, epochs)
     cu = together["cu_seqlens"]
     for j in range(30):
-        alone = c([samples[j]], idx[j:j + 1], epochs[j:j + 1])
-        assert torch.equal(alone["input_ids"], together["input_ids"][cu[j]:cu[j + 1]])
+        alone = c([samples[j]], idx[j : j + 1], epochs[j : j + 1])
+        assert torch.equal(alone["input_ids"], together["input_ids"][cu[j] : cu[j + 1]])
         cap = max(1, round(len(samples[j].input_ids) * 20 / 128))
         assert (alone["labels"] != -100).sum() == cap

@@ -49,21 +49,33 @@ def test_minilm_matches_transformers_padded_and_unpadded(minilm_dir, hf_tokenize
 
 def _pretraining_batch(config: BertConfig, hf_tokenizer, sentences, seed=0):
     g = torch.Generator().manual_seed(seed)
-    batch = hf_tokenizer(sentences[:4], sentences[4:8], padding=True, truncation=True, max_length=64,
-                         return_tensors="pt")
+    batch = hf_tokenizer(
+        sentences[:4], sentences[4:8], padding=True, truncation=True, max_length=64, return_tensors="pt"
+    )
     ids, mask = batch["input_ids"], batch["attention_mask"].bool()
     special = torch.isin(ids, torch.tensor([0, 101, 102]))
     chosen = (torch.rand(ids.shape, generator=g) < 0.15) & mask & ~special
     chosen[:, 1] = True  # every row has at least one prediction
     labels = torch.where(chosen, ids, -100)
     inputs = torch.where(chosen, torch.tensor(103), ids)  # [MASK]
-    return dict(input_ids=inputs, attention_mask=batch["attention_mask"], token_type_ids=batch["token_type_ids"],
-                labels=labels, next_sentence_label=torch.tensor([0, 1, 1, 0]))
+    return dict(
+        input_ids=inputs,
+        attention_mask=batch["attention_mask"],
+        token_type_ids=batch["token_type_ids"],
+        labels=labels,
+        next_sentence_label=torch.tensor([0, 1, 1, 0]),
+    )
 
 
 TINY = BertConfig.preset("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-ALBERT = BertConfig.preset("tiny", embedding_size=64, share_layers=True, sentence_objective="sop",
-                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+ALBERT = BertConfig.preset(
+    "tiny",
+    embedding_size=64,
+    share_layers=True,
+    sentence_objective="sop",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
 HF_PRETRAINING = {"bert": transformers.BertForPreTraining, "albert": transformers.AlbertForPreTraining}
 
 
@@ -71,9 +83,10 @@ def _compare_pretraining(ours, hf, batch, model_type):
     ours.zero_grad()
     hf.zero_grad()
     out = ours(**batch)
-    ref = hf(**{k: v for k, v in batch.items() if k != "next_sentence_label"},
-             **{"next_sentence_label" if model_type == "bert" else "sentence_order_label":
-                batch["next_sentence_label"]})
+    ref = hf(
+        **{k: v for k, v in batch.items() if k != "next_sentence_label"},
+        **{"next_sentence_label" if model_type == "bert" else "sentence_order_label": batch["next_sentence_label"]},
+    )
     assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
     out.loss.backward()
     ref.loss.backward()
@@ -108,8 +121,13 @@ def test_pretraining_roundtrip_through_transformers(config, tmp_path, hf_tokeniz
     _compare_pretraining(ours, hf, batch, model_type)
 
     hf_cfg_cls = transformers.BertConfig if model_type == "bert" else transformers.AlbertConfig
-    hf_config = hf_cfg_cls(**{k: v for k, v in config.to_dict().items()
-                              if k not in ("share_layers", "pre_layer_norm", "sentence_objective")})
+    hf_config = hf_cfg_cls(
+        **{
+            k: v
+            for k, v in config.to_dict().items()
+            if k not in ("share_layers", "pre_layer_norm", "sentence_objective")
+        }
+    )
     torch.manual_seed(1)
     fresh = HF_PRETRAINING[model_type](hf_config)
     fresh.save_pretrained(str(tmp_path / "hf"))
@@ -129,8 +147,9 @@ HEADS = [
 
 
 @pytest.mark.parametrize("ours_cls,hf_cls,num_labels", HEADS, ids=["classify", "regress", "ner", "qa"])
-def test_task_heads_match_transformers(ours_cls, hf_cls, num_labels, minilm_dir, hf_tokenizer, real_sentences,
-                                       tmp_path):
+def test_task_heads_match_transformers(
+    ours_cls, hf_cls, num_labels, minilm_dir, hf_tokenizer, real_sentences, tmp_path
+):
     torch.manual_seed(2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -151,8 +170,13 @@ def test_task_heads_match_transformers(ours_cls, hf_cls, num_labels, minilm_dir,
     out, ref = ours(**batch, **extra), hf(**batch, **extra)
     if ours_cls is BertForQuestionAnswering:
         # Our span logits exclude padding, so the reference is HF on each sequence alone, without padding.
-        alone = [hf(**{k: v[i:i + 1, :int(mask[i].sum())] for k, v in batch.items()},
-                    **{k: v[i:i + 1] for k, v in extra.items()}).loss for i in range(b)]
+        alone = [
+            hf(
+                **{k: v[i : i + 1, : int(mask[i].sum())] for k, v in batch.items()},
+                **{k: v[i : i + 1] for k, v in extra.items()},
+            ).loss
+            for i in range(b)
+        ]
         assert abs(out.loss.item() - torch.stack(alone).mean().item()) <= 1e-5
     else:
         assert abs(out.loss.item() - ref.loss.item()) <= 1e-5
@@ -172,14 +196,18 @@ def test_unpadded_layout_gives_the_same_losses(hf_tokenizer, real_sentences):
     mask = batch["attention_mask"].bool()
     cu = torch.nn.functional.pad(mask.sum(1).cumsum(0), (1, 0))
     padded = model(**batch)
-    flat = model(batch["input_ids"][mask], token_type_ids=batch["token_type_ids"][mask],
-                 labels=batch["labels"][mask], next_sentence_label=batch["next_sentence_label"], cu_seqlens=cu)
+    flat = model(
+        batch["input_ids"][mask],
+        token_type_ids=batch["token_type_ids"][mask],
+        labels=batch["labels"][mask],
+        next_sentence_label=batch["next_sentence_label"],
+        cu_seqlens=cu,
+    )
     assert abs(padded.loss.item() - flat.loss.item()) <= 1e-6
     assert abs(padded.mlm_accuracy.item() - flat.mlm_accuracy.item()) == 0
 
 
-def test_padding_never_reaches_the_encoder_and_mlm_sees_only_masked_rows(monkeypatch, hf_tokenizer,
-                                                                          real_sentences):
+def test_padding_never_reaches_the_encoder_and_mlm_sees_only_masked_rows(monkeypatch, hf_tokenizer, real_sentences):
     from fastbert import ops
 
     model = BertForPreTraining(TINY)

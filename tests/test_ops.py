@@ -64,7 +64,7 @@ def test_residual_layer_norm_and_bias_gelu():
     torch.testing.assert_close(summed, s)
     torch.testing.assert_close(normed, ref, rtol=1e-5, atol=1e-5)
     y = ops.bias_gelu(x, b)
-    torch.testing.assert_close(y, 0.5 * (x + b) * (1 + torch.erf((x + b) / 2 ** 0.5)))
+    torch.testing.assert_close(y, 0.5 * (x + b) * (1 + torch.erf((x + b) / 2**0.5)))
 
 
 def test_backend_setting_is_validated(monkeypatch):

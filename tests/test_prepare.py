@@ -53,7 +53,7 @@ def test_output_is_identical_for_any_number_of_workers(vocab_path, tmp_path, mon
     inputs, sizes = tmp_path / "in", [5, 8, 2, len(docs) - 15]
     inputs.mkdir()
     for i, (start, size) in enumerate(zip(np.cumsum([0, *sizes[:-1]]), sizes, strict=True)):
-        part = docs[start:start + size]
+        part = docs[start : start + size]
         if i % 2:
             (inputs / f"{i}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in part))
         else:
@@ -71,24 +71,32 @@ def test_output_is_identical_for_any_number_of_workers(vocab_path, tmp_path, mon
     monkeypatch.setattr(prepare_module.Documents, "concatenate", classmethod(counting))
     metas = {}
     for workers in (1, 2, 3):
-        metas[workers] = prepare([str(inputs)], tmp_path / f"w{workers}",
-                                 options(vocab_path, shard_size=500, workers=workers), progress=False)
+        metas[workers] = prepare(
+            [str(inputs)],
+            tmp_path / f"w{workers}",
+            options(vocab_path, shard_size=500, workers=workers),
+            progress=False,
+        )
     for workers in (2, 3):  # one block per 3 documents, so the larger files were encoded by several workers
-        assert blocks_per_file[workers][:len(sizes)] == [-(-n // 3) for n in sizes], blocks_per_file
+        assert blocks_per_file[workers][: len(sizes)] == [-(-n // 3) for n in sizes], blocks_per_file
     assert metas[1] == metas[2] == metas[3] and len(metas[1]["shards"]) > 1
     names = sorted(f.name for f in (tmp_path / "w1").iterdir())
     assert "meta.json" in names and len(names) > 3
     for workers in (2, 3):
         assert sorted(f.name for f in (tmp_path / f"w{workers}").iterdir()) == names
         for name in names:
-            assert (tmp_path / f"w{workers}" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), \
-                (workers, name)
+            assert (tmp_path / f"w{workers}" / name).read_bytes() == (tmp_path / "w1" / name).read_bytes(), (
+                workers,
+                name,
+            )
 
 
 def _synthetic_documents(count: int, rng) -> list[list[list[int]]]:
     """Documents whose ids say where they come from: doc d, sentence s, token t -> 10000*d + 100*s + t."""
-    return [[[10000 * d + 100 * s + t for t in range(rng.integers(3, 15))] for s in range(rng.integers(2, 12))]
-            for d in range(count)]
+    return [
+        [[10000 * d + 100 * s + t for t in range(rng.integers(3, 15))] for s in range(rng.integers(2, 12))]
+        for d in range(count)
+    ]
 
 
 @pytest.mark.parametrize("objective", ["nsp", "sop"])
@@ -120,8 +128,9 @@ def encoded(corpus_dir, vocab_path):
 
 def test_encoded_documents_are_the_tokenizer_on_each_sentence(encoded):
     tok, docs, documents = encoded
-    expected = [[ids for ids in (tok.encode(s, add_special_tokens=False) for s in split_sentences(d)) if ids]
-                for d in docs]
+    expected = [
+        [ids for ids in (tok.encode(s, add_special_tokens=False) for s in split_sentences(d)) if ids] for d in docs
+    ]
     assert documents.to_lists() == [d for d in expected if d]
     assert len(documents) == len(docs) - 1
 
@@ -136,11 +145,21 @@ def test_cpp_pairs_are_the_python_recipe(encoded, objective, seq_len, vocab_path
     got, truncated, dropped = [], 0, 0
     for begin in range(0, len(documents), 7):  # in blocks, as prepare() calls it
         tokens, offsets, split, labels, t, d = _wordpiece.segment_pairs(
-            documents.tokens, documents.sentence_offsets, documents.doc_offsets, begin,
-            min(begin + 7, len(documents)), seq_len, objective, opts.short_seq_prob, opts.seed)
+            documents.tokens,
+            documents.sentence_offsets,
+            documents.doc_offsets,
+            begin,
+            min(begin + 7, len(documents)),
+            seq_len,
+            objective,
+            opts.short_seq_prob,
+            opts.seed,
+        )
         cuts = offsets[:-1] + split
-        got += [(tokens[offsets[i]:cuts[i]].tolist(), tokens[cuts[i]:offsets[i + 1]].tolist(), int(labels[i]))
-                for i in range(len(split))]
+        got += [
+            (tokens[offsets[i] : cuts[i]].tolist(), tokens[cuts[i] : offsets[i + 1]].tolist(), int(labels[i]))
+            for i in range(len(split))
+        ]
         truncated, dropped = truncated + t, dropped + d
     assert len(expected) > 50 and got == expected
     assert (truncated, dropped) == (stats.truncated_tokens, stats.dropped_segments)
@@ -162,15 +181,31 @@ def test_segment_pairs_refuses_inconsistent_arrays():
 
 def test_shard_writer_cuts_blocks_into_shards(tmp_path):
     rng = np.random.default_rng(0)
-    samples = [(rng.integers(5, 900, rng.integers(1, 9)).tolist(), rng.integers(5, 900, rng.integers(0, 9)).tolist(),
-                int(rng.integers(-1, 2))) for _ in range(53)]
-    writer = ShardWriter(tmp_path, vocab_tokens=[f"t{i}" for i in range(1000)], special_ids={"cls": 1, "sep": 2},
-                         seq_len=32, objective="nsp", seed=0, shard_size=7)
+    samples = [
+        (
+            rng.integers(5, 900, rng.integers(1, 9)).tolist(),
+            rng.integers(5, 900, rng.integers(0, 9)).tolist(),
+            int(rng.integers(-1, 2)),
+        )
+        for _ in range(53)
+    ]
+    writer = ShardWriter(
+        tmp_path,
+        vocab_tokens=[f"t{i}" for i in range(1000)],
+        special_ids={"cls": 1, "sep": 2},
+        seq_len=32,
+        objective="nsp",
+        seed=0,
+        shard_size=7,
+    )
     for lo, hi in [(0, 3), (3, 4), (4, 20), (20, 20), (20, 53)]:  # blocks smaller and larger than a shard
         block = samples[lo:hi]
-        writer.add_samples(np.array([t for a, b, _ in block for t in a + b], dtype=np.int32),
-                           np.cumsum([0] + [len(a) + len(b) for a, b, _ in block]),
-                           np.array([len(a) for a, _, _ in block]), np.array([lab for _, _, lab in block]))
+        writer.add_samples(
+            np.array([t for a, b, _ in block for t in a + b], dtype=np.int32),
+            np.cumsum([0] + [len(a) + len(b) for a, b, _ in block]),
+            np.array([len(a) for a, _, _ in block]),
+            np.array([lab for _, _, lab in block]),
+        )
     meta = writer.close()
     assert [s["num_samples"] for s in meta["shards"]] == [7] * 7 + [4]
     data = ShardDataset(tmp_path, verify="full")
@@ -240,8 +275,7 @@ def test_parquet_input(tmp_path, vocab_path, corpus_dir):
     docs = [d for d in (corpus_dir / "a.txt").read_text().split("\n\n") if d.strip()]
     pq.write_table(pa.table({"body": docs}), tmp_path / "d.parquet")
     (tmp_path / "d.txt").write_text("\n\n".join(docs))
-    a = prepare([str(tmp_path / "d.parquet")], tmp_path / "pq", options(vocab_path, text_field="body"),
-                progress=False)
+    a = prepare([str(tmp_path / "d.parquet")], tmp_path / "pq", options(vocab_path, text_field="body"), progress=False)
     b = prepare([str(tmp_path / "d.txt")], tmp_path / "txt", options(vocab_path), progress=False)
     assert a["num_tokens"] == b["num_tokens"] and a["num_samples"] == b["num_samples"]
     with pytest.raises(InputError, match=r"d\.parquet: no column 'text'"):
@@ -299,13 +333,38 @@ def test_cli_prepare_data(corpus_dir, vocab_path, tmp_path):
     import subprocess
 
     with warnings.catch_warnings():
-        result = subprocess.run(["fastbert", "prepare-data", str(corpus_dir / "a.txt"), "--vocab", str(vocab_path),
-                                 "--out", str(tmp_path / "o"), "--seq-len", "64", "--objective", "sop"],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            [
+                "fastbert",
+                "prepare-data",
+                str(corpus_dir / "a.txt"),
+                "--vocab",
+                str(vocab_path),
+                "--out",
+                str(tmp_path / "o"),
+                "--seq-len",
+                "64",
+                "--objective",
+                "sop",
+            ],
+            capture_output=True,
+            text=True,
+        )
     assert result.returncode == 0, result.stderr
     assert "samples" in result.stdout and (tmp_path / "o" / "meta.json").exists()
-    bad = subprocess.run(["fastbert", "prepare-data", str(tmp_path / "missing.txt"), "--vocab", str(vocab_path),
-                          "--out", str(tmp_path / "o2")], capture_output=True, text=True)
+    bad = subprocess.run(
+        [
+            "fastbert",
+            "prepare-data",
+            str(tmp_path / "missing.txt"),
+            "--vocab",
+            str(vocab_path),
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 1 and "missing.txt: no such file" in bad.stderr
 
 

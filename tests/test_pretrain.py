@@ -3,6 +3,7 @@ transformers, and bad setups refused before the first step."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -14,13 +15,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from ports import free_port
 
 from fastbert.data.corpus import stdlib_documents
 from fastbert.data.prepare import PrepareOptions, prepare
-from ports import free_port
 
-MODEL = {"vocab_size": 1500, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-         "intermediate_size": 128, "max_position_embeddings": 128}
+MODEL = {
+    "vocab_size": 1500,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 128,
+}
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKERS = Path(__file__).parent / "workers"
 # What metrics.jsonl records that is not a function of the run's inputs: timings.
@@ -29,14 +36,23 @@ TIMINGS = {"tokens_per_s", "samples_per_s", "mfu"}
 
 def torchrun(nproc: int, *target: str) -> tuple[str, ...]:
     """A torchrun launcher on a free port; ``target`` is ``("-m", "fastbert")`` or a script and its arguments."""
-    return (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-            str(free_port()), *(target or ("-m", "fastbert")))
+    return (
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        *(target or ("-m", "fastbert")),
+    )
 
 
 def start(cmd) -> subprocess.Popen:
     """A launcher in a process group of its own, so that a test can signal or kill it with all its children."""
-    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    return subprocess.Popen(
+        cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def _processes() -> dict[int, tuple[int, int, str]]:
@@ -65,10 +81,8 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     of its own, so the launcher's group alone does not reach the ranks (nor their loader workers)."""
     for pid in [proc.pid, *descendants(proc.pid)]:
         for send in (os.killpg, os.kill):
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 send(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
 
 
 def finish(proc: subprocess.Popen, timeout: float) -> str:
@@ -114,7 +128,7 @@ def tensor_differences(a, b, path: str = "") -> list[str]:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         if len(a) != len(b):
             return [f"{path}: length {len(a)} vs {len(b)}"]
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in tensor_differences(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=False)) for d in tensor_differences(x, y, f"{path}[{i}]")]
     return []
 
 
@@ -132,8 +146,10 @@ def checkpoint_differences(a: Path, b: Path) -> list[str]:
 
 def metrics(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the timings."""
-    return [{k: v for k, v in json.loads(line).items() if k not in TIMINGS}
-            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [
+        {k: v for k, v in json.loads(line).items() if k not in TIMINGS}
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -148,18 +164,45 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     trainer.train([str(root / "corpus.txt")], vocab_size=MODEL["vocab_size"], show_progress=False)
     trainer.save_model(str(root))
     vocab_size = len((root / "vocab.txt").read_text().splitlines())
-    prepare([str(root / "corpus.txt")], root / "data", PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=64),
-            progress=False)
-    prepare([str(root / "corpus.txt")], root / "data128", PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=128,
-                                                                         objective="nsp"), progress=False)
+    prepare(
+        [str(root / "corpus.txt")],
+        root / "data",
+        PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=64),
+        progress=False,
+    )
+    prepare(
+        [str(root / "corpus.txt")],
+        root / "data128",
+        PrepareOptions(vocab=str(root / "vocab.txt"), seq_len=128, objective="nsp"),
+        progress=False,
+    )
     (root / "model.json").write_text(json.dumps({**MODEL, "vocab_size": vocab_size}))
     return {"root": root, "data": root / "data", "data128": root / "data128", "model": root / "model.json"}
 
 
 def pretrain_cmd(setup, out: Path, *extra: str, launcher: tuple[str, ...] = (sys.executable, "-m", "fastbert")):
-    return [*launcher, "pretrain", "--model", str(setup["model"]), "--data", str(setup["data"]), "--out", str(out),
-            "--global-batch", "8", "--micro-batch", "2", "--steps", "8", "--lr", "5e-3", "--warmup", "2",
-            "--no-progress", *extra]
+    return [
+        *launcher,
+        "pretrain",
+        "--model",
+        str(setup["model"]),
+        "--data",
+        str(setup["data"]),
+        "--out",
+        str(out),
+        "--global-batch",
+        "8",
+        "--micro-batch",
+        "2",
+        "--steps",
+        "8",
+        "--lr",
+        "5e-3",
+        "--warmup",
+        "2",
+        "--no-progress",
+        *extra,
+    ]
 
 
 def node_launchers(tmp_path: Path, command, *target: str) -> list[subprocess.Popen]:
@@ -169,14 +212,32 @@ def node_launchers(tmp_path: Path, command, *target: str) -> list[subprocess.Pop
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("nodeA slots=1\nnodeB slots=1\n")
     port = str(free_port())
-    return [start(command(("deepspeed", "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(r),
-                           "--master_addr", "127.0.0.1", "--master_port", port,
-                           *(target or ("--module", "fastbert"))))) for r in range(2)]
+    return [
+        start(
+            command(
+                (
+                    "deepspeed",
+                    "--hostfile",
+                    str(hostfile),
+                    "--no_ssh",
+                    "--node_rank",
+                    str(r),
+                    "--master_addr",
+                    "127.0.0.1",
+                    "--master_port",
+                    port,
+                    *(target or ("--module", "fastbert")),
+                )
+            )
+        )
+        for r in range(2)
+    ]
 
 
 def run(cmd, timeout=600, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, **kw.pop("env", {})}, timeout=timeout,
-                            **kw)
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**ENV, **kw.pop("env", {})}, timeout=timeout, **kw
+    )
     return result
 
 
@@ -266,9 +327,21 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(setup, tmp_path, zero):
     from fastbert.optim import warmup_poly_lr
 
     k, steps, out = 3, 5, tmp_path / "nan"
-    cmd = pretrain_cmd(setup, out, "--zero-stage", str(zero), "--steps", str(steps), "--save-every", "1", "--keep",
-                       "0", "--dropout", "0.1",
-                       launcher=torchrun(2, str(WORKERS / "pretrain_fault.py"), "nan", "1", str(k)))
+    cmd = pretrain_cmd(
+        setup,
+        out,
+        "--zero-stage",
+        str(zero),
+        "--steps",
+        str(steps),
+        "--save-every",
+        "1",
+        "--keep",
+        "0",
+        "--dropout",
+        "0.1",
+        launcher=torchrun(2, str(WORKERS / "pretrain_fault.py"), "nan", "1", str(k)),
+    )
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"step {k} skipped" in result.stderr
@@ -276,7 +349,7 @@ def test_a_nan_on_one_rank_skips_the_step_on_every_rank(setup, tmp_path, zero):
     assert [m["step"] for m in logged] == list(range(1, steps + 1))
     assert [m["skipped"] for m in logged] == [s == k for s in range(1, steps + 1)]
     assert math.isnan(logged[k - 1]["loss"]) and logged[k - 1]["grad_norm"] is None  # the NaN did reach step k
-    for m in logged[:k - 1] + logged[k:]:
+    for m in logged[: k - 1] + logged[k:]:
         assert math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"]), m
     assert [m["lr"] for m in logged] == [warmup_poly_lr(s - 1, 5e-3, 2, steps, 1.0) for s in range(1, steps + 1)]
     ckpt = [None] + [out / "checkpoints" / f"step-{s:08d}" for s in range(1, steps + 1)]
@@ -299,8 +372,13 @@ def test_a_dead_or_hung_node_fails_the_other_within_dist_timeout(setup, tmp_path
     before the default 120 s timeout, let alone gloo's 30 min default for DeepSpeed's groups."""
     out = tmp_path / "nodes"
     target = ("--module", "fastbert") if fault == "killed" else (str(WORKERS / "pretrain_fault.py"), "stop", "1", "2")
-    procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(
-        setup, out, "--steps", "50", "--zero-stage", "2", "--dist-timeout", "10", launcher=launcher), *target)
+    procs = node_launchers(
+        tmp_path,
+        lambda launcher: pretrain_cmd(
+            setup, out, "--steps", "50", "--zero-stage", "2", "--dist-timeout", "10", launcher=launcher
+        ),
+        *target,
+    )
     try:
         if fault == "killed":
             wait_until(procs[0], lambda: steps_logged(out) >= 1)
@@ -340,13 +418,13 @@ def test_export_is_loaded_by_transformers_with_the_same_losses(setup, reference_
     ids = data.special_ids
     collate = MaskingCollator(ours.config.vocab_size, list(ids.values()), ids["mask"], padded=True)
     batch = collate([data[i] for i in range(6)], list(range(6)), [0] * 6)
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels",
-                                    "next_sentence_label")}
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "labels", "next_sentence_label")}
     with torch.no_grad():
         a, b = ours(**inputs).loss.item(), hf(**inputs).loss.item()
     assert abs(a - b) <= 1e-5
-    trained = torch.load(next((reference_run / "checkpoints" / "step-00000008").glob("mp_rank_*")),
-                         weights_only=False)["module"]
+    trained = torch.load(next((reference_run / "checkpoints" / "step-00000008").glob("mp_rank_*")), weights_only=False)[
+        "module"
+    ]
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in trained.items())
 
 
@@ -358,13 +436,46 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     expected = losses(single)
     assert abs(expected[0] - ref[0]) < 0.5  # same data, same init; dropout differs
     torchrun = tmp_path / "torchrun"
-    result = run(pretrain_cmd(setup, torchrun, *dropout0, "--zero-stage", "2", launcher=(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        "-m", "fastbert")))
+    result = run(
+        pretrain_cmd(
+            setup,
+            torchrun,
+            *dropout0,
+            "--zero-stage",
+            "2",
+            launcher=(
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "-m",
+                "fastbert",
+            ),
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ds = tmp_path / "deepspeed"
-    result = run(pretrain_cmd(setup, ds, *dropout0, "--zero-stage", "1", launcher=(
-        "deepspeed", "--num_accelerators", "2", "--master_port", str(free_port()), "--module", "fastbert")))
+    result = run(
+        pretrain_cmd(
+            setup,
+            ds,
+            *dropout0,
+            "--zero-stage",
+            "1",
+            launcher=(
+                "deepspeed",
+                "--num_accelerators",
+                "2",
+                "--master_port",
+                str(free_port()),
+                "--module",
+                "fastbert",
+            ),
+        )
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     nodes = tmp_path / "nodes"
     procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(setup, nodes, *dropout0, launcher=launcher))
@@ -374,8 +485,9 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
         got = losses(other)
         assert max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True)) <= 1e-5, (other.name, got)
     # The gradient norm before clipping: LAMB's own without ZeRO, DeepSpeed's ZeRO optimizer's with it.
-    norms = {r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()]
-             for r in (single, torchrun, ds)}
+    norms = {
+        r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()] for r in (single, torchrun, ds)
+    }
     assert all(n is not None and math.isfinite(n) and n > 0 for ns in norms.values() for n in ns), norms
     assert max(norms["single"]) > 1.0  # clipping (at 1.0) was active, so the norms are taken before it
     for name in ("torchrun", "deepspeed"):
@@ -422,10 +534,24 @@ def test_a_dead_rank_does_not_hang_the_others(setup, tmp_path):
         "    return real(*a, **k)\n"
         "p.checkpoint.save = save\n"
         "from fastbert.cli import main\n"
-        "sys.exit(main())\n")
-    cmd = pretrain_cmd(setup, tmp_path / "dead", "--save-every", "2", launcher=(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(script)))
+        "sys.exit(main())\n"
+    )
+    cmd = pretrain_cmd(
+        setup,
+        tmp_path / "dead",
+        "--save-every",
+        "2",
+        launcher=(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            str(script),
+        ),
+    )
     start = time.time()
     result = run(cmd, timeout=300)
     assert result.returncode != 0
@@ -459,8 +585,9 @@ def test_a_signal_saves_a_checkpoint_and_stops(setup, tmp_path, sig):
 def test_phase_two_starts_from_phase_one_weights(setup, reference_run, tmp_path):
     from safetensors.torch import load_file
 
-    cmd = pretrain_cmd(setup, tmp_path / "phase2", "--init-from", str(reference_run), "--reset-optimizer",
-                       "--lr", "0", "--steps", "1")
+    cmd = pretrain_cmd(
+        setup, tmp_path / "phase2", "--init-from", str(reference_run), "--reset-optimizer", "--lr", "0", "--steps", "1"
+    )
     cmd[cmd.index("--data") + 1] = str(setup["data128"])
     cmd[cmd.index("--steps") + 1] = "1"
     result = run(cmd)

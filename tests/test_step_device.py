@@ -30,8 +30,9 @@ class MetaEngine:
                 assert value.device == META, f"{name} reached the engine on {value.device}"
         self.forwards += 1
         scalar = torch.empty((), device=META)
-        return PreTrainingOutput(loss=scalar, mlm_loss=scalar, sentence_loss=scalar, mlm_accuracy=scalar,
-                                 sentence_accuracy=scalar)
+        return PreTrainingOutput(
+            loss=scalar, mlm_loss=scalar, sentence_loss=scalar, mlm_accuracy=scalar, sentence_accuracy=scalar
+        )
 
     def backward(self, loss):
         assert loss.device == META
@@ -51,8 +52,12 @@ def _micro_batches(count: int) -> list[dict]:
     collate = MaskingCollator(500, [0, 1, 2, 3, 4], 4, seed=1)
     batches = []
     for m in range(count):
-        samples = [Sample(np.concatenate([[2], rng.integers(5, 500, n), [3]]), np.zeros(n + 2, np.int64),
-                          int(rng.integers(0, 2))) for n in (7, 30, 12)]
+        samples = [
+            Sample(
+                np.concatenate([[2], rng.integers(5, 500, n), [3]]), np.zeros(n + 2, np.int64), int(rng.integers(0, 2))
+            )
+            for n in (7, 30, 12)
+        ]
         indices = np.arange(3) + 3 * m
         batches.append(collate(samples, indices, np.zeros(3, np.int64)))
     return batches
@@ -60,8 +65,9 @@ def _micro_batches(count: int) -> list[dict]:
 
 def test_the_step_keeps_batches_and_collectives_on_the_engine_device():
     engine = MetaEngine()
-    sums = optimizer_step(engine, _micro_batches(3), world_size=2, skipped=lambda: False,
-                          all_reduce=refusing_all_reduce)
+    sums = optimizer_step(
+        engine, _micro_batches(3), world_size=2, skipped=lambda: False, all_reduce=refusing_all_reduce
+    )
     assert sums.device == META and sums.shape == (len(SUMS),)
     assert engine.forwards == engine.backwards == engine.steps == 3
 

@@ -16,7 +16,7 @@ from fastbert.tasks import formats
 
 ROWS = [
     {"text": "plain text", "text_b": "second part", "label": "pos"},
-    {"text": "commas, inside, the text", "text_b": "and \"double quotes\", too", "label": "neg"},
+    {"text": "commas, inside, the text", "text_b": 'and "double quotes", too', "label": "neg"},
     {"text": "a field spanning\ntwo lines", "text_b": "x", "label": "pos"},
     {"text": "café, naïve — unicode", "text_b": "é", "label": "neg"},
 ]
@@ -32,8 +32,11 @@ def test_csv_with_quoted_commas_reads_like_the_tsv(tmp_path):
         writer.writeheader()
         writer.writerows(ROWS)
     assert '"commas, inside, the text"' in (tmp_path / "t.csv").read_text(encoding="utf-8")
-    (tmp_path / "t.tsv").write_text("text\ttext_b\tlabel\n" + "".join(
-        f"{r['text'].replace(chr(10), ' ')}\t{r['text_b']}\t{r['label']}\n" for r in ROWS), encoding="utf-8")
+    (tmp_path / "t.tsv").write_text(
+        "text\ttext_b\tlabel\n"
+        + "".join(f"{r['text'].replace(chr(10), ' ')}\t{r['text_b']}\t{r['label']}\n" for r in ROWS),
+        encoding="utf-8",
+    )
 
     from_csv = formats.read_text_examples(tmp_path / "t.csv", pair_column="text_b")
     from_tsv = formats.read_text_examples(tmp_path / "t.tsv", pair_column="text_b")
@@ -45,7 +48,7 @@ def test_csv_with_quoted_commas_reads_like_the_tsv(tmp_path):
 
 def test_csv_byte_order_mark_is_not_part_of_the_header(tmp_path):
     """Excel's "CSV UTF-8" starts with a byte-order mark; it must not become part of the first column's name."""
-    (tmp_path / "t.csv").write_bytes("text,label\n\"a, b\",pos\n".encode("utf-8-sig"))
+    (tmp_path / "t.csv").write_bytes('text,label\n"a, b",pos\n'.encode("utf-8-sig"))
     assert _fields(formats.read_text_examples(tmp_path / "t.csv")) == [("a, b", None, "pos")]
 
 
@@ -66,18 +69,31 @@ def _latin1_on_line_3(path: Path, lines: list[str]) -> Path:
     return path
 
 
-SQUAD_LINES = ['{"data": [{"paragraphs": [{', '  "qas": [{"id": "q", "question": "?", "is_impossible": true}],',
-               '  "context": "le CAFE"}]}]}']
+SQUAD_LINES = [
+    '{"data": [{"paragraphs": [{',
+    '  "qas": [{"id": "q", "question": "?", "is_impossible": true}],',
+    '  "context": "le CAFE"}]}]}',
+]
 
 
-@pytest.mark.parametrize("name,lines,read", [
-    ("t.tsv", ["text\tlabel", "fine\tpos", "un CAFE\tneg", "more\tpos"], formats.read_text_examples),
-    ("t.csv", ["text,label", "fine,pos", '"un, CAFE",neg', "more,pos"], formats.read_text_examples),
-    ("t.jsonl", ['{"text": "fine", "label": "pos"}', '{"text": "x", "label": "pos"}',
-                 '{"text": "un CAFE", "label": "neg"}'], formats.read_text_examples),
-    ("t.conll", ["EU B-ORG", "", "CAFE O", ""], formats.read_conll),
-    ("t.json", SQUAD_LINES, formats.read_squad),
-])
+@pytest.mark.parametrize(
+    "name,lines,read",
+    [
+        ("t.tsv", ["text\tlabel", "fine\tpos", "un CAFE\tneg", "more\tpos"], formats.read_text_examples),
+        ("t.csv", ["text,label", "fine,pos", '"un, CAFE",neg', "more,pos"], formats.read_text_examples),
+        (
+            "t.jsonl",
+            [
+                '{"text": "fine", "label": "pos"}',
+                '{"text": "x", "label": "pos"}',
+                '{"text": "un CAFE", "label": "neg"}',
+            ],
+            formats.read_text_examples,
+        ),
+        ("t.conll", ["EU B-ORG", "", "CAFE O", ""], formats.read_conll),
+        ("t.json", SQUAD_LINES, formats.read_squad),
+    ],
+)
 def test_non_utf8_byte_is_named_by_file_line_and_offset(tmp_path, name, lines, read):
     path = _latin1_on_line_3(tmp_path / name, lines)
     data = path.read_bytes()
@@ -91,18 +107,41 @@ def test_non_utf8_byte_is_named_by_file_line_and_offset(tmp_path, name, lines, r
 
 
 def test_finetune_cli_prints_the_bad_line_without_a_traceback(tmp_path, small_model):
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n"
-                                                  for t, y in [("a b c", "x"), ("d e f", "y")]))
+    (tmp_path / "train.jsonl").write_text(
+        "".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [("a b c", "x"), ("d e f", "y")])
+    )
     bad = _latin1_on_line_3(tmp_path / "eval.csv", ["text,label", "a b c,x", "CAFE au lait,y"])
-    result = subprocess.run([sys.executable, "-m", "fastbert", "finetune", "--task", "classify", "--model",
-                             str(small_model), "--train", str(tmp_path / "train.jsonl"), "--eval", str(bad),
-                             "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbert",
+            "finetune",
+            "--task",
+            "classify",
+            "--model",
+            str(small_model),
+            "--train",
+            str(tmp_path / "train.jsonl"),
+            "--eval",
+            str(bad),
+            "--out",
+            str(tmp_path / "out"),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode != 0
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     error = [line for line in result.stderr.splitlines() if line.startswith("fastbert finetune: error:")]
-    assert error == [f"fastbert finetune: error: {bad}:3: not valid UTF-8: byte 0xe9 at byte 3 of the line "
-                     f"(byte 22 of the file): invalid continuation byte; re-save the file as UTF-8"], result.stderr
+    assert error == [
+        f"fastbert finetune: error: {bad}:3: not valid UTF-8: byte 0xe9 at byte 3 of the line "
+        f"(byte 22 of the file): invalid continuation byte; re-save the file as UTF-8"
+    ], result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +154,8 @@ def small_model(tmp_path_factory, minilm_dir) -> Path:
 
     out = tmp_path_factory.mktemp("small")
     torch.manual_seed(0)
-    BertForPreTraining(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64)).save_pretrained(out)
+    BertForPreTraining(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(out)
     WordPieceTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out

@@ -38,8 +38,11 @@ def as_lists(encoding) -> dict:
         if hasattr(value, "tolist"):
             value = value.tolist()
         if key == "offset_mapping":
-            value = [[tuple(o) for o in row] for row in value] if value and isinstance(value[0], list) else [
-                tuple(o) for o in value]
+            value = (
+                [[tuple(o) for o in row] for row in value]
+                if value and isinstance(value[0], list)
+                else [tuple(o) for o in value]
+            )
         out[key] = value
     return out
 
@@ -80,15 +83,17 @@ def test_call_matches_transformers(ours, hf_tokenizer, real_sentences, kwargs, w
 def test_only_second_truncation_matches_transformers(ours, hf_tokenizer, real_sentences):
     texts, pairs = real_sentences[:6], real_sentences[6:12]
     got = ours(texts, pairs, truncation="only_second", max_length=100, return_offsets_mapping=True)
-    assert as_lists(got) == as_lists(hf_tokenizer(texts, pairs, truncation="only_second", max_length=100,
-                                                  return_offsets_mapping=True))
+    assert as_lists(got) == as_lists(
+        hf_tokenizer(texts, pairs, truncation="only_second", max_length=100, return_offsets_mapping=True)
+    )
 
 
 def test_single_string_call(ours, hf_tokenizer):
     text, pair = "Hello there, General Kenobi!", "A surprise, to be sure."
     for kwargs in ({}, {"truncation": True, "max_length": 7}, {"padding": "max_length", "max_length": 20}):
         assert as_lists(ours(text, pair, return_offsets_mapping=True, **kwargs)) == as_lists(
-            hf_tokenizer(text, pair, return_offsets_mapping=True, **kwargs))
+            hf_tokenizer(text, pair, return_offsets_mapping=True, **kwargs)
+        )
     got, expected = ours(text, return_tensors="pt"), hf_tokenizer(text, return_tensors="pt")
     assert got["input_ids"].shape == (1, 10) and torch.equal(got["input_ids"], expected["input_ids"])
 
@@ -97,14 +102,18 @@ def test_single_string_call(ours, hf_tokenizer):
 def test_max_length_below_the_special_tokens(ours, hf_tokenizer, max_length):
     texts, pairs = ["Hello there, General Kenobi!", "short"], ["b c d e f", "g"]
     for p in (None, pairs):
-        assert ours(texts, p, truncation=True, max_length=max_length)["input_ids"] == hf_tokenizer(
-            texts, p, truncation=True, max_length=max_length)["input_ids"]
+        assert (
+            ours(texts, p, truncation=True, max_length=max_length)["input_ids"]
+            == hf_tokenizer(texts, p, truncation=True, max_length=max_length)["input_ids"]
+        )
 
 
 def test_impossible_truncation_is_an_error_in_both(ours, hf_tokenizer):
     texts, pairs = ["a b c d e f g"], ["x y z w"]
-    for kwargs, message in (({"truncation": "only_first", "max_length": 6}, r"texts\[0\]: truncation='only_first'"),
-                            ({"truncation": "only_second", "max_length": 8}, r"truncation='only_second' needs pairs")):
+    for kwargs, message in (
+        ({"truncation": "only_first", "max_length": 6}, r"texts\[0\]: truncation='only_first'"),
+        ({"truncation": "only_second", "max_length": 8}, r"truncation='only_second' needs pairs"),
+    ):
         use_pairs = pairs if kwargs["truncation"] == "only_first" else None
         with pytest.raises(Exception, match="Truncation error"):
             hf_tokenizer(texts, use_pairs, **kwargs)
@@ -136,8 +145,10 @@ def test_encode_tokenize_and_batch(ours, hf_tokenizer, real_sentences):
     expected = hf_tokenizer(firsts, seconds)["input_ids"]
     for threads in (None, 1, 2, 7):
         assert ours.encode_batch(firsts, seconds, num_threads=threads) == expected
-    assert ours.encode_batch(tuple(real_sentences[:3]), add_special_tokens=False) == hf_tokenizer(
-        real_sentences[:3], add_special_tokens=False)["input_ids"]
+    assert (
+        ours.encode_batch(tuple(real_sentences[:3]), add_special_tokens=False)
+        == hf_tokenizer(real_sentences[:3], add_special_tokens=False)["input_ids"]
+    )
     assert ours.encode_batch([]) == []
 
 
@@ -179,8 +190,14 @@ def test_save_and_load_round_trip_with_transformers(ours, tmp_path, real_sentenc
 
 def test_custom_special_tokens(tmp_path):
     (tmp_path / "vocab.txt").write_text("<pad>\n<unk>\n<s>\n</s>\n<mask>\nhello\n##s\nworld\n")
-    tokenizer = WordPieceTokenizer.from_vocab(tmp_path / "vocab.txt", pad_token="<pad>", unk_token="<unk>",
-                                              cls_token="<s>", sep_token="</s>", mask_token="<mask>")
+    tokenizer = WordPieceTokenizer.from_vocab(
+        tmp_path / "vocab.txt",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        cls_token="<s>",
+        sep_token="</s>",
+        mask_token="<mask>",
+    )
     assert tokenizer.encode("hellos <mask>world x") == [2, 5, 6, 4, 7, 1, 3]
 
 
@@ -199,7 +216,7 @@ def test_threaded_batches_equal_one_text_at_a_time(ours, real_sentences, threads
     assert ours.encode_batch(texts, num_threads=threads) == expected
     flat, offsets = ours.encode_batch_flat(texts, num_threads=threads)
     assert flat.dtype == np.int32 and offsets.dtype == np.int64 and len(offsets) == len(texts) + 1
-    assert [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))] == expected
+    assert [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))] == expected
     pairs = texts[::-1]
     expected_pairs = [ours.encode(a, b) for a, b in zip(texts, pairs, strict=True)]
     assert ours.encode_batch(texts, pairs, num_threads=threads) == expected_pairs
@@ -229,17 +246,23 @@ def test_gil_is_released_during_batch_encoding(ours, real_sentences):
     assert spins > 20_000, (spins, elapsed)
 
 
-@pytest.mark.parametrize("content,message", [
-    (None, r"missing\.txt: cannot open vocabulary file"),
-    (b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nhello\n", r"v\.txt:7: duplicate token 'hello' \(first on line 6\)"),
-    (b"", r"v\.txt: the vocabulary is empty"),
-    (b"[PAD]\n[UNK]\n[CLS]\n[SEP]\ncaf\xc3\n", r"v\.txt:5: invalid UTF-8 at byte 3"),
-    (b"[PAD]\n[CLS]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no unk_token '\[UNK\]'"),
-    (b"[PAD]\n[UNK]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no cls_token '\[CLS\]'"),
-    (b"[PAD]\n[UNK]\n[CLS]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no sep_token '\[SEP\]'"),
-    (b"[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no pad_token '\[PAD\]'"),
-    (b"[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", r"v\.txt: the vocabulary has no mask_token '\[MASK\]'"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, r"missing\.txt: cannot open vocabulary file"),
+        (
+            b"[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\nhello\n",
+            r"v\.txt:7: duplicate token 'hello' \(first on line 6\)",
+        ),
+        (b"", r"v\.txt: the vocabulary is empty"),
+        (b"[PAD]\n[UNK]\n[CLS]\n[SEP]\ncaf\xc3\n", r"v\.txt:5: invalid UTF-8 at byte 3"),
+        (b"[PAD]\n[CLS]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no unk_token '\[UNK\]'"),
+        (b"[PAD]\n[UNK]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no cls_token '\[CLS\]'"),
+        (b"[PAD]\n[UNK]\n[CLS]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no sep_token '\[SEP\]'"),
+        (b"[UNK]\n[CLS]\n[SEP]\n[MASK]\nhello\n", r"v\.txt: the vocabulary has no pad_token '\[PAD\]'"),
+        (b"[PAD]\n[UNK]\n[CLS]\n[SEP]\nhello\n", r"v\.txt: the vocabulary has no mask_token '\[MASK\]'"),
+    ],
+)
 def test_bad_vocabularies_are_named(tmp_path, content, message):
     path = tmp_path / ("missing.txt" if content is None else "v.txt")
     if content is not None:
@@ -287,26 +310,39 @@ def test_bad_items_are_named(ours, hf_tokenizer):
 # The hypothesis property test.
 
 texts = st.text(alphabet=st.characters(exclude_categories=("Cs",)), max_size=60)
-english_ish = st.lists(st.sampled_from(list("abcdefghij ABCDE.,'!#[]-éñ中ß\u0301\t\n") + [
-    "[CLS]", "[SEP]", "[MASK]", "the ", "ing ", "Straße ", "naïve", "\x00", "\u200d", "😀"]), max_size=30).map("".join)
+english_ish = st.lists(
+    st.sampled_from(
+        list("abcdefghij ABCDE.,'!#[]-éñ中ß\u0301\t\n")
+        + ["[CLS]", "[SEP]", "[MASK]", "the ", "ing ", "Straße ", "naïve", "\x00", "\u200d", "😀"]
+    ),
+    max_size=30,
+).map("".join)
 some_text = texts | english_ish | st.lists(english_ish | texts, max_size=4).map("".join)
 
 
 @pytest.fixture(scope="module")
 def both_casings(minilm_dir, vocab_path):
-    return {lower: (WordPieceTokenizer.from_vocab(vocab_path, do_lower_case=lower),
-                    reference(minilm_dir, do_lower_case=lower)) for lower in (True, False)}
+    return {
+        lower: (
+            WordPieceTokenizer.from_vocab(vocab_path, do_lower_case=lower),
+            reference(minilm_dir, do_lower_case=lower),
+        )
+        for lower in (True, False)
+    }
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(batch=st.lists(some_text, min_size=1, max_size=4), pairs=st.none() | st.lists(some_text, min_size=4,
-                                                                                       max_size=4),
-       lowercase=st.booleans(), truncation=st.sampled_from([False, "longest_first", "only_first", "only_second"]),
-       max_length=st.integers(3, 40))
+@given(
+    batch=st.lists(some_text, min_size=1, max_size=4),
+    pairs=st.none() | st.lists(some_text, min_size=4, max_size=4),
+    lowercase=st.booleans(),
+    truncation=st.sampled_from([False, "longest_first", "only_first", "only_second"]),
+    max_length=st.integers(3, 40),
+)
 def test_random_unicode_matches_hf_fast(both_casings, batch, pairs, lowercase, truncation, max_length):
     ours, hf = both_casings[lowercase]
     if pairs is not None:
-        pairs = pairs[:len(batch)]
+        pairs = pairs[: len(batch)]
     kwargs = {"return_offsets_mapping": True}
     if truncation:
         kwargs.update(truncation=truncation, max_length=max_length)

@@ -23,8 +23,15 @@ def test_ids_per_line_match_transformers(tmp_path, vocab_path, hf_tokenizer, rea
     (tmp_path / "a.txt").write_text("\n".join(lines[:10]) + "\n", encoding="utf-8")
     (tmp_path / "b.txt").write_text("\n".join(lines[10:]), encoding="utf-8")  # no final newline
     out = tmp_path / "ids.txt"
-    argv = ["--vocab", str(vocab_path), "-o", str(out), "--no-progress", str(tmp_path / "a.txt"),
-            str(tmp_path / "b.txt")]
+    argv = [
+        "--vocab",
+        str(vocab_path),
+        "-o",
+        str(out),
+        "--no-progress",
+        str(tmp_path / "a.txt"),
+        str(tmp_path / "b.txt"),
+    ]
     assert run(argv + (["--add-special-tokens"] if special else [])) == 0
     got = [[int(i) for i in row.split()] for row in out.read_text().split("\n")[:-1]]
     assert got == hf_tokenizer(lines, add_special_tokens=special)["input_ids"]
@@ -33,8 +40,10 @@ def test_ids_per_line_match_transformers(tmp_path, vocab_path, hf_tokenizer, rea
 def test_cased_and_pretrained_directory(tmp_path, minilm_dir, vocab_path, hf_tokenizer, capsys):
     (tmp_path / "in.txt").write_text("Hello World\n")
     assert run(["--vocab", str(minilm_dir), "--no-progress", str(tmp_path / "in.txt")]) == 0
-    assert capsys.readouterr().out == " ".join(map(str, hf_tokenizer.encode("Hello World", add_special_tokens=False))
-                                              ) + "\n"
+    assert (
+        capsys.readouterr().out
+        == " ".join(map(str, hf_tokenizer.encode("Hello World", add_special_tokens=False))) + "\n"
+    )
     assert run(["--vocab", str(vocab_path), "--cased", "--no-progress", str(tmp_path / "in.txt")]) == 0
     assert capsys.readouterr().out == "100 100\n"  # capitalised words are not in an uncased vocabulary
 

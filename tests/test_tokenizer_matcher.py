@@ -29,8 +29,9 @@ def build(tokens: list[str], max_chars: int = 100) -> _wordpiece.Tokenizer:
 def hf_word_ids(tokens: list[str], words: list[str], max_chars: int = 100) -> list[list[int]]:
     """HF's WordPiece model alone: every input is one word (no normalizer, no pre-tokenizer)."""
     vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIALS + tokens))}
-    model = tokenizers.Tokenizer(tokenizers.models.WordPiece(vocab, unk_token="[UNK]",
-                                                             max_input_chars_per_word=max_chars))
+    model = tokenizers.Tokenizer(
+        tokenizers.models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=max_chars)
+    )
     return [e.ids for e in model.encode_batch(words)]
 
 
@@ -90,8 +91,9 @@ def test_real_vocab_trie_matches_hf_on_its_own_tokens(vocab_path):
     vocab = _wordpiece.Vocab.from_file(str(vocab_path))
     tokens = vocab.tokens
     tokenizer = _wordpiece.Tokenizer(vocab, True, SPECIALS, "[UNK]", "[CLS]", "[SEP]")
-    batch = [t.removeprefix("##") for t in tokens] + [a.removeprefix("##") + b.removeprefix("##")
-                                                        for a, b in zip(tokens[::7], tokens[1::7], strict=False)]
+    batch = [t.removeprefix("##") for t in tokens] + [
+        a.removeprefix("##") + b.removeprefix("##") for a, b in zip(tokens[::7], tokens[1::7], strict=False)
+    ]
     model = tokenizers.Tokenizer(tokenizers.models.WordPiece.from_file(str(vocab_path), unk_token="[UNK]"))
     expected = [e.ids for e in model.encode_batch(batch)]
     got = [tokenizer.match_word(w.encode())[0] for w in batch]
@@ -112,9 +114,11 @@ def test_unicode_tables_regenerate_identically(tmp_path):
     out = tmp_path / "unicode_tables.inc"
     subprocess.run([sys.executable, str(SRC / "gen_unicode_tables.py"), str(out)], check=True, capture_output=True)
     checked_in = (SRC / "unicode_tables.inc").read_text()
+
     # The header comment names the tokenizers and Python versions it was made with; the tables must not move.
     def tables(text: str) -> str:
-        return text[text.index("#pragma once"):]
+        return text[text.index("#pragma once") :]
 
     assert tables(out.read_text()) == tables(checked_in), (
-        "csrc/wordpiece/unicode_tables.inc is stale for the installed tokenizers: rerun gen_unicode_tables.py")
+        "csrc/wordpiece/unicode_tables.inc is stale for the installed tokenizers: rerun gen_unicode_tables.py"
+    )

@@ -34,7 +34,7 @@ ADVERSARIAL = [
     "中文字符测试，日本語のテキスト、한국어 텍스트 and 𠀀𪚥 ext-B and \uf900\uf902 compat \u2f00\u3000ideographs",
     "ภาษาไทยไม่มีช่องว่างระหว่างคำ ไทย ๑๒๓",
     "العربية: مرحبا بالعالم، كيف حالك؟ \u064b\u0650\u0651 עברית שָׁלוֹם",
-    "emoji 😀😃 👨‍👩‍👧‍👦 👍🏽 🏳️‍🌈 🇫🇷 ❤️ \U0001F970 keycap 1\ufe0f\u20e3",
+    "emoji 😀😃 👨‍👩‍👧‍👦 👍🏽 🏳️‍🌈 🇫🇷 ❤️ \U0001f970 keycap 1\ufe0f\u20e3",
     "control\x00chars\x01\x02\x07\x1b[0m and\x7f del \x85nel \u200b\u200c\u200d\u2060\ufeff format \u00adsoft-hyphen",
     "line\nbreaks\r\nand\ttabs\x0bvt\x0cff\u2028ls\u2029ps\u00a0nbsp\u3000ideographic\u2009thin",
     "replacement \ufffd\ufffd char and private use \ue000\U000f0000 and unassigned \u0378\U0010ffff",
@@ -56,8 +56,18 @@ def _long_words() -> list[str]:
     rng = random.Random(3)
     letters = "abcdefghijklmnopqrstuvwxyzéü中"
     random_words = ["".join(rng.choice(letters) for _ in range(n)) for n in (100, 101, 1000)]
-    return random_words + ["한" * 33, "한" * 34, "İ" * 100, "İ" * 101, "e\u0301" * 50 + "e", "e\u0301" * 51,
-                           "ǅ" * 60, "ß" * 101, "\u1e9e" * 100, "x" * 1000 + " y"]
+    return random_words + [
+        "한" * 33,
+        "한" * 34,
+        "İ" * 100,
+        "İ" * 101,
+        "e\u0301" * 50 + "e",
+        "e\u0301" * 51,
+        "ǅ" * 60,
+        "ß" * 101,
+        "\u1e9e" * 100,
+        "x" * 1000 + " y",
+    ]
 
 
 @cache
@@ -127,8 +137,13 @@ def trained_cased_dir(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("trained_cased")
     trainer_input = list(python_source_lines()[:20000]) + ADVERSARIAL * 20
     model = tokenizers.BertWordPieceTokenizer(lowercase=False)
-    model.train_from_iterator(trainer_input, vocab_size=6000, min_frequency=1, show_progress=False,
-                              special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    model.train_from_iterator(
+        trainer_input,
+        vocab_size=6000,
+        min_frequency=1,
+        show_progress=False,
+        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+    )
     model.save_model(str(directory))
     (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": False}))
     return directory
@@ -137,8 +152,9 @@ def trained_cased_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module", params=["uncased", "uncased-vocab-cased", "trained-cased"])
 def pair(request, minilm_dir, cased_vocab_dir, trained_cased_dir):
     """(ours, HF fast) over the same vocabulary and casing."""
-    directory = {"uncased": minilm_dir, "uncased-vocab-cased": cased_vocab_dir,
-                 "trained-cased": trained_cased_dir}[request.param]
+    directory = {"uncased": minilm_dir, "uncased-vocab-cased": cased_vocab_dir, "trained-cased": trained_cased_dir}[
+        request.param
+    ]
     ours = WordPieceTokenizer.from_pretrained(directory)
     hf = reference(directory)
     assert ours.do_lower_case == (request.param == "uncased")
@@ -152,7 +168,8 @@ def assert_same(ours: WordPieceTokenizer, hf, texts: list[str], offsets: bool = 
         assert got["input_ids"][i] == expected["input_ids"][i], f"ids differ on line {i}: {text[:200]!r}"
         if offsets:
             assert got["offset_mapping"][i] == [tuple(o) for o in expected["offset_mapping"][i]], (
-                f"offsets differ on line {i}: {text[:200]!r}")
+                f"offsets differ on line {i}: {text[:200]!r}"
+            )
     assert ours.encode_batch(texts) == expected["input_ids"]
 
 
@@ -183,7 +200,7 @@ def test_every_code_point_in_context(minilm_dir, cased_vocab_dir, lowercase):
     directory = minilm_dir if lowercase else cased_vocab_dir
     ours, hf = WordPieceTokenizer.from_pretrained(directory), reference(directory)
     code_points = [cp for cp in range(0x110000) if not 0xD800 <= cp <= 0xDFFF]
-    lines = [" ".join(f"a{chr(cp)}b" for cp in code_points[i:i + 256]) for i in range(0, len(code_points), 256)]
+    lines = [" ".join(f"a{chr(cp)}b" for cp in code_points[i : i + 256]) for i in range(0, len(code_points), 256)]
     expected = hf(lines)["input_ids"]
     got = ours.encode_batch(lines)
     for i, (g, e) in enumerate(zip(got, expected, strict=True)):

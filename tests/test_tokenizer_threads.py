@@ -56,12 +56,18 @@ def growing(real_tokens) -> list[tuple[WordPieceTokenizer, int]]:
 
 
 def test_threads_with_vocabularies_of_different_sizes_encode_as_one_text_at_a_time(
-        vocab_path, real_sentences, small, growing):
+    vocab_path, real_sentences, small, growing
+):
     bert = WordPieceTokenizer.from_vocab(vocab_path)
     long_batch = [s * (1 + i % 5) for i, s in enumerate(real_sentences * 40)]
     # Texts whose ids reach the top of each growing vocabulary.
-    grown_batches = [[f"{s} {made_up_word((i * 7919) % extra)} {made_up_word(extra - 1 - i % 50)}"
-                      for i, s in enumerate(real_sentences * 20)] for _, extra in growing]
+    grown_batches = [
+        [
+            f"{s} {made_up_word((i * 7919) % extra)} {made_up_word(extra - 1 - i % 50)}"
+            for i, s in enumerate(real_sentences * 20)
+        ]
+        for _, extra in growing
+    ]
 
     results: list[tuple[WordPieceTokenizer, list[str], str, object]] = []
     errors: list[BaseException] = []
@@ -74,7 +80,7 @@ def test_threads_with_vocabularies_of_different_sizes_encode_as_one_text_at_a_ti
         if method == "call":
             return tokenizer(texts, num_threads=2)["input_ids"]
         flat, offsets = tokenizer.encode_batch_flat(texts, num_threads=2)
-        return [flat[offsets[i]:offsets[i + 1]].tolist() for i in range(len(texts))]
+        return [flat[offsets[i] : offsets[i + 1]].tolist() for i in range(len(texts))]
 
     def keep_encoding(tokenizer, texts, started_event, methods):
         try:
@@ -102,9 +108,11 @@ def test_threads_with_vocabularies_of_different_sizes_encode_as_one_text_at_a_ti
         finally:
             stop.set()
 
-    threads = [threading.Thread(target=keep_encoding, args=(bert, long_batch, started[0], ("batch",))),
-               threading.Thread(target=keep_encoding, args=(small, long_batch, started[1], ("batch", "call"))),
-               threading.Thread(target=grow)]
+    threads = [
+        threading.Thread(target=keep_encoding, args=(bert, long_batch, started[0], ("batch",))),
+        threading.Thread(target=keep_encoding, args=(small, long_batch, started[1], ("batch", "call"))),
+        threading.Thread(target=grow),
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -161,8 +169,9 @@ CHILD = textwrap.dedent("""
 def test_a_failure_on_a_worker_thread_is_raised_naming_the_item_with_the_gc_enabled(vocab_path):
     # Few threads and malloc arenas in the child, so that its address space grows only with what it encodes.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2"}
-    child = subprocess.run([sys.executable, "-c", CHILD, str(vocab_path)], capture_output=True, text=True,
-                           timeout=300, env=env)
+    child = subprocess.run(
+        [sys.executable, "-c", CHILD, str(vocab_path)], capture_output=True, text=True, timeout=300, env=env
+    )
     lines = [json.loads(line) for line in child.stdout.splitlines()]
     calls = [line for line in lines if isinstance(line, dict)]
     expected = (["MemoryError", "texts[1] (67108864 bytes): out of memory while encoding it"], True, True)
@@ -170,5 +179,6 @@ def test_a_failure_on_a_worker_thread_is_raised_naming_the_item_with_the_gc_enab
         assert (call["error"], call["gc_before"], call["gc_after"]) == expected, call
     assert child.returncode == 0, f"the child died ({child.returncode}) after {calls}: {child.stderr[-2000:]}"
     assert [(c["method"], c["threads"]) for c in calls] == [
-        (m, t) for m in ("encode_batch", "encode_batch_flat", "__call__") for t in (1, 2)]
+        (m, t) for m in ("encode_batch", "encode_batch_flat", "__call__") for t in (1, 2)
+    ]
     assert lines[-1] == [[101, 2145, 2182, 102]]

@@ -16,15 +16,18 @@ def test_real_vocab_matches_transformers(vocab_path, hf_tokenizer):
     assert "##ing" in vocab
 
 
-@pytest.mark.parametrize("content,message", [
-    (b"[PAD]\n[UNK]\n\nhello\n", r"bad\.txt:3: empty line"),
-    (b"[PAD]\nhello\nworld\nhello\n", r"bad\.txt:4: duplicate token 'hello' \(first on line 2\)"),
-    (b"[PAD]\ncaf\xc3\n", r"bad\.txt:2: invalid UTF-8 at byte 3"),
-    (b"[PAD]\n\xed\xa0\x80\n", r"bad\.txt:2: invalid UTF-8 at byte 0"),  # a UTF-8-encoded surrogate
-    (b"[PAD]\n\xc0\xaf\n", r"bad\.txt:2: invalid UTF-8"),  # overlong '/'
-    (b"[PAD]\nhello \n", r"bad\.txt:2: token 'hello ' has leading or trailing whitespace"),
-    (b"", r"bad\.txt: the vocabulary is empty"),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"[PAD]\n[UNK]\n\nhello\n", r"bad\.txt:3: empty line"),
+        (b"[PAD]\nhello\nworld\nhello\n", r"bad\.txt:4: duplicate token 'hello' \(first on line 2\)"),
+        (b"[PAD]\ncaf\xc3\n", r"bad\.txt:2: invalid UTF-8 at byte 3"),
+        (b"[PAD]\n\xed\xa0\x80\n", r"bad\.txt:2: invalid UTF-8 at byte 0"),  # a UTF-8-encoded surrogate
+        (b"[PAD]\n\xc0\xaf\n", r"bad\.txt:2: invalid UTF-8"),  # overlong '/'
+        (b"[PAD]\nhello \n", r"bad\.txt:2: token 'hello ' has leading or trailing whitespace"),
+        (b"", r"bad\.txt: the vocabulary is empty"),
+    ],
+)
 def test_malformed_vocab_is_named(tmp_path, content, message):
     path = tmp_path / "bad.txt"
     path.write_bytes(content)
@@ -48,13 +51,16 @@ def test_id_out_of_range_is_named():
         vocab.id_to_token(2)
 
 
-@pytest.mark.parametrize("data,expected", [
-    (b"plain ascii", None),
-    ("ok \u00e9\u4e2d\U0001f600".encode(), None),
-    (b"ab\xff", 2),
-    (b"\xf4\x90\x80\x80", 0),  # above U+10FFFF
-    (b"a\xe2\x82", 1),  # truncated sequence
-])
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (b"plain ascii", None),
+        ("ok \u00e9\u4e2d\U0001f600".encode(), None),
+        (b"ab\xff", 2),
+        (b"\xf4\x90\x80\x80", 0),  # above U+10FFFF
+        (b"a\xe2\x82", 1),  # truncated sequence
+    ],
+)
 def test_find_invalid_utf8_agrees_with_python(data, expected):
     assert _wordpiece.find_invalid_utf8(data) == expected
     try:

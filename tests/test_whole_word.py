@@ -21,8 +21,24 @@ def _prepare(tmp_path: Path, vocab_path: Path, *extra: str) -> Path:
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n\n".join(" ".join(p) for p in stdlib_documents(limit_bytes=40_000)) + "\n")
     out = tmp_path / "data"
-    result = subprocess.run([sys.executable, "-m", "fastbert", "prepare-data", "--vocab", str(vocab_path), "--out",
-                             str(out), "--seq-len", "64", str(corpus), *extra], capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fastbert",
+            "prepare-data",
+            "--vocab",
+            str(vocab_path),
+            "--out",
+            str(out),
+            "--seq-len",
+            "64",
+            str(corpus),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return out
 

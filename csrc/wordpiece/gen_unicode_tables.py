@@ -33,12 +33,15 @@ def probe() -> tuple[list[int], dict[int, str]]:
     """Per code point flags and the uncased mapping, as the reference tokenizer applies them."""
     from tokenizers import normalizers, pre_tokenizers
 
-    clean = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=False, strip_accents=False,
-                                       lowercase=False)
-    chinese = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False,
-                                         lowercase=False)
-    uncased = normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=False, strip_accents=None,
-                                         lowercase=True)
+    clean = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=False, strip_accents=False, lowercase=False
+    )
+    chinese = normalizers.BertNormalizer(
+        clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False
+    )
+    uncased = normalizers.BertNormalizer(
+        clean_text=False, handle_chinese_chars=False, strip_accents=None, lowercase=True
+    )
     pre = pre_tokenizers.BertPreTokenizer()
     flags = [0] * MAX_CP
     mapping: dict[int, str] = {}
@@ -65,8 +68,12 @@ def probe() -> tuple[list[int], dict[int, str]]:
 
 def report_differences(flags: list[int], mapping: dict[int, str]) -> list[str]:
     """Where the reference departs from Python's unicodedata, summarised (goes into the generated header)."""
-    counts = {"punctuation unknown to the reference": 0, "punctuation only to the reference": 0,
-              "unassigned (Cn) kept, not dropped as control": 0, "mapping differs from unicodedata": 0}
+    counts = {
+        "punctuation unknown to the reference": 0,
+        "punctuation only to the reference": 0,
+        "unassigned (Cn) kept, not dropped as control": 0,
+        "mapping differs from unicodedata": 0,
+    }
     for cp in range(MAX_CP):
         if 0xD800 <= cp <= 0xDFFF:
             continue
@@ -89,7 +96,7 @@ def two_stage(values: list[int]) -> tuple[list[int], list[int]]:
     """Splits a per-code-point array into a block index and deduplicated 256-entry blocks."""
     index, blocks, seen = [], [], {}
     for start in range(0, MAX_CP, BLOCK):
-        block = tuple(values[start:start + BLOCK])
+        block = tuple(values[start : start + BLOCK])
         if block not in seen:
             seen[block] = len(blocks)
             blocks.append(block)
@@ -100,7 +107,7 @@ def two_stage(values: list[int]) -> tuple[list[int], list[int]]:
 def c_array(ctype: str, name: str, values: list[int], per_line: int = 24) -> str:
     lines = [f"inline constexpr {ctype} {name}[{len(values)}] = {{"]
     for i in range(0, len(values), per_line):
-        lines.append("    " + ",".join(str(v) for v in values[i:i + per_line]) + ",")
+        lines.append("    " + ",".join(str(v) for v in values[i : i + per_line]) + ",")
     lines.append("};")
     return "\n".join(lines)
 

@@ -91,8 +91,9 @@ def stdlib_comment_or_docstring(count: int, seed: int = 0) -> list[tuple[str, st
     rng.shuffle(comments)
     half = count // 2
     if len(docs) < half or len(comments) < count - half:
-        raise ValueError(f"the standard library has {len(docs)} docstrings and {len(comments)} comments; "
-                         f"{count} examples asked for")
-    rows = [(t, "docstring") for t in docs[:half]] + [(t, "comment") for t in comments[:count - half]]
+        raise ValueError(
+            f"the standard library has {len(docs)} docstrings and {len(comments)} comments; {count} examples asked for"
+        )
+    rows = [(t, "docstring") for t in docs[:half]] + [(t, "comment") for t in comments[: count - half]]
     rng.shuffle(rows)
     return rows

@@ -39,8 +39,7 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def random_uniform(seed: int, epoch: np.ndarray, sample: np.ndarray, position: np.ndarray, purpose: int
-                   ) -> np.ndarray:
+def random_uniform(seed: int, epoch: np.ndarray, sample: np.ndarray, position: np.ndarray, purpose: int) -> np.ndarray:
     """Uniform floats in [0, 1) that depend only on their arguments (broadcast together)."""
     with np.errstate(over="ignore"):
         h = _mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(purpose))
@@ -59,10 +58,19 @@ class MaskingCollator:
     ``input_ids``, ``attention_mask``, ``token_type_ids`` and ``labels`` as ``[B, S]``.
     """
 
-    def __init__(self, vocab_size: int, special_ids: Sequence[int], mask_id: int, seed: int = 0,
-                 mlm_probability: float = MLM_PROBABILITY, max_predictions: int | None = None,
-                 whole_word: bool = False, continuation_ids: Sequence[int] = (), padded: bool = False,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        vocab_size: int,
+        special_ids: Sequence[int],
+        mask_id: int,
+        seed: int = 0,
+        mlm_probability: float = MLM_PROBABILITY,
+        max_predictions: int | None = None,
+        whole_word: bool = False,
+        continuation_ids: Sequence[int] = (),
+        padded: bool = False,
+        pad_id: int = 0,
+    ):
         if not 0.0 < mlm_probability < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if mask_id not in special_ids:
@@ -86,8 +94,9 @@ class MaskingCollator:
             return np.full_like(lengths, self.max_predictions)
         return np.maximum(1, np.round(lengths * PREDICTIONS_PER_TOKEN)).astype(np.int64)
 
-    def mask(self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
-             ) -> tuple[np.ndarray, np.ndarray]:
+    def mask(
+        self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Mask a padded ``[B, S]`` id matrix; returns (masked ids, labels with -100 where not predicted).
 
         Runs in the C++ extension, one row at a time; :meth:`mask_reference` is the same computation in numpy."""
@@ -95,12 +104,26 @@ class MaskingCollator:
 
         lengths = np.asarray(lengths, dtype=np.int64)
         return _wordpiece.mask_batch(
-            ids, lengths, samples, epochs, self.max_predictions_for(lengths), self._special_bytes,
-            self._continuation_bytes, self.random_ids, self.mask_id, self.seed, self.mlm_probability, MASK_FRACTION,
-            RANDOM_FRACTION, self.whole_word, IGNORE_INDEX)
+            ids,
+            lengths,
+            samples,
+            epochs,
+            self.max_predictions_for(lengths),
+            self._special_bytes,
+            self._continuation_bytes,
+            self.random_ids,
+            self.mask_id,
+            self.seed,
+            self.mlm_probability,
+            MASK_FRACTION,
+            RANDOM_FRACTION,
+            self.whole_word,
+            IGNORE_INDEX,
+        )
 
-    def mask_reference(self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
-                       ) -> tuple[np.ndarray, np.ndarray]:
+    def mask_reference(
+        self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """:meth:`mask` in numpy over the whole batch: the readable definition the C++ path is tested against."""
         batch, seq = ids.shape
         pos = np.arange(seq)[None, :]
@@ -116,8 +139,9 @@ class MaskingCollator:
         key = np.where(maskable, key, np.inf)
         order = np.argsort(key, axis=1, kind="stable")
         want = maskable.sum(1) * self.mlm_probability
-        count = np.floor(want) + (random_uniform(self.seed, epochs, samples, np.zeros_like(samples), _ROUND)
-                                  < want - np.floor(want))
+        count = np.floor(want) + (
+            random_uniform(self.seed, epochs, samples, np.zeros_like(samples), _ROUND) < want - np.floor(want)
+        )
         count = np.minimum(count, self.max_predictions_for(lengths)).astype(np.int64)
         ranked = np.take_along_axis(maskable, order, axis=1)
         if self.whole_word:
@@ -125,8 +149,7 @@ class MaskingCollator:
             taken = np.cumsum(ranked, axis=1) <= count[:, None]
             ws = np.take_along_axis(word_start, order, axis=1)
             over = ~taken & ranked
-            first_over = np.where(over.any(axis=1), np.take_along_axis(ws, over.argmax(axis=1)[:, None], 1)[:, 0],
-                                  -1)
+            first_over = np.where(over.any(axis=1), np.take_along_axis(ws, over.argmax(axis=1)[:, None], 1)[:, 0], -1)
             taken &= ws != first_over[:, None]  # never split a word at the budget's edge
         else:
             taken = np.arange(seq)[None, :] < count[:, None]
@@ -136,8 +159,9 @@ class MaskingCollator:
         draw = random_uniform(self.seed, e, s, pos, _RANDOM_ID)
         random_tokens = self.random_ids[(draw * len(self.random_ids)).astype(np.int64)]
         masked = np.where(selected & (roll < MASK_FRACTION), self.mask_id, ids)
-        masked = np.where(selected & (roll >= MASK_FRACTION) & (roll < MASK_FRACTION + RANDOM_FRACTION),
-                          random_tokens, masked)
+        masked = np.where(
+            selected & (roll >= MASK_FRACTION) & (roll < MASK_FRACTION + RANDOM_FRACTION), random_tokens, masked
+        )
         labels = np.where(selected, ids, IGNORE_INDEX)
         return masked, labels
 
@@ -147,8 +171,8 @@ class MaskingCollator:
         ids = np.full((len(samples), seq), self.pad_id, dtype=np.int64)
         types = np.zeros_like(ids)
         for i, x in enumerate(samples):
-            ids[i, :lengths[i]] = x.input_ids
-            types[i, :lengths[i]] = x.token_type_ids
+            ids[i, : lengths[i]] = x.input_ids
+            types[i, : lengths[i]] = x.token_type_ids
         indices = np.array(indices, dtype=np.int64)  # a copy: callers may pass views with negative strides
         masked, labels = self.mask(ids, lengths, indices, np.asarray(epochs, dtype=np.int64))
         out: dict = {"sample_index": torch.from_numpy(indices)}
@@ -157,8 +181,12 @@ class MaskingCollator:
             out["next_sentence_label"] = torch.from_numpy(sentence)
         if self.padded:
             real = np.arange(seq)[None, :] < lengths[:, None]
-            out.update(input_ids=torch.from_numpy(masked), attention_mask=torch.from_numpy(real.astype(np.int64)),
-                       token_type_ids=torch.from_numpy(types), labels=torch.from_numpy(labels))
+            out.update(
+                input_ids=torch.from_numpy(masked),
+                attention_mask=torch.from_numpy(real.astype(np.int64)),
+                token_type_ids=torch.from_numpy(types),
+                labels=torch.from_numpy(labels),
+            )
             return out
         real = np.arange(seq)[None, :] < lengths[:, None]
         flat_labels = labels[real]

@@ -97,14 +97,18 @@ class Documents:
             return cls.empty()
         token_base = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
         sentence_base = np.cumsum([0] + [p.num_sentences for p in parts[:-1]])
-        return cls(np.concatenate([p.tokens for p in parts]),
-                   np.concatenate([[0]] + [p.sentence_offsets[1:] + t for p, t in zip(parts, token_base, strict=True)]),
-                   np.concatenate([[0]] + [p.doc_offsets[1:] + s for p, s in zip(parts, sentence_base, strict=True)]))
+        return cls(
+            np.concatenate([p.tokens for p in parts]),
+            np.concatenate([[0]] + [p.sentence_offsets[1:] + t for p, t in zip(parts, token_base, strict=True)]),
+            np.concatenate([[0]] + [p.doc_offsets[1:] + s for p, s in zip(parts, sentence_base, strict=True)]),
+        )
 
     def to_lists(self) -> list[list[list[int]]]:
         """document -> sentence -> token ids, as Python lists (what ``document_pairs`` takes)."""
         sentences = np.split(self.tokens, self.sentence_offsets[1:-1])
-        return [[s.tolist() for s in sentences[self.doc_offsets[d]:self.doc_offsets[d + 1]]] for d in range(len(self))]
+        return [
+            [s.tolist() for s in sentences[self.doc_offsets[d] : self.doc_offsets[d + 1]]] for d in range(len(self))
+        ]
 
 
 @dataclass
@@ -155,8 +159,10 @@ def _decode(path: Path, data: bytes, errors: str) -> tuple[str, int]:
         return data.decode("utf-8"), 0
     except UnicodeDecodeError as e:
         if errors == "strict":
-            raise InputError(f"{path}: invalid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
-                             f"fix the file or pass --errors replace") from None
+            raise InputError(
+                f"{path}: invalid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
+                f"fix the file or pass --errors replace"
+            ) from None
     text = data.decode("utf-8", errors="replace")
     return text, text.count("\ufffd") - data.count("\ufffd".encode())
 
@@ -187,8 +193,9 @@ def read_documents(path: Path, errors: str = "strict", text_field: str = "text")
             if not isinstance(record, dict) or text_field not in record:
                 raise InputError(f"{path}:{line_no}: no field {text_field!r}")
             if not isinstance(record[text_field], str):
-                raise InputError(f"{path}:{line_no}: field {text_field!r} is {type(record[text_field]).__name__}, "
-                                 f"not a string")
+                raise InputError(
+                    f"{path}:{line_no}: field {text_field!r} is {type(record[text_field]).__name__}, not a string"
+                )
             if record[text_field].strip():
                 docs.append(record[text_field])
         return docs, len(data), replaced
@@ -242,7 +249,7 @@ def encode_documents(docs: list[str], tokenizer=None, num_threads: int = 1) -> D
     if threads > 1 and len(docs) > 1:
         step = max(1, min(16, len(docs) // (4 * threads)))  # blocks of documents: few hand-offs, even shares
         with ThreadPoolExecutor(threads) as pool:
-            split = pool.map(lambda k: [split_sentences(d) for d in docs[k:k + step]], range(0, len(docs), step))
+            split = pool.map(lambda k: [split_sentences(d) for d in docs[k : k + step]], range(0, len(docs), step))
             parts = [_encode_sentences(block, tokenizer, 1) for block in split]
         return Documents.concatenate(parts)
     return _encode_sentences([split_sentences(d) for d in docs], tokenizer, threads)
@@ -276,7 +283,7 @@ def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iter
             if pool is None:
                 encoded = encode_documents(docs, tokenizer, num_threads=0)
             else:
-                blocks = [docs[k:k + DOCUMENTS_PER_TASK] for k in range(0, len(docs), DOCUMENTS_PER_TASK)]
+                blocks = [docs[k : k + DOCUMENTS_PER_TASK] for k in range(0, len(docs), DOCUMENTS_PER_TASK)]
                 encoded = Documents.concatenate(list(pool.imap(encode_documents, blocks)))
             yield FileResult(str(path), encoded, size, replaced)
     finally:
@@ -333,8 +340,9 @@ def _truncate_pair(a: list[int], b: list[int], limit: int, rng: PairRandom) -> i
     return excess
 
 
-def document_pairs(index: int, documents: list[list[list[int]]], options: PrepareOptions, stats: PrepareStats
-                   ) -> list[SegmentPair]:
+def document_pairs(
+    index: int, documents: list[list[list[int]]], options: PrepareOptions, stats: PrepareStats
+) -> list[SegmentPair]:
     """The samples cut from ``documents[index]``; randomness from ``(seed, index)`` only."""
     rng = PairRandom(options.seed, index)
     doc = documents[index]
@@ -345,7 +353,7 @@ def document_pairs(index: int, documents: list[list[list[int]]], options: Prepar
     # rather than left to truncation, which would throw most of it away.
     piece = max(1, max_tokens // 2)
     if any(len(s) > piece for s in doc):
-        doc = [s[k:k + piece] for s in doc for k in range(0, len(s), piece)]
+        doc = [s[k : k + piece] for s in doc for k in range(0, len(s), piece)]
     pairs: list[SegmentPair] = []
     uniform, randint = rng.uniform, rng.randint
 
@@ -407,8 +415,7 @@ def _packed(doc: list[list[int]], limit: int) -> list[SegmentPair]:
 
 
 # The job -----------------------------------------------------------------------------------------------------------
-def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareOptions,
-            progress: bool = True) -> dict:
+def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareOptions, progress: bool = True) -> dict:
     """Run the whole pipeline; returns the written ``meta.json`` contents."""
     from tqdm import tqdm
 
@@ -435,28 +442,55 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
     if not len(documents):
         raise InputError(f"no text in any input ({len(files)} file(s) read)")
     if options.objective == "nsp" and len(documents) < 2:
-        raise InputError("NSP needs at least two documents to draw negatives from (separate documents in .txt "
-                         "files with a blank line)")
+        raise InputError(
+            "NSP needs at least two documents to draw negatives from (separate documents in .txt "
+            "files with a blank line)"
+        )
     vocab = tokenizer.vocab.tokens
-    special = {"cls": tokenizer.cls_token_id, "sep": tokenizer.sep_token_id, "pad": tokenizer.pad_token_id,
-               "mask": tokenizer.mask_token_id, "unk": tokenizer.unk_token_id}
+    special = {
+        "cls": tokenizer.cls_token_id,
+        "sep": tokenizer.sep_token_id,
+        "pad": tokenizer.pad_token_id,
+        "mask": tokenizer.mask_token_id,
+        "unk": tokenizer.unk_token_id,
+    }
     tokenizer.save_pretrained(out_dir)  # the vocabulary travels with the shards it encoded
-    writer = ShardWriter(out_dir, vocab_tokens=vocab, special_ids=special, seq_len=options.seq_len,
-                         objective=options.objective, seed=options.seed, shard_size=options.shard_size,
-                         extra_meta={"do_lower_case": options.do_lower_case, "whole_word": options.whole_word})
+    writer = ShardWriter(
+        out_dir,
+        vocab_tokens=vocab,
+        special_ids=special,
+        seq_len=options.seq_len,
+        objective=options.objective,
+        seed=options.seed,
+        shard_size=options.shard_size,
+        extra_meta={"do_lower_case": options.do_lower_case, "whole_word": options.whole_word},
+    )
     from fastbert import _wordpiece
 
     with tqdm(total=len(documents), desc="pairs", unit="doc", disable=not progress) as bar:
         for begin in range(0, len(documents), PAIR_BLOCK):
             end = min(len(documents), begin + PAIR_BLOCK)
             tokens, offsets, split, labels, truncated, dropped = _wordpiece.segment_pairs(
-                documents.tokens, documents.sentence_offsets, documents.doc_offsets, begin, end, options.seq_len,
-                options.objective, options.short_seq_prob, options.seed)
+                documents.tokens,
+                documents.sentence_offsets,
+                documents.doc_offsets,
+                begin,
+                end,
+                options.seq_len,
+                options.objective,
+                options.short_seq_prob,
+                options.seed,
+            )
             writer.add_samples(tokens, offsets, split, labels)
             stats.truncated_tokens += truncated
             stats.dropped_segments += dropped
             bar.update(end - begin)
     meta = writer.close(stats={k: v for k, v in vars(stats).items()})
-    log.info("wrote %d samples (%d tokens) in %d shard(s) to %s", meta["num_samples"], meta["num_tokens"],
-             len(meta["shards"]), out_dir)
+    log.info(
+        "wrote %d samples (%d tokens) in %d shard(s) to %s",
+        meta["num_samples"],
+        meta["num_tokens"],
+        len(meta["shards"]),
+        out_dir,
+    )
     return meta

@@ -49,7 +49,8 @@ class MicroBatchPlan:
         if self.global_batch % (self.micro_batch * self.world_size):
             raise PlanError(
                 f"global batch {self.global_batch} is not divisible by micro batch {self.micro_batch} x world size "
-                f"{self.world_size} = {self.micro_batch * self.world_size}")
+                f"{self.world_size} = {self.micro_batch * self.world_size}"
+            )
 
     @property
     def accumulation(self) -> int:
@@ -66,7 +67,7 @@ class MicroBatchPlan:
         while filled < count:
             epoch, offset = divmod(start + filled, self.num_samples)
             take = min(self.num_samples - offset, count - filled)
-            out[filled:filled + take] = self._permutation(epoch)[offset:offset + take]
+            out[filled : filled + take] = self._permutation(epoch)[offset : offset + take]
             filled += take
         return out
 
@@ -86,15 +87,21 @@ class MicroBatchPlan:
 
     # Resume -------------------------------------------------------------------------------------------------------
     def state_dict(self, next_position: int) -> dict[str, Any]:
-        return {"next_position": int(next_position), "num_samples": self.num_samples,
-                "global_batch": self.global_batch, "seed": self.seed}
+        return {
+            "next_position": int(next_position),
+            "num_samples": self.num_samples,
+            "global_batch": self.global_batch,
+            "seed": self.seed,
+        }
 
     def check_state(self, state: dict[str, Any]) -> int:
         """Validate a saved state against this plan; returns the position to resume from."""
         for key in ("num_samples", "global_batch", "seed"):
             if state.get(key) != getattr(self, key):
-                raise PlanError(f"cannot resume: the saved data plan has {key}={state.get(key)!r} but this run has "
-                                f"{getattr(self, key)!r}")
+                raise PlanError(
+                    f"cannot resume: the saved data plan has {key}={state.get(key)!r} but this run has "
+                    f"{getattr(self, key)!r}"
+                )
         return int(state["next_position"])
 
 
@@ -105,8 +112,9 @@ class MicroBatchDataset(torch.utils.data.Dataset):
     ``positions(start)`` for an endless run); each worker computes its batches from positions alone.
     """
 
-    def __init__(self, dataset: Sequence, plan: MicroBatchPlan,
-                 collate: Callable[[list, np.ndarray, np.ndarray], dict]):
+    def __init__(
+        self, dataset: Sequence, plan: MicroBatchPlan, collate: Callable[[list, np.ndarray, np.ndarray], dict]
+    ):
         self.dataset, self.plan, self.collate = dataset, plan, collate
 
     def __len__(self) -> int:  # positions are unbounded; a DataLoader only needs this for its own bookkeeping

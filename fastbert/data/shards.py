@@ -72,18 +72,36 @@ class SegmentPair:
 class ShardWriter:
     """Collects samples and writes them as shards of ``shard_size`` samples; ``close()`` writes meta.json."""
 
-    def __init__(self, out_dir: str | os.PathLike, *, vocab_tokens: list[str], special_ids: dict[str, int],
-                 seq_len: int, objective: str, seed: int, shard_size: int = 100_000,
-                 extra_meta: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        out_dir: str | os.PathLike,
+        *,
+        vocab_tokens: list[str],
+        special_ids: dict[str, int],
+        seq_len: int,
+        objective: str,
+        seed: int,
+        shard_size: int = 100_000,
+        extra_meta: dict[str, Any] | None = None,
+    ):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / META_NAME).unlink(missing_ok=True)  # an old table of contents must not vouch for new files
         self.dtype = np.uint16 if len(vocab_tokens) <= 1 << 16 else np.uint32
         self.meta: dict[str, Any] = {
-            "format_version": FORMAT_VERSION, "vocab_sha256": vocab_sha256(vocab_tokens),
-            "vocab_size": len(vocab_tokens), "special_ids": special_ids, "seq_len": seq_len, "objective": objective,
-            "seed": seed, "dtype": np.dtype(self.dtype).name, "num_samples": 0, "num_tokens": 0, "shards": [],
-            **(extra_meta or {})}
+            "format_version": FORMAT_VERSION,
+            "vocab_sha256": vocab_sha256(vocab_tokens),
+            "vocab_size": len(vocab_tokens),
+            "special_ids": special_ids,
+            "seq_len": seq_len,
+            "objective": objective,
+            "seed": seed,
+            "dtype": np.dtype(self.dtype).name,
+            "num_samples": 0,
+            "num_tokens": 0,
+            "shards": [],
+            **(extra_meta or {}),
+        }
         self.shard_size = shard_size
         self._pending: list[dict[str, np.ndarray]] = []  # blocks of samples not yet in a shard
         self._pending_count = 0
@@ -92,8 +110,14 @@ class ShardWriter:
         """Add samples given as arrays: sample ``i`` is ``tokens[offsets[i]:offsets[i + 1]]`` (``offsets`` starts
         at 0), its first ``split[i]`` tokens being segment A, with sentence label ``labels[i]``."""
         if len(split):
-            self._pending.append({"tokens": np.asarray(tokens), "offsets": np.asarray(offsets, dtype=np.int64),
-                                  "split": np.asarray(split), "labels": np.asarray(labels)})
+            self._pending.append(
+                {
+                    "tokens": np.asarray(tokens),
+                    "offsets": np.asarray(offsets, dtype=np.int64),
+                    "split": np.asarray(split),
+                    "labels": np.asarray(labels),
+                }
+            )
             self._pending_count += len(split)
         while self._pending_count >= self.shard_size:
             self._flush()
@@ -110,17 +134,29 @@ class ShardWriter:
                 continue
             k = count - taken
             cut = block["offsets"][k]
-            blocks.append({"tokens": block["tokens"][:cut], "offsets": block["offsets"][:k + 1],
-                           "split": block["split"][:k], "labels": block["labels"][:k]})
-            self._pending[0] = {"tokens": block["tokens"][cut:], "offsets": block["offsets"][k:] - cut,
-                                "split": block["split"][k:], "labels": block["labels"][k:]}
+            blocks.append(
+                {
+                    "tokens": block["tokens"][:cut],
+                    "offsets": block["offsets"][: k + 1],
+                    "split": block["split"][:k],
+                    "labels": block["labels"][:k],
+                }
+            )
+            self._pending[0] = {
+                "tokens": block["tokens"][cut:],
+                "offsets": block["offsets"][k:] - cut,
+                "split": block["split"][k:],
+                "labels": block["labels"][k:],
+            }
             taken = count
         self._pending_count -= count
         base = np.cumsum([0] + [b["offsets"][-1] for b in blocks[:-1]])
-        return {"tokens": np.concatenate([b["tokens"] for b in blocks]),
-                "offsets": np.concatenate([[0]] + [b["offsets"][1:] + o for b, o in zip(blocks, base, strict=True)]),
-                "split": np.concatenate([b["split"] for b in blocks]),
-                "labels": np.concatenate([b["labels"] for b in blocks])}
+        return {
+            "tokens": np.concatenate([b["tokens"] for b in blocks]),
+            "offsets": np.concatenate([[0]] + [b["offsets"][1:] + o for b, o in zip(blocks, base, strict=True)]),
+            "split": np.concatenate([b["split"] for b in blocks]),
+            "labels": np.concatenate([b["labels"] for b in blocks]),
+        }
 
     def _flush(self) -> None:
         """Write the next shard: up to ``shard_size`` pending samples."""
@@ -140,8 +176,7 @@ class ShardWriter:
             path = self.out_dir / f"{name}.{key}.npy"
             write_atomic(path, _npy_bytes(array))
             files[key] = {"file": path.name, "sha256": file_sha256(path)}
-        self.meta["shards"].append({"name": name, "num_samples": num_samples, "num_tokens": num_tokens,
-                                    "files": files})
+        self.meta["shards"].append({"name": name, "num_samples": num_samples, "num_tokens": num_tokens, "files": files})
         self.meta["num_samples"] += num_samples
         self.meta["num_tokens"] += num_tokens
 
@@ -161,26 +196,29 @@ class ShardDataset:
     with the vocabulary the shards were made with.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, vocab_tokens: list[str] | None = None,
-                 verify: str = "lazy"):
+    def __init__(self, directory: str | os.PathLike, *, vocab_tokens: list[str] | None = None, verify: str = "lazy"):
         if verify not in ("lazy", "full", "none"):
             raise ValueError(f"verify must be 'lazy', 'full' or 'none', got {verify!r}")
         self.directory = Path(directory)
         meta_path = self.directory / META_NAME
         if not meta_path.exists():
-            raise ShardError(f"{self.directory}: no {META_NAME}; the directory was not prepared, or prepare-data "
-                             f"did not finish")
+            raise ShardError(
+                f"{self.directory}: no {META_NAME}; the directory was not prepared, or prepare-data did not finish"
+            )
         try:
             self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ShardError(f"{meta_path}: not a readable meta.json ({e}); prepare the data again") from e
         if self.meta.get("format_version") != FORMAT_VERSION:
-            raise ShardError(f"{meta_path}: format_version {self.meta.get('format_version')!r}, this fastbert reads "
-                             f"{FORMAT_VERSION}")
+            raise ShardError(
+                f"{meta_path}: format_version {self.meta.get('format_version')!r}, this fastbert reads {FORMAT_VERSION}"
+            )
         if vocab_tokens is not None and vocab_sha256(vocab_tokens) != self.meta["vocab_sha256"]:
-            raise ShardError(f"{self.directory}: the shards were made with vocabulary sha256 "
-                             f"{self.meta['vocab_sha256'][:16]}... but the tokenizer's is "
-                             f"{vocab_sha256(vocab_tokens)[:16]}...; prepare the data again with this vocabulary")
+            raise ShardError(
+                f"{self.directory}: the shards were made with vocabulary sha256 "
+                f"{self.meta['vocab_sha256'][:16]}... but the tokenizer's is "
+                f"{vocab_sha256(vocab_tokens)[:16]}...; prepare the data again with this vocabulary"
+            )
         self.special_ids = self.meta["special_ids"]
         self.verify = verify
         self._verified: set[int] = set()
@@ -205,8 +243,10 @@ class ShardDataset:
             if not path.exists():
                 raise ShardError(f"{path}: missing file of shard {info['name']}")
             if file_sha256(path) != info["files"][key]["sha256"]:
-                raise ShardError(f"{path}: checksum mismatch in shard {info['name']}; the file is corrupt or was "
-                                 f"changed after prepare-data")
+                raise ShardError(
+                    f"{path}: checksum mismatch in shard {info['name']}; the file is corrupt or was "
+                    f"changed after prepare-data"
+                )
         self._verified.add(shard)
 
     def _shard(self, shard: int) -> dict[str, np.ndarray]:
@@ -216,8 +256,10 @@ class ShardDataset:
                 self._verify(shard)
             info = self.meta["shards"][shard]
             # Plain ndarray views of the mapped files: indexing a np.memmap costs a Python-level __array_finalize__.
-            arrays = {key: np.load(self.directory / info["files"][key]["file"], mmap_mode="r").view(np.ndarray)
-                      for key in ARRAYS}
+            arrays = {
+                key: np.load(self.directory / info["files"][key]["file"], mmap_mode="r").view(np.ndarray)
+                for key in ARRAYS
+            }
             self._arrays[shard] = arrays
         return arrays
 
@@ -233,7 +275,7 @@ class ShardDataset:
         shard = int(self._starts.searchsorted(index, side="right")) - 1
         local = index - int(self._starts[shard])
         a = self._shard(shard)
-        start, stop = a["offsets"][local:local + 2].tolist()
+        start, stop = a["offsets"][local : local + 2].tolist()
         return a["tokens"], start, start + int(a["split"][local]), stop, int(a["labels"][local])
 
     def __getitem__(self, index: int) -> Sample:
@@ -243,11 +285,11 @@ class ShardDataset:
         n = len_a + 2 + (len_b + 1 if len_b else 0)
         ids = np.empty(n, np.int64)
         ids[0] = self.special_ids["cls"]
-        ids[1:len_a + 1] = tokens[start:cut]
+        ids[1 : len_a + 1] = tokens[start:cut]
         ids[len_a + 1] = self.special_ids["sep"]
         types = np.zeros(n, np.int64)
         if len_b:
-            ids[len_a + 2:n - 1] = tokens[cut:stop]
+            ids[len_a + 2 : n - 1] = tokens[cut:stop]
             ids[n - 1] = self.special_ids["sep"]
-            types[len_a + 2:] = 1
+            types[len_a + 2 :] = 1
         return Sample(ids, types, label)

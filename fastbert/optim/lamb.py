@@ -75,9 +75,16 @@ class Fragment:
 
 
 class Lamb(torch.optim.Optimizer):
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, max_grad_norm: float | None = 1.0,
-                 max_trust_ratio: float | None = 10.0):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        max_grad_norm: float | None = 1.0,
+        max_trust_ratio: float | None = 10.0,
+    ):
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid LAMB hyperparameters: lr={lr}, betas={betas}, eps={eps}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio)
@@ -110,8 +117,10 @@ class Lamb(torch.optim.Optimizer):
         wrapper = engine.optimizer
         name = type(wrapper).__name__
         if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-            raise LambSetupError(f"DeepSpeed built {name} (ZeRO-3): it partitions the parameters themselves, so LAMB's "
-                                 "per-parameter trust ratio cannot be formed from a rank's shard; use ZeRO-1 or 2")
+            raise LambSetupError(
+                f"DeepSpeed built {name} (ZeRO-3): it partitions the parameters themselves, so LAMB's "
+                "per-parameter trust ratio cannot be formed from a rank's shard; use ZeRO-1 or 2"
+            )
         if isinstance(wrapper, (DeepSpeedZeroOptimizer, BF16_Optimizer)):
             self.attach_zero_partitions(model_params, wrapper.dp_process_group)
             self._check_coverage(model_params, name)
@@ -120,9 +129,11 @@ class Lamb(torch.optim.Optimizer):
         own = sorted(tuple(p.shape) for g in self.param_groups for p in g["params"])
         model = sorted(tuple(p.shape) for p in model_params if p.requires_grad)
         if own != model:
-            raise LambSetupError(f"DeepSpeed's {name} hands LAMB {len(own)} tensors that are not the model's "
-                                 f"{len(model)} parameters and carry no fragment map, so LAMB's per-parameter trust "
-                                 "ratio cannot be formed; run with --zero-stage 1 or 2, or fp32/bf16 without ZeRO")
+            raise LambSetupError(
+                f"DeepSpeed's {name} hands LAMB {len(own)} tensors that are not the model's "
+                f"{len(model)} parameters and carry no fragment map, so LAMB's per-parameter trust "
+                "ratio cannot be formed; run with --zero-stage 1 or 2, or fp32/bf16 without ZeRO"
+            )
 
     def _check_coverage(self, model_params: list[torch.nn.Parameter], wrapper: str) -> None:
         """Every trainable parameter's fragments, over all ranks, add up to the whole parameter exactly once."""
@@ -137,9 +148,11 @@ class Lamb(torch.optim.Optimizer):
             covered = covered.cpu()
         for index, p in enumerate(model_params):
             if p.requires_grad and covered[index] != p.numel():
-                raise LambSetupError(f"{wrapper}: the ranks' optimizer partitions hold {int(covered[index])} of the "
-                                     f"{p.numel()} elements of parameter {index} {tuple(p.shape)}; LAMB cannot map "
-                                     "this DeepSpeed version's partitions to parameters")
+                raise LambSetupError(
+                    f"{wrapper}: the ranks' optimizer partitions hold {int(covered[index])} of the "
+                    f"{p.numel()} elements of parameter {index} {tuple(p.shape)}; LAMB cannot map "
+                    "this DeepSpeed version's partitions to parameters"
+                )
 
     def attach_zero_partitions(self, model_params: list[torch.nn.Parameter], process_group=None) -> None:
         """Learn each parameter's fragment in the flat partitions DeepSpeed ZeRO-1/2 gave this optimizer
@@ -211,17 +224,24 @@ class Lamb(torch.optim.Optimizer):
         if self._fragments is not None and dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums, group=self._group)
 
-    def _fused_step(self, kernel, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]],
-                    num_params: int) -> None:
+    def _fused_step(
+        self,
+        kernel,
+        groups: list[tuple[dict, list[torch.Tensor]]],
+        fragments: dict[int, list[Fragment]],
+        num_params: int,
+    ) -> None:
         """The step in four Triton launches (``fastbert.kernels.lamb``): gradient norm, moments and per-chunk
         norms, per-parameter sums (all-reduced here under ZeRO), trust ratio and weight update."""
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = [p.grad if p.grad.is_contiguous() else p.grad.contiguous() for p in params]
         layouts = tuple(
-            kernel.TensorLayout(p.numel(), p.dtype, g.dtype, tuple((f.param_index, f.start, f.numel)
-                                                                   for f in fragments[id(p)]))
-            for p, g in zip(params, grads, strict=True))
+            kernel.TensorLayout(
+                p.numel(), p.dtype, g.dtype, tuple((f.param_index, f.start, f.numel) for f in fragments[id(p)])
+            )
+            for p, g in zip(params, grads, strict=True)
+        )
         key = (layouts, num_params, device)
         if self._plan is None or self._plan[0] != key:  # the chunk tables depend on the layout only
             self._plan = (key, kernel.plan_chunks(layouts, num_params, device))
@@ -236,8 +256,16 @@ class Lamb(torch.optim.Optimizer):
             for p in ps:
                 state = self._state_for(p)
                 state["step"] += 1
-                hyper.append(kernel.hyperparameters(group["lr"], group["betas"], group["eps"], group["weight_decay"],
-                                                    state["step"], group["max_trust_ratio"]))
+                hyper.append(
+                    kernel.hyperparameters(
+                        group["lr"],
+                        group["betas"],
+                        group["eps"],
+                        group["weight_decay"],
+                        state["step"],
+                        group["max_trust_ratio"],
+                    )
+                )
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper, clip)
@@ -247,18 +275,27 @@ class Lamb(torch.optim.Optimizer):
     def _state_for(self, p: torch.Tensor) -> dict:
         state = self.state[p]
         if not state:
-            state.update(step=0, exp_avg=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
-                         exp_avg_sq=torch.zeros_like(p, dtype=_master_dtype(p.dtype)))
+            state.update(
+                step=0,
+                exp_avg=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
+                exp_avg_sq=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
+            )
         return state
 
-    def _foreach_step(self, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]],
-                      num_params: int) -> None:
+    def _foreach_step(
+        self, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]], num_params: int
+    ) -> None:
         """The step with torch's multi-tensor (foreach) ops: the definition the fused path is tested against."""
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = {id(p): p.grad.to(_master_dtype(p.dtype)) for p in params}
-        norm = self._global_norm(sum(square_sum(grads[id(p)].reshape(-1).narrow(0, f.start, f.numel))
-                                     for p in params for f in fragments[id(p)]))
+        norm = self._global_norm(
+            sum(
+                square_sum(grads[id(p)].reshape(-1).narrow(0, f.start, f.numel))
+                for p in params
+                for f in fragments[id(p)]
+            )
+        )
         self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
             return

@@ -30,8 +30,7 @@ class TokenFeature:
     first_subtoken: list[int | None]  # per word: index of its first sub-token, None when cut off or empty
 
 
-def token_features(tokenizer, example: TokenExample, label_ids: dict[str, int] | None, max_length: int
-                   ) -> TokenFeature:
+def token_features(tokenizer, example: TokenExample, label_ids: dict[str, int] | None, max_length: int) -> TokenFeature:
     pieces = tokenizer.encode_batch(example.words, add_special_tokens=False, num_threads=1)
     ids, labels, first = [tokenizer.cls_token_id], [IGNORE_INDEX], []
     for w, word_ids in enumerate(pieces):
@@ -46,9 +45,11 @@ def token_features(tokenizer, example: TokenExample, label_ids: dict[str, int] |
 
 
 def collate_tokens(features: list[TokenFeature], pad_id: int) -> dict[str, torch.Tensor]:
-    return {"input_ids": _pad([f.input_ids for f in features], pad_id),
-            "attention_mask": _pad([[1] * len(f.input_ids) for f in features], 0),
-            "labels": _pad([f.labels for f in features], IGNORE_INDEX)}
+    return {
+        "input_ids": _pad([f.input_ids for f in features], pad_id),
+        "attention_mask": _pad([[1] * len(f.input_ids) for f in features], 0),
+        "labels": _pad([f.labels for f in features], IGNORE_INDEX),
+    }
 
 
 # QA ---------------------------------------------------------------------------------------------------------------
@@ -62,8 +63,9 @@ class QAFeature:
     end_position: int
 
 
-def qa_features(tokenizer, examples: list[QAExample], max_length: int = 384, doc_stride: int = 128,
-                max_query_length: int = 64) -> list[QAFeature]:
+def qa_features(
+    tokenizer, examples: list[QAExample], max_length: int = 384, doc_stride: int = 128, max_query_length: int = 64
+) -> list[QAFeature]:
     questions = tokenizer.encode_batch([e.question for e in examples], add_special_tokens=False)
     contexts = tokenizer([e.context for e in examples], add_special_tokens=False, return_offsets_mapping=True)
     features = []
@@ -85,8 +87,13 @@ def qa_features(tokenizer, examples: list[QAExample], max_length: int = 384, doc
                 a_end = a_start + len(a_text)
                 tok_start = next((t for t in window if c_offsets[t][1] > a_start), None)
                 tok_end = next((t for t in reversed(window) if c_offsets[t][0] < a_end), None)
-                if tok_start is not None and tok_end is not None and c_offsets[window[0]][0] <= a_start \
-                        and c_offsets[window[-1]][1] >= a_end and tok_start <= tok_end:
+                if (
+                    tok_start is not None
+                    and tok_end is not None
+                    and c_offsets[window[0]][0] <= a_start
+                    and c_offsets[window[-1]][1] >= a_end
+                    and tok_start <= tok_end
+                ):
                     start_pos, end_pos = len(prefix) + tok_start - s, len(prefix) + tok_end - s
             ids = prefix + [c_ids[t] for t in window] + [tokenizer.sep_token_id]
             offsets = [None] * len(prefix) + [tuple(c_offsets[t]) for t in window] + [None]
@@ -99,23 +106,32 @@ def qa_features(tokenizer, examples: list[QAExample], max_length: int = 384, doc
 
 def collate_qa(features: list[QAFeature], pad_id: int, with_positions: bool = True) -> dict[str, torch.Tensor]:
     ids = _pad([f.input_ids for f in features], pad_id)
-    batch = {"input_ids": ids, "token_type_ids": _pad([f.token_type_ids for f in features], 0),
-             "attention_mask": _pad([[1] * len(f.input_ids) for f in features], 0)}
+    batch = {
+        "input_ids": ids,
+        "token_type_ids": _pad([f.token_type_ids for f in features], 0),
+        "attention_mask": _pad([[1] * len(f.input_ids) for f in features], 0),
+    }
     if with_positions:
         batch["start_positions"] = torch.tensor([f.start_position for f in features])
         batch["end_positions"] = torch.tensor([f.end_position for f in features])
     return batch
 
 
-def decode_answers(examples: list[QAExample], features: list[QAFeature], start_logits: list[torch.Tensor],
-                   end_logits: list[torch.Tensor], n_best: int = 20, max_answer_length: int = 30,
-                   null_threshold: float | None = None) -> dict[str, str]:
+def decode_answers(
+    examples: list[QAExample],
+    features: list[QAFeature],
+    start_logits: list[torch.Tensor],
+    end_logits: list[torch.Tensor],
+    n_best: int = 20,
+    max_answer_length: int = 30,
+    null_threshold: float | None = None,
+) -> dict[str, str]:
     """The best span per question over all its windows; with ``null_threshold`` (SQuAD v2) the empty answer wins
     when its score beats the best span's by more than the threshold."""
     best: dict[int, tuple[float, str]] = {}
     null: dict[int, float] = {}
     for f, s_log, e_log in zip(features, start_logits, end_logits, strict=True):
-        s_log, e_log = s_log[:len(f.input_ids)], e_log[:len(f.input_ids)]
+        s_log, e_log = s_log[: len(f.input_ids)], e_log[: len(f.input_ids)]
         score_null = float(s_log[0] + e_log[0])
         null[f.example_index] = min(null.get(f.example_index, score_null), score_null)
         starts = torch.topk(s_log, min(n_best, len(s_log))).indices.tolist()
@@ -123,12 +139,16 @@ def decode_answers(examples: list[QAExample], features: list[QAFeature], start_l
         context = examples[f.example_index].context
         for s in starts:
             for e in ends:
-                if f.context_offsets[s] is None or f.context_offsets[e] is None or e < s or \
-                        e - s + 1 > max_answer_length:
+                if (
+                    f.context_offsets[s] is None
+                    or f.context_offsets[e] is None
+                    or e < s
+                    or e - s + 1 > max_answer_length
+                ):
                     continue
                 score = float(s_log[s] + e_log[e])
                 if score > best.get(f.example_index, (float("-inf"), ""))[0]:
-                    best[f.example_index] = (score, context[f.context_offsets[s][0]:f.context_offsets[e][1]])
+                    best[f.example_index] = (score, context[f.context_offsets[s][0] : f.context_offsets[e][1]])
     answers = {}
     for i, example in enumerate(examples):
         score, text = best.get(i, (float("-inf"), ""))

@@ -69,8 +69,10 @@ def _read_text(path: Path) -> str:
     except UnicodeDecodeError as e:
         line_start = data.rfind(b"\n", 0, e.start) + 1
         line_no = data.count(b"\n", 0, e.start) + 1
-        raise TaskDataError(f"{path}:{line_no}: not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start - line_start} of the "
-                            f"line (byte {e.start} of the file): {e.reason}; re-save the file as UTF-8") from None
+        raise TaskDataError(
+            f"{path}:{line_no}: not valid UTF-8: byte 0x{data[e.start]:02x} at byte {e.start - line_start} of the "
+            f"line (byte {e.start} of the file): {e.reason}; re-save the file as UTF-8"
+        ) from None
 
 
 def _lines(text: str) -> list[str]:
@@ -98,8 +100,11 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         return rows
     if suffix not in (".tsv", ".csv"):
         raise TaskDataError(f"{path}: unsupported table format {suffix!r} (expected .tsv, .csv or .jsonl)")
-    reader = csv.DictReader(io.StringIO(_read_text(path), newline=""), delimiter="\t" if suffix == ".tsv" else ",",
-                            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    reader = csv.DictReader(
+        io.StringIO(_read_text(path), newline=""),
+        delimiter="\t" if suffix == ".tsv" else ",",
+        quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
+    )
     try:
         if reader.fieldnames is None:
             raise TaskDataError(f"{path}: empty file (expected a header line)")
@@ -108,18 +113,26 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
         raise TaskDataError(f"{path}:{reader.line_num}: malformed {suffix[1:].upper()} row: {e}") from None
 
 
-def read_text_examples(path: str | os.PathLike, text_column: str = "text", pair_column: str | None = None,
-                       label_column: str | None = "label", regression: bool = False,
-                       skip_bad_rows: bool = False, bad: BadRows | None = None) -> list[TextExample]:
+def read_text_examples(
+    path: str | os.PathLike,
+    text_column: str = "text",
+    pair_column: str | None = None,
+    label_column: str | None = "label",
+    regression: bool = False,
+    skip_bad_rows: bool = False,
+    bad: BadRows | None = None,
+) -> list[TextExample]:
     """Single texts or text pairs with a class label (or a float for regression; no label for prediction)."""
     path, bad = Path(path), bad if bad is not None else BadRows()
     out = []
     for line_no, row in _rows(path):
         where = f"{path}:{line_no}"
         if None in row:
-            bad.handle(f"{where}: {len(row) - 1 + len(row[None])} fields but the header has {len(row) - 1} "
-                       f"(an unquoted {'tab' if path.suffix.lower() == '.tsv' else 'comma'} inside a field?)",
-                       skip_bad_rows)
+            bad.handle(
+                f"{where}: {len(row) - 1 + len(row[None])} fields but the header has {len(row) - 1} "
+                f"(an unquoted {'tab' if path.suffix.lower() == '.tsv' else 'comma'} inside a field?)",
+                skip_bad_rows,
+            )
             continue
         text = row.get(text_column)
         pair = row.get(pair_column) if pair_column else None
@@ -145,8 +158,9 @@ def read_text_examples(path: str | os.PathLike, text_column: str = "text", pair_
     return out
 
 
-def read_conll(path: str | os.PathLike, with_tags: bool = True, skip_bad_rows: bool = False,
-               bad: BadRows | None = None) -> list[TokenExample]:
+def read_conll(
+    path: str | os.PathLike, with_tags: bool = True, skip_bad_rows: bool = False, bad: BadRows | None = None
+) -> list[TokenExample]:
     """CoNLL: one token per line, the tag in the last column, a blank line between sentences; ``-DOCSTART-``
     lines are skipped."""
     path, bad = Path(path), bad if bad is not None else BadRows()
@@ -168,8 +182,7 @@ def read_conll(path: str | os.PathLike, with_tags: bool = True, skip_bad_rows: b
     return out
 
 
-def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRows | None = None
-               ) -> list[QAExample]:
+def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRows | None = None) -> list[QAExample]:
     """SQuAD v1.1 / v2.0 JSON; every answer must lie inside its context where it says it does."""
     path, bad = Path(path), bad if bad is not None else BadRows()
     try:
@@ -191,8 +204,11 @@ def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRow
                 answers, ok = [], True
                 for ans in qa.get("answers", []):
                     text, start = ans.get("text"), ans.get("answer_start")
-                    if not isinstance(text, str) or not isinstance(start, int) or \
-                            context[start:start + len(text)] != text:
+                    if (
+                        not isinstance(text, str)
+                        or not isinstance(start, int)
+                        or context[start : start + len(text)] != text
+                    ):
                         bad.handle(f"{where}: answer {text!r} at {start} is not in its context", skip_bad_rows)
                         ok = False
                         break
@@ -202,6 +218,7 @@ def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRow
                 if not answers and not impossible:
                     bad.handle(f"{where}: no answers and not marked is_impossible", skip_bad_rows)
                     continue
-                out.append(QAExample(str(qa.get("id", f"{a}-{p}-{q}")), qa["question"], context, answers,
-                                     impossible, where))
+                out.append(
+                    QAExample(str(qa.get("id", f"{a}-{p}-{q}")), qa["question"], context, answers, impossible, where)
+                )
     return out

@@ -17,23 +17,32 @@ def classification_metrics(labels: Sequence, predictions: Sequence) -> dict[str,
     binary = len(set(labels) | set(predictions)) <= 2
     average = "binary" if binary else "macro"
     pos = sorted(set(labels) | set(predictions))[-1] if binary else 1
-    return {"accuracy": float(accuracy_score(labels, predictions)),
-            "f1": float(f1_score(labels, predictions, average=average, pos_label=pos, zero_division=0)),
-            "mcc": float(matthews_corrcoef(labels, predictions))}
+    return {
+        "accuracy": float(accuracy_score(labels, predictions)),
+        "f1": float(f1_score(labels, predictions, average=average, pos_label=pos, zero_division=0)),
+        "mcc": float(matthews_corrcoef(labels, predictions)),
+    }
 
 
 def regression_metrics(labels: Sequence[float], predictions: Sequence[float]) -> dict[str, float]:
     from scipy.stats import pearsonr, spearmanr
 
-    return {"pearson": float(pearsonr(labels, predictions)[0]), "spearman": float(spearmanr(labels, predictions)[0]),
-            "mse": float(sum((a - b) ** 2 for a, b in zip(labels, predictions, strict=True)) / len(labels))}
+    return {
+        "pearson": float(pearsonr(labels, predictions)[0]),
+        "spearman": float(spearmanr(labels, predictions)[0]),
+        "mse": float(sum((a - b) ** 2 for a, b in zip(labels, predictions, strict=True)) / len(labels)),
+    }
 
 
 def entity_metrics(labels: list[list[str]], predictions: list[list[str]]) -> dict[str, float]:
     from seqeval.metrics import accuracy_score, f1_score, precision_score, recall_score
 
-    return {"f1": float(f1_score(labels, predictions)), "precision": float(precision_score(labels, predictions)),
-            "recall": float(recall_score(labels, predictions)), "accuracy": float(accuracy_score(labels, predictions))}
+    return {
+        "f1": float(f1_score(labels, predictions)),
+        "precision": float(precision_score(labels, predictions)),
+        "recall": float(recall_score(labels, predictions)),
+        "accuracy": float(accuracy_score(labels, predictions)),
+    }
 
 
 def normalize_answer(text: str) -> str:

@@ -83,11 +83,15 @@ def verify_safe(checkpoint: Path) -> None:
         try:
             load_weights_only(path, mmap=zipfile.is_zipfile(path))
         except pickle.UnpicklingError as e:  # a global outside the allow-list: loading it could run code
-            raise UnsafeCheckpoint(f"{path}: refused: it does not load with torch.load(weights_only=True), and "
-                                   f"loading it otherwise could run code: {_refusal(e)}") from e
+            raise UnsafeCheckpoint(
+                f"{path}: refused: it does not load with torch.load(weights_only=True), and "
+                f"loading it otherwise could run code: {_refusal(e)}"
+            ) from e
         except Exception as e:  # a truncated or corrupted file (torch's zip reader, an early EOF)
-            raise UnsafeCheckpoint(f"{path}: unreadable, the file is truncated or corrupted ({_refusal(e)}); "
-                                   "resume or export from another checkpoint") from e
+            raise UnsafeCheckpoint(
+                f"{path}: unreadable, the file is truncated or corrupted ({_refusal(e)}); "
+                "resume or export from another checkpoint"
+            ) from e
 
 
 def rng_state() -> dict[str, Any]:
@@ -126,8 +130,7 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointNotFound(f"{path}: no checkpoint (no {CHECKPOINTS}/{LATEST}, {LATEST}, or checkpoint files)")
 
 
-def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: dict[str, bytes],
-         keep: int) -> Path:
+def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: dict[str, bytes], keep: int) -> Path:
     """Save on every rank; returns the checkpoint directory."""
     root = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
@@ -155,9 +158,13 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: 
 def load(engine, checkpoint: Path, load_optimizer: bool = True) -> dict[str, Any]:
     """Load the engine state (and optimizer state unless ``load_optimizer`` is false); returns the client state."""
     verify_safe(checkpoint)
-    path, client_state = engine.load_checkpoint(str(checkpoint.parent), tag=checkpoint.name,
-                                                load_optimizer_states=load_optimizer,
-                                                load_lr_scheduler_states=False, load_module_only=not load_optimizer)
+    path, client_state = engine.load_checkpoint(
+        str(checkpoint.parent),
+        tag=checkpoint.name,
+        load_optimizer_states=load_optimizer,
+        load_lr_scheduler_states=False,
+        load_module_only=not load_optimizer,
+    )
     if path is None:
         raise CheckpointNotFound(f"{checkpoint}: DeepSpeed could not load it")
     return client_state or {}

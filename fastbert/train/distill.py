@@ -50,8 +50,10 @@ def student_from_teacher(teacher: BertForPreTraining, layers: int) -> BertForPre
     if t_config.share_layers:
         raise ValueError("the teacher shares its layers (ALBERT); there is no every-other layer to take")
     if not 1 <= layers <= (t_config.num_hidden_layers + 1) // 2:
-        raise ValueError(f"--student-layers {layers}: taking every other layer of a {t_config.num_hidden_layers}-layer "
-                         f"teacher allows 1..{(t_config.num_hidden_layers + 1) // 2}")
+        raise ValueError(
+            f"--student-layers {layers}: taking every other layer of a {t_config.num_hidden_layers}-layer "
+            f"teacher allows 1..{(t_config.num_hidden_layers + 1) // 2}"
+        )
     student = BertForPreTraining(t_config.replace(num_hidden_layers=layers))
     state = teacher.state_dict()
     mapped = {}
@@ -69,10 +71,16 @@ def masked_logits(model: BertForPreTraining, hidden: torch.Tensor, rows: torch.T
     return F.linear(model.cls.transform_hidden(hidden.index_select(0, rows)), model.decoder_weight, model.cls.bias)
 
 
-def distill_loss(student: BertForPreTraining, teacher: BertForPreTraining, batch: dict, args: DistillArgs
-                 ) -> dict[str, torch.Tensor]:
-    inputs = dict(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"],
-                  position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"], max_seqlen=batch["max_seqlen"])
+def distill_loss(
+    student: BertForPreTraining, teacher: BertForPreTraining, batch: dict, args: DistillArgs
+) -> dict[str, torch.Tensor]:
+    inputs = dict(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        position_ids=batch["position_ids"],
+        cu_seqlens=batch["cu_seqlens"],
+        max_seqlen=batch["max_seqlen"],
+    )
     rows = batch["masked_positions"]
     with torch.no_grad():
         t_hidden, _ = teacher.bert.encode(**inputs)
@@ -80,8 +88,14 @@ def distill_loss(student: BertForPreTraining, teacher: BertForPreTraining, batch
     s_hidden, _ = student.bert.encode(**inputs)
     s_logits = masked_logits(student, s_hidden, rows)
     temperature = args.temperature
-    ce = F.kl_div(F.log_softmax(s_logits / temperature, dim=-1), F.softmax(t_logits / temperature, dim=-1),
-                  reduction="batchmean") * temperature**2
+    ce = (
+        F.kl_div(
+            F.log_softmax(s_logits / temperature, dim=-1),
+            F.softmax(t_logits / temperature, dim=-1),
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     mlm = F.cross_entropy(s_logits, batch["masked_labels"]) if rows.numel() else s_logits.sum() * 0
     cos = (1 - F.cosine_similarity(s_hidden, t_hidden, dim=-1)).mean()
     total = args.alpha_ce * ce + args.alpha_mlm * mlm + args.alpha_cos * cos
@@ -102,8 +116,9 @@ def distill(args: DistillArgs) -> dict:
     data = ShardDataset(args.data, vocab_tokens=tokenizer.vocab.tokens)
     student = student_from_teacher(teacher, args.student_layers).train()
     ids = data.special_ids
-    collate = MaskingCollator(teacher.config.vocab_size, list(ids.values()), ids["mask"], seed=args.seed,
-                              pad_id=ids["pad"])
+    collate = MaskingCollator(
+        teacher.config.vocab_size, list(ids.values()), ids["mask"], seed=args.seed, pad_id=ids["pad"]
+    )
     plan = MicroBatchPlan(len(data), args.batch_size, args.batch_size, seed=args.seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
     out.mkdir(parents=True, exist_ok=True)

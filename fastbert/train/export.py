@@ -34,8 +34,9 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise checkpoint.CheckpointNotFound(f"{ckpt}: weights do not match the config (missing {missing}, "
-                                            f"unexpected {unexpected})")
+        raise checkpoint.CheckpointNotFound(
+            f"{ckpt}: weights do not match the config (missing {missing}, unexpected {unexpected})"
+        )
     out = Path(out)
     model.save_pretrained(out)
     for name in ("vocab.txt", "tokenizer_config.json"):

@@ -81,8 +81,7 @@ class FinetuneArgs:
 def resolve_model_dir(source: str, work: Path) -> Path:
     """An HF-format directory for ``source``: itself, or an export of a fastbert run / checkpoint."""
     path = Path(source)
-    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors",
-                                                                              "pytorch_model.bin")):
+    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
         return path
     from fastbert.train.export import export
 
@@ -103,9 +102,15 @@ class TaskData:
             return formats.read_conll(path, with_tags=labelled, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
         if a.task == "qa":
             return formats.read_squad(path, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
-        return formats.read_text_examples(path, a.text_column, a.pair_column, a.label_column if labelled else None,
-                                          regression=a.task == "regress", skip_bad_rows=a.skip_bad_rows,
-                                          bad=self.bad)
+        return formats.read_text_examples(
+            path,
+            a.text_column,
+            a.pair_column,
+            a.label_column if labelled else None,
+            regression=a.task == "regress",
+            skip_bad_rows=a.skip_bad_rows,
+            bad=self.bad,
+        )
 
     def check_labels(self, examples: list) -> list:
         """Examples whose labels the model knows; an unknown one is an error (or a counted skip)."""
@@ -116,8 +121,10 @@ class TaskData:
             labels = ex.tags if self.args.task == "ner" else [ex.label]
             unknown = [x for x in labels or [] if x is not None and x not in known]
             if unknown:
-                self.bad.handle(f"{ex.where}: unknown label {unknown[0]!r} (training labels: {self.label_names})",
-                                self.args.skip_bad_rows)
+                self.bad.handle(
+                    f"{ex.where}: unknown label {unknown[0]!r} (training labels: {self.label_names})",
+                    self.args.skip_bad_rows,
+                )
                 continue
             kept.append(ex)
         return kept
@@ -137,8 +144,14 @@ class TaskData:
             return feats.collate_qa(batch, tok.pad_token_id, with_labels)
         if a.task == "ner":
             return feats.collate_tokens(batch, tok.pad_token_id)
-        enc = tok([ex.text for ex in batch], [ex.pair for ex in batch] if a.pair_column else None,
-                  max_length=a.max_length, truncation=True, padding="longest", return_tensors="pt")
+        enc = tok(
+            [ex.text for ex in batch],
+            [ex.pair for ex in batch] if a.pair_column else None,
+            max_length=a.max_length,
+            truncation=True,
+            padding="longest",
+            return_tensors="pt",
+        )
         out = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
         if with_labels and batch[0].label is not None:
             if a.task == "regress":
@@ -153,7 +166,7 @@ def _batches(items: list, size: int, shuffle_seed: int | None = None) -> list[li
     order = list(range(len(items)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
-    return [[items[i] for i in order[k:k + size]] for k in range(0, len(order), size)]
+    return [[items[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
 
 
 # Model ------------------------------------------------------------------------------------------------------------
@@ -165,9 +178,13 @@ def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | No
         overrides.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)))
     elif args.task == "regress":
         overrides.update(num_labels=1)
-    cls = {"classify": BertForSequenceClassification, "pair": BertForSequenceClassification,
-           "regress": BertForSequenceClassification, "ner": BertForTokenClassification,
-           "qa": BertForQuestionAnswering}[args.task]
+    cls = {
+        "classify": BertForSequenceClassification,
+        "pair": BertForSequenceClassification,
+        "regress": BertForSequenceClassification,
+        "ner": BertForTokenClassification,
+        "qa": BertForQuestionAnswering,
+    }[args.task]
     import warnings
 
     with warnings.catch_warnings():
@@ -184,8 +201,11 @@ def predict(model, data: TaskData, examples: list, device: torch.device) -> list
     features = data.features(examples)
     outputs = []
     for batch in _batches(features, data.args.batch_size * 2):
-        inputs = {k: v.to(device) for k, v in data.collate(batch, with_labels=False).items()
-                  if k not in ("labels", "start_positions", "end_positions")}
+        inputs = {
+            k: v.to(device)
+            for k, v in data.collate(batch, with_labels=False).items()
+            if k not in ("labels", "start_positions", "end_positions")
+        }
         out = model(**inputs)
         if data.args.task == "qa":
             outputs += list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu(), strict=True))
@@ -194,17 +214,23 @@ def predict(model, data: TaskData, examples: list, device: torch.device) -> list
     model.train()
     task = data.args.task
     if task == "qa":
-        answers = feats.decode_answers(examples, features, [s for s, _ in outputs], [e for _, e in outputs],
-                                       max_answer_length=data.args.max_answer_length,
-                                       null_threshold=data.args.null_threshold)
+        answers = feats.decode_answers(
+            examples,
+            features,
+            [s for s, _ in outputs],
+            [e for _, e in outputs],
+            max_answer_length=data.args.max_answer_length,
+            null_threshold=data.args.null_threshold,
+        )
         return [answers[ex.id] for ex in examples]
     if task == "regress":
         return [float(o.squeeze()) for o in outputs]
     if task == "ner":
         result = []
         for feature, logits in zip(features, outputs, strict=True):
-            result.append([data.label_names[int(logits[i].argmax())] if i is not None else "O"
-                           for i in feature.first_subtoken])
+            result.append(
+                [data.label_names[int(logits[i].argmax())] if i is not None else "O" for i in feature.first_subtoken]
+            )
         return result
     return [data.label_names[int(o.argmax())] for o in outputs]
 
@@ -277,20 +303,34 @@ class _DeepSpeedEngine:
         if args.batch_size % self.world:
             raise ValueError(f"--batch-size {args.batch_size} is not divisible by the world size {self.world}")
         config: dict = json.loads(Path(args.deepspeed).read_text()) if args.deepspeed else {}
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "optimizer", "scheduler"):
+        for key in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "optimizer",
+            "scheduler",
+        ):
             if key in config:
-                raise ValueError(f"{args.deepspeed}: {key!r} comes from fastbert's arguments "
-                                 f"(--batch-size, AdamW with warmup and linear decay); remove it")
+                raise ValueError(
+                    f"{args.deepspeed}: {key!r} comes from fastbert's arguments "
+                    f"(--batch-size, AdamW with warmup and linear decay); remove it"
+                )
         zero = config.setdefault("zero_optimization", {})
         if args.zero_stage is not None:
             zero["stage"] = args.zero_stage
         if zero.get("stage", 0) not in (0, 1, 2):
-            raise ValueError(f"ZeRO stage {zero['stage']} is not offered for fine-tuning (evaluation and best-model "
-                             f"saving read whole parameters on every rank); use --zero-stage 0, 1 or 2")
-        config.update(train_batch_size=args.batch_size, train_micro_batch_size_per_gpu=args.batch_size // self.world,
-                      gradient_accumulation_steps=1, gradient_clipping=1.0, zero_allow_untested_optimizer=True,
-                      steps_per_print=10**9)
+            raise ValueError(
+                f"ZeRO stage {zero['stage']} is not offered for fine-tuning (evaluation and best-model "
+                f"saving read whole parameters on every rank); use --zero-stage 0, 1 or 2"
+            )
+        config.update(
+            train_batch_size=args.batch_size,
+            train_micro_batch_size_per_gpu=args.batch_size // self.world,
+            gradient_accumulation_steps=1,
+            gradient_clipping=1.0,
+            zero_allow_untested_optimizer=True,
+            steps_per_print=10**9,
+        )
         if precision == "bf16":
             config["bf16"] = {"enabled": True}
         optimizer = torch.optim.AdamW(parameter_groups(model, args.weight_decay), lr=args.lr, fused=True)
@@ -320,7 +360,7 @@ class _DeepSpeedEngine:
         self.dist.all_gather_object(parts, items)
         out = [None] * sum(len(p) for p in parts)
         for r, part in enumerate(parts):
-            out[r::self.world] = part
+            out[r :: self.world] = part
         return out
 
     def fp32_model(self) -> torch.nn.Module:
@@ -343,7 +383,7 @@ def _slice(batch: list, rank: int, world: int) -> list:
     """Rank ``rank``'s contiguous share of ``batch``; shares differ in size by at most one."""
     base, extra = divmod(len(batch), world)
     start = rank * base + min(rank, extra)
-    return batch[start:start + base + (rank < extra)]
+    return batch[start : start + base + (rank < extra)]
 
 
 def _loss_count(task: str, inputs: dict[str, torch.Tensor]) -> int:
@@ -406,8 +446,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     model = build_model(args, model_dir, data.label_names)
     if args.lr is None:
         args = dataclasses.replace(args, lr=default_lr(model.config.hidden_size))
-        log.info("learning rate %g, the default for hidden size %d (--lr to choose)", args.lr,
-                 model.config.hidden_size)
+        log.info("learning rate %g, the default for hidden size %d (--lr to choose)", args.lr, model.config.hidden_size)
     engine = (_DeepSpeedEngine if distributed else _PlainEngine)(args, model, device, precision)
     rank, world = engine.rank, engine.world
 
@@ -437,8 +476,13 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
         seconds = time.perf_counter() - started
-        record = {"epoch": epoch + 1, "step": step, "train_loss": engine.all_sum([loss_sum])[0] / steps_per_epoch,
-                  "train_seconds": seconds, "train_examples_per_s": len(train_features) / seconds}
+        record = {
+            "epoch": epoch + 1,
+            "step": step,
+            "train_loss": engine.all_sum([loss_sum])[0] / steps_per_epoch,
+            "train_seconds": seconds,
+            "train_examples_per_s": len(train_features) / seconds,
+        }
         if eval_examples:
             predictions = engine.gather(predict(engine.module, data, eval_examples[rank::world], device))
             record.update({f"eval_{k}": v for k, v in evaluate(args.task, eval_examples, predictions).items()})
@@ -456,16 +500,24 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     if not eval_examples:
         _save(engine, tokenizer, out / "best")
         best_metrics = record
-    results = {**best_metrics, "task": args.task, "world_size": world, "precision": precision,
-               "skipped_rows": data.bad.skipped, "args": asdict(args)}
+    results = {
+        **best_metrics,
+        "task": args.task,
+        "world_size": world,
+        "precision": precision,
+        "skipped_rows": data.bad.skipped,
+        "args": asdict(args),
+    }
     if rank == 0:
         write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
     if args.predict:
         if rank == 0:
             best_model = type(model).from_pretrained(out / "best").to(device)
             examples = data.read(args.predict, labelled=args.task == "qa")
-            lines = [json.dumps({"where": ex.where, "prediction": p})
-                     for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)]
+            lines = [
+                json.dumps({"where": ex.where, "prediction": p})
+                for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)
+            ]
             write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
         engine.barrier()
     return results

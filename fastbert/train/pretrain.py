@@ -88,8 +88,9 @@ def init_distributed(timeout_s: float) -> None:
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain process: a world of one
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
     timeout = timedelta(seconds=timeout_s)
     # DeepSpeed runs its collectives on groups of its own (``dist.new_group`` with no timeout: a clone of the world
     # for data parallelism, ZeRO's groups), and torch gives such a group its default timeout (30 minutes for gloo),
@@ -109,10 +110,10 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
     else:
         config = BertConfig.from_json_file(args.model)
         if config.vocab_size != vocab_size:
-            raise TrainingSetupError(f"{args.model}: vocab_size {config.vocab_size} but the data's vocabulary has "
-                                     f"{vocab_size} tokens")
-    changes = {"sentence_objective": objective,
-               "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
+            raise TrainingSetupError(
+                f"{args.model}: vocab_size {config.vocab_size} but the data's vocabulary has {vocab_size} tokens"
+            )
+    changes = {"sentence_objective": objective, "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
     if args.dropout is not None:
         changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     return config.replace(**changes)
@@ -133,19 +134,26 @@ def _ds_config(args: PretrainArgs) -> dict:
             if key in config:
                 raise TrainingSetupError(f"{args.deepspeed}: {key} comes from --global-batch/--micro-batch; remove it")
         if config.get("optimizer") or config.get("scheduler"):
-            raise TrainingSetupError(f"{args.deepspeed}: the optimizer and schedule are fastbert's LAMB; remove "
-                                     f"'optimizer'/'scheduler'")
+            raise TrainingSetupError(
+                f"{args.deepspeed}: the optimizer and schedule are fastbert's LAMB; remove 'optimizer'/'scheduler'"
+            )
     if args.zero_stage == 3 or config.get("zero_optimization", {}).get("stage") == 3:
-        raise TrainingSetupError("ZeRO-3 is not supported with LAMB: ZeRO-3 partitions parameters so that LAMB's "
-                                 "per-parameter trust ratio cannot be formed from the local partition; use "
-                                 "--zero-stage 1 or 2 (they give the same update as no ZeRO)")
+        raise TrainingSetupError(
+            "ZeRO-3 is not supported with LAMB: ZeRO-3 partitions parameters so that LAMB's "
+            "per-parameter trust ratio cannot be formed from the local partition; use "
+            "--zero-stage 1 or 2 (they give the same update as no ZeRO)"
+        )
     if args.precision not in PRECISIONS:
         raise TrainingSetupError(f"--precision must be one of {', '.join(PRECISIONS)}, got {args.precision!r}")
     if args.precision == "fp16" and not torch.cuda.is_available():
         raise TrainingSetupError("fp16 needs a GPU (DeepSpeed refuses it on CPU); use --precision bf16 or fp32")
-    config.update(train_batch_size=args.global_batch, train_micro_batch_size_per_gpu=args.micro_batch,
-                  gradient_clipping=_deepspeed_clipping(args), zero_allow_untested_optimizer=True,
-                  steps_per_print=10**9)
+    config.update(
+        train_batch_size=args.global_batch,
+        train_micro_batch_size_per_gpu=args.micro_batch,
+        gradient_clipping=_deepspeed_clipping(args),
+        zero_allow_untested_optimizer=True,
+        steps_per_print=10**9,
+    )
     config.setdefault("zero_optimization", {})["stage"] = args.zero_stage
     if args.precision == "bf16":
         config["bf16"] = {"enabled": True}
@@ -176,9 +184,15 @@ def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: li
     ``--whole-word`` or by the shards' meta.json (``prepare-data --whole-word``)."""
     whole_word = args.whole_word or bool(dataset.meta.get("whole_word", False))
     continuation_ids = [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if whole_word else []
-    return MaskingCollator(len(vocab_tokens), list(dataset.special_ids.values()), dataset.special_ids["mask"],
-                           seed=args.seed, pad_id=dataset.special_ids["pad"], whole_word=whole_word,
-                           continuation_ids=continuation_ids)
+    return MaskingCollator(
+        len(vocab_tokens),
+        list(dataset.special_ids.values()),
+        dataset.special_ids["mask"],
+        seed=args.seed,
+        pad_id=dataset.special_ids["pad"],
+        whole_word=whole_word,
+        continuation_ids=continuation_ids,
+    )
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -210,12 +224,14 @@ def pretrain(args: PretrainArgs) -> dict:
     run_dir, data_dir = Path(args.out), Path(args.data)
 
     # Everything that can be wrong is checked before the first step.
-    plan_args = dict(global_batch=args.global_batch, micro_batch=args.micro_batch, seed=args.seed, rank=rank,
-                     world_size=world)
+    plan_args = dict(
+        global_batch=args.global_batch, micro_batch=args.micro_batch, seed=args.seed, rank=rank, world_size=world
+    )
     if args.global_batch % (args.micro_batch * world):
         raise TrainingSetupError(
             f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x world size "
-            f"{world} = {args.micro_batch * world}")
+            f"{world} = {args.micro_batch * world}"
+        )
     vocab_tokens, vocab_bytes, tokenizer_config = _read_vocab(data_dir)
     dataset = ShardDataset(data_dir, vocab_tokens=vocab_tokens)
     seq_len = args.seq_len or dataset.seq_len
@@ -234,8 +250,11 @@ def pretrain(args: PretrainArgs) -> dict:
     source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
     if source is not None:
         saved = BertConfig.from_json_file(source / "config.json")
-        diff = {k: (v, getattr(config, k)) for k, v in asdict(saved).items()
-                if getattr(config, k) != v and k != "max_position_embeddings"}
+        diff = {
+            k: (v, getattr(config, k))
+            for k, v in asdict(saved).items()
+            if getattr(config, k) != v and k != "max_position_embeddings"
+        }
         if diff:
             detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
             raise TrainingSetupError(f"{source}: the model config does not match this run ({detail})")
@@ -248,17 +267,23 @@ def pretrain(args: PretrainArgs) -> dict:
 
     torch.manual_seed(args.seed)
     model = BertForPreTraining(config)
-    optimizer = Lamb(parameter_groups(model, args.weight_decay), lr=args.lr,
-                     max_grad_norm=args.grad_clip if args.grad_clip > 0 else None, max_trust_ratio=args.max_trust_ratio)
+    optimizer = Lamb(
+        parameter_groups(model, args.weight_decay),
+        lr=args.lr,
+        max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
+        max_trust_ratio=args.max_trust_ratio,
+    )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     try:
         optimizer.attach_to_engine(engine, list(model.parameters()))
     except LambSetupError as e:
         raise TrainingSetupError(str(e)) from e
     if optimizer.partitioned != (args.zero_stage in (1, 2)):
-        raise TrainingSetupError(f"DeepSpeed built {type(engine.optimizer).__name__} for --zero-stage "
-                                 f"{args.zero_stage}, which fastbert has not been tested with (gradient clipping "
-                                 "would be applied twice or not at all)")
+        raise TrainingSetupError(
+            f"DeepSpeed built {type(engine.optimizer).__name__} for --zero-stage "
+            f"{args.zero_stage}, which fastbert has not been tested with (gradient clipping "
+            "would be applied twice or not at all)"
+        )
 
     start_step = 0
     if resume_from is not None:
@@ -275,12 +300,20 @@ def pretrain(args: PretrainArgs) -> dict:
 
     collate = masking_collator(args, dataset, vocab_tokens)
     loader = torch.utils.data.DataLoader(
-        MicroBatchDataset(dataset, plan, collate), batch_size=None, num_workers=args.loader_workers,
-        sampler=range(start_position, args.steps * plan.accumulation), persistent_workers=False,
-        pin_memory=engine.device.type == "cuda", worker_init_fn=_loader_worker_init if args.loader_workers else None)
+        MicroBatchDataset(dataset, plan, collate),
+        batch_size=None,
+        num_workers=args.loader_workers,
+        sampler=range(start_position, args.steps * plan.accumulation),
+        persistent_workers=False,
+        pin_memory=engine.device.type == "cuda",
+        worker_init_fn=_loader_worker_init if args.loader_workers else None,
+    )
 
-    files = {"config.json": config.to_json_string("BertForPreTraining").encode(), "vocab.txt": vocab_bytes,
-             "tokenizer_config.json": tokenizer_config}
+    files = {
+        "config.json": config.to_json_string("BertForPreTraining").encode(),
+        "vocab.txt": vocab_bytes,
+        "tokenizer_config.json": tokenizer_config,
+    }
     metrics_path = run_dir / "metrics.jsonl"
     writer = None
     bar = None
@@ -291,8 +324,11 @@ def pretrain(args: PretrainArgs) -> dict:
         write_atomic(run_dir / "args.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
         kept = []
         if metrics_path.exists():  # on resume, the steps after the checkpoint will be logged again
-            kept = [line for line in metrics_path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= start_step]
+            kept = [
+                line
+                for line in metrics_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= start_step
+            ]
         write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -307,8 +343,10 @@ def pretrain(args: PretrainArgs) -> dict:
 
     peak = peak_flops(engine.device, args.precision)
     if peak is None and engine.device.type == "cuda" and rank == 0:
-        log.warning("%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
-                    torch.cuda.get_device_name(engine.device))
+        log.warning(
+            "%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
+            torch.cuda.get_device_name(engine.device),
+        )
     stop = _StopRequest()
     last: dict = {}
     step = start_step
@@ -322,27 +360,42 @@ def pretrain(args: PretrainArgs) -> dict:
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(plan.accumulation)]
-            sums = optimizer_step(engine, micro_batches, world,
-                                  skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
-                                  stop=stop.requested)
+            sums = optimizer_step(
+                engine,
+                micro_batches,
+                world,
+                skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
+                stop=stop.requested,
+            )
             values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
             step += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
             skipped = values["skipped"] > 0
-            last = {"step": step, **step_metrics(values, objective != "none"), "lr": lr,
-                    "grad_norm": None if skipped or grad_norm is None else float(grad_norm), "skipped": skipped,
-                    "tokens_per_s": values["tokens"] / elapsed, "samples_per_s": values["sequences"] / elapsed}
+            last = {
+                "step": step,
+                **step_metrics(values, objective != "none"),
+                "lr": lr,
+                "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
+                "skipped": skipped,
+                "tokens_per_s": values["tokens"] / elapsed,
+                "samples_per_s": values["sequences"] / elapsed,
+            }
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
             if peak is not None:
-                model_flops = training_flops(config, tokens=int(values["tokens"]),
-                                             squared_lengths=int(values["squared_lengths"]),
-                                             sequences=int(values["sequences"]), masked=int(values["masked"]))
+                model_flops = training_flops(
+                    config,
+                    tokens=int(values["tokens"]),
+                    squared_lengths=int(values["squared_lengths"]),
+                    sequences=int(values["sequences"]),
+                    masked=int(values["masked"]),
+                )
                 last["mfu"] = model_flops / elapsed / (peak * world)
             if last["skipped"]:
-                log.warning("step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)",
-                            step)
+                log.warning(
+                    "step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)", step
+                )
             if rank == 0:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(last) + "\n")
@@ -352,12 +405,14 @@ def pretrain(args: PretrainArgs) -> dict:
                             writer.add_scalar(f"train/{key}", float(value), step)
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{last['loss']:.3f}", mlm=f"{last['mlm_accuracy']:.3f}",
-                                    seq_s=f"{last['samples_per_s']:.1f}")
+                    bar.set_postfix(
+                        loss=f"{last['loss']:.3f}",
+                        mlm=f"{last['mlm_accuracy']:.3f}",
+                        seq_s=f"{last['samples_per_s']:.1f}",
+                    )
             stopping = values["stop"] > 0
             if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
-                client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation),
-                                "args": asdict(args)}
+                client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation), "args": asdict(args)}
                 path = checkpoint.save(engine, run_dir, step, client_state, files, args.keep)
                 if rank == 0:
                     log.info("saved %s", path)

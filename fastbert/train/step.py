@@ -19,12 +19,30 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-MODEL_INPUTS = ("input_ids", "token_type_ids", "position_ids", "labels", "next_sentence_label", "cu_seqlens",
-                "max_seqlen")
+MODEL_INPUTS = (
+    "input_ids",
+    "token_type_ids",
+    "position_ids",
+    "labels",
+    "next_sentence_label",
+    "cu_seqlens",
+    "max_seqlen",
+)
 # What a step sums over micro-batches and ranks (one all-reduce): loss sums and correct predictions weighted by
 # their counts, the counts, tokens and sequences for throughput and FLOPs, and two flags any rank may raise.
-SUMS = ("mlm_loss", "mlm_correct", "masked", "sentence_loss", "sentence_correct", "sentences", "tokens",
-        "sequences", "squared_lengths", "skipped", "stop")
+SUMS = (
+    "mlm_loss",
+    "mlm_correct",
+    "masked",
+    "sentence_loss",
+    "sentence_correct",
+    "sentences",
+    "tokens",
+    "sequences",
+    "squared_lengths",
+    "skipped",
+    "stop",
+)
 
 
 def counts(batch: dict) -> tuple[int, int]:
@@ -36,12 +54,21 @@ def counts(batch: dict) -> tuple[int, int]:
 def to_device(batch: dict, device: torch.device) -> dict:
     """The model inputs of ``batch`` on ``device``: the one place a batch crosses to the engine (pinned host memory
     makes the copy asynchronous)."""
-    return {k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-            for k in MODEL_INPUTS if k in batch}
+    return {
+        k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
+        for k in MODEL_INPUTS
+        if k in batch
+    }
 
 
-def optimizer_step(engine, micro_batches: Sequence[dict], world_size: int, skipped: Callable[[], bool],
-                   stop: bool = False, all_reduce: Callable = dist.all_reduce) -> torch.Tensor:
+def optimizer_step(
+    engine,
+    micro_batches: Sequence[dict],
+    world_size: int,
+    skipped: Callable[[], bool],
+    stop: bool = False,
+    all_reduce: Callable = dist.all_reduce,
+) -> torch.Tensor:
     """Run the micro-batches of one optimizer step through ``engine`` (forward, backward, ``step``); returns the
     ``SUMS`` over every micro-batch and rank, a float64 tensor on ``engine.device``.
 
@@ -65,10 +92,18 @@ def optimizer_step(engine, micro_batches: Sequence[dict], world_size: int, skipp
         engine.backward(loss)
         engine.step()
     lengths = [b["cu_seqlens"].diff() for b in micro_batches]
-    host = torch.tensor([sum(m for m, _ in local), sum(s for _, s in local),
-                         sum(b["input_ids"].numel() for b in micro_batches), sum(x.numel() for x in lengths),
-                         sum(int(x.square().sum()) for x in lengths), float(skipped()), float(stop)],
-                        dtype=torch.float64).to(device)
+    host = torch.tensor(
+        [
+            sum(m for m, _ in local),
+            sum(s for _, s in local),
+            sum(b["input_ids"].numel() for b in micro_batches),
+            sum(x.numel() for x in lengths),
+            sum(int(x.square().sum()) for x in lengths),
+            float(skipped()),
+            float(stop),
+        ],
+        dtype=torch.float64,
+    ).to(device)
     sums = torch.cat([found[:2], host[:1], found[2:], host[1:]])
     all_reduce(sums)
     return sums
@@ -77,9 +112,13 @@ def optimizer_step(engine, micro_batches: Sequence[dict], world_size: int, skipp
 def step_metrics(s: dict[str, float], sentence_objective: bool) -> dict:
     """Losses and accuracies of a step from its ``SUMS`` read back to the host (name -> value)."""
     masked, sentences = max(s["masked"], 1.0), max(s["sentences"], 1.0)
-    metrics = {"loss": s["mlm_loss"] / masked + (s["sentence_loss"] / sentences if sentence_objective else 0.0),
-               "mlm_loss": s["mlm_loss"] / masked, "mlm_accuracy": s["mlm_correct"] / masked}
+    metrics = {
+        "loss": s["mlm_loss"] / masked + (s["sentence_loss"] / sentences if sentence_objective else 0.0),
+        "mlm_loss": s["mlm_loss"] / masked,
+        "mlm_accuracy": s["mlm_correct"] / masked,
+    }
     if sentence_objective:
-        metrics.update(sentence_loss=s["sentence_loss"] / sentences,
-                       sentence_accuracy=s["sentence_correct"] / sentences)
+        metrics.update(
+            sentence_loss=s["sentence_loss"] / sentences, sentence_accuracy=s["sentence_correct"] / sentences
+        )
     return metrics

@@ -7,6 +7,8 @@ import os
 import sys
 
 if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
-    raise RuntimeError("triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
-                       "run the kernel tests on their own: python -m pytest tests/kernels")
+    raise RuntimeError(
+        "triton was imported before tests/kernels/conftest.py could set TRITON_INTERPRET=1; "
+        "run the kernel tests on their own: python -m pytest tests/kernels"
+    )
 os.environ["TRITON_INTERPRET"] = "1"

@@ -42,7 +42,7 @@ class GuardedBuffers:
         fill = float("nan") if dtype.is_floating_point else True if dtype == torch.bool else INT_SENTINEL
         buffer = torch.full((numel + 2 * margin,), fill, dtype=dtype)
         self._buffers.append((name, buffer, numel, margin))
-        return buffer[margin:margin + numel].view(shape)
+        return buffer[margin : margin + numel].view(shape)
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """Stand-in for ``torch.empty``: a NaN-filled (or sentinel-filled) tensor with guarded margins."""
@@ -59,13 +59,14 @@ class GuardedBuffers:
         """Every margin still holds its fill value."""
         assert self._buffers, "no guarded buffer was used: the test does not exercise the guards"
         for name, buffer, numel, width in self._buffers:
-            for side, margin in (("before", buffer[:width]), ("after", buffer[width + numel:])):
+            for side, margin in (("before", buffer[:width]), ("after", buffer[width + numel :])):
                 if buffer.dtype.is_floating_point:
                     touched = (~torch.isnan(margin)).nonzero().flatten()
                 else:
                     touched = (margin != (True if buffer.dtype == torch.bool else INT_SENTINEL)).nonzero().flatten()
                 assert touched.numel() == 0, (
-                    f"{name}: margin {side} the tensor was written at offsets {touched[:8].tolist()}")
+                    f"{name}: margin {side} the tensor was written at offsets {touched[:8].tolist()}"
+                )
 
 
 @contextlib.contextmanager
@@ -95,9 +96,16 @@ def rounded_magnitude(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.detach().double().abs().clamp(min=torch.finfo(dtype).smallest_normal)
 
 
-def rounding_tolerance(ref: torch.Tensor, dtype: torch.dtype, *, rounded: Sequence[torch.Tensor] = (),
-                       sum_abs: torch.Tensor | None = None, ops: int = 0, operand_l2: torch.Tensor | None = None,
-                       operand_dtype: torch.dtype | None = None) -> torch.Tensor:
+def rounding_tolerance(
+    ref: torch.Tensor,
+    dtype: torch.dtype,
+    *,
+    rounded: Sequence[torch.Tensor] = (),
+    sum_abs: torch.Tensor | None = None,
+    ops: int = 0,
+    operand_l2: torch.Tensor | None = None,
+    operand_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """Elementwise bound on ``|fused - ref|`` for an output the kernel computes in float32 and rounds to ``dtype``:
 
         u·(|ref| + Σ|rounded|) + (1 + u)·(ops·2^-24·sum_abs + 4·u_op·operand_l2) + u·rms(ref)
@@ -135,7 +143,8 @@ def assert_within(name: str, fused: torch.Tensor, ref: torch.Tensor, allowed: to
         raise AssertionError(
             f"{name}: {int(bad.sum())} of {bad.numel()} elements off; worst at flat index {worst}: error "
             f"{error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g} "
-            f"(fused {fused.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g})")
+            f"(fused {fused.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g})"
+        )
 
 
 @dataclass(frozen=True)
@@ -188,8 +197,9 @@ def forbid(monkeypatch, owner, name: str, why: str) -> None:
     monkeypatch.setattr(owner, name, lambda *args, **kwargs: pytest.fail(f"{why} ({owner.__name__}.{name} called)"))
 
 
-def assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, ulps: float = 4.0,
-                 magnitude: float = 1e-3) -> None:
+def assert_close(
+    name: str, fused: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, ulps: float = 4.0, magnitude: float = 1e-3
+) -> None:
     """Whole-model float32 comparisons only: ``fused`` may be off ``ref`` by twice ``|low - ref|`` + atol.
 
     ``atol`` is ``ulps`` units in the last place of ``fused``'s dtype at the largest reference magnitude: what a
@@ -207,4 +217,5 @@ def assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, low: torch.T
     worst = (error - allowed).flatten().argmax()
     assert bool((error <= allowed).all()), (
         f"{name}: error {error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g} at flat "
-        f"index {worst.item()} (fused {fused.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g})")
+        f"index {worst.item()} (fused {fused.flatten()[worst].item():.6g}, ref {ref.flatten()[worst].item():.6g})"
+    )

@@ -29,8 +29,12 @@ def test_every_configuration_compiles_without_spills_within_shared_memory(module
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # jit functions must be compilable
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, stated so that triton does not warn about it
-    subprocess.run([sys.executable, "-m", "fastbert.kernels.aot", "--modules", module, "--out", str(RESULTS)],
-                   env=env, check=True, timeout=900)
+    subprocess.run(
+        [sys.executable, "-m", "fastbert.kernels.aot", "--modules", module, "--out", str(RESULTS)],
+        env=env,
+        check=True,
+        timeout=900,
+    )
     rows = [row for row in json.loads(RESULTS.read_text())["kernels"] if row["module"] == module]
 
     assert rows, f"no rows for {module}"
@@ -61,8 +65,10 @@ def test_specs_cover_every_configuration_the_launchers_pick():
     for kernel in ("forward", "dkdv", "dq"):
         for head_dim in attention.HEAD_DIMS:
             cfg = attention.config(head_dim, kernel)
-            assert any(spec["config"] == {**cfg, "kernel": kernel, "head_dim": head_dim, "dtype": "bf16"}
-                       for spec in attention.aot_specs())
+            assert any(
+                spec["config"] == {**cfg, "kernel": kernel, "head_dim": head_dim, "dtype": "bf16"}
+                for spec in attention.aot_specs()
+            )
     assert len(mlm_loss.aot_specs()) == 3
 
 

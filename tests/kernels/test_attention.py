@@ -86,14 +86,23 @@ def _sequence_reference(q, k, v, do, o, scale, dtype=torch.float32):
 
 def _compare_all(outputs, reference, ops):
     """``outputs``: name -> the kernel's tensor; ``reference``: name -> (ref, sum_abs, operand_l2)."""
-    return {name: compare(name, fused, reference[name][0], sum_abs=reference[name][1], ops=ops,
-                          operand_l2=reference[name][2]) for name, fused in outputs.items()}
+    return {
+        name: compare(
+            name, fused, reference[name][0], sum_abs=reference[name][1], ops=ops, operand_l2=reference[name][2]
+        )
+        for name, fused in outputs.items()
+    }
 
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 VARLEN_CASES = [  # sequence lengths, head_dim
-    ([1, 37, 128], 32), ([1, 37, 128], 64), ([1, 37, 128], 128),
-    ([100], 64), ([129], 64), ([1], 128), ([5, 0, 17], 32),
+    ([1, 37, 128], 32),
+    ([1, 37, 128], 64),
+    ([1, 37, 128], 128),
+    ([100], 64),
+    ([129], 64),
+    ([1], 128),
+    ([5, 0, 17], 32),
 ]
 
 
@@ -107,8 +116,9 @@ def varlen_comparisons(lengths: tuple[int, ...], head_dim: int, dtype: torch.dty
     guard = GuardedBuffers()
     with patched(kernel, _empty=guard.empty):
         guarded_cu = guard.place(cu)
-        out, grad = _varlen(lambda q, k, v: kernel.attention(q, k, v, guarded_cu, max_seqlen), qkv, do, dtype,
-                            guard.place)
+        out, grad = _varlen(
+            lambda q, k, v: kernel.attention(q, k, v, guarded_cu, max_seqlen), qkv, do, dtype, guard.place
+        )
     guard.check()
     assert out.dtype == grad.dtype == dtype
 
@@ -116,8 +126,9 @@ def varlen_comparisons(lengths: tuple[int, ...], head_dim: int, dtype: torch.dty
     parts = {name: [] for name in ("out", "dq", "dk", "dv")}
     for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         q, k, v = (qkv[lo:hi, i].double().transpose(0, 1) for i in range(3))
-        sequence = _sequence_reference(q, k, v, do[lo:hi].double().transpose(0, 1),
-                                       out[lo:hi].detach().double().transpose(0, 1), scale, dtype)
+        sequence = _sequence_reference(
+            q, k, v, do[lo:hi].double().transpose(0, 1), out[lo:hi].detach().double().transpose(0, 1), scale, dtype
+        )
         for name, tensors in sequence.items():
             parts[name].append([x.transpose(0, 1) for x in tensors])
     reference = {name: [torch.cat(column) for column in zip(*chunks, strict=True)] for name, chunks in parts.items()}
@@ -168,8 +179,15 @@ def padded_comparisons(dtype: torch.dtype) -> dict[str, Comparison]:
     rows = []
     for b, n in enumerate(lengths):
         q, k, v = (qkv[b, :, i].double().transpose(0, 1) for i in range(3))
-        sequence = _sequence_reference(q, k[:, :n], v[:, :n], do[b].double().transpose(0, 1),
-                                       out[b].detach().double().transpose(0, 1), PADDED_SCALE, dtype)
+        sequence = _sequence_reference(
+            q,
+            k[:, :n],
+            v[:, :n],
+            do[b].double().transpose(0, 1),
+            out[b].detach().double().transpose(0, 1),
+            PADDED_SCALE,
+            dtype,
+        )
         for name in ("dk", "dv"):  # keys past the valid ones: zero gradient
             sequence[name] = [torch.cat([x, x.new_zeros(HEADS, seq - n, head_dim)], dim=1) for x in sequence[name]]
         rows.append({name: [x.transpose(0, 1) for x in tensors] for name, tensors in sequence.items()})
@@ -213,19 +231,23 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(head_dim, monk
     def clone(t, requires_grad=False):
         return t.clone().requires_grad_(requires_grad)
 
-    out_ref, g_ref = _varlen(lambda q, k, v: kernel.reference(q, k, v, cu, max_seqlen, keep=keep, dropout_p=p), qkv,
-                             do, torch.float32, clone)
-    out, grad = _varlen(lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do,
-                        torch.float32, guard.place)
+    out_ref, g_ref = _varlen(
+        lambda q, k, v: kernel.reference(q, k, v, cu, max_seqlen, keep=keep, dropout_p=p), qkv, do, torch.float32, clone
+    )
+    out, grad = _varlen(
+        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do, torch.float32, guard.place
+    )
     guard.check()
     assert_close("out", out, out_ref, out_ref, ulps=16)
     for i, name in enumerate(("dq", "dk", "dv")):
         assert_close(name, grad[:, i], g_ref[:, i], g_ref[:, i], ulps=16 + max_seqlen**0.5)
 
-    again, _ = _varlen(lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do,
-                       torch.float32, clone)
-    other, _ = _varlen(lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed + 1), qkv, do,
-                       torch.float32, clone)
+    again, _ = _varlen(
+        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do, torch.float32, clone
+    )
+    other, _ = _varlen(
+        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed + 1), qkv, do, torch.float32, clone
+    )
     assert torch.equal(again, out), "the same seed must give the same mask"
     assert not torch.equal(other, out), "a different seed must give a different mask"
 

@@ -31,8 +31,10 @@ def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
 
 def _groups(params: list[torch.Tensor], weight_decay: float = 0.01) -> list[dict]:
     decay = [p for i, p in enumerate(params) if i not in NO_DECAY]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": [params[i] for i in sorted(NO_DECAY)],
-                                                              "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": [params[i] for i in sorted(NO_DECAY)], "weight_decay": 0.0},
+    ]
 
 
 def _set_grads(params: list[torch.Tensor], step: int, scale: float) -> None:
@@ -57,8 +59,9 @@ def _step(opt: Lamb, backend: str) -> None:
             os.environ["FASTBERT_BACKEND"] = saved
 
 
-def _assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, rtol: float, ulps: float,
-                  scale: torch.Tensor | None = None) -> None:
+def _assert_close(
+    name: str, fused: torch.Tensor, ref: torch.Tensor, rtol: float, ulps: float, scale: torch.Tensor | None = None
+) -> None:
     """Elementwise ``|fused - ref| <= rtol * scale + ulps * eps(fp32) * max|ref|``, ``scale`` being ``|ref|`` unless
     given: a relative error plus a few roundings at the tensor's magnitude. Moments pass their largest magnitude as
     the scale (exp_avg cancels: a relative difference in the clip factor shows at the size of the terms)."""
@@ -69,7 +72,8 @@ def _assert_close(name: str, fused: torch.Tensor, ref: torch.Tensor, rtol: float
     worst = (error - allowed).flatten().argmax()
     assert bool((error <= allowed).all()), (
         f"{name}: error {error.flatten()[worst].item():.3g} > allowed {allowed.flatten()[worst].item():.3g} at "
-        f"{worst.item()} (fused {fused.flatten()[worst].item():.8g}, ref {ref.flatten()[worst].item():.8g})")
+        f"{worst.item()} (fused {fused.flatten()[worst].item():.8g}, ref {ref.flatten()[worst].item():.8g})"
+    )
 
 
 STEP_OPS = 16  # the float32 steps of the two paths differ by ulps of the step: norms summed in other orders
@@ -84,8 +88,9 @@ def _weight_comparison(name: str, fused: torch.Tensor, torch_path: torch.Tensor,
     return Comparison(name, fused.detach().clone(), ref, allowed, base=before.detach().clone())
 
 
-def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, step: int,
-                      moment_rtol: float) -> list[Comparison]:
+def _compare_and_sync(
+    fused: Lamb, ref: Lamb, fused_params, ref_params, before, step: int, moment_rtol: float
+) -> list[Comparison]:
     """One step of both paths: the moments compared, the weights' comparisons (against the step torch took)
     returned, then the fused side reset to torch's numbers so that the next step compares one step again, not
     accumulated rounding."""
@@ -95,8 +100,14 @@ def _compare_and_sync(fused: Lamb, ref: Lamb, fused_params, ref_params, before, 
         weights.append(_weight_comparison(f"param {i} {tuple(a.shape)} step {step}", a, b, w0))
         for name in ("exp_avg", "exp_avg_sq"):
             moment = ref.state[b][name]
-            _assert_close(f"{name} {i} step {step}", fused.state[a][name], moment, moment_rtol, 4,
-                          scale=moment.abs().max().expand(moment.shape))
+            _assert_close(
+                f"{name} {i} step {step}",
+                fused.state[a][name],
+                moment,
+                moment_rtol,
+                4,
+                scale=moment.abs().max().expand(moment.shape),
+            )
             fused.state[a][name].copy_(ref.state[b][name])
         a.data.copy_(b.detach())
     return weights
@@ -168,8 +179,13 @@ def _fake_zero(sizes: list[int], bounds: list[tuple[int, int]]) -> list[tuple[in
         mappings = []
         for index in range(len(sizes)):
             a, b = max(lo, offsets[index]), min(hi, offsets[index + 1])
-            mappings.append(None if a >= b else SimpleNamespace(
-                param_group_index=0, hp_fragment_address=SimpleNamespace(start=a - lo, numel=b - a)))
+            mappings.append(
+                None
+                if a >= b
+                else SimpleNamespace(
+                    param_group_index=0, hp_fragment_address=SimpleNamespace(start=a - lo, numel=b - a)
+                )
+            )
         out.append((lo, hi - lo, mappings))
     return out
 
@@ -191,11 +207,23 @@ def test_two_simulated_ranks_match_whole_parameters():
     flats = []
     for lo, numel, mappings in ranks:
         w = torch.zeros(numel + PADDING)
-        w[:numel] = torch.cat([x.detach() for x in whole])[lo:lo + numel]
-        layout = kernel.TensorLayout(numel + PADDING, torch.float32, torch.float32, tuple(
-            (i, m.hp_fragment_address.start, m.hp_fragment_address.numel) for i, m in enumerate(mappings) if m))
-        flats.append(SimpleNamespace(lo=lo, numel=numel, w=w, m=torch.zeros_like(w), v=torch.zeros_like(w),
-                                     plan=kernel.plan_chunks([layout], len(sizes), torch.device("cpu"))))
+        w[:numel] = torch.cat([x.detach() for x in whole])[lo : lo + numel]
+        layout = kernel.TensorLayout(
+            numel + PADDING,
+            torch.float32,
+            torch.float32,
+            tuple((i, m.hp_fragment_address.start, m.hp_fragment_address.numel) for i, m in enumerate(mappings) if m),
+        )
+        flats.append(
+            SimpleNamespace(
+                lo=lo,
+                numel=numel,
+                w=w,
+                m=torch.zeros_like(w),
+                v=torch.zeros_like(w),
+                plan=kernel.plan_chunks([layout], len(sizes), torch.device("cpu")),
+            )
+        )
     for step in range(2):
         _set_grads(whole, step, 0.3)
         flat_grad = torch.cat([x.grad for x in whole])
@@ -203,7 +231,7 @@ def test_two_simulated_ranks_match_whole_parameters():
         grad_sq = 0.0
         for f in flats:
             f.g = torch.zeros_like(f.w)
-            f.g[:f.numel] = flat_grad[f.lo:f.lo + f.numel]
+            f.g[: f.numel] = flat_grad[f.lo : f.lo + f.numel]
             grad_sq += kernel.grad_square_sum(f.plan, [f.g]).item()
         assert grad_sq == pytest.approx(flat_grad.square().sum().item(), rel=1e-6)
         clip = min(1.0, 0.5 / (grad_sq**0.5 + 1e-6))
@@ -211,9 +239,9 @@ def test_two_simulated_ranks_match_whole_parameters():
         sums = sum(kernel.moments_and_norms(f.plan, [f.w], [f.g], [f.m], [f.v], hyper, clip) for f in flats)
         for f in flats:
             kernel.apply_update(f.plan, [f.w], [f.m], [f.v], hyper, sums)
-        weights = torch.cat([f.w[:f.numel] for f in flats]).split(sizes)
-        exp_avg_sqs = torch.cat([f.v[:f.numel] for f in flats]).split(sizes)
-        exp_avgs = torch.cat([f.m[:f.numel] for f in flats]).split(sizes)
+        weights = torch.cat([f.w[: f.numel] for f in flats]).split(sizes)
+        exp_avg_sqs = torch.cat([f.v[: f.numel] for f in flats]).split(sizes)
+        exp_avgs = torch.cat([f.m[: f.numel] for f in flats]).split(sizes)
         for i, (x, w, m, v) in enumerate(zip(whole, weights, exp_avgs, exp_avg_sqs, strict=True)):
             # No resync here: step 2's weights carry step 1's rounding, a few ulps at most.
             _assert_close(f"weight {i} step {step}", w, x, 1e-6, 4)
@@ -221,7 +249,7 @@ def test_two_simulated_ranks_match_whole_parameters():
                 want = ref.state[x][name]
                 _assert_close(f"{name} {i} step {step}", got, want, 3e-6, 4, scale=want.abs().max().expand(want.shape))
         for f in flats:
-            assert torch.equal(f.w[f.numel:], torch.zeros(PADDING))  # padding stays zero
+            assert torch.equal(f.w[f.numel :], torch.zeros(PADDING))  # padding stays zero
 
 
 def test_optimizer_fragment_path_fused_matches_torch():
@@ -256,16 +284,23 @@ def test_optimizer_fragment_path_fused_matches_torch():
 def _aligned_guarded(guards: list, tensor: torch.Tensor, margin: int = 1024) -> torch.Tensor:
     """Like ``GuardedBuffers.place`` but 16-byte aligned (a margin of 1024 elements), so the fast path runs."""
     buffer = torch.full((tensor.numel() + 2 * margin,), float("nan"), dtype=tensor.dtype)
-    view = buffer[margin:margin + tensor.numel()].view(tensor.shape)
+    view = buffer[margin : margin + tensor.numel()].view(tensor.shape)
     view.copy_(tensor)
     guards.append((buffer, margin, tensor.numel()))
     assert view.data_ptr() % 16 == 0
     return view
 
 
-@pytest.mark.parametrize("weight_dtype,grad_dtype", [
-    (torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
-    (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+@pytest.mark.parametrize(
+    "weight_dtype,grad_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float32, torch.bfloat16),
+        (torch.bfloat16, torch.bfloat16),
+        (torch.float16, torch.float16),
+        (torch.bfloat16, torch.float32),
+    ],
+)
 def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
     """Every tensor and every buffer the launchers allocate sits between NaN margins; fast (aligned, full chunk)
     and masked chunks both run; results match ``kernel.reference`` element for element."""
@@ -283,18 +318,24 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
         tensors["v"].append(place(torch.rand(n, generator=gen) * 1e-5))
     # Two tensors hold fragments of parameter 0 (kept out of the dtype split: same dtypes); the last has a gap.
     layouts = [kernel.TensorLayout(n, weight_dtype, grad_dtype, ((i, 0, n),)) for i, n in enumerate(sizes)]
-    layouts[-1] = kernel.TensorLayout(sizes[-1], weight_dtype, grad_dtype, ((5, 0, kernel.CHUNK), (6, kernel.CHUNK + 9,
-                                                                                                    kernel.CHUNK - 9)))
+    layouts[-1] = kernel.TensorLayout(
+        sizes[-1], weight_dtype, grad_dtype, ((5, 0, kernel.CHUNK), (6, kernel.CHUNK + 9, kernel.CHUNK - 9))
+    )
     num_params = 8  # parameter 7 has no fragment here
     plan = kernel.plan_chunks(layouts, num_params, torch.device("cpu"))
     launch = plan.launches[0]
     addresses = kernel._addresses(launch, tensors["w"], tensors["g"], tensors["m"], tensors["v"])
-    fast_rows = [row for row, start, numel, _ in launch.chunks.tolist() if numel == kernel.CHUNK
-                 and addresses[row, 4] == 1]
+    fast_rows = [
+        row for row, start, numel, _ in launch.chunks.tolist() if numel == kernel.CHUNK and addresses[row, 4] == 1
+    ]
     assert fast_rows, "no chunk takes the fast path"
     ref = {name: [t.detach().clone() for t in ts] for name, ts in tensors.items()}
-    hyper = [kernel.hyperparameters(0.01 * (i + 1), (0.9, 0.999), 1e-6, 0.01 if i % 2 else 0.0, 3 + i,
-                                    None if i == 2 else 5.0) for i in range(len(sizes))]
+    hyper = [
+        kernel.hyperparameters(
+            0.01 * (i + 1), (0.9, 0.999), 1e-6, 0.01 if i % 2 else 0.0, 3 + i, None if i == 2 else 5.0
+        )
+        for i in range(len(sizes))
+    ]
     grad_sq = kernel.grad_square_sum(plan, tensors["g"])
     expected = sum(g.float().square().sum() for g in ref["g"])
     assert grad_sq.item() == pytest.approx(expected.item(), rel=1e-6)
@@ -308,11 +349,16 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
             assert_no_nan(f"{name}[{i}]", got)
             ulps = 1 if got.dtype == torch.float32 else 0.5
             atol = ulps * torch.finfo(got.dtype).eps * want.float().abs().max().item()
-            torch.testing.assert_close(got.float(), want.float(), rtol=1e-6 if got.dtype == torch.float32 else 0,
-                                       atol=atol, msg=lambda m, name=name, i=i: f"{name}[{i}]: {m}")
+            torch.testing.assert_close(
+                got.float(),
+                want.float(),
+                rtol=1e-6 if got.dtype == torch.float32 else 0,
+                atol=atol,
+                msg=lambda m, name=name, i=i: f"{name}[{i}]: {m}",
+            )
     guards.check()
     for buffer, margin, numel in aligned:
-        assert buffer[:margin].isnan().all() and buffer[margin + numel:].isnan().all()
+        assert buffer[:margin].isnan().all() and buffer[margin + numel :].isnan().all()
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -323,8 +369,9 @@ def test_non_finite_gradient_changes_nothing(bad, dtype):
     _set_grads(params, 0, 0.1)
     _step(opt, "triton")
     weights = [p.detach().clone() for p in params]
-    state = {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()}
-             for i, p in enumerate(params)}
+    state = {
+        i: {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()} for i, p in enumerate(params)
+    }
     _set_grads(params, 1, 0.1)
     params[1].grad[3, 5] = bad
     _step(opt, "triton")
@@ -376,8 +423,9 @@ def test_plan_chunks_follow_fragments_and_chunk_boundaries():
         assert {r[3] for r in rows[first:end]} == {param}
         assert sum(r[2] for r in rows[first:end]) == dict((p, c) for p, _, c in layout.fragments)[param]
     with pytest.raises(ValueError, match="overlaps"):
-        kernel.plan_chunks([kernel.TensorLayout(10, torch.float32, torch.float32, ((0, 0, 6), (1, 5, 5)))], 2,
-                           torch.device("cpu"))
+        kernel.plan_chunks(
+            [kernel.TensorLayout(10, torch.float32, torch.float32, ((0, 0, 6), (1, 5, 5)))], 2, torch.device("cpu")
+        )
 
 
 def test_non_contiguous_parameter_falls_back_to_torch():

@@ -38,10 +38,10 @@ def _inputs(rows, vocab, width, dtype, ignored, seed):
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [  # rows, vocab, width, rows per block (None: the default, one block), fraction of ignored rows
-    (1, 1000, 64, None, 0.0),     # M = 1, vocab below one BLOCK_V
-    (37, 3001, 96, 10, 0.3),      # rows not a multiple of the row block; vocab not a multiple of BLOCK_V
-    (20, 2048, 384, 7, 0.0),      # vocab an exact multiple of BLOCK_V
-    (9, 1500, 32, None, 1.0),     # no labelled row: loss 0, zero gradients
+    (1, 1000, 64, None, 0.0),  # M = 1, vocab below one BLOCK_V
+    (37, 3001, 96, 10, 0.3),  # rows not a multiple of the row block; vocab not a multiple of BLOCK_V
+    (20, 2048, 384, 7, 0.0),  # vocab an exact multiple of BLOCK_V
+    (9, 1500, 32, None, 1.0),  # no labelled row: loss 0, zero gradients
 ]
 GRAD_LOSS = 1.7
 
@@ -58,6 +58,7 @@ class _LogitsSpy:
         def launch(logits, *args, **kwargs):
             self.blocks.append(logits.detach().clone())
             return self.jit_function[grid](logits, *args, **kwargs)
+
         return launch
 
 
@@ -73,8 +74,9 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     backward scales the saved gradients by ``grad_loss`` in their own dtype: ``grad_loss`` rounded, and the
     result rounded twice. ``d_weight`` also accumulates over row blocks in its dtype, rounding each partial sum."""
     rows, vocab, width, block_rows, ignored = case
-    hidden, weight, bias, labels = (t.to(dtype) if t.is_floating_point() else t
-                                    for t in _inputs(rows, vocab, width, dtype, ignored, seed=rows))
+    hidden, weight, bias, labels = (
+        t.to(dtype) if t.is_floating_point() else t for t in _inputs(rows, vocab, width, dtype, ignored, seed=rows)
+    )
     guard = GuardedBuffers()
     row_kernel = _LogitsSpy(kernel._mlm_loss_rows)
     chunk = kernel.CHUNK_ELEMENTS if block_rows is None else block_rows * vocab + vocab // 2
@@ -111,7 +113,7 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     g2 = rounded_magnitude(g, dtype).square()
     partial, partials = torch.zeros_like(w), []
     for start in range(0, rows - block, block):  # every partial sum but the last is rounded on its own
-        partial = partial + GRAD_LOSS * g[start:start + block].T @ h[start:start + block]
+        partial = partial + GRAD_LOSS * g[start : start + block].T @ h[start : start + block]
         partials.append(partial)
     ops = vocab + rows + 16
     grads = {
@@ -121,13 +123,25 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     }
     out = {
         "logits": compare("logits", z.to(dtype), h @ w.T + b, sum_abs=h.abs() @ w.abs().T + b.abs(), ops=width + 2),
-        "loss": compare("loss", loss, ((lse - target) * valid).sum() / labelled,
-                        sum_abs=((lse.abs() + target.abs() + 1) * valid).sum() / labelled, ops=ops),
+        "loss": compare(
+            "loss",
+            loss,
+            ((lse - target) * valid).sum() / labelled,
+            sum_abs=((lse.abs() + target.abs() + 1) * valid).sum() / labelled,
+            ops=ops,
+        ),
     }
     for name, (fused, ref, sum_abs, operand_l2, partials) in grads.items():
         ref = GRAD_LOSS * ref
-        out[name] = compare(name, fused, ref, rounded=[ref, ref, *partials],
-                            sum_abs=GRAD_LOSS * sum_abs, ops=ops, operand_l2=GRAD_LOSS * operand_l2)
+        out[name] = compare(
+            name,
+            fused,
+            ref,
+            rounded=[ref, ref, *partials],
+            sum_abs=GRAD_LOSS * sum_abs,
+            ops=ops,
+            operand_l2=GRAD_LOSS * operand_l2,
+        )
     return out
 
 

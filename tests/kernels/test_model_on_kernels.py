@@ -23,9 +23,17 @@ def _loss_and_grads(model, batch, backend, monkeypatch):
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True])
 def test_pretraining_loss_and_gradients_match_the_references(pre_layer_norm, monkeypatch):
-    config = BertConfig(vocab_size=1100, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=256, max_position_embeddings=160, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0, pre_layer_norm=pre_layer_norm)
+    config = BertConfig(
+        vocab_size=1100,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=256,
+        max_position_embeddings=160,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pre_layer_norm=pre_layer_norm,
+    )
     torch.manual_seed(0)
     model = BertForPreTraining(config).train()
     lengths = [1, 37, 129]
@@ -33,8 +41,11 @@ def test_pretraining_loss_and_gradients_match_the_references(pre_layer_norm, mon
     ids = torch.randint(5, config.vocab_size, (sum(lengths),), generator=g)
     labels = torch.where(torch.rand(sum(lengths), generator=g) < 0.2, ids, -100)
     batch = {
-        "input_ids": ids, "labels": labels, "next_sentence_label": torch.tensor([0, 1, 1]),
-        "cu_seqlens": torch.tensor([0, 1, 38, 167], dtype=torch.int32), "max_seqlen": 129,
+        "input_ids": ids,
+        "labels": labels,
+        "next_sentence_label": torch.tensor([0, 1, 1]),
+        "cu_seqlens": torch.tensor([0, 1, 38, 167], dtype=torch.int32),
+        "max_seqlen": 129,
     }
     ref, ref_grads = _loss_and_grads(model, batch, "torch", monkeypatch)
     calls = collections.Counter()
@@ -43,10 +54,15 @@ def test_pretraining_loss_and_gradients_match_the_references(pre_layer_norm, mon
         def counted(*args, **kwargs):
             calls[op] += 1
             return fn(*args, **kwargs)
+
         return counted
 
-    for module, op in ((attention, "attention"), (residual_layer_norm, "residual_layer_norm"),
-                       (bias_gelu, "bias_gelu"), (mlm_loss, "mlm_loss")):
+    for module, op in (
+        (attention, "attention"),
+        (residual_layer_norm, "residual_layer_norm"),
+        (bias_gelu, "bias_gelu"),
+        (mlm_loss, "mlm_loss"),
+    ):
         monkeypatch.setattr(module, op, counting(op, getattr(module, op)))
     out, grads = _loss_and_grads(model, batch, "triton", monkeypatch)
     assert calls == {"attention": 2, "residual_layer_norm": 4, "bias_gelu": 3, "mlm_loss": 1}, calls

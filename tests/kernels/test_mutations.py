@@ -23,8 +23,10 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 def _attention(dtype):
     for lengths, head_dim in test_attention.VARLEN_CASES:
-        yield f"varlen {lengths} head_dim {head_dim}", test_attention.varlen_comparisons(tuple(lengths), head_dim,
-                                                                                          dtype)
+        yield (
+            f"varlen {lengths} head_dim {head_dim}",
+            test_attention.varlen_comparisons(tuple(lengths), head_dim, dtype),
+        )
     if dtype != torch.float16:
         yield "padded", test_attention.padded_comparisons(dtype)
 
@@ -53,8 +55,10 @@ def _lamb(dtype):
 
 KERNELS = {  # kernel: (its cases, the outputs they compare)
     "attention": (_attention, ("out", "dq", "dk", "dv")),
-    "residual_layer_norm": (_residual_layer_norm, ("normalized", "summed", "dx", "dresidual", "dweight", "dbias",
-                                                   "dx_bias")),
+    "residual_layer_norm": (
+        _residual_layer_norm,
+        ("normalized", "summed", "dx", "dresidual", "dweight", "dbias", "dx_bias"),
+    ),
     "bias_gelu": (_bias_gelu, ("y", "dx", "dbias")),
     "mlm_loss": (_mlm_loss, ("logits", "loss", "d_hidden", "d_weight", "d_bias")),
     "lamb": (_lamb, ("update",)),

@@ -37,9 +37,16 @@ def test_fused_layer_norm_is_state_dict_compatible(triton_backend):
 
 
 def _model(attn_implementation):
-    config = transformers.BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     intermediate_size=128, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                                     attention_probs_dropout_prob=0.0)
+    config = transformers.BertConfig(
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
     return transformers.BertForMaskedLM(config).train()
@@ -59,9 +66,11 @@ def _batch():
 def test_patch_hf_bert_keeps_loss_and_gradients(attn_implementation, triton_backend, monkeypatch):
     calls = collections.Counter()
     for function in (attention.FlashAttention, residual_layer_norm.ResidualLayerNorm, mlm_loss.MLMLoss):
+
         def counting(*args, _function=function, _apply=function.apply):
             calls[_function.__name__] += 1
             return _apply(*args)
+
         monkeypatch.setattr(function, "apply", counting)
     model = _model(attn_implementation)
     patched = fnn.patch_hf_bert(copy.deepcopy(model))

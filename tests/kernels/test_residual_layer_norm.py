@@ -24,15 +24,27 @@ def _inputs(shape, dtype, seed):
     def make(*s, scale=1.0, shift=0.0):
         return (torch.randn(*s, generator=g) * scale + shift).to(dtype).float()
 
-    return {"x": make(*shape, scale=2.0, shift=0.5), "residual": make(*shape), "weight": make(cols, shift=1.0),
-            "bias": make(cols, scale=0.1), "x_bias": make(cols, scale=0.1), "dy": make(*shape), "dsum": make(*shape)}
+    return {
+        "x": make(*shape, scale=2.0, shift=0.5),
+        "residual": make(*shape),
+        "weight": make(cols, shift=1.0),
+        "bias": make(cols, scale=0.1),
+        "x_bias": make(cols, scale=0.1),
+        "dy": make(*shape),
+        "dsum": make(*shape),
+    }
 
 
 def _run(fn, t, dtype, use_residual, use_x_bias, use_dsum, place=None):
     place = place or (lambda tensor, requires_grad=False: tensor.clone().requires_grad_(requires_grad))
     leaves = {k: place(t[k].to(dtype), requires_grad=True) for k in ("x", "residual", "weight", "bias", "x_bias")}
-    y, summed = fn(leaves["x"], leaves["residual"] if use_residual else None, leaves["weight"], leaves["bias"],
-                   leaves["x_bias"] if use_x_bias else None)
+    y, summed = fn(
+        leaves["x"],
+        leaves["residual"] if use_residual else None,
+        leaves["weight"],
+        leaves["bias"],
+        leaves["x_bias"] if use_x_bias else None,
+    )
     loss = (y.float() * place(t["dy"].to(dtype)).float()).sum()
     if use_dsum:
         loss = loss + (summed.float() * place(t["dsum"].to(dtype)).float()).sum()
@@ -82,8 +94,13 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     t = {k: v.to(dtype) for k, v in _inputs(shape, dtype, seed=shape[-1]).items()}
     guard = GuardedBuffers()
     with patched(kernel, _empty=guard.empty):
-        y, s, got = _run(lambda x, r, w, b, xb: kernel.residual_layer_norm(x, r, w, b, EPS, xb, 0.1, training=False),
-                         t, dtype, *flags, place=guard.place)
+        y, s, got = _run(
+            lambda x, r, w, b, xb: kernel.residual_layer_norm(x, r, w, b, EPS, xb, 0.1, training=False),
+            t,
+            dtype,
+            *flags,
+            place=guard.place,
+        )
     guard.check()
     assert y.dtype == s.dtype == dtype
     if not use_residual:
@@ -106,20 +123,28 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     if use_dsum:
         ds = ds + t["dsum"].double().abs().reshape(rows, cols)
     out = {
-        "normalized": compare("normalized", y, y_ref, sum_abs=(t["weight"].double().abs() * h + t["bias"].double().abs()
-                                                                ).view(shape), ops=cols + 16),
+        "normalized": compare(
+            "normalized",
+            y,
+            y_ref,
+            sum_abs=(t["weight"].double().abs() * h + t["bias"].double().abs()).view(shape),
+            ops=cols + 16,
+        ),
         "summed": compare("summed", s, s_ref, sum_abs=parts.view(shape), ops=2),
         "dx": compare("dx", got["x"].grad, ref["x"].grad, sum_abs=ds.view(shape), ops=cols + 16),
-        "dweight": compare("dweight", got["weight"].grad, ref["weight"].grad, sum_abs=(dy * h).sum(0),
-                           ops=rows + cols + 16),
+        "dweight": compare(
+            "dweight", got["weight"].grad, ref["weight"].grad, sum_abs=(dy * h).sum(0), ops=rows + cols + 16
+        ),
         "dbias": compare("dbias", got["bias"].grad, ref["bias"].grad, sum_abs=dy.sum(0), ops=rows + 2),
     }
     if use_residual:
-        out["dresidual"] = compare("dresidual", got["residual"].grad, ref["residual"].grad, sum_abs=ds.view(shape),
-                                   ops=cols + 16)
+        out["dresidual"] = compare(
+            "dresidual", got["residual"].grad, ref["residual"].grad, sum_abs=ds.view(shape), ops=cols + 16
+        )
     if use_x_bias:
-        out["dx_bias"] = compare("dx_bias", got["x_bias"].grad, ref["x_bias"].grad, sum_abs=ds.sum(0),
-                                 ops=rows + cols + 16)
+        out["dx_bias"] = compare(
+            "dx_bias", got["x_bias"].grad, ref["x_bias"].grad, sum_abs=ds.sum(0), ops=rows + cols + 16
+        )
     return out
 
 
@@ -164,8 +189,9 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(monkeypatch):
 
 def test_no_dropout_outside_training():
     t = _inputs((4, 128), torch.float32, seed=5)
-    y, summed = kernel.residual_layer_norm(t["x"], t["residual"], t["weight"], t["bias"], EPS, None, 0.5,
-                                           training=False)
+    y, summed = kernel.residual_layer_norm(
+        t["x"], t["residual"], t["weight"], t["bias"], EPS, None, 0.5, training=False
+    )
     assert torch.equal(summed, t["x"] + t["residual"])
 
 

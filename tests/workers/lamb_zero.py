@@ -31,16 +31,27 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertForPreTraining(config)
     optimizer = Lamb(parameter_groups(model, 0.01), lr=2e-2, max_grad_norm=None if stage > 0 else 1.0)
     # As the driver does: DeepSpeed clips under ZeRO (it alone sees every group's gradient), LAMB clips otherwise.
-    ds_config = {"train_batch_size": GLOBAL, "train_micro_batch_size_per_gpu": MICRO,
-                 "gradient_clipping": 1.0 if stage > 0 else 0.0,
-                 "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-                 "steps_per_print": 10**9}
+    ds_config = {
+        "train_batch_size": GLOBAL,
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_clipping": 1.0 if stage > 0 else 0.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+    }
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
     if mode == "aware":
         optimizer.attach_to_engine(engine, list(model.parameters()))
@@ -48,8 +59,13 @@ def main() -> None:
     samples = []
     for _ in range(64):
         n = int(rng.integers(5, 30))
-        samples.append(Sample(np.concatenate([[2], rng.integers(5, vocab, n), [3]]), np.zeros(n + 2, np.int64),
-                              int(rng.integers(0, 2))))
+        samples.append(
+            Sample(
+                np.concatenate([[2], rng.integers(5, vocab, n), [3]]),
+                np.zeros(n + 2, np.int64),
+                int(rng.integers(0, 2)),
+            )
+        )
     collate = MaskingCollator(vocab, [0, 1, 2, 3, 4], 4, seed=5)
     plan = MicroBatchPlan(len(samples), GLOBAL, MICRO, seed=2, rank=rank, world_size=world)
     for step in range(STEPS):
@@ -58,9 +74,15 @@ def main() -> None:
         for micro in range(plan.accumulation):
             idx, epochs = plan.indices(step * plan.accumulation + micro)
             b = collate([samples[i] for i in idx], idx, epochs)
-            loss = engine(b["input_ids"], token_type_ids=b["token_type_ids"], position_ids=b["position_ids"],
-                          labels=b["labels"], next_sentence_label=b["next_sentence_label"],
-                          cu_seqlens=b["cu_seqlens"], max_seqlen=b["max_seqlen"]).loss
+            loss = engine(
+                b["input_ids"],
+                token_type_ids=b["token_type_ids"],
+                position_ids=b["position_ids"],
+                labels=b["labels"],
+                next_sentence_label=b["next_sentence_label"],
+                cu_seqlens=b["cu_seqlens"],
+                max_seqlen=b["max_seqlen"],
+            ).loss
             engine.backward(loss)
             engine.step()
     if rank == 0:
