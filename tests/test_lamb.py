@@ -121,3 +121,27 @@ def test_zero_lamb_matches_no_zero_on_two_ranks(stage, reference, tmp_path):
     naive = _run(tmp_path, world=2, stage=stage, mode="naive", vocab=vocab)
     gap = _max_relative_difference(naive, reference)
     assert gap > 1e-3, f"the naive client LAMB should visibly differ (gap {gap:.2e})"
+
+
+class _FlatteningWrapper:
+    """A stand-in for an optimizer wrapper that flattens parameters without a fragment map."""
+
+
+def test_attach_refuses_what_it_cannot_map():
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+
+    from fastbert.optim.lamb import LambSetupError
+
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3))
+    whole = Lamb(model.parameters())
+    whole.attach_to_engine(SimpleNamespace(optimizer=whole), list(model.parameters()))  # plain: nothing to map
+    assert not whole.partitioned
+    flat = torch.nn.Parameter(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    flattened = Lamb([flat])
+    with pytest.raises(LambSetupError, match="not the model's 4 parameters"):
+        flattened.attach_to_engine(SimpleNamespace(optimizer=_FlatteningWrapper()), list(model.parameters()))
+    stage3 = object.__new__(DeepSpeedZeroOptimizer_Stage3)
+    with pytest.raises(LambSetupError, match="ZeRO-3"):
+        Lamb(model.parameters()).attach_to_engine(SimpleNamespace(optimizer=stage3), list(model.parameters()))
