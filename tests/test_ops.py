@@ -23,13 +23,13 @@ def test_mlm_loss_matches_cross_entropy(monkeypatch, chunk_elements, rows):
     loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
     logits = hidden @ weight.T + bias
     ref = F.cross_entropy(logits, labels, ignore_index=-100)
-    torch.testing.assert_close(loss, ref.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, ref, rtol=1e-10, atol=1e-12)  # float64 in, float64 all the way
     valid = labels != -100
     assert accuracy.item() == pytest.approx((logits.argmax(1) == labels)[valid].float().mean().item())
     grads = torch.autograd.grad(loss, (hidden, weight, bias))
     refs = torch.autograd.grad(ref, (hidden, weight, bias))
     for got, want in zip(grads, refs, strict=False):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
 def test_mlm_loss_with_no_labelled_rows_is_zero_not_nan():
