@@ -209,6 +209,12 @@ def _add_pretrain(subparsers) -> None:
         help="mask whole words: a word's ## continuation pieces (from the vocab) with it",
     )
     p.add_argument(
+        "--max-skipped-steps",
+        type=int,
+        default=10,
+        help="stop with an error after this many non-finite steps in a row (0: never)",
+    )
+    p.add_argument(
         "--dist-timeout",
         type=float,
         default=120.0,

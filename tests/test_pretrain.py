@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -614,3 +615,39 @@ def test_bf16_with_zero2_trains_and_exports_fp32_master_weights(setup, tmp_path)
     # master weights, not bf16 copies: some values are not representable in bf16
     w = weights["bert.embeddings.word_embeddings.weight"]
     assert not torch.equal(w, w.to(torch.bfloat16).float())
+
+
+def test_steps_skipped_in_a_row_stop_the_run_with_an_error(setup, tmp_path):
+    """NaN from step 3 on: the run stops after --max-skipped-steps such steps with a non-zero exit and an error,
+    and saves nothing after it."""
+    out = tmp_path / "diverged"
+    cmd = pretrain_cmd(
+        setup,
+        out,
+        "--steps",
+        "8",
+        "--save-every",
+        "2",
+        "--max-skipped-steps",
+        "3",
+        launcher=torchrun(2, str(WORKERS / "pretrain_fault.py"), "nan-on", "1", "3"),
+    )
+    result = run(cmd)
+    assert result.returncode != 0
+    assert "3 steps in a row (up to step 5) had a non-finite loss or gradient" in result.stderr, result.stderr[-3000:]
+    assert [m["skipped"] for m in metrics(out)] == [False, False, True, True, True]
+    # step 4's checkpoint holds step 2's weights (skipped steps change nothing); none is saved after the error
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step-00000004"
+    assert not (out / "checkpoints" / "step-00000006").exists()
+
+
+def test_resume_auto_refuses_a_dangling_latest(setup, tmp_path):
+    """A `latest` naming a checkpoint that is gone is an error naming it, not a silent restart from step 0."""
+    out = tmp_path / "dangling"
+    assert run(pretrain_cmd(setup, out, "--steps", "2")).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    shutil.rmtree(out / "checkpoints" / "step-00000002")
+    result = run(pretrain_cmd(setup, out, "--steps", "4", "--resume", "auto"))
+    assert result.returncode != 0
+    assert "names 'step-00000002', which does not exist" in result.stderr and "--resume PATH" in result.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing of the run was overwritten

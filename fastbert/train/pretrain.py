@@ -43,6 +43,10 @@ log = logging.getLogger("fastbert.train")
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training stopped: too many optimizer steps in a row were skipped for a non-finite loss or gradient."""
+
+
 class TrainingSetupError(ValueError):
     """Arguments, data or checkpoints that cannot make a training run; raised before the first step."""
 
@@ -75,6 +79,7 @@ class PretrainArgs:
     loader_workers: int = 0
     whole_word: bool = False
     dist_timeout: float = 120.0
+    max_skipped_steps: int = 10
     progress: bool = True
 
 
@@ -240,10 +245,14 @@ def pretrain(args: PretrainArgs) -> dict:
     objective = dataset.meta["objective"]
     resume_from = None
     if args.resume == "auto":
-        try:
-            resume_from = checkpoint.resolve(run_dir)
-        except checkpoint.CheckpointNotFound:
-            resume_from = None
+        # Fresh only when the run holds no checkpoint at all: a dangling `latest` or a broken checkpoint is an error,
+        # never a silent restart that would overwrite the run's metrics and checkpoints.
+        saved = run_dir / checkpoint.CHECKPOINTS
+        if saved.is_dir() and any(saved.iterdir()):
+            try:
+                resume_from = checkpoint.resolve(run_dir)
+            except checkpoint.CheckpointNotFound as e:
+                raise TrainingSetupError(f"--resume auto: {e}; pick a checkpoint with --resume PATH") from e
     elif args.resume:
         resume_from = checkpoint.resolve(args.resume)
     config = _model_config(args, len(vocab_tokens), objective, seq_len)
@@ -350,6 +359,7 @@ def pretrain(args: PretrainArgs) -> dict:
     stop = _StopRequest()
     last: dict = {}
     step = start_step
+    skipped_in_a_row = 0
     batches = iter(loader)
     if resume_from is not None:
         checkpoint.restore_rng(resume_from)
@@ -392,6 +402,7 @@ def pretrain(args: PretrainArgs) -> dict:
                     masked=int(values["masked"]),
                 )
                 last["mfu"] = model_flops / elapsed / (peak * world)
+            skipped_in_a_row = skipped_in_a_row + 1 if last["skipped"] else 0
             if last["skipped"]:
                 log.warning(
                     "step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)", step
@@ -410,6 +421,12 @@ def pretrain(args: PretrainArgs) -> dict:
                         mlm=f"{last['mlm_accuracy']:.3f}",
                         seq_s=f"{last['samples_per_s']:.1f}",
                     )
+            if args.max_skipped_steps and skipped_in_a_row >= args.max_skipped_steps:
+                raise TrainingDivergedError(
+                    f"{skipped_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient, so "
+                    f"nothing was learnt; stopping without saving (the weights are those of the last checkpoint, if "
+                    f"any; --max-skipped-steps 0 never stops)"
+                )
             stopping = values["stop"] > 0
             if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
                 client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation), "args": asdict(args)}

@@ -1,10 +1,11 @@
 """``fastbert pretrain`` with a fault injected on one rank at one optimizer step; production code has no test hooks.
 
-    torchrun --nproc_per_node 2 tests/workers/pretrain_fault.py nan|stop RANK STEP pretrain ARGS...
-    deepspeed ... tests/workers/pretrain_fault.py nan|stop RANK STEP pretrain ARGS...
+    torchrun --nproc_per_node 2 tests/workers/pretrain_fault.py nan|nan-on|stop RANK STEP pretrain ARGS...
+    deepspeed ... tests/workers/pretrain_fault.py nan|nan-on|stop RANK STEP pretrain ARGS...
 
 ``nan``: on rank RANK, every micro-batch of optimizer step STEP (1-based, as in metrics.jsonl) has its MLM and
-sentence losses multiplied by NaN, so that rank's gradients (and after the all-reduce every rank's) are NaN.
+sentence losses multiplied by NaN, so that rank's gradients (and after the all-reduce every rank's) are NaN;
+``nan-on``: the same at step STEP and every step after it.
 ``stop``: rank RANK stops itself with SIGSTOP in the forward pass of the last micro-batch of step STEP (it keeps its
 sockets open, so the other ranks wait inside one of DeepSpeed's collectives until the distributed timeout).
 """
@@ -36,9 +37,10 @@ real_forward = BertForPreTraining.forward
 
 def forward(self, *args, **kwargs):
     out = real_forward(self, *args, **kwargs)
-    if self.training and here and current["step"] == fault_step:
+    at_fault = current["step"] >= fault_step if kind == "nan-on" else current["step"] == fault_step
+    if self.training and here and at_fault:
         current["micro"] += 1
-        if kind == "nan":
+        if kind in ("nan", "nan-on"):
             out.mlm_loss = out.mlm_loss * float("nan")
             if out.sentence_loss is not None:
                 out.sentence_loss = out.sentence_loss * float("nan")
