@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from ports import free_port
+from ports import torchrun
 
 from fastbert.config import BertConfig
 from fastbert.data.masking import MaskingCollator
@@ -44,19 +44,7 @@ SMALL = {
 
 
 def _cli(args: list[str], world: int = 1, timeout: float = 600) -> None:
-    launcher = [sys.executable, "-m", "fastbert"]
-    if world > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(world),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fastbert",
-        ]
+    launcher = torchrun(world) if world > 1 else (sys.executable, "-m", "fastbert")
     result = subprocess.run([*launcher, *args], capture_output=True, text=True, env=ENV, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ports import free_port
+from ports import torchrun
 
 from fastbert import BertConfig, BertForPreTraining
 from fastbert.data.corpus import stdlib_comment_or_docstring, stdlib_documents
@@ -403,15 +403,7 @@ def test_two_ranks_under_deepspeed_match_one_process(task, rows, small_model, tm
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "fastbert",
+            *torchrun(2),
             "finetune",
             *common,
             "--zero-stage",

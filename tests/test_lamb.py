@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from ports import free_port
+from ports import torchrun
 
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 
@@ -83,20 +82,7 @@ def test_warmup_then_polynomial_decay(power):
 def _run(tmp_path: Path, world: int, stage: int, mode: str, vocab: int) -> dict[str, torch.Tensor]:
     out = tmp_path / f"w{world}-z{stage}-{mode}-v{vocab}.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(world),
-        "--master_port",
-        str(free_port()),
-        str(WORKER),
-        str(stage),
-        mode,
-        str(out),
-        str(vocab),
-    ]
+    cmd = torchrun(world, str(WORKER), str(stage), mode, str(out), str(vocab))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return torch.load(out, weights_only=True)

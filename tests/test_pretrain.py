@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from ports import free_port
+from ports import free_port, torchrun
 
 from fastbert.data.corpus import stdlib_documents
 from fastbert.data.prepare import PrepareOptions, prepare
@@ -33,20 +33,6 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKERS = Path(__file__).parent / "workers"
 # What metrics.jsonl records that is not a function of the run's inputs: timings.
 TIMINGS = {"tokens_per_s", "samples_per_s", "mfu"}
-
-
-def torchrun(nproc: int, *target: str) -> tuple[str, ...]:
-    """A torchrun launcher on a free port; ``target`` is ``("-m", "fastbert")`` or a script and its arguments."""
-    return (
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_port",
-        str(free_port()),
-        *(target or ("-m", "fastbert")),
-    )
 
 
 def start(cmd) -> subprocess.Popen:
@@ -444,17 +430,7 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
             *dropout0,
             "--zero-stage",
             "2",
-            launcher=(
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node",
-                "2",
-                "--master_port",
-                str(free_port()),
-                "-m",
-                "fastbert",
-            ),
+            launcher=torchrun(2),
         )
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -542,16 +518,7 @@ def test_a_dead_rank_does_not_hang_the_others(setup, tmp_path):
         tmp_path / "dead",
         "--save-every",
         "2",
-        launcher=(
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(script),
-        ),
+        launcher=torchrun(2, str(script)),
     )
     start = time.time()
     result = run(cmd, timeout=300)
