@@ -54,8 +54,6 @@ def backend_report() -> dict[str, tuple[bool, str]]:
 
 
 def _interpreting() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -150,15 +148,6 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from fastbert.config import PRESETS
-
-    if args.model not in PRESETS and not os.path.isfile(args.model):
-        print(
-            f"fastbert pretrain: error: --model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a "
-            "config.json file",
-            file=sys.stderr,
-        )
-        return 2
     fields = {f.name for f in dataclasses.fields(PretrainArgs)}
     options = PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
     try:
@@ -415,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastbert {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
-        # What bad input and broken files raise (a commands's own errors are ValueErrors): the message, not a
+        # What bad input and broken files raise (a command's own errors are ValueErrors): the message, not a
         # traceback; --debug shows it.
         if args.debug:
             raise

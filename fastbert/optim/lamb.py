@@ -125,7 +125,6 @@ class Lamb(torch.optim.Optimizer):
             self.attach_zero_partitions(model_params, wrapper.dp_process_group)
             self._check_coverage(model_params, name)
             return
-        self.partitioned = False
         own = sorted(tuple(p.shape) for g in self.param_groups for p in g["params"])
         model = sorted(tuple(p.shape) for p in model_params if p.requires_grad)
         if own != model:
@@ -289,13 +288,15 @@ class Lamb(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         device = params[0].device
         grads = {id(p): p.grad.to(_master_dtype(p.dtype)) for p in params}
-        norm = self._global_norm(
-            sum(
+        local_sq = sum(
+            (
                 square_sum(grads[id(p)].reshape(-1).narrow(0, f.start, f.numel))
                 for p in params
                 for f in fragments[id(p)]
-            )
+            ),
+            torch.zeros((), dtype=torch.float64, device=device),  # a ZeRO rank may hold no fragment in this group
         )
+        norm = self._global_norm(local_sq)
         self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
             return

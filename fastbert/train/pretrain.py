@@ -124,11 +124,16 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
     return config.replace(**changes)
 
 
+def _zero_partitions(args: PretrainArgs) -> bool:
+    """Whether DeepSpeed hands LAMB flat partitions for this run (ZeRO-1/2); checked against what it built."""
+    return args.zero_stage in (1, 2)
+
+
 def _deepspeed_clipping(args: PretrainArgs) -> float:
     """DeepSpeed's ``gradient_clipping``: under ZeRO-1/2 only its wrapper sees the whole gradient, so it clips;
     otherwise LAMB clips (with an exact norm) and DeepSpeed's own clipping stays off. Checked against what
     DeepSpeed built in ``pretrain``."""
-    return args.grad_clip if args.zero_stage in (1, 2) else 0.0
+    return args.grad_clip if _zero_partitions(args) else 0.0
 
 
 def _ds_config(args: PretrainArgs) -> dict:
@@ -224,6 +229,10 @@ def pretrain(args: PretrainArgs) -> dict:
     """Run (or resume) pretraining; returns the final metrics of rank 0."""
     import deepspeed
 
+    if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
+        raise TrainingSetupError(
+            f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
+        )
     init_distributed(args.dist_timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir, data_dir = Path(args.out), Path(args.data)
@@ -287,7 +296,7 @@ def pretrain(args: PretrainArgs) -> dict:
         optimizer.attach_to_engine(engine, list(model.parameters()))
     except LambSetupError as e:
         raise TrainingSetupError(str(e)) from e
-    if optimizer.partitioned != (args.zero_stage in (1, 2)):
+    if optimizer.partitioned != _zero_partitions(args):
         raise TrainingSetupError(
             f"DeepSpeed built {type(engine.optimizer).__name__} for --zero-stage "
             f"{args.zero_stage}, which fastbert has not been tested with (gradient clipping "

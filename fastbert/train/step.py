@@ -77,7 +77,8 @@ def optimizer_step(
     """
     device = engine.device
     local = [counts(b) for b in micro_batches]
-    totals = torch.tensor([sum(m for m, _ in local), sum(s for _, s in local)], dtype=torch.float64).to(device)
+    masked_here, sentences_here = sum(m for m, _ in local), sum(s for _, s in local)
+    totals = torch.tensor([masked_here, sentences_here], dtype=torch.float64).to(device)
     all_reduce(totals)
     # d(loss)/d(weights) summed by DeepSpeed over accumulation (each divided by it) and ranks (averaged).
     weight = totals.clamp(min=1).reciprocal().mul_(len(micro_batches) * world_size)
@@ -94,8 +95,8 @@ def optimizer_step(
     lengths = [b["cu_seqlens"].diff() for b in micro_batches]
     host = torch.tensor(
         [
-            sum(m for m, _ in local),
-            sum(s for _, s in local),
+            masked_here,
+            sentences_here,
             sum(b["input_ids"].numel() for b in micro_batches),
             sum(x.numel() for x in lengths),
             sum(int(x.square().sum()) for x in lengths),
