@@ -422,11 +422,11 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     assert run(pretrain_cmd(setup, single, *dropout0)).returncode == 0
     expected = losses(single)
     assert abs(expected[0] - ref[0]) < 0.5  # same data, same init; dropout differs
-    torchrun = tmp_path / "torchrun"
+    torchrun_out = tmp_path / "torchrun"
     result = run(
         pretrain_cmd(
             setup,
-            torchrun,
+            torchrun_out,
             *dropout0,
             "--zero-stage",
             "2",
@@ -458,12 +458,13 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(setup, nodes, *dropout0, launcher=launcher))
     outputs = [finish(p, timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    for other in (torchrun, ds, nodes):
+    for other in (torchrun_out, ds, nodes):
         got = losses(other)
         assert max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True)) <= 1e-5, (other.name, got)
     # The gradient norm before clipping: LAMB's own without ZeRO, DeepSpeed's ZeRO optimizer's with it.
     norms = {
-        r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()] for r in (single, torchrun, ds)
+        r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()]
+        for r in (single, torchrun_out, ds)
     }
     assert all(n is not None and math.isfinite(n) and n > 0 for ns in norms.values() for n in ns), norms
     assert max(norms["single"]) > 1.0  # clipping (at 1.0) was active, so the norms are taken before it
