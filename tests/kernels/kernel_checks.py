@@ -12,17 +12,24 @@ float32 can cost, derived from the terms the kernel adds up, never a multiple of
 A kernel test builds one ``Comparison`` per output; ``test_mutations.py`` feeds the same comparisons scaled
 outputs (zeros, half, negated, 0.9x) and requires each to be rejected. ``assert_close`` (an atol of a few ulps at
 the tensor's largest magnitude) remains for float32 checks with no per-term bound: whole models, dropout, dispatch.
+
+Device: ``DEVICE`` is where the kernels run, the CPU under the Triton interpreter or CUDA with
+``FASTBERT_KERNEL_DEVICE=cuda`` (see conftest.py). Tests draw their inputs on the CPU (the same numbers either way),
+guarded buffers put them on ``DEVICE``, and every comparison brings the kernel's output back to the CPU, where the
+float64 references are computed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+DEVICE = torch.device("cuda" if os.environ.get("FASTBERT_KERNEL_DEVICE") == "cuda" else "cpu")
 MARGIN = 257  # at least this many elements on each side; odd, so a stray vector-width write past the end lands inside
 INT_SENTINEL = -(2**30) + 7
 U32 = 2.0**-24  # unit roundoff of float32
@@ -32,25 +39,28 @@ class GuardedBuffers:
     def __init__(self) -> None:
         self._buffers: list[tuple[str, torch.Tensor, int, int]] = []
 
-    def _interior(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A fresh guarded buffer; returns the tensor-shaped view between its margins. A margin is at least two
-        rows long, so that an access one row (or one row stride) out of bounds still lands inside it."""
+    def _interior(
+        self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = DEVICE
+    ) -> torch.Tensor:
+        """A fresh guarded buffer on ``device``; returns the tensor-shaped view between its margins. A margin is at
+        least two rows long, so that an access one row (or one row stride) out of bounds still lands inside it."""
         numel = 1
         for size in shape:
             numel *= size
         margin = MARGIN + 2 * (shape[-1] if shape else 1)
         fill = float("nan") if dtype.is_floating_point else True if dtype == torch.bool else INT_SENTINEL
-        buffer = torch.full((numel + 2 * margin,), fill, dtype=dtype)
+        buffer = torch.full((numel + 2 * margin,), fill, dtype=dtype, device=device)
         self._buffers.append((name, buffer, numel, margin))
         return buffer[margin : margin + numel].view(shape)
 
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Stand-in for ``torch.empty``: a NaN-filled (or sentinel-filled) tensor with guarded margins."""
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = DEVICE) -> torch.Tensor:
+        """Stand-in for ``torch.empty``: a NaN-filled (or sentinel-filled) tensor with guarded margins on ``device``
+        (the launchers pass their inputs' device)."""
         shape = tuple(shape)
-        return self._interior(f"allocation {shape} {dtype}", shape, dtype)
+        return self._interior(f"allocation {shape} {dtype}", shape, dtype, device)
 
     def place(self, tensor: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
-        """A copy of ``tensor`` inside a guarded buffer; a leaf that requires grad if asked."""
+        """A copy of ``tensor`` inside a guarded buffer on ``DEVICE``; a leaf that requires grad if asked."""
         view = self._interior(f"input {tuple(tensor.shape)} {tensor.dtype}", tuple(tensor.shape), tensor.dtype)
         view.copy_(tensor)
         return view.detach().requires_grad_(requires_grad)  # detach: a leaf sharing the guarded storage
@@ -80,6 +90,16 @@ def patched(owner, **attributes):
     finally:
         for name, value in saved.items():
             setattr(owner, name, value)
+
+
+def host(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` detached, on the CPU (a copy when it was on the GPU): where outputs are compared."""
+    return tensor.detach().cpu()
+
+
+def to_device(tensor: torch.Tensor, requires_grad: bool = False) -> torch.Tensor:
+    """A copy of ``tensor`` on ``DEVICE`` (unguarded); a leaf that requires grad if asked."""
+    return tensor.detach().to(DEVICE, copy=True).requires_grad_(requires_grad)
 
 
 def assert_no_nan(name: str, tensor: torch.Tensor) -> None:
@@ -134,8 +154,9 @@ def rounding_tolerance(
 def assert_within(name: str, fused: torch.Tensor, ref: torch.Tensor, allowed: torch.Tensor) -> None:
     """``|fused - ref| <= allowed`` everywhere, no NaN; the message names the worst element and how many fail."""
     assert fused.shape == ref.shape, f"{name}: shape {tuple(fused.shape)} != reference {tuple(ref.shape)}"
+    fused, ref, allowed = host(fused), host(ref), host(allowed)
     assert_no_nan(name, fused)
-    fused, ref = fused.detach().double(), ref.detach().double()
+    fused, ref = fused.double(), ref.double()
     error = (fused - ref).abs()
     bad = error > allowed
     if bool(bad.any()):
@@ -168,9 +189,9 @@ class Comparison:
 
 
 def compare(name: str, fused: torch.Tensor, ref: torch.Tensor, **tolerance) -> Comparison:
-    """A ``Comparison`` within ``rounding_tolerance(ref, fused.dtype, **tolerance)``."""
-    ref = ref.detach().double()
-    return Comparison(name, fused.detach(), ref, rounding_tolerance(ref, fused.dtype, **tolerance))
+    """A ``Comparison`` within ``rounding_tolerance(ref, fused.dtype, **tolerance)``, all on the CPU."""
+    ref = host(ref).double()
+    return Comparison(name, host(fused), ref, rounding_tolerance(ref, fused.dtype, **tolerance))
 
 
 def spy(monkeypatch, owner, name: str) -> list:
@@ -209,6 +230,7 @@ def assert_close(
     """
     assert fused.shape == ref.shape, f"{name}: shape {tuple(fused.shape)} != reference {tuple(ref.shape)}"
     assert fused.dtype == low.dtype, f"{name}: dtype {fused.dtype} != torch's {low.dtype}"
+    fused, ref, low = host(fused), host(ref), host(low)
     assert_no_nan(name, fused)
     atol = ulps * torch.finfo(fused.dtype).eps * max(ref.detach().abs().max().item(), magnitude)
     fused, ref, low = fused.detach().double(), ref.detach().double(), low.detach().double()

@@ -11,15 +11,18 @@ import triton
 import triton.language as tl
 from fastbert.kernels import attention as kernel
 from kernel_checks import (
+    DEVICE,
     Comparison,
     GuardedBuffers,
     assert_close,
     compare,
     forbid,
+    host,
     patched,
     rounded_magnitude,
     same_arguments,
     spy,
+    to_device,
 )
 
 from fastbert import ops
@@ -127,7 +130,7 @@ def varlen_comparisons(lengths: tuple[int, ...], head_dim: int, dtype: torch.dty
     for lo, hi in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
         q, k, v = (qkv[lo:hi, i].double().transpose(0, 1) for i in range(3))
         sequence = _sequence_reference(
-            q, k, v, do[lo:hi].double().transpose(0, 1), out[lo:hi].detach().double().transpose(0, 1), scale, dtype
+            q, k, v, do[lo:hi].double().transpose(0, 1), host(out[lo:hi]).double().transpose(0, 1), scale, dtype
         )
         for name, tensors in sequence.items():
             parts[name].append([x.transpose(0, 1) for x in tensors])
@@ -184,7 +187,7 @@ def padded_comparisons(dtype: torch.dtype) -> dict[str, Comparison]:
             k[:, :n],
             v[:, :n],
             do[b].double().transpose(0, 1),
-            out[b].detach().double().transpose(0, 1),
+            host(out[b]).double().transpose(0, 1),
             PADDED_SCALE,
             dtype,
         )
@@ -203,8 +206,8 @@ def test_padded_attention_with_key_padding_mask(dtype):
 
 
 def test_padded_attention_rejects_left_padding():
-    q = torch.randn(2, 8, HEADS, 32)
-    mask = torch.ones(2, 8, dtype=torch.bool)
+    q = torch.randn(2, 8, HEADS, 32, device=DEVICE)
+    mask = torch.ones(2, 8, dtype=torch.bool, device=DEVICE)
     mask[1, 0] = False
     with pytest.raises(ValueError, match="row 1"):
         kernel.attention_padded(q, q, q, mask)
@@ -218,9 +221,9 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(head_dim, monk
     cu, max_seqlen = _cu_seqlens(lengths), max(lengths)
     qkv, do = _qkv(sum(lengths), head_dim, torch.float32, seed=7)
 
-    keep = torch.empty(len(lengths) * HEADS, max_seqlen, max_seqlen)
+    keep = torch.empty(len(lengths) * HEADS, max_seqlen, max_seqlen, device=DEVICE)
     _dropout_keep_grid[(len(lengths) * HEADS,)](keep, HEADS, max_seqlen, p, seed, BLOCK=128)
-    keep = keep.view(len(lengths), HEADS, max_seqlen, max_seqlen)
+    keep = host(keep).view(len(lengths), HEADS, max_seqlen, max_seqlen)
     valid = keep[1]  # the 100-token sequence fills its whole grid
     dropped = 1 - valid.mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / valid.numel()) ** 0.5, f"dropped fraction {dropped} for p={p}"
@@ -234,8 +237,13 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(head_dim, monk
     out_ref, g_ref = _varlen(
         lambda q, k, v: kernel.reference(q, k, v, cu, max_seqlen, keep=keep, dropout_p=p), qkv, do, torch.float32, clone
     )
+    device_cu = cu.to(DEVICE)
     out, grad = _varlen(
-        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do, torch.float32, guard.place
+        lambda q, k, v: kernel.attention(q, k, v, device_cu, max_seqlen, p, seed=seed),
+        qkv,
+        do,
+        torch.float32,
+        guard.place,
     )
     guard.check()
     assert_close("out", out, out_ref, out_ref, ulps=16)
@@ -243,19 +251,27 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(head_dim, monk
         assert_close(name, grad[:, i], g_ref[:, i], g_ref[:, i], ulps=16 + max_seqlen**0.5)
 
     again, _ = _varlen(
-        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed), qkv, do, torch.float32, clone
+        lambda q, k, v: kernel.attention(q, k, v, device_cu, max_seqlen, p, seed=seed),
+        qkv,
+        do,
+        torch.float32,
+        to_device,
     )
     other, _ = _varlen(
-        lambda q, k, v: kernel.attention(q, k, v, cu, max_seqlen, p, seed=seed + 1), qkv, do, torch.float32, clone
+        lambda q, k, v: kernel.attention(q, k, v, device_cu, max_seqlen, p, seed=seed + 1),
+        qkv,
+        do,
+        torch.float32,
+        to_device,
     )
     assert torch.equal(again, out), "the same seed must give the same mask"
     assert not torch.equal(other, out), "a different seed must give a different mask"
 
 
 def test_unsupported_head_dim_is_rejected():
-    q = torch.randn(4, HEADS, 48)
+    q = torch.randn(4, HEADS, 48, device=DEVICE)
     with pytest.raises(ValueError, match="head_dim=48"):
-        kernel.attention(q, q, q, _cu_seqlens([4]), 4)
+        kernel.attention(q, q, q, _cu_seqlens([4]).to(DEVICE), 4)
 
 
 def test_ops_dispatches_to_the_kernel(monkeypatch):
@@ -264,12 +280,17 @@ def test_ops_dispatches_to_the_kernel(monkeypatch):
     qkv, _ = _qkv(sum(lengths), 32, torch.float32, seed=1)
     q, k, v = qkv.unbind(1)
     ref = ops.attention_reference(q, k, v, cu, max(lengths), softmax_scale=0.3)
+    dq, dk, dv, dcu = (to_device(t) for t in (q, k, v, cu))  # where the kernel runs: the CPU only when interpreted
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     calls = spy(monkeypatch, kernel, "attention")
     with monkeypatch.context() as m:
         forbid(m, ops, "attention_reference", "ops.attention fell back to the torch reference")
-        out = ops.attention(q, k, v, cu, max(lengths), softmax_scale=0.3)
-    assert len(calls) == 1 and same_arguments(calls[0][0], (q, k, v, cu, max(lengths), 0.0, 0.3))
+        out = ops.attention(dq, dk, dv, dcu, max(lengths), softmax_scale=0.3)
+        if DEVICE.type == "cuda":  # auto: CUDA tensors take the kernel
+            monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+            ops.attention(dq, dk, dv, dcu, max(lengths), softmax_scale=0.3)
+    assert len(calls) == 1 + (DEVICE.type == "cuda")
+    assert all(same_arguments(args, (dq, dk, dv, dcu, max(lengths), 0.0, 0.3)) for args, _ in calls)
     assert_close("out", out, ref, ref, ulps=16)
     for backend in ("torch", "auto"):  # auto: CPU tensors take the reference
         monkeypatch.setenv("FASTBERT_BACKEND", backend)

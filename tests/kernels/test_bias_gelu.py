@@ -8,7 +8,18 @@ import math
 import pytest
 import torch
 from fastbert.kernels import bias_gelu as kernel
-from kernel_checks import Comparison, GuardedBuffers, compare, forbid, patched, same_arguments, spy
+from kernel_checks import (
+    DEVICE,
+    Comparison,
+    GuardedBuffers,
+    compare,
+    forbid,
+    host,
+    patched,
+    same_arguments,
+    spy,
+    to_device,
+)
 
 from fastbert import ops
 
@@ -61,16 +72,22 @@ def test_bias_gelu_matches_reference(shape, dtype):
 def test_ops_dispatches_to_the_kernel(monkeypatch):
     x, bias = torch.randn(4, 8), torch.randn(8)
     want = kernel.reference(x, bias)
+    dx, dbias = to_device(x), to_device(bias)  # where the kernel runs: the CPU only when interpreted
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     calls = spy(monkeypatch, kernel, "bias_gelu")
     with monkeypatch.context() as m:
         forbid(m, ops.F, "gelu", "ops.bias_gelu fell back to the torch reference")
-        y = ops.bias_gelu(x, bias)
-    assert len(calls) == 1 and same_arguments(calls[0][0], (x, bias))
-    torch.testing.assert_close(y, want)
+        y = ops.bias_gelu(dx, dbias)
+        if DEVICE.type == "cuda":  # auto: CUDA tensors take the kernel
+            monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+            ops.bias_gelu(dx, dbias)
+            monkeypatch.setenv("FASTBERT_BACKEND", "triton")
+    kernel_calls = 1 + (DEVICE.type == "cuda")
+    assert len(calls) == kernel_calls and all(same_arguments(args, (dx, dbias)) for args, _ in calls)
+    torch.testing.assert_close(host(y), want)
     # The tanh approximation has no kernel: it takes the reference even when Triton is forced.
-    ops.bias_gelu(x, bias, approximate="tanh")
-    assert len(calls) == 1
+    ops.bias_gelu(dx, dbias, approximate="tanh")
+    assert len(calls) == kernel_calls
     for backend in ("torch", "auto"):  # auto: CPU tensors take the reference
         monkeypatch.setenv("FASTBERT_BACKEND", backend)
         forbid(monkeypatch, kernel, "bias_gelu", f"FASTBERT_BACKEND={backend} used the kernel")

@@ -1,7 +1,8 @@
-"""The fused LAMB kernels under the interpreter: the optimizer's fused path against its torch path over several
-steps (shapes that are not multiples of the block, both decay groups, clipping on and off, the trust ratio clamped
-and not, zero-norm parameters, fp32/bf16/fp16), ZeRO-style fragment layouts (one rank, and two ranks simulated by
-adding their sums as the all-reduce does), guarded buffers, skipped non-finite steps, and bitwise determinism."""
+"""The fused LAMB kernels (under the interpreter, or on CUDA: kernel_checks.DEVICE): the optimizer's fused path
+against its torch path over several steps (shapes that are not multiples of the block, both decay groups, clipping
+on and off, the trust ratio clamped and not, zero-norm parameters, fp32/bf16/fp16), ZeRO-style fragment layouts
+(one rank, and two ranks simulated by adding their sums as the all-reduce does), guarded buffers, skipped
+non-finite steps, and bitwise determinism."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from fastbert.kernels import lamb as kernel
-from kernel_checks import Comparison, GuardedBuffers, assert_no_nan, rounding_tolerance
+from kernel_checks import DEVICE, Comparison, GuardedBuffers, assert_no_nan, host, rounding_tolerance
 
 from fastbert.optim import Lamb
 
@@ -23,8 +24,11 @@ NO_DECAY = {2, 3, 4}
 
 
 def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """The parameters on ``DEVICE``, drawn on the CPU."""
     gen = torch.Generator().manual_seed(seed)
-    params = [(torch.randn(shape, generator=gen) * (0.02 + i * 0.3)).to(dtype) for i, shape in enumerate(SHAPES)]
+    params = [
+        (torch.randn(shape, generator=gen) * (0.02 + i * 0.3)).to(DEVICE, dtype) for i, shape in enumerate(SHAPES)
+    ]
     params[ZERO].zero_()
     return [p.requires_grad_() for p in params]
 
@@ -43,7 +47,7 @@ def _set_grads(params: list[torch.Tensor], step: int, scale: float) -> None:
         g = torch.randn(p.shape, generator=gen) * scale * (1 + i)
         if i == ZERO and step == 0:
             g.zero_()  # zero weights and zero gradient: both norms 0 at the first step
-        p.grad = g.to(p.dtype)
+        p.grad = g.to(p.device, p.dtype)
 
 
 def _step(opt: Lamb, backend: str) -> None:
@@ -65,8 +69,8 @@ def _assert_close(
     """Elementwise ``|fused - ref| <= rtol * scale + ulps * eps(fp32) * max|ref|``, ``scale`` being ``|ref|`` unless
     given: a relative error plus a few roundings at the tensor's magnitude. Moments pass their largest magnitude as
     the scale (exp_avg cancels: a relative difference in the clip factor shows at the size of the terms)."""
-    fused, ref = fused.detach().double(), ref.detach().double()
-    scale = ref.abs() if scale is None else scale.detach().double().abs()
+    fused, ref = host(fused).double(), host(ref).double()
+    scale = ref.abs() if scale is None else host(scale).double().abs()
     allowed = rtol * scale + ulps * torch.finfo(torch.float32).eps * ref.abs().max()
     error = (fused - ref).abs()
     worst = (error - allowed).flatten().argmax()
@@ -85,7 +89,7 @@ def _weight_comparison(name: str, fused: torch.Tensor, torch_path: torch.Tensor,
     ref = torch_path.detach().double()
     step = ref - before.double()
     allowed = rounding_tolerance(ref, fused.dtype, rounded=[ref, step], sum_abs=step.abs(), ops=STEP_OPS)
-    return Comparison(name, fused.detach().clone(), ref, allowed, base=before.detach().clone())
+    return Comparison(name, host(fused).clone(), ref, allowed, base=host(before).clone())
 
 
 def _compare_and_sync(
@@ -135,7 +139,7 @@ def _three_steps(dtype: torch.dtype, config: str | None) -> list[Comparison]:
     else:
         kwargs, moment_rtol = dict(lr=0.05), 3e-6
         fused_params = _params(dtype, seed=1)
-    ref_params = [p.detach().clone().requires_grad_() for p in fused_params]
+    ref_params = [p.detach().cpu().clone().requires_grad_() for p in fused_params]  # the torch path on the CPU
     fused, ref = Lamb(_groups(fused_params), **kwargs), Lamb(_groups(ref_params), **kwargs)
     weights = []
     for step in range(3):
@@ -206,7 +210,7 @@ def test_two_simulated_ranks_match_whole_parameters():
     ref = Lamb([{"params": whole, "weight_decay": 0.01}], lr=0.05, max_grad_norm=0.5)
     flats = []
     for lo, numel, mappings in ranks:
-        w = torch.zeros(numel + PADDING)
+        w = torch.zeros(numel + PADDING, device=DEVICE)
         w[:numel] = torch.cat([x.detach() for x in whole])[lo : lo + numel]
         layout = kernel.TensorLayout(
             numel + PADDING,
@@ -221,7 +225,7 @@ def test_two_simulated_ranks_match_whole_parameters():
                 w=w,
                 m=torch.zeros_like(w),
                 v=torch.zeros_like(w),
-                plan=kernel.plan_chunks([layout], len(sizes), torch.device("cpu")),
+                plan=kernel.plan_chunks([layout], len(sizes), DEVICE),
             )
         )
     for step in range(2):
@@ -249,7 +253,7 @@ def test_two_simulated_ranks_match_whole_parameters():
                 want = ref.state[x][name]
                 _assert_close(f"{name} {i} step {step}", got, want, 3e-6, 4, scale=want.abs().max().expand(want.shape))
         for f in flats:
-            assert torch.equal(f.w[f.numel :], torch.zeros(PADDING))  # padding stays zero
+            assert torch.equal(f.w[f.numel :], torch.zeros(PADDING, device=DEVICE))  # padding stays zero
 
 
 def test_optimizer_fragment_path_fused_matches_torch():
@@ -259,8 +263,8 @@ def test_optimizer_fragment_path_fused_matches_torch():
     lo, numel, mappings = ranks[1]
     data = torch.cat(_flat_model(sizes))[lo:]
     flats, opts = [], []
-    for _ in range(2):
-        flat = torch.zeros(numel + PADDING)
+    for device in (DEVICE, "cpu"):  # fused, torch
+        flat = torch.zeros(numel + PADDING, device=device)
         flat[:numel] = data
         flat.requires_grad_()
         opt = Lamb([{"params": [flat], "weight_decay": 0.01}], lr=0.05, max_trust_ratio=2.0)
@@ -271,7 +275,7 @@ def test_optimizer_fragment_path_fused_matches_torch():
     for _ in range(3):
         g = torch.randn(numel + PADDING, generator=gen)
         g[numel:] = 0.0
-        flats[0].grad, flats[1].grad = g.clone(), g.clone()
+        flats[0].grad, flats[1].grad = g.to(DEVICE, copy=True), g.clone()
         _step(opts[0], "triton")
         _step(opts[1], "torch")
         assert opts[0]._plan is not None
@@ -283,7 +287,7 @@ def test_optimizer_fragment_path_fused_matches_torch():
 
 def _aligned_guarded(guards: list, tensor: torch.Tensor, margin: int = 1024) -> torch.Tensor:
     """Like ``GuardedBuffers.place`` but 16-byte aligned (a margin of 1024 elements), so the fast path runs."""
-    buffer = torch.full((tensor.numel() + 2 * margin,), float("nan"), dtype=tensor.dtype)
+    buffer = torch.full((tensor.numel() + 2 * margin,), float("nan"), dtype=tensor.dtype, device=DEVICE)
     view = buffer[margin : margin + tensor.numel()].view(tensor.shape)
     view.copy_(tensor)
     guards.append((buffer, margin, tensor.numel()))
@@ -322,14 +326,14 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
         sizes[-1], weight_dtype, grad_dtype, ((5, 0, kernel.CHUNK), (6, kernel.CHUNK + 9, kernel.CHUNK - 9))
     )
     num_params = 8  # parameter 7 has no fragment here
-    plan = kernel.plan_chunks(layouts, num_params, torch.device("cpu"))
+    plan = kernel.plan_chunks(layouts, num_params, DEVICE)
     launch = plan.launches[0]
     addresses = kernel._addresses(launch, tensors["w"], tensors["g"], tensors["m"], tensors["v"])
     fast_rows = [
         row for row, start, numel, _ in launch.chunks.tolist() if numel == kernel.CHUNK and addresses[row, 4] == 1
     ]
     assert fast_rows, "no chunk takes the fast path"
-    ref = {name: [t.detach().clone() for t in ts] for name, ts in tensors.items()}
+    ref = {name: [host(t).clone() for t in ts] for name, ts in tensors.items()}  # the reference on the CPU
     hyper = [
         kernel.hyperparameters(
             0.01 * (i + 1), (0.9, 0.999), 1e-6, 0.01 if i % 2 else 0.0, 3 + i, None if i == 2 else 5.0
@@ -341,7 +345,7 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
     assert grad_sq.item() == pytest.approx(expected.item(), rel=1e-6)
     sums = kernel.moments_and_norms(plan, tensors["w"], tensors["g"], tensors["m"], tensors["v"], hyper, 0.7)
     ref_sums = kernel.reference(ref["w"], ref["g"], ref["m"], ref["v"], hyper, 0.7, layouts, num_params)
-    torch.testing.assert_close(sums, ref_sums, rtol=1e-6, atol=0)
+    torch.testing.assert_close(host(sums), ref_sums, rtol=1e-6, atol=0)
     assert sums[7].tolist() == [0.0, 0.0]
     kernel.apply_update(plan, tensors["w"], tensors["m"], tensors["v"], hyper, sums)
     for name in ("w", "m", "v"):
@@ -350,7 +354,7 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
             ulps = 1 if got.dtype == torch.float32 else 0.5
             atol = ulps * torch.finfo(got.dtype).eps * want.float().abs().max().item()
             torch.testing.assert_close(
-                got.float(),
+                host(got).float(),
                 want.float(),
                 rtol=1e-6 if got.dtype == torch.float32 else 0,
                 atol=atol,
@@ -409,7 +413,7 @@ def test_two_runs_are_bitwise_equal():
 def test_plan_chunks_follow_fragments_and_chunk_boundaries():
     n = 3 * kernel.CHUNK + 100
     layout = kernel.TensorLayout(n, torch.float32, torch.float32, ((2, 10, kernel.CHUNK), (0, kernel.CHUNK + 10, 500)))
-    plan = kernel.plan_chunks([layout], 3, torch.device("cpu"))
+    plan = kernel.plan_chunks([layout], 3, DEVICE)
     rows = plan.launches[0].chunks.tolist()
     assert sum(numel for _, _, numel, _ in rows) == n  # every element in exactly one chunk
     for _, start, numel, param in rows:
@@ -423,18 +427,16 @@ def test_plan_chunks_follow_fragments_and_chunk_boundaries():
         assert {r[3] for r in rows[first:end]} == {param}
         assert sum(r[2] for r in rows[first:end]) == dict((p, c) for p, _, c in layout.fragments)[param]
     with pytest.raises(ValueError, match="overlaps"):
-        kernel.plan_chunks(
-            [kernel.TensorLayout(10, torch.float32, torch.float32, ((0, 0, 6), (1, 5, 5)))], 2, torch.device("cpu")
-        )
+        kernel.plan_chunks([kernel.TensorLayout(10, torch.float32, torch.float32, ((0, 0, 6), (1, 5, 5)))], 2, DEVICE)
 
 
 def test_non_contiguous_parameter_falls_back_to_torch():
-    base = torch.randn(6, 5)
+    base = torch.randn(6, 5, device=DEVICE)
     p = base.t().contiguous().t().requires_grad_()  # a leaf with transposed strides
     assert not p.is_contiguous()
     ref = p.detach().clone().requires_grad_()
     opts = [Lamb([p], lr=0.1), Lamb([ref], lr=0.1)]
-    grad = torch.randn(6, 5)
+    grad = torch.randn(6, 5, device=DEVICE)
     p.grad, ref.grad = grad.clone(), grad.clone()
     _step(opts[0], "triton")
     _step(opts[1], "torch")

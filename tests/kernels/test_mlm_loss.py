@@ -9,15 +9,18 @@ import pytest
 import torch
 from fastbert.kernels import mlm_loss as kernel
 from kernel_checks import (
+    DEVICE,
     Comparison,
     GuardedBuffers,
     assert_close,
     compare,
     forbid,
+    host,
     patched,
     rounded_magnitude,
     same_arguments,
     spy,
+    to_device,
 )
 
 from fastbert import ops
@@ -91,7 +94,7 @@ def comparisons(case: tuple, dtype: torch.dtype) -> dict[str, Comparison]:
     assert [b.shape[0] for b in row_kernel.blocks] == [min(block, rows - s) for s in range(0, rows, block)]
 
     h, w, b = hidden.double(), weight.double(), bias.double()
-    z = torch.cat(row_kernel.blocks).double()
+    z = host(torch.cat(row_kernel.blocks)).double()
     valid = labels != kernel.IGNORE_INDEX
     labelled = max(int(valid.sum()), 1)
     safe = torch.where(valid, labels, 0)
@@ -157,7 +160,7 @@ def test_no_float32_logits_for_every_row(monkeypatch):
     original = kernel._empty
     monkeypatch.setattr(kernel, "_empty", lambda shape, *a: sizes.append(tuple(shape)) or original(shape, *a))
     monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 8 * 1000)
-    hidden, weight, bias, labels = _inputs(40, 1000, 32, torch.float32, 0.0, seed=1)
+    hidden, weight, bias, labels = (to_device(t) for t in _inputs(40, 1000, 32, torch.float32, 0.0, seed=1))
     kernel.mlm_loss(hidden.requires_grad_(), weight, bias, labels)
     assert max(s[0] for s in sizes if len(s) == 2 and s[1] == 1000) <= 8
 
@@ -165,12 +168,17 @@ def test_no_float32_logits_for_every_row(monkeypatch):
 def test_ops_dispatches_to_the_kernel(monkeypatch):
     hidden, weight, bias, labels = _inputs(5, 1100, 32, torch.float32, 0.2, seed=2)
     ref_loss, ref_accuracy = ops._ChunkedMLMLoss.apply(hidden, weight, bias, labels)
+    on_device = tuple(to_device(t) for t in (hidden, weight, bias, labels))  # the CPU only when interpreted
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     calls = spy(monkeypatch, kernel, "mlm_loss")
     with monkeypatch.context() as m:
         forbid(m, ops._ChunkedMLMLoss, "apply", "ops.mlm_loss fell back to the torch reference")
-        loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
-    assert len(calls) == 1 and same_arguments(calls[0][0], (hidden, weight, bias, labels))
+        loss, accuracy = ops.mlm_loss(*on_device)
+        if DEVICE.type == "cuda":  # auto: CUDA tensors take the kernel
+            monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+            ops.mlm_loss(*on_device)
+    assert len(calls) == 1 + (DEVICE.type == "cuda")
+    assert all(same_arguments(args, on_device) for args, _ in calls)
     assert_close("loss", loss, ref_loss, ref_loss, ulps=64)
     assert accuracy.item() == ref_accuracy.item()
     for backend in ("torch", "auto"):  # auto: CPU tensors take the reference
@@ -180,7 +188,7 @@ def test_ops_dispatches_to_the_kernel(monkeypatch):
 
 
 def test_backward_twice_is_refused():
-    hidden, weight, bias, labels = _inputs(3, 1100, 32, torch.float32, 0.0, seed=4)
+    hidden, weight, bias, labels = (to_device(t) for t in _inputs(3, 1100, 32, torch.float32, 0.0, seed=4))
     loss, _ = kernel.mlm_loss(hidden.requires_grad_(), weight, bias, labels)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward ran twice"):

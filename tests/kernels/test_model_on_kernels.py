@@ -1,5 +1,6 @@
-"""fastbert's own model through the Triton kernels (``FASTBERT_BACKEND=triton``, interpreter) against the torch
-references: same losses and gradients, post-LN and pre-LN, on an unpadded batch with awkward lengths."""
+"""fastbert's own model through the Triton kernels (``FASTBERT_BACKEND=triton``, interpreter; or on CUDA, both on
+kernel_checks.DEVICE) against the torch references: same losses and gradients, post-LN and pre-LN, on an unpadded
+batch with awkward lengths."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import collections
 import pytest
 import torch
 from fastbert.kernels import attention, bias_gelu, mlm_loss, residual_layer_norm
-from kernel_checks import assert_close
+from kernel_checks import DEVICE, assert_close
 
 from fastbert import BertConfig, BertForPreTraining
 
@@ -35,7 +36,7 @@ def test_pretraining_loss_and_gradients_match_the_references(pre_layer_norm, mon
         pre_layer_norm=pre_layer_norm,
     )
     torch.manual_seed(0)
-    model = BertForPreTraining(config).train()
+    model = BertForPreTraining(config).to(DEVICE).train()
     lengths = [1, 37, 129]
     g = torch.Generator().manual_seed(2)
     ids = torch.randint(5, config.vocab_size, (sum(lengths),), generator=g)
@@ -47,6 +48,7 @@ def test_pretraining_loss_and_gradients_match_the_references(pre_layer_norm, mon
         "cu_seqlens": torch.tensor([0, 1, 38, 167], dtype=torch.int32),
         "max_seqlen": 129,
     }
+    batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in batch.items()}
     ref, ref_grads = _loss_and_grads(model, batch, "torch", monkeypatch)
     calls = collections.Counter()
 

@@ -1,5 +1,6 @@
 """fastbert.nn drop-ins: FusedLayerNorm state_dict compatibility, and patch_hf_bert on a random-init
-transformers BertForMaskedLM giving the same loss and gradients, with the kernels running under the interpreter."""
+transformers BertForMaskedLM giving the same loss and gradients, with the kernels running under the interpreter
+(or on CUDA, the unpatched model there too: kernel_checks.DEVICE)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import copy
 import pytest
 import torch
 from fastbert.kernels import attention, mlm_loss, residual_layer_norm
-from kernel_checks import assert_close
+from kernel_checks import DEVICE, assert_close, to_device
 from torch import nn
 
 from fastbert import nn as fnn
@@ -32,7 +33,7 @@ def test_fused_layer_norm_is_state_dict_compatible(triton_backend):
     fused.load_state_dict(norm.state_dict())
     assert fused.state_dict().keys() == norm.state_dict().keys()
     x = torch.randn(3, 7, 384)
-    assert_close("layer norm", fused(x), norm(x), norm(x), ulps=16)
+    assert_close("layer norm", fused.to(DEVICE)(to_device(x)), norm(x), norm(x), ulps=16)
     nn.LayerNorm(384).load_state_dict(fused.state_dict())
 
 
@@ -49,7 +50,7 @@ def _model(attn_implementation):
     )
     config._attn_implementation = attn_implementation
     torch.manual_seed(0)
-    return transformers.BertForMaskedLM(config).train()
+    return transformers.BertForMaskedLM(config).to(DEVICE).train()
 
 
 def _batch():
@@ -59,7 +60,7 @@ def _batch():
     mask = (torch.arange(20)[None, :] < torch.tensor(lengths)[:, None]).long()
     labels = torch.where((torch.rand(3, 20, generator=g) < 0.3) & mask.bool(), ids, -100)
     labels[2, 0] = ids[2, 0]  # the one-token row has a label too
-    return ids, mask, labels
+    return ids.to(DEVICE), mask.to(DEVICE), labels.to(DEVICE)
 
 
 @pytest.mark.parametrize("attn_implementation", ["eager", "sdpa"])

@@ -9,7 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fastbert.kernels import residual_layer_norm as kernel
-from kernel_checks import Comparison, GuardedBuffers, assert_close, compare, forbid, patched, same_arguments, spy
+from kernel_checks import (
+    DEVICE,
+    Comparison,
+    GuardedBuffers,
+    assert_close,
+    compare,
+    forbid,
+    host,
+    patched,
+    same_arguments,
+    spy,
+    to_device,
+)
 
 from fastbert import ops
 
@@ -166,7 +178,7 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(monkeypatch):
 
     y, summed, got = _run(fused, t, torch.float32, True, True, True, place=guard.place)
     guard.check()
-    keep = (summed - t["residual"]).ne(0).float()  # a dropped element leaves exactly the residual
+    keep = (host(summed) - t["residual"]).ne(0).float()  # a dropped element leaves exactly the residual
     dropped = 1 - keep.mean().item()
     assert abs(dropped - p) < 5 * (p * (1 - p) / keep.numel()) ** 0.5, f"dropped fraction {dropped} for p={p}"
 
@@ -179,16 +191,17 @@ def test_dropout_mask_is_reproducible_and_regenerated_in_backward(monkeypatch):
     for name in ("x", "residual", "weight", "bias"):
         assert_close(f"d{name}", got[name].grad, ref[name].grad, ref[name].grad, ulps=16)
     assert_close("dx_bias", got["x_bias"].grad, ref["x_bias"].grad, ref["x_bias"].grad, ulps=200)
-    assert torch.equal(got["x"].grad[keep == 0], torch.zeros_like(got["x"].grad[keep == 0]))
+    dx = host(got["x"].grad)
+    assert torch.equal(dx[keep == 0], torch.zeros_like(dx[keep == 0]))
 
-    again, _, _ = _run(fused, t, torch.float32, True, True, True)
-    other, _, _ = _run(lambda *a: fused(*a, seed=99), t, torch.float32, True, True, True)
+    again, _, _ = _run(fused, t, torch.float32, True, True, True, place=to_device)
+    other, _, _ = _run(lambda *a: fused(*a, seed=99), t, torch.float32, True, True, True, place=to_device)
     assert torch.equal(again, y), "the same seed must give the same mask"
     assert not torch.equal(other, y), "a different seed must give a different mask"
 
 
 def test_no_dropout_outside_training():
-    t = _inputs((4, 128), torch.float32, seed=5)
+    t = {k: to_device(v) for k, v in _inputs((4, 128), torch.float32, seed=5).items()}
     y, summed = kernel.residual_layer_norm(
         t["x"], t["residual"], t["weight"], t["bias"], EPS, None, 0.5, training=False
     )
@@ -204,14 +217,18 @@ def test_ops_dispatches_to_the_kernel(monkeypatch):
     t = _inputs((3, 128), torch.float32, seed=9)
     args = (t["x"], t["residual"], t["weight"], t["bias"], EPS, t["x_bias"], 0.25, True)
     y_ref, _ = kernel.reference(t["x"], t["residual"], t["weight"], t["bias"], EPS, t["x_bias"])
+    on_device = tuple(to_device(a) if torch.is_tensor(a) else a for a in args)  # the CPU only when interpreted
     monkeypatch.setenv("FASTBERT_BACKEND", "triton")
     calls = spy(monkeypatch, kernel, "residual_layer_norm")
     with monkeypatch.context() as m:
         forbid(m, ops.F, "layer_norm", "ops.residual_layer_norm fell back to the torch reference")
-        ops.residual_layer_norm(*args)  # every argument, dropout included, reaches the kernel
-        y, summed = ops.residual_layer_norm(*args[:6])
-    assert len(calls) == 2 and same_arguments(calls[0][0], args)
-    assert same_arguments(calls[1][0], (*args[:6], 0.0, False))
+        ops.residual_layer_norm(*on_device)  # every argument, dropout included, reaches the kernel
+        y, summed = ops.residual_layer_norm(*on_device[:6])
+        if DEVICE.type == "cuda":  # auto: CUDA tensors take the kernel
+            monkeypatch.setenv("FASTBERT_BACKEND", "auto")
+            ops.residual_layer_norm(*on_device[:6])
+    assert len(calls) == 2 + (DEVICE.type == "cuda") and same_arguments(calls[0][0], on_device)
+    assert all(same_arguments(args, (*on_device[:6], 0.0, False)) for args, _ in calls[1:])
     assert_close("normalized", y, y_ref, y_ref)
     for backend in ("torch", "auto"):  # auto: CPU tensors take the reference
         monkeypatch.setenv("FASTBERT_BACKEND", backend)
