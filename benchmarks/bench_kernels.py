@@ -1,35 +1,53 @@
 """fastbert's Triton kernels against torch: measured on a GPU, planned on paper without one.
 
-With CUDA: each kernel (forward + backward) against torch eager, SDPA (attention) and ``torch.compile`` of the
-eager sequence, at BERT-base pretraining shapes in bf16; time from ``triton.testing.do_bench``, achieved TFLOP/s
-(attention, MLM loss) or GB/s (LayerNorm, bias-GELU: the fused kernel's minimum bytes over the time) and the share
-of the device's peak. Without CUDA: the resource table of the ahead-of-time compile
-(benchmarks/results/kernel_resources.json, written by tests/kernels/test_aot_compile.py) and, per kernel, the
-analytic FLOPs and bytes moved, fused against the unfused torch sequence, with the ideal H100 time (the larger of
-FLOPs over bf16 dense peak and bytes over HBM bandwidth). Nothing in the paper plan is measured.
+With CUDA (``measure``): each kernel forward + backward in bf16 against what a user would otherwise run: SDPA with
+the flash backend on the padded batch and on the packed one (a jagged nested tensor), at sequence 128 and 512
+with 30% padding; ``F.layer_norm`` after the adds; bias + ``F.gelu``; full-logits ``F.cross_entropy`` (as
+transformers computes it) and the masked rows' cross-entropy, with peak memory; one LAMB step over BERT-base's
+parameters against a ``torch._foreach`` LAMB and DeepSpeed's / apex's fused LAMB when they load (``--compile``
+adds ``torch.compile`` of each eager sequence). Time from ``triton.testing.do_bench``, useful TFLOP/s (real
+tokens, masked rows) and GB/s (the fused kernel's minimum bytes over the time), and the share of the device's
+peak from fastbert/train/flops.py (dense bf16 for attention and the loss, DRAM bandwidth for the rest).
+benchmarks/gpu_acceptance.py runs the same measurement (and, in its dry run, on the CPU under the Triton
+interpreter at tiny shapes).
+
+Without CUDA: the resource table of the ahead-of-time compile (benchmarks/results/kernel_resources.json, written
+by tests/kernels/test_aot_compile.py) and, per kernel, the analytic FLOPs and bytes moved, fused against the
+unfused torch sequence, with the ideal time on H100, H200 and A100 (the larger of FLOPs over bf16 dense peak and
+bytes over DRAM bandwidth). Nothing in the paper plan is measured.
 
 Byte counts are the minimum traffic to DRAM (each tensor read or written once per pass, 2-byte elements, a dropout
 mask as 1 byte per element in torch); FLOPs count a multiply-add as 2.
 
-    python benchmarks/bench_kernels.py     # JSON to benchmarks/results/kernels_cuda.json or kernels_plan.json
+    python benchmarks/bench_kernels.py [--compile]  # JSON to benchmarks/results/kernels_cuda.json or kernels_plan.json
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import math
 import sys
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from fastbert.train.flops import PEAKS, GpuPeak, gpu_peak
 
 RESULTS = Path(__file__).resolve().parent / "results"
 # BERT-base pretraining at sequence 512: 32 sequences, 15% of tokens masked.
 BATCH, SEQ, HIDDEN, HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 32, 512, 768, 12, 64, 3072, 30522
 TOKENS = BATCH * SEQ
 MASKED = int(0.15 * TOKENS)
-# Dense bf16 tensor-core peak (FLOP/s) and DRAM bandwidth (bytes/s) from the vendor data sheets (SXM parts).
-PEAKS = {"H100": (989e12, 3.35e12), "A100": (312e12, 2.039e12)}
+PLAN_GPUS = {"H100": "H100 SXM", "H200": "H200 SXM", "A100": "A100 SXM 80GB"}  # the paper plan's columns
+
+
+def table_peak(name: str) -> GpuPeak:
+    """An entry of fastbert.train.flops.PEAKS by its name."""
+    return next(peak for peak in PEAKS if peak.name == name)
 
 
 @dataclass
@@ -42,8 +60,8 @@ class Plan:
     note: str
 
     def ideal_us(self, device: str = "H100") -> float:
-        flops, bandwidth = PEAKS[device]
-        return max(self.flops / flops, self.fused_bytes / bandwidth) * 1e6
+        peak = table_peak(PLAN_GPUS[device])
+        return max(self.flops / peak.bf16, self.fused_bytes / peak.bandwidth) * 1e6
 
 
 def plans() -> list[Plan]:
@@ -130,7 +148,7 @@ def print_plan() -> dict:
     print(f"Analytic plan, forward + backward, bf16, BERT-base at sequence {SEQ} (not measured: no GPU here):")
     print(
         f"  {'kernel':<20} {'GFLOP':>8} {'fused MB':>9} {'unfused MB':>11} {'bytes saved':>11} "
-        f"{'ideal H100 us':>14} {'ideal A100 us':>14}  note"
+        f"{'ideal H100 us':>14} {'ideal H200 us':>14} {'ideal A100 us':>14}  note"
     )
     table = []
     for plan in plans():
@@ -138,12 +156,13 @@ def print_plan() -> dict:
         print(
             f"  {plan.kernel:<20} {plan.flops / 1e9:>8.1f} {plan.fused_bytes / 1e6:>9.1f} "
             f"{plan.unfused_bytes / 1e6:>11.1f} {saved:>10.0%} {plan.ideal_us('H100'):>14.1f} "
-            f"{plan.ideal_us('A100'):>14.1f}  {plan.note}"
+            f"{plan.ideal_us('H200'):>14.1f} {plan.ideal_us('A100'):>14.1f}  {plan.note}"
         )
         table.append(
             {
                 **asdict(plan),
                 "ideal_us_h100": round(plan.ideal_us("H100"), 1),
+                "ideal_us_h200": round(plan.ideal_us("H200"), 1),
                 "ideal_us_a100": round(plan.ideal_us("A100"), 1),
             }
         )
@@ -154,10 +173,61 @@ def print_plan() -> dict:
     return {"measured": False, "plan": table, "resources": rows}
 
 
-def _bench(fn) -> float:
-    from triton.testing import do_bench
+# Measured ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Shapes:
+    """The shapes of a measured run. ``attention_seqs`` pairs a padded length with its batch; lengths are drawn
+    so that ``padding`` of the padded batch is padding (BERT's 30% is typical of sentence-pair samples)."""
 
-    return do_bench(fn, warmup=25, rep=100)
+    tokens: int = TOKENS  # LayerNorm and GELU rows; the MLM loss's masked rows are 15% of them
+    hidden: int = HIDDEN
+    intermediate: int = INTERMEDIATE
+    vocab: int = VOCAB
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
+    attention_seqs: tuple[tuple[int, int], ...] = ((128, 256), (512, 64))  # (sequence, batch)
+    padding: float = 0.3
+    lamb_layers: int = 12  # LAMB over BERT-base's parameter shapes (110M parameters)
+
+
+BERT_BASE = Shapes()
+# A run that exercises every path in seconds, on the CPU under the Triton interpreter (the acceptance dry run).
+TINY = Shapes(
+    tokens=64, hidden=64, intermediate=128, vocab=500, heads=2, attention_seqs=((16, 3), (32, 2)), lamb_layers=1
+)
+
+
+class Timer:
+    """Milliseconds per call: ``triton.testing.do_bench`` on CUDA; on the CPU (interpreter runs) the median of a
+    few ``time.perf_counter`` calls after one warm-up."""
+
+    def __init__(self, device: torch.device, reps: int = 3) -> None:
+        self.device, self.reps = device, reps
+
+    def __call__(self, fn) -> float:
+        if self.device.type == "cuda":
+            from triton.testing import do_bench
+
+            return float(do_bench(fn, warmup=25, rep=100))
+        fn()
+        times = []
+        for _ in range(self.reps):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2] * 1e3
+
+
+def peak_memory(fn, device: torch.device) -> int | None:
+    """Bytes allocated at the peak of one call of ``fn`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 def _fwd_bwd(make):
@@ -171,101 +241,340 @@ def _fwd_bwd(make):
     return run
 
 
-def measure_cuda(dev: str = "cuda") -> dict:
-    import torch.nn.functional as F
-    from fastbert.kernels import attention, bias_gelu, mlm_loss, residual_layer_norm
+def _lengths(seq: int, batch: int, padding: float, gen: torch.Generator) -> list[int]:
+    """``batch`` lengths in [1, seq] whose total is ``(1 - padding) * seq * batch`` (to one token)."""
+    target = round((1 - padding) * seq * batch)
+    lengths = torch.randint(max(1, int(seq * (1 - 2 * padding))), seq + 1, (batch,), generator=gen).tolist()
+    while sum(lengths) != target:  # nudge towards the target, keeping every length in [1, seq]
+        i = int(torch.randint(0, batch, (1,), generator=gen))
+        step = 1 if sum(lengths) < target else -1
+        if 1 <= lengths[i] + step <= seq:
+            lengths[i] += step
+    return lengths
 
-    name = torch.cuda.get_device_name() if dev == "cuda" else dev
-    peak = next((v for k, v in PEAKS.items() if k in name), None)
-    dt = torch.bfloat16
-    torch.manual_seed(0)
+
+@dataclass
+class Case:
+    kernel: str
+    shape: str
+    providers: dict  # name -> callable running forward + backward (or one optimizer step)
+    flops: float = 0.0  # useful FLOPs (on real tokens, masked rows): what TFLOP/s and the share of peak count
+    bytes: float = 0.0  # the fused kernel's minimum DRAM traffic: what GB/s counts
+    bound: str = "compute"  # "compute": share of the precision's dense peak; "memory": share of DRAM bandwidth
+    memory: tuple[str, ...] = ()  # providers whose peak memory is measured
+    notes: dict = field(default_factory=dict)  # provider -> why it did not run
+
+
+def attention_cases(shapes: Shapes, device: torch.device, dt: torch.dtype) -> list[Case]:
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fastbert import ops
+
+    h, d, p = shapes.heads, shapes.head_dim, 0.1
+    # Flash on CUDA, as a user of SDPA would pick; the CPU (dry run) has no flash kernel with dropout.
+    flash = (lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)) if device.type == "cuda" else contextlib.nullcontext
+    cases = []
+    for seq, batch in shapes.attention_seqs:
+        gen = torch.Generator().manual_seed(seq)
+        lengths = _lengths(seq, batch, shapes.padding, gen)
+        total = sum(lengths)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        offsets = cu.long()
+        q, k, v = (torch.randn(total, h, d, generator=gen).to(device, dt).requires_grad_() for _ in range(3))
+        qp, kp, vp = (torch.randn(batch, h, seq, d, generator=gen).to(device, dt).requires_grad_() for _ in range(3))
+
+        def fastbert(q=q, k=k, v=v, cu=cu, seq=seq):
+            return ops.attention(q, k, v, cu, seq, p), (q, k, v)
+
+        def sdpa_padded(qp=qp, kp=kp, vp=vp):
+            with flash():  # over every padded position: flash takes no padding mask
+                return F.scaled_dot_product_attention(qp, kp, vp, dropout_p=p), (qp, kp, vp)
+
+        def sdpa_packed(q=q, k=k, v=v, offsets=offsets):
+            nested = [torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v)]
+            with flash():  # varlen flash through a jagged nested tensor: real tokens only
+                out = F.scaled_dot_product_attention(*nested, dropout_p=p)
+            return out.transpose(1, 2).values(), (q, k, v)
+
+        squares = sum(n * n for n in lengths)
+        cases.append(
+            Case(
+                "attention",
+                f"seq {seq} x {batch}, {total} real tokens ({1 - total / (seq * batch):.0%} padding), heads {h}, "
+                f"d {d}, dropout {p}",
+                {"fastbert": fastbert, "sdpa_flash_padded": sdpa_padded, "sdpa_flash_packed": sdpa_packed},
+                flops=3.5 * 4 * squares * h * d,  # forward 2 matmuls, backward 5 (QK^T recomputed)
+                bytes=2 * (4 + 8) * total * h * d,
+            )
+        )
+    return cases
+
+
+def elementwise_cases(shapes: Shapes, device: torch.device, dt: torch.dtype) -> list[Case]:
+    import torch.nn.functional as F
+
+    from fastbert import ops
+
+    gen = torch.Generator().manual_seed(1)
 
     def leaf(*shape, scale=1.0):
-        return (torch.randn(*shape, device=dev) * scale).to(dt).requires_grad_()
+        return (torch.randn(*shape, generator=gen) * scale).to(device, dt).requires_grad_()
 
-    x, r, xb = leaf(TOKENS, HIDDEN), leaf(TOKENS, HIDDEN), leaf(HIDDEN)
-    w, b = leaf(HIDDEN), leaf(HIDDEN)
-    h, hb = leaf(TOKENS, INTERMEDIATE), leaf(INTERMEDIATE)
-    q, k, v = (leaf(TOKENS, HEADS, HEAD_DIM) for _ in range(3))
-    cu = torch.arange(0, TOKENS + 1, SEQ, device=dev, dtype=torch.int32)
-    hm, wv, bv = leaf(MASKED, HIDDEN), leaf(VOCAB, HIDDEN, scale=0.05), leaf(VOCAB)
-    labels = torch.randint(0, VOCAB, (MASKED,), device=dev)
+    n, hid, inter = shapes.tokens, shapes.hidden, shapes.intermediate
+    x, r, xb, w, b = leaf(n, hid), leaf(n, hid), leaf(hid), leaf(hid), leaf(hid)
+    hh, hb = leaf(n, inter), leaf(inter)
+    e, e_ffn = n * hid, n * inter
+    return [
+        Case(
+            "residual_layer_norm",
+            f"[{n}, {hid}] post-LN, bias + dropout 0.1 + residual",
+            {
+                "fastbert": lambda: (ops.residual_layer_norm(x, r, w, b, 1e-12, xb, 0.1, True), (x, r, w, b, xb)),
+                "torch_add_layer_norm": lambda: (
+                    F.layer_norm(F.dropout(x + xb, 0.1) + r, (hid,), w, b, 1e-12),
+                    (x, r, w, b, xb),
+                ),
+            },
+            flops=20 * e,
+            bytes=2 * (4 * e) + 2 * (4 * e),
+            bound="memory",
+        ),
+        Case(
+            "bias_gelu",
+            f"[{n}, {inter}] exact erf GELU",
+            {
+                "fastbert": lambda: (ops.bias_gelu(hh, hb), (hh, hb)),
+                "torch_bias_gelu": lambda: (F.gelu(hh + hb), (hh, hb)),
+            },
+            flops=30 * e_ffn,
+            bytes=2 * (2 * e_ffn) + 2 * (3 * e_ffn),
+            bound="memory",
+        ),
+    ]
 
-    def ln_eager(x, r, w, b, xb):
-        return F.layer_norm(F.dropout(x + xb, 0.1) + r, (HIDDEN,), w, b, 1e-12)
 
-    def attn_eager(q, k, v):
-        qp, kp, vp = (t.view(BATCH, SEQ, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v))
-        p = torch.softmax(qp @ kp.transpose(-1, -2) * HEAD_DIM**-0.5, dim=-1)
-        return F.dropout(p, 0.1) @ vp
+def mlm_loss_case(shapes: Shapes, device: torch.device, dt: torch.dtype) -> Case:
+    import torch.nn.functional as F
 
-    def attn_sdpa(q, k, v):
-        qp, kp, vp = (t.view(BATCH, SEQ, HEADS, HEAD_DIM).transpose(1, 2) for t in (q, k, v))
-        return F.scaled_dot_product_attention(qp, kp, vp, dropout_p=0.1)
+    from fastbert import ops
 
-    def loss_eager(hm, wv, bv):
-        return F.cross_entropy(F.linear(hm, wv, bv).float(), labels)
+    gen = torch.Generator().manual_seed(2)
+    n, hid, vocab = shapes.tokens, shapes.hidden, shapes.vocab
+    masked = max(1, int(0.15 * n))
+    hidden = (torch.randn(n, hid, generator=gen)).to(device, dt).requires_grad_()
+    weight = (torch.randn(vocab, hid, generator=gen) * 0.05).to(device, dt).requires_grad_()
+    bias = torch.zeros(vocab).to(device, dt).requires_grad_()
+    positions = torch.randperm(n, generator=gen)[:masked].sort().values.to(device)
+    targets = torch.randint(0, vocab, (masked,), generator=gen).to(device)
+    labels = torch.full((n,), -100, dtype=torch.long, device=device)
+    labels[positions] = targets
 
-    def gelu_eager(h, hb):
-        return F.gelu(h + hb)
+    def fastbert():  # what the model does: gather the masked rows, then the vocabulary-chunked kernel
+        return ops.mlm_loss(hidden[positions], weight, bias, targets), (hidden, weight, bias)
 
-    compiled = {
-        "ln": torch.compile(ln_eager),
-        "gelu": torch.compile(gelu_eager),
-        "attention": torch.compile(attn_eager),
-        "loss": torch.compile(loss_eager),
-    }
-    cases = {
-        "residual_layer_norm": {
-            "fastbert": lambda: (
-                residual_layer_norm.residual_layer_norm(x, r, w, b, 1e-12, xb, 0.1, True),
-                (x, r, w, b, xb),
-            ),
-            "eager": lambda: (ln_eager(x, r, w, b, xb), (x, r, w, b, xb)),
-            "compile": lambda: (compiled["ln"](x, r, w, b, xb), (x, r, w, b, xb)),
-        },
-        "bias_gelu": {
-            "fastbert": lambda: (bias_gelu.bias_gelu(h, hb), (h, hb)),
-            "eager": lambda: (gelu_eager(h, hb), (h, hb)),
-            "compile": lambda: (compiled["gelu"](h, hb), (h, hb)),
-        },
-        "attention": {
-            "fastbert": lambda: (attention.attention(q, k, v, cu, SEQ, 0.1), (q, k, v)),
-            "eager": lambda: (attn_eager(q, k, v), (q, k, v)),
-            "sdpa": lambda: (attn_sdpa(q, k, v), (q, k, v)),
-            "compile": lambda: (compiled["attention"](q, k, v), (q, k, v)),
-        },
-        "mlm_loss": {
-            "fastbert": lambda: (mlm_loss.mlm_loss(hm, wv, bv, labels), (hm, wv, bv)),
-            "eager": lambda: (loss_eager(hm, wv, bv), (hm, wv, bv)),
-            "compile": lambda: (compiled["loss"](hm, wv, bv), (hm, wv, bv)),
-        },
-    }
-    results = []
-    by_kernel = {p.kernel: p for p in plans()}
-    print(f"{name}, bf16, forward + backward at BERT-base shapes (sequence {SEQ})")
-    print(f"  {'kernel':<20} {'provider':<9} {'ms':>8} {'TFLOP/s':>8} {'GB/s':>8} {'% peak':>7}")
-    for kernel, providers in cases.items():
-        plan = by_kernel[kernel]
-        for provider, case in providers.items():
-            ms = _bench(_fwd_bwd(case))
-            tflops = plan.flops / (ms * 1e-3) / 1e12
-            gbs = plan.fused_bytes / (ms * 1e-3) / 1e9
-            compute_bound = kernel in ("attention", "mlm_loss")
+    def full_logits():  # what transformers does: logits for every position, cross-entropy ignoring the rest
+        return F.cross_entropy(F.linear(hidden, weight, bias).float(), labels), (hidden, weight, bias)
+
+    def masked_logits():  # the eager reference on the masked rows only
+        return F.cross_entropy(F.linear(hidden[positions], weight, bias).float(), targets), (hidden, weight, bias)
+
+    providers = {"fastbert": fastbert, "torch_full_logits": full_logits, "torch_masked_logits": masked_logits}
+    return Case(
+        "mlm_loss",
+        f"{n} tokens, {masked} masked, V={vocab}, H={hid}",
+        providers,
+        flops=3 * 2 * masked * vocab * hid,  # logits, d_hidden, d_weight on the masked rows
+        bytes=2 * 6 * masked * vocab + 2 * 3 * (masked * hid + vocab * hid),
+        memory=tuple(providers),
+    )
+
+
+def bert_parameter_shapes(shapes: Shapes) -> list[tuple[int, ...]]:
+    """BERT's parameter tensors (embeddings, per layer QKV/output/FFN/LayerNorms, pooler, heads)."""
+    hid, inter = shapes.hidden, shapes.intermediate
+    layer = [(3 * hid, hid), (3 * hid,), (hid, hid), (hid,), (hid,), (hid,), (inter, hid), (inter,)]
+    layer += [(hid, inter), (hid,), (hid,), (hid,)]
+    return [
+        (shapes.vocab, hid),
+        (512, hid),
+        (2, hid),
+        (hid,),
+        (hid,),
+        *layer * shapes.lamb_layers,
+        (hid, hid),
+        (hid,),
+        (hid, hid),
+        (hid,),
+        (hid,),
+        (hid,),
+        (shapes.vocab,),
+        (2, hid),
+        (2,),
+    ]
+
+
+class ForeachLamb:
+    """LAMB with torch's multi-tensor ``_foreach`` ops: what one writes without a fused kernel (no clipping)."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01):
+        self.params, self.lr, self.betas, self.eps, self.wd = list(params), lr, betas, eps, weight_decay
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        b1, b2 = self.betas
+        self.t += 1
+        grads = [p.grad for p in self.params]
+        torch._foreach_lerp_(self.m, grads, 1 - b1)
+        torch._foreach_mul_(self.v, b2)
+        torch._foreach_addcmul_(self.v, grads, grads, 1 - b2)
+        denom = torch._foreach_sqrt(self.v)
+        torch._foreach_div_(denom, math.sqrt(1 - b2**self.t))
+        torch._foreach_add_(denom, self.eps)
+        update = torch._foreach_div(self.m, denom)
+        torch._foreach_div_(update, 1 - b1**self.t)
+        torch._foreach_add_(update, self.params, alpha=self.wd)
+        w_norm, u_norm = torch.stack(torch._foreach_norm(self.params)), torch.stack(torch._foreach_norm(update))
+        trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+        torch._foreach_mul_(update, list(trust.unbind()))
+        torch._foreach_add_(self.params, update, alpha=-self.lr)
+
+
+def lamb_case(shapes: Shapes, device: torch.device, deepspeed_lamb: bool = True) -> Case:
+    from fastbert.optim import Lamb
+
+    sizes = bert_parameter_shapes(shapes)
+    numel = sum(math.prod(s) for s in sizes)
+    gen = torch.Generator().manual_seed(3)
+    base = [torch.randn(s, generator=gen) * 0.02 for s in sizes]
+    grads = [torch.randn(s, generator=gen) * 1e-3 for s in sizes]
+
+    def params():
+        out = [w.to(device, copy=True).requires_grad_() for w in base]
+        for p, g in zip(out, grads, strict=True):
+            p.grad = g.to(device, copy=True)
+        return out
+
+    providers, notes = {}, {}
+    fused = Lamb(params(), lr=1e-3, max_grad_norm=None, max_trust_ratio=None)  # no clipping: as the others
+    providers["fastbert"] = fused.step
+    providers["torch_foreach_lamb"] = ForeachLamb(params(), lr=1e-3).step
+    if device.type != "cuda":
+        notes["deepspeed_fused_lamb"] = notes["apex_fused_lamb"] = "skipped: no CUDA"
+    else:
+        if not deepspeed_lamb:
+            notes["deepspeed_fused_lamb"] = "skipped: its CUDA op was not built in time"
+        else:
+            try:
+                from deepspeed.ops.lamb import FusedLamb
+
+                providers["deepspeed_fused_lamb"] = FusedLamb(params(), lr=1e-3, max_grad_norm=0.0).step
+            except Exception as e:  # not installed, or its JIT build failed
+                notes["deepspeed_fused_lamb"] = f"not available: {type(e).__name__}: {e}"[:300]
+        try:
+            from apex.optimizers import FusedLAMB
+
+            providers["apex_fused_lamb"] = FusedLAMB(params(), lr=1e-3, max_grad_norm=0.0).step
+        except Exception as e:
+            notes["apex_fused_lamb"] = f"not available: {type(e).__name__}: {e}"[:300]
+    return Case(
+        "lamb",
+        f"{len(sizes)} fp32 tensors, {numel / 1e6:.1f}M parameters (BERT, {shapes.lamb_layers} layers)",
+        providers,
+        flops=0.0,
+        bytes=28 * numel,  # read weight, gradient and both moments; write weight and both moments
+        bound="memory",
+        notes=notes,
+    )
+
+
+def measure(
+    device: torch.device | str = "cuda",
+    shapes: Shapes = BERT_BASE,
+    *,
+    compile: bool = False,
+    deepspeed_lamb: bool = True,
+    reps: int = 3,
+) -> dict:
+    """Every kernel forward + backward (LAMB: one step) against what a user would otherwise run, in bf16: ms,
+    TFLOP/s of useful work, GB/s of the fused kernel's minimum traffic, and the share of the device's peak from
+    fastbert.train.flops (compute-bound kernels: dense bf16 peak; memory-bound ones: DRAM bandwidth). A provider
+    that fails is recorded with its error; the fastbert rows are the ones that must run."""
+    device = torch.device(device)
+    dt = torch.bfloat16
+    peak = gpu_peak(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
+    torch.manual_seed(0)
+    cases = [
+        *attention_cases(shapes, device, dt),
+        *elementwise_cases(shapes, device, dt),
+        mlm_loss_case(shapes, device, dt),
+        lamb_case(shapes, device, deepspeed_lamb),
+    ]
+    if compile:
+        _add_compiled(cases)
+    timer = Timer(device, reps)
+    rows = []
+    print(f"{name}, bf16 (LAMB: fp32), forward + backward; share of {peak.name if peak else 'unknown'} peak")
+    print(
+        f"  {'kernel':<20} {'provider':<22} {'ms':>9} {'TFLOP/s':>8} {'GB/s':>8} {'% peak':>7} {'peak MiB':>9}  shape"
+    )
+    for case in cases:
+        for provider, fn in case.providers.items():
+            run = fn if case.kernel == "lamb" else _fwd_bwd(fn)
+            row = {"kernel": case.kernel, "shape": case.shape, "provider": provider}
+            try:
+                ms = timer(run)
+                memory = peak_memory(run, device) if provider in case.memory else None
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+                rows.append(row)
+                print(f"  {case.kernel:<20} {provider:<22} error: {row['error'][:120]}")
+                continue
+            tflops = case.flops / (ms * 1e-3) / 1e12 if case.flops else None
+            gbs = case.bytes / (ms * 1e-3) / 1e9
             share = None
             if peak is not None:
-                share = tflops * 1e12 / peak[0] if compute_bound else gbs * 1e9 / peak[1]
-            shown = f"{share:>7.0%}" if share is not None else f"{'-':>7}"
-            print(f"  {kernel:<20} {provider:<9} {ms:>8.3f} {tflops:>8.1f} {gbs:>8.0f} {shown}")
-            results.append(
-                {"kernel": kernel, "provider": provider, "ms": ms, "tflops": tflops, "gbs": gbs, "share_of_peak": share}
-            )
-    return {"measured": True, "device": name, "results": results}
+                share = tflops * 1e12 / peak.flops("bf16") if case.bound == "compute" else gbs * 1e9 / peak.bandwidth
+            row.update(ms=ms, tflops=tflops, gbs=gbs, share_of_peak=share, bound=case.bound, peak_memory=memory)
+            rows.append(row)
+            cells = [
+                f"{ms:>9.3f}",
+                f"{tflops:>8.1f}" if tflops is not None else f"{'-':>8}",
+                f"{gbs:>8.0f}",
+                f"{share:>7.0%}" if share is not None else f"{'-':>7}",
+                f"{memory / 2**20:>9.0f}" if memory is not None else f"{'-':>9}",
+            ]
+            print(f"  {case.kernel:<20} {provider:<22} {' '.join(cells)}  {case.shape}")
+        for provider, note in case.notes.items():
+            rows.append({"kernel": case.kernel, "shape": case.shape, "provider": provider, "skipped": note})
+            print(f"  {case.kernel:<20} {provider:<22} {note[:100]}")
+    return {
+        "measured": True,
+        "device": name,
+        "peak": None if peak is None else asdict(peak),
+        "results": rows,
+    }
+
+
+def _add_compiled(cases: list[Case]) -> None:
+    """``torch.compile`` of each eager provider (minutes of compilation: the standalone benchmark only)."""
+    for case in cases:
+        for provider, fn in list(case.providers.items()):
+            if provider.startswith("torch_") and case.kernel != "lamb":
+                compiled = torch.compile(lambda fn=fn: fn())
+                case.providers[provider.replace("torch_", "compiled_", 1)] = compiled
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile of each eager sequence")
+    args = parser.parse_args()
     if torch.cuda.is_available():
-        table, out = measure_cuda(), RESULTS / "kernels_cuda.json"
+        table, out = measure("cuda", compile=args.compile), RESULTS / "kernels_cuda.json"
     else:
         table, out = print_plan(), RESULTS / "kernels_plan.json"
     out.parent.mkdir(parents=True, exist_ok=True)
