@@ -209,6 +209,7 @@ def _add_pretrain(subparsers) -> None:
         default=120.0,
         help="seconds a collective may wait for another rank before the run fails",
     )
+    _add_tf32(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_pretrain)
 
@@ -300,6 +301,7 @@ def _add_finetune(subparsers) -> None:
         "deepspeed launcher",
     )
     p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
+    _add_tf32(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_finetune)
 
@@ -320,6 +322,15 @@ def _distill(args: argparse.Namespace) -> int:
         return 1
     print(f"step {final['step']}: loss {final['loss']:.4f} -> {args.out}")
     return 0
+
+
+def _add_tf32(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--no-tf32",
+        dest="tf32",
+        action="store_false",
+        help="on GPUs: fp32 matmuls and attention in full fp32 instead of on TF32 tensor cores (Ampere and newer)",
+    )
 
 
 def _add_distill(subparsers) -> None:
@@ -343,6 +354,7 @@ def _add_distill(subparsers) -> None:
     p.add_argument("--alpha-mlm", type=float, default=2.0)
     p.add_argument("--alpha-cos", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    _add_tf32(p)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     p.set_defaults(func=_distill)
 

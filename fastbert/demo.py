@@ -55,7 +55,10 @@ def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tup
     from fastbert.tokenizer import WordPieceTokenizer
 
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
-    model = BertForPreTraining.from_pretrained(model_dir).eval()
+    from fastbert.train.distributed import default_device
+
+    device = default_device()
+    model = BertForPreTraining.from_pretrained(model_dir).to(device).eval()
     results = []
     for sentence in sentences:
         words = sentence.split()
@@ -68,7 +71,7 @@ def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tup
         ids = tokenizer.encode(masked)[: model.config.max_position_embeddings]
         position = ids.index(tokenizer.mask_token_id)
         with torch.no_grad():
-            logits = model(torch.tensor([ids])).prediction_logits[0, position]
+            logits = model(torch.tensor([ids]).to(device)).prediction_logits[0, position]
         guesses = tokenizer.convert_ids_to_tokens(logits.topk(top_k).indices.tolist())
         results.append((masked, answer, guesses))
     return results

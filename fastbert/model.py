@@ -54,6 +54,16 @@ class Layout:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
         return cls(cu_seqlens, max_seqlen)
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> Layout:
+        """The layout with its tensors on ``device``: built on the host from the collated mask, it spares the device
+        the host syncs of unpadding there (a ``nonzero`` and a ``max``)."""
+        index = None if self.index is None else self.index.to(device, non_blocking=non_blocking)
+        return Layout(self.cu_seqlens.to(device, non_blocking=non_blocking), self.max_seqlen, index, self.shape)
+
+    def pin_memory(self) -> Layout:
+        index = None if self.index is None else self.index.pin_memory()
+        return Layout(self.cu_seqlens.pin_memory(), self.max_seqlen, index, self.shape)
+
     def unpad(self, x: torch.Tensor) -> torch.Tensor:
         """``[B, S, ...]`` -> ``[total_tokens, ...]`` (identity for an unpadded batch)."""
         if self.index is None:
@@ -68,17 +78,31 @@ class Layout:
         out = x.new_full((batch * seq, *x.shape[1:]), fill)
         return out.index_copy(0, self.index, x).view(batch, seq, *x.shape[1:])
 
-    def positions(self) -> torch.Tensor:
-        """Position ids of the real tokens: the column in a padded input, the offset in its sequence otherwise."""
+    def positions(self, total: int) -> torch.Tensor:
+        """Position ids of the ``total`` real tokens: the column in a padded input, the offset in its sequence
+        otherwise."""
         if self.index is not None:
             return self.index % self.shape[1]
-        seqlens = (self.cu_seqlens[1:] - self.cu_seqlens[:-1]).long()
-        starts = torch.repeat_interleave(self.cu_seqlens[:-1].long(), seqlens)
-        return torch.arange(starts.numel(), device=starts.device) - starts
+        return positions_in_sequence(self.cu_seqlens, total)
+
+
+def positions_in_sequence(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Each token's offset in its sequence, for the ``total`` tokens of an unpadded batch (``total`` given by the
+    caller so that no host sync is needed to size the result)."""
+    seqlens = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = torch.repeat_interleave(cu_seqlens[:-1].long(), seqlens, output_size=total)
+    return torch.arange(total, device=starts.device) - starts
+
+
+def checks_inputs(t: torch.Tensor) -> bool:
+    """Whether the model validates the values of its inputs. On the CPU it always does; elsewhere reading a value
+    back stalls the device, so only with ``FASTBERT_CHECK_INPUTS=1`` (a debugging switch: on a GPU an out-of-range id
+    otherwise ends in a device-side assert)."""
+    return t.device.type == "cpu" or os.environ.get("FASTBERT_CHECK_INPUTS") == "1"
 
 
 def _check_range(name: str, ids: torch.Tensor, limit: int, what: str) -> None:
-    if ids.numel() == 0:
+    if ids.numel() == 0 or not checks_inputs(ids):
         return
     low, high = torch.aminmax(ids)
     if int(low) < 0 or int(high) >= limit:
@@ -308,7 +332,7 @@ class BertModel(BertPreTrainedModel):
             if attention_mask is not None:
                 raise ValueError("give either attention_mask (padded layout) or cu_seqlens (unpadded), not both")
             layout = Layout.from_cu_seqlens(cu_seqlens, max_seqlen)
-            if int(layout.cu_seqlens[-1]) != input_ids.numel():
+            if checks_inputs(layout.cu_seqlens) and int(layout.cu_seqlens[-1]) != input_ids.numel():
                 raise ValueError(
                     f"cu_seqlens ends at {int(layout.cu_seqlens[-1])} but input_ids holds {input_ids.numel()} tokens"
                 )
@@ -317,17 +341,25 @@ class BertModel(BertPreTrainedModel):
                 raise ValueError(
                     f"input_ids must be [batch, seq] (or flat with cu_seqlens), got {tuple(input_ids.shape)}"
                 )
-            if attention_mask is None:
+            if isinstance(attention_mask, Layout):
+                layout = attention_mask
+                if layout.shape != tuple(input_ids.shape):
+                    raise ValueError(
+                        f"the layout is for a {layout.shape} batch but input_ids is {tuple(input_ids.shape)}"
+                    )
+            elif attention_mask is None:
                 attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
             elif attention_mask.shape != input_ids.shape:
                 raise ValueError(
                     f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
-            layout = Layout.from_attention_mask(attention_mask)
+            if not isinstance(attention_mask, Layout):
+                layout = Layout.from_attention_mask(attention_mask)
         self._check_inputs(input_ids, token_type_ids, position_ids, layout)
         ids = layout.unpad(input_ids)
         types = layout.unpad(token_type_ids) if token_type_ids is not None else None
-        positions = layout.unpad(position_ids) if position_ids is not None else layout.positions()
+        total = ids.shape[0]
+        positions = layout.unpad(position_ids) if position_ids is not None else layout.positions(total)
         hidden = self.encoder(self.embeddings(ids, positions, types), layout)
         return hidden, layout
 
@@ -341,7 +373,7 @@ class BertModel(BertPreTrainedModel):
                     f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
                 )
             if c.type_vocab_size == 0:
-                if bool(token_type_ids.any()):
+                if checks_inputs(token_type_ids) and bool(token_type_ids.any()):
                     raise ValueError(
                         "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
                     )
@@ -391,7 +423,9 @@ class BertPreTrainingHeads(nn.Module):
 
 class BertForPreTraining(BertPreTrainedModel):
     """MLM (+ NSP or SOP). With ``labels``, the MLM head runs on the labelled positions only and returns the losses
-    and accuracies; without, it returns ``prediction_logits`` for every token (inference, e.g. filling a [MASK])."""
+    and accuracies; without, it returns ``prediction_logits`` for every token (inference, e.g. filling a [MASK]).
+    ``masked_positions`` (the flat indices of the labelled tokens, as the collator gives them) spares the forward pass
+    finding them itself, which on a GPU is a host sync."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
@@ -415,6 +449,7 @@ class BertForPreTraining(BertPreTrainedModel):
         *,
         cu_seqlens=None,
         max_seqlen=None,
+        masked_positions=None,
     ) -> PreTrainingOutput:
         hidden, layout = self.bert.encode(
             input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
@@ -427,7 +462,9 @@ class BertForPreTraining(BertPreTrainedModel):
             out.prediction_logits = layout.pad(logits)
         else:
             flat_labels = layout.unpad(labels)
-            masked = torch.nonzero(flat_labels != ops.IGNORE_INDEX, as_tuple=False).flatten()
+            masked = masked_positions  # from the collator, which knows them: no nonzero (a host sync) here
+            if masked is None:
+                masked = torch.nonzero(flat_labels != ops.IGNORE_INDEX, as_tuple=False).flatten()
             out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
                 self.cls.transform_hidden(hidden.index_select(0, masked)),
                 self.decoder_weight,

@@ -76,11 +76,11 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
 
 
 # Attention ------------------------------------------------------------------------------------------------------
-def varlen_token_index(cu_seqlens: torch.Tensor, max_seqlen: int) -> torch.Tensor:
-    """For each token of an unpadded batch, its row in the padded ``[B * max_seqlen]`` layout."""
+def varlen_token_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) -> torch.Tensor:
+    """For each of the ``total`` tokens of an unpadded batch, its row in the padded ``[B * max_seqlen]`` layout
+    (``total`` comes from the caller, so sizing the result reads nothing back from the device)."""
     seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
-    batch = torch.repeat_interleave(torch.arange(seqlens.numel(), device=cu_seqlens.device), seqlens)
-    total = batch.numel()
+    batch = torch.repeat_interleave(torch.arange(seqlens.numel(), device=cu_seqlens.device), seqlens, output_size=total)
     position = torch.arange(total, device=cu_seqlens.device) - cu_seqlens[:-1].long()[batch]
     return batch * max_seqlen + position
 
@@ -97,7 +97,7 @@ def attention_reference(
     """Varlen attention by padding to ``[B, heads, max_seqlen, head_dim]`` and calling SDPA with a key mask."""
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    index = varlen_token_index(cu_seqlens, max_seqlen)
+    index = varlen_token_index(cu_seqlens, max_seqlen, total)
 
     def pad(x: torch.Tensor) -> torch.Tensor:
         padded = x.new_zeros(batch * max_seqlen, heads, head_dim).index_copy(0, index, x)

@@ -10,7 +10,15 @@ import torch
 
 from fastbert.data.masking import MaskingCollator
 from fastbert.data.shards import Sample
-from fastbert.model import PreTrainingOutput
+from fastbert.config import BertConfig
+from fastbert.model import (
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    Layout,
+    PreTrainingOutput,
+)
 from fastbert.train.step import SUMS, optimizer_step
 
 META = torch.device("meta")
@@ -75,3 +83,78 @@ def test_the_step_keeps_batches_and_collectives_on_the_engine_device():
 def test_the_refusing_all_reduce_does_refuse():
     with pytest.raises(RuntimeError, match="NCCL refuses"):
         refusing_all_reduce(torch.zeros(2))
+
+
+class ModelEngine(MetaEngine):
+    """The real model on the ``meta`` device: any host sync in its forward or backward (``.item()``, ``int(t)``,
+    ``nonzero``, a data-dependent size) raises, since meta tensors hold no values."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.module = model
+
+    def __call__(self, **inputs):
+        MetaEngine.__call__(self, **inputs)
+        return self.module(**inputs)
+
+    def backward(self, loss):
+        super().backward(loss)
+        loss.backward()
+
+
+def _meta_model(cls, **overrides):
+    config = BertConfig.preset("tiny", vocab_size=500, **overrides)
+    with META:
+        return cls(config).train()
+
+
+@pytest.mark.parametrize("objective", ["nsp", "none"])
+def test_the_model_steps_on_the_device_without_reading_it_back(objective):
+    engine = ModelEngine(_meta_model(BertForPreTraining, sentence_objective=objective))
+    batches = _micro_batches(2)
+    if objective == "none":
+        for b in batches:
+            del b["next_sentence_label"]
+    sums = optimizer_step(engine, batches, world_size=2, skipped=lambda: False, all_reduce=refusing_all_reduce)
+    assert sums.device == META and engine.forwards == 2
+    assert all(p.grad is not None and p.grad.device == META for p in engine.module.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering])
+def test_fine_tuning_heads_run_on_the_device_from_a_host_built_layout(cls):
+    """A padded batch whose layout (the unpadding index) was built on the host runs without a host sync."""
+    model = _meta_model(cls)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
+    layout = Layout.from_attention_mask(mask).to(META)
+    ids = torch.randint(5, 500, (2, 4), device=META)
+    out = model(input_ids=ids, attention_mask=layout, token_type_ids=torch.zeros_like(ids))
+    logits = out.logits if hasattr(out, "logits") else out.start_logits
+    assert logits.device == META and logits.shape[0] == 2
+
+
+def test_a_host_built_layout_gives_the_same_outputs_as_the_mask():
+    torch.manual_seed(0)
+    model = BertForTokenClassification(BertConfig.preset("tiny", vocab_size=500, num_labels=3)).eval()
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    ids = torch.randint(5, 500, (3, 4))
+    expected = model(input_ids=ids, attention_mask=mask).logits
+    got = model(input_ids=ids, attention_mask=Layout.from_attention_mask(mask)).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="layout is for a"):
+        model(input_ids=ids[:2], attention_mask=Layout.from_attention_mask(mask))
+
+
+def test_fine_tuning_inputs_cross_to_the_device_whole():
+    from fastbert.train.finetune import model_inputs
+
+    collated = {
+        "input_ids": torch.tensor([[2, 7, 3, 0], [2, 3, 0, 0]]),
+        "token_type_ids": torch.zeros(2, 4, dtype=torch.long),
+        "attention_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]]),
+        "labels": torch.tensor([1, 0]),
+    }
+    inputs = model_inputs(collated, META)
+    layout = inputs.pop("attention_mask")
+    assert isinstance(layout, Layout) and layout.max_seqlen == 3 and layout.shape == (2, 4)
+    assert layout.cu_seqlens.device == layout.index.device == META
+    assert all(v.device == META for v in inputs.values())

@@ -22,6 +22,7 @@ from fastbert.data.sampler import MicroBatchPlan
 from fastbert.data.shards import ShardDataset
 from fastbert.model import BertForPreTraining
 from fastbert.optim import warmup_poly_lr
+from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 
 log = logging.getLogger("fastbert.distill")
 
@@ -41,6 +42,7 @@ class DistillArgs:
     alpha_mlm: float = 2.0
     alpha_cos: float = 1.0
     seed: int = 0
+    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
     progress: bool = True
 
 
@@ -65,6 +67,18 @@ def student_from_teacher(teacher: BertForPreTraining, layers: int) -> BertForPre
             mapped[key] = state[key]
     student.load_state_dict(mapped)
     return student
+
+
+# What the loss reads from a collated batch.
+BATCH_INPUTS = (
+    "input_ids",
+    "token_type_ids",
+    "position_ids",
+    "cu_seqlens",
+    "max_seqlen",
+    "masked_positions",
+    "masked_labels",
+)
 
 
 def masked_logits(model: BertForPreTraining, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -108,19 +122,21 @@ def distill(args: DistillArgs) -> dict:
     from fastbert.tokenizer import WordPieceTokenizer
 
     torch.manual_seed(args.seed)
+    device = default_device()
+    set_tf32(args.tf32)
     out = Path(args.out)
-    teacher = BertForPreTraining.from_pretrained(args.teacher).eval()
+    teacher = BertForPreTraining.from_pretrained(args.teacher).to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     tokenizer = WordPieceTokenizer.from_pretrained(args.teacher)
     data = ShardDataset(args.data, vocab_tokens=tokenizer.vocab.tokens)
-    student = student_from_teacher(teacher, args.student_layers).train()
+    student = student_from_teacher(teacher, args.student_layers).to(device).train()
     ids = data.special_ids
     collate = MaskingCollator(
         teacher.config.vocab_size, list(ids.values()), ids["mask"], seed=args.seed, pad_id=ids["pad"]
     )
     plan = MicroBatchPlan(len(data), args.batch_size, args.batch_size, seed=args.seed)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.01, fused=True)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     write_atomic(metrics_path, b"")
@@ -130,12 +146,15 @@ def distill(args: DistillArgs) -> dict:
             group["lr"] = warmup_poly_lr(step, args.lr, args.warmup, args.steps)
         indices, epochs = plan.indices(step)
         batch = collate([data[int(i)] for i in indices], indices, epochs)
-        losses = distill_loss(student, teacher, batch, args)
+        if device.type == "cuda":
+            batch = pin(batch)
+        losses = distill_loss(student, teacher, to_device(batch, device, BATCH_INPUTS), args)
         optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        record = {"step": step + 1, **{k: float(v) for k, v in losses.items()}}
+        values = torch.stack([v.detach().float() for v in losses.values()]).tolist()  # the step's one read back
+        record = {"step": step + 1, **dict(zip(losses, values, strict=True))}
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
     student.save_pretrained(out)

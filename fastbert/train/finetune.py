@@ -32,10 +32,13 @@ from fastbert.model import (
     BertForQuestionAnswering,
     BertForSequenceClassification,
     BertForTokenClassification,
+    Layout,
 )
+from fastbert.ops import IGNORE_INDEX
 from fastbert.optim import parameter_groups, warmup_poly_lr
 from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
+from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 
 log = logging.getLogger("fastbert.finetune")
 TASKS = ("classify", "pair", "regress", "ner", "qa")
@@ -69,6 +72,7 @@ class FinetuneArgs:
     deepspeed: str | None = None  # a DeepSpeed config (ZeRO, ...); batch, optimizer and schedule stay fastbert's
     zero_stage: int | None = None
     dist_timeout: float = 300.0
+    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -201,11 +205,10 @@ def predict(model, data: TaskData, examples: list, device: torch.device) -> list
     features = data.features(examples)
     outputs = []
     for batch in _batches(features, data.args.batch_size * 2):
-        inputs = {
-            k: v.to(device)
-            for k, v in data.collate(batch, with_labels=False).items()
-            if k not in ("labels", "start_positions", "end_positions")
-        }
+        collated = data.collate(batch, with_labels=False)
+        inputs = model_inputs(
+            {k: v for k, v in collated.items() if k not in ("labels", "start_positions", "end_positions")}, device
+        )
         out = model(**inputs)
         if data.args.task == "qa":
             outputs += list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu(), strict=True))
@@ -261,18 +264,19 @@ class _PlainEngine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, inputs: dict | None, weight: float) -> float:
+    def train_step(self, inputs: dict | None, weight: torch.Tensor) -> torch.Tensor:
+        """One step; returns the (detached) loss on the device, unread."""
         if inputs is None:  # a batch with nothing to learn from (NER sentences without a labelled token)
-            return 0.0
+            return torch.zeros((), device=self.device)
         with self.autocast:
             loss = self.module(**inputs).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
         self.optimizer.step()
-        return loss.item()
+        return loss.detach()
 
-    def all_sum(self, values: list[float]) -> list[float]:
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
     def gather(self, items: list) -> list:
@@ -342,17 +346,19 @@ class _DeepSpeedEngine:
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def train_step(self, inputs: dict | None, weight: float) -> float:
+    def train_step(self, inputs: dict | None, weight: torch.Tensor) -> torch.Tensor:
+        """One step; returns the (detached) local loss on the device, unread."""
         # A rank with nothing of this batch still takes part in the gradient exchange, with zeros.
         loss = sum((p * 0).sum() for p in self.module.parameters()) if inputs is None else self.engine(**inputs).loss
-        self.engine.backward(loss * weight)
+        self.engine.backward(loss * weight.to(loss.dtype))
         self.engine.step()
-        return loss.item()
+        return loss.detach()
 
-    def all_sum(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64)
-        self.dist.all_reduce(t)
-        return t.tolist()
+    def all_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """The sum over ranks of a tensor on this rank's device (the communication device: NCCL refuses others)."""
+        values = values.clone()
+        self.dist.all_reduce(values)
+        return values
 
     def gather(self, items: list) -> list:
         """Every rank's ``items`` (its ``rank::world`` share of a list), put back in the list's order."""
@@ -387,10 +393,22 @@ def _slice(batch: list, rank: int, world: int) -> list:
 
 
 def _loss_count(task: str, inputs: dict[str, torch.Tensor]) -> int:
-    """What the model's loss is a mean over: labelled tokens for NER, examples otherwise."""
+    """What the model's loss is a mean over: labelled tokens for NER, examples otherwise (read from the collated
+    host tensors, so no device sync)."""
     if task == "ner":
-        return int((inputs["labels"] != -100).sum())
+        return int((inputs["labels"] != IGNORE_INDEX).sum())
     return int(inputs["input_ids"].shape[0])
+
+
+def model_inputs(collated: dict[str, torch.Tensor], device: torch.device) -> dict:
+    """A collated (host) batch as the model takes it on ``device``: the attention mask becomes the batch's
+    ``Layout``, built here on the host so that unpadding on the device reads nothing back; pinned for a GPU."""
+    inputs = dict(collated)
+    if "attention_mask" in inputs:
+        inputs["attention_mask"] = Layout.from_attention_mask(inputs["attention_mask"])
+    if device.type == "cuda":
+        inputs = pin(inputs)
+    return to_device(inputs, device)
 
 
 def _wants_deepspeed(args: FinetuneArgs) -> bool:
@@ -415,7 +433,8 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
+    set_tf32(args.tf32)
     precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be auto, fp32 or bf16, got {args.precision!r}")
@@ -423,7 +442,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     if distributed:
         import torch.distributed as dist
 
-        from fastbert.train.pretrain import init_distributed
+        from fastbert.train.distributed import init_distributed
 
         init_distributed(args.dist_timeout)
         found = [resolve_model_dir(args.model, out) if dist.get_rank() == 0 else None]
@@ -462,24 +481,27 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     bar = tqdm(total=total, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0)
     best, best_metrics, step = float("-inf"), {}, 0
     for epoch in range(args.epochs):
-        loss_sum, started = 0.0, time.perf_counter()
+        loss_sum, started = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
         for batch in _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch):
             engine.set_lr(warmup_poly_lr(step, args.lr, warmup, total))
             mine = _slice(batch, rank, world)
-            inputs = {k: v.to(device) for k, v in data.collate(mine).items()} if mine else None
-            count = _loss_count(args.task, inputs) if inputs is not None else 0
-            total_count = engine.all_sum([count])[0] if world > 1 else count
-            share = count / total_count if total_count else 0.0
-            loss = engine.train_step(inputs if count else None, share * world)
-            loss_sum += loss * share if count else 0.0
+            collated = data.collate(mine) if mine else None
+            count = _loss_count(args.task, collated) if collated is not None else 0
+            inputs = model_inputs(collated, device) if count else None
+            # This rank's share of what the batch's loss is a mean over, on the device (no host sync).
+            counts = torch.tensor(float(count), dtype=torch.float64).to(device, non_blocking=True)
+            share = counts / engine.all_sum(counts).clamp(min=1)
+            loss = engine.train_step(inputs, share * world)
+            loss_sum += loss.double() * share
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
+            if not bar.disable:
+                bar.set_postfix(loss=f"{float(loss):.4f}")  # the step's one read back, for the bar only
         seconds = time.perf_counter() - started
         record = {
             "epoch": epoch + 1,
             "step": step,
-            "train_loss": engine.all_sum([loss_sum])[0] / steps_per_epoch,
+            "train_loss": float(engine.all_sum(loss_sum)) / steps_per_epoch,
             "train_seconds": seconds,
             "train_examples_per_s": len(train_features) / seconds,
         }

@@ -16,10 +16,8 @@ import json
 import logging
 import os
 import signal
-import socket
 import time
 from dataclasses import asdict, dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -34,6 +32,7 @@ from fastbert.model import BertForPreTraining
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.train import checkpoint
+from fastbert.train.distributed import init_distributed, set_tf32
 from fastbert.train.flops import peak_flops, training_flops
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
 
@@ -80,33 +79,8 @@ class PretrainArgs:
     whole_word: bool = False
     dist_timeout: float = 120.0
     max_skipped_steps: int = 10
+    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
     progress: bool = True
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed(timeout_s: float) -> None:
-    import deepspeed
-
-    if "RANK" not in os.environ:  # a plain process: a world of one
-        os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
-        )
-    timeout = timedelta(seconds=timeout_s)
-    # DeepSpeed runs its collectives on groups of its own (``dist.new_group`` with no timeout: a clone of the world
-    # for data parallelism, ZeRO's groups), and torch gives such a group its default timeout (30 minutes for gloo),
-    # not the world group's. So that a dead or hung rank fails the run within --dist-timeout whichever collective the
-    # others are waiting in, every group made from here on gets it as its default.
-    dist.distributed_c10d.default_pg_timeout = timeout
-    if torch.cuda.is_available():
-        dist.distributed_c10d.default_pg_nccl_timeout = timeout
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
@@ -234,6 +208,7 @@ def pretrain(args: PretrainArgs) -> dict:
             f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
         )
     init_distributed(args.dist_timeout)
+    set_tf32(args.tf32)
     rank, world = dist.get_rank(), dist.get_world_size()
     run_dir, data_dir = Path(args.out), Path(args.data)
 

@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from fastbert.train.distributed import to_device
+
 MODEL_INPUTS = (
     "input_ids",
     "token_type_ids",
@@ -27,6 +29,7 @@ MODEL_INPUTS = (
     "next_sentence_label",
     "cu_seqlens",
     "max_seqlen",
+    "masked_positions",
 )
 # What a step sums over micro-batches and ranks (one all-reduce): loss sums and correct predictions weighted by
 # their counts, the counts, tokens and sequences for throughput and FLOPs, and two flags any rank may raise.
@@ -49,16 +52,6 @@ def counts(batch: dict) -> tuple[int, int]:
     """(masked tokens, sentence labels) of a collated micro-batch, read from its host tensors."""
     sentences = batch["next_sentence_label"].numel() if "next_sentence_label" in batch else 0
     return batch["masked_positions"].numel(), sentences
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    """The model inputs of ``batch`` on ``device``: the one place a batch crosses to the engine (pinned host memory
-    makes the copy asynchronous)."""
-    return {
-        k: batch[k].to(device, non_blocking=True) if torch.is_tensor(batch[k]) else batch[k]
-        for k in MODEL_INPUTS
-        if k in batch
-    }
 
 
 def optimizer_step(
@@ -84,7 +77,7 @@ def optimizer_step(
     weight = totals.clamp(min=1).reciprocal().mul_(len(micro_batches) * world_size)
     found = torch.zeros(4, dtype=torch.float64, device=device)  # loss and correct sums, MLM then sentence
     for batch, (masked, sentences) in zip(micro_batches, local, strict=True):
-        out = engine(**to_device(batch, device))
+        out = engine(**to_device(batch, device, MODEL_INPUTS))
         loss = out.mlm_loss * (weight[0] * masked).to(out.mlm_loss.dtype)
         found[:2] += torch.stack([out.mlm_loss.detach(), out.mlm_accuracy]).double() * masked
         if out.sentence_loss is not None:
