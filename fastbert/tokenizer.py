@@ -70,6 +70,7 @@ class WordPieceTokenizer:
         self.sep_token_id: int = vocab.token_to_id(self.special_tokens["sep_token"])
         self.unk_token_id: int = vocab.token_to_id(self.special_tokens["unk_token"])
         self.mask_token_id: int = vocab.token_to_id(self.special_tokens["mask_token"])
+        self._device_tries: dict[int, Any] = {}  # CUDA device index -> the trie uploaded there (encode on a GPU)
 
     # Loading and saving.
 
@@ -186,11 +187,66 @@ class WordPieceTokenizer:
         )
 
     def encode_batch_flat(
-        self, texts: Sequence[str], add_special_tokens: bool = True, num_threads: int | None = None
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self,
+        texts: Sequence[str],
+        add_special_tokens: bool = True,
+        num_threads: int | None = None,
+        device: Any = None,
+    ) -> tuple[Any, Any]:
         """Every text's ids back to back, ``(ids int32[N], offsets int64[len(texts) + 1])``: text ``i`` is
-        ``ids[offsets[i]:offsets[i + 1]]``. No Python int per id, so it is the fastest way to feed arrays."""
-        return self._core.encode_batch_flat(_as_list(texts, "texts"), add_special_tokens, num_threads or 0)
+        ``ids[offsets[i]:offsets[i + 1]]``. No Python int per id, so it is the fastest way to feed arrays.
+
+        By default NumPy arrays, encoded on C++ threads. With ``device`` (``"cpu"``, ``"cuda"``, ``"cuda:1"``...)
+        torch tensors on that device; for a CUDA device the WordPiece matching runs there (experimental): text is
+        normalized and split into words on the CPU, the words are matched by the GPU kernel (the same matcher code as
+        the CPU path, so the same ids), and the tokenizer's trie is uploaded to each device once."""
+        texts = _as_list(texts, "texts")
+        if device is None:
+            return self._core.encode_batch_flat(texts, add_special_tokens, num_threads or 0)
+        import torch
+
+        device = torch.device(device)
+        if device.type != "cuda":
+            ids, offsets = self._core.encode_batch_flat(texts, add_special_tokens, num_threads or 0)
+            return torch.from_numpy(ids).to(device), torch.from_numpy(offsets).to(device)
+        ids, offsets = self._encode_on_gpu(texts, add_special_tokens, device)
+        return torch.from_numpy(ids).to(device), torch.from_numpy(offsets).to(device)
+
+    def _encode_on_gpu(self, texts: list, add_special_tokens: bool, device) -> tuple[np.ndarray, np.ndarray]:
+        """``encode_batch_flat``'s arrays, with the words matched by the CUDA kernel on ``device``."""
+        import torch
+
+        if not _wordpiece.with_cuda:
+            raise RuntimeError(
+                "fastbert._wordpiece was built without its CUDA kernel (nvcc was not found at install time); "
+                "reinstall with FASTBERT_CUDA=1 on a machine with the CUDA toolkit"
+            )
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        trie = self._device_tries.get(index)
+        if trie is None:
+            with torch.cuda.device(index):
+                trie = self._device_tries[index] = _wordpiece.DeviceTrie(self._core)
+        words, ends, specials, words_per_text = self._core.split_words_batch(texts)
+        matched, counts = trie.match(words, ends)
+        # Word w yields counts[w] ids from matched[begin_w:], or its special id alone.
+        is_special = specials >= 0
+        counts = np.where(is_special, 1, counts).astype(np.int64)
+        begins = np.concatenate([np.zeros(1, np.int64), ends[:-1]])
+        word_of = np.repeat(np.arange(counts.size), counts)
+        first_of_word = np.cumsum(counts) - counts
+        body = matched[begins[word_of] + np.arange(word_of.size) - first_of_word[word_of]]
+        body = np.where(is_special[word_of], specials[word_of], body).astype(np.int32)
+        text_of_word = np.repeat(np.arange(len(texts)), words_per_text)
+        lengths = np.bincount(text_of_word, weights=counts, minlength=len(texts)).astype(np.int64)
+        if not add_special_tokens:
+            return body, np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths)])
+        offsets = np.concatenate([np.zeros(1, np.int64), np.cumsum(lengths + 2)])
+        ids = np.empty(offsets[-1], np.int32)
+        ids[offsets[:-1]] = self.cls_token_id
+        ids[offsets[1:] - 1] = self.sep_token_id
+        text_of_id = text_of_word[word_of]
+        ids[np.arange(body.size) + 2 * text_of_id + 1] = body
+        return ids, offsets
 
     def __call__(
         self,

@@ -354,3 +354,54 @@ def test_random_unicode_matches_hf_fast(both_casings, batch, pairs, lowercase, t
             ours(batch, pairs, **kwargs)
         return
     assert as_lists(ours(batch, pairs, **kwargs)) == as_lists(expected)
+
+
+class _CpuDeviceTrie:
+    """Stands in for ``_wordpiece.DeviceTrie`` without a GPU: the same per-word ``match_word`` the kernel runs,
+    with the kernel's output layout (a word's ids from its first byte offset)."""
+
+    def __init__(self, core):
+        self.core = core
+
+    def match(self, words: bytes, ends):
+        ids, counts, start = np.zeros(len(words), np.int32), [], 0
+        for end in ends:
+            got = self.core.match_word(words[start:end])[0]
+            ids[start : start + len(got)] = got
+            counts.append(len(got))
+            start = end
+        return ids, np.array(counts, np.int32)
+
+
+@pytest.mark.parametrize("add_special_tokens", [True, False])
+def test_the_gpu_encode_path_assembles_the_cpu_ids(monkeypatch, vocab_path, real_sentences, add_special_tokens):
+    """encode_batch_flat(device="cuda") splits on the CPU, matches on the GPU and assembles the ids; with the
+    kernel's matching stood in for on the CPU, the assembly must give the CPU encoder's ids and offsets."""
+    import contextlib
+
+    import torch
+
+    from fastbert import _wordpiece
+
+    tokenizer = WordPieceTokenizer.from_vocab(vocab_path)
+    monkeypatch.setattr(_wordpiece, "with_cuda", True)
+    monkeypatch.setattr(_wordpiece, "DeviceTrie", _CpuDeviceTrie, raising=False)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: contextlib.nullcontext())
+    texts = ["", "Hello [MASK] world!", "", "naïve café 中文", *real_sentences[:50], "[CLS] only [SEP]", ""]
+    ids, offsets = tokenizer._encode_on_gpu(texts, add_special_tokens, torch.device("cuda", 0))
+    want_ids, want_offsets = tokenizer.encode_batch_flat(texts, add_special_tokens)
+    np.testing.assert_array_equal(offsets, want_offsets)
+    np.testing.assert_array_equal(ids, want_ids)
+    assert ids.dtype == want_ids.dtype and offsets.dtype == want_offsets.dtype
+    assert list(tokenizer._device_tries) == [0]  # uploaded once, then reused
+    tokenizer._encode_on_gpu(texts[:3], add_special_tokens, torch.device("cuda", 0))
+    assert len(tokenizer._device_tries) == 1
+
+
+def test_encode_batch_flat_on_a_device_returns_tensors(vocab_path):
+    import torch
+
+    tokenizer = WordPieceTokenizer.from_vocab(vocab_path)
+    ids, offsets = tokenizer.encode_batch_flat(["a b", "c"], device="cpu")
+    want_ids, want_offsets = tokenizer.encode_batch_flat(["a b", "c"])
+    assert torch.equal(ids, torch.from_numpy(want_ids)) and torch.equal(offsets, torch.from_numpy(want_offsets))

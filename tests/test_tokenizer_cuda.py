@@ -65,3 +65,17 @@ def test_kernel_matches_cpu(tokenizer, real_sentences):
         if special < 0:
             assert ids == tokenizer._core.match_word(words[start:end])[0]
         start = end
+
+
+def test_encode_batch_flat_on_the_gpu_equals_the_cpu(tokenizer, real_sentences):
+    torch = pytest.importorskip("torch")
+    if not (_wordpiece.with_cuda and torch.cuda.is_available()):
+        pytest.skip("needs the CUDA kernel and a CUDA device")
+    texts = TEXTS + real_sentences
+    for add in (True, False):
+        ids, offsets = tokenizer.encode_batch_flat(texts, add_special_tokens=add, device="cuda")
+        assert ids.is_cuda and offsets.is_cuda
+        want_ids, want_offsets = tokenizer.encode_batch_flat(texts, add_special_tokens=add)
+        assert ids.cpu().numpy().tolist() == want_ids.tolist()
+        assert offsets.cpu().numpy().tolist() == want_offsets.tolist()
+    assert len(tokenizer._device_tries) == 1  # the trie went up once for both calls

@@ -458,6 +458,29 @@ PYBIND11_MODULE(_wordpiece, m) {
           },
           py::arg("text"), "Normalized words back to back: (utf8 bytes, word end offsets, special id or -1).")
       .def(
+          "split_words_batch",
+          [](const fastbert::Tokenizer& t, const py::sequence& texts) {
+            const Utf8Batch batch = utf8_views(texts, "texts");
+            std::string bytes;
+            std::vector<int64_t> ends;
+            std::vector<int32_t> specials;
+            py::array_t<int64_t> words_per_text(static_cast<py::ssize_t>(batch.views.size()));
+            {
+              auto counts = words_per_text.mutable_unchecked<1>();
+              py::gil_scoped_release release;
+              for (size_t i = 0; i < batch.views.size(); ++i) {
+                const size_t before = ends.size();
+                t.split_words(batch.views[i], bytes, ends, specials);
+                counts(static_cast<py::ssize_t>(i)) = static_cast<int64_t>(ends.size() - before);
+              }
+            }
+            return py::make_tuple(py::bytes(bytes), py::array_t<int64_t>(ends.size(), ends.data()),
+                                  py::array_t<int32_t>(specials.size(), specials.data()), words_per_text);
+          },
+          py::arg("texts"),
+          "split_words over many texts into one buffer: (utf8 bytes, word end offsets, special id or -1, words per "
+          "text).")
+      .def(
           "match_word",
           [](const fastbert::Tokenizer& t, const py::bytes& word, bool greedy) {
             const std::string_view w(word);
@@ -602,6 +625,38 @@ PYBIND11_MODULE(_wordpiece, m) {
       py::arg("ignore_index"),
       "BERT's dynamic masking of a padded [batch, seq] id matrix: (masked ids, labels); see "
       "fastbert.data.masking.MaskingCollator.mask_reference.");
+#ifdef FASTBERT_WITH_CUDA
+  py::class_<fastbert::DeviceTrie>(m, "DeviceTrie")
+      .def(py::init([](const fastbert::Tokenizer& t) { return std::make_unique<fastbert::DeviceTrie>(t.trie()); }),
+           py::arg("tokenizer"), py::keep_alive<1, 2>(),
+           "The tokenizer's trie copied to the current CUDA device, once; match() then uploads only the words.")
+      .def_property_readonly("device", &fastbert::DeviceTrie::device)
+      .def(
+          "match",
+          [](const fastbert::DeviceTrie& trie, const py::bytes& words,
+             const py::array_t<int64_t, py::array::c_style | py::array::forcecast>& word_ends) {
+            const std::string_view w(words);
+            const std::vector<int64_t> ends(word_ends.data(), word_ends.data() + word_ends.size());
+            int64_t previous = 0;
+            for (const int64_t end : ends) {
+              if (end < previous) throw std::invalid_argument("word_ends must not decrease");
+              previous = end;
+            }
+            if (previous != static_cast<int64_t>(w.size())) {
+              throw std::invalid_argument("word_ends must end at the length of words");
+            }
+            std::vector<int32_t> ids, counts;
+            {
+              py::gil_scoped_release release;
+              trie.match(w, ends, ids, counts);
+            }
+            return py::make_tuple(py::array_t<int32_t>(ids.size(), ids.data()),
+                                  py::array_t<int32_t>(counts.size(), counts.data()));
+          },
+          py::arg("words"), py::arg("word_ends"),
+          "Match words on the GPU: (ids int32[len(words)], counts int32[words]); word i's counts[i] ids start at its "
+          "first byte offset.");
+#endif
   m.def(
       "find_invalid_utf8",
       [](py::bytes data) -> py::object {

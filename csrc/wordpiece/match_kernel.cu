@@ -1,11 +1,11 @@
 // CUDA batch kernel over matcher.h; see cuda_matcher.h.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 #include "cuda_matcher.h"
-#include "matcher.h"
 
 namespace fastbert {
 namespace {
@@ -22,7 +22,7 @@ __global__ void match_words_kernel(TrieView trie, const uint8_t* bytes, const in
   counts[i] = match_word(trie, bytes + begin, int32_t(word_ends[i] - begin), ids + begin, nullptr, nullptr);
 }
 
-// Device copies of a host vector, freed on scope exit.
+// A device buffer for one call, freed on scope exit.
 template <typename T>
 struct DeviceArray {
   T* ptr = nullptr;
@@ -36,47 +36,65 @@ struct DeviceArray {
   DeviceArray& operator=(const DeviceArray&) = delete;
 };
 
+// Copies n elements to a new device allocation recorded in `owned` (freed by ~DeviceTrie).
 template <typename T>
-DeviceArray<T> upload(const std::vector<T>& v, const char* what) {
-  return DeviceArray<T>(v.data(), v.size(), what);
+const T* upload(std::vector<void*>& owned, const T* host, size_t n, const char* what) {
+  void* ptr = nullptr;
+  check(cudaMalloc(&ptr, std::max<size_t>(1, n) * sizeof(T)), what);
+  owned.push_back(ptr);
+  if (n) check(cudaMemcpy(ptr, host, n * sizeof(T), cudaMemcpyHostToDevice), what);
+  return static_cast<const T*>(ptr);
+}
+
+template <typename T>
+const T* upload(std::vector<void*>& owned, const std::vector<T>& v, const char* what) {
+  return upload(owned, v.data(), v.size(), what);
+}
+
+const uint8_t* upload(std::vector<void*>& owned, const std::string& s, const char* what) {
+  return upload(owned, reinterpret_cast<const uint8_t*>(s.data()), s.size(), what);
 }
 
 }  // namespace
 
-void match_words_cuda(const Trie& trie, std::string_view words, const std::vector<int64_t>& word_ends,
-                      std::vector<int32_t>& ids, std::vector<int32_t>& counts) {
-  const auto edge_begin = upload(trie.edge_begin(), "trie edges");
-  const auto edge_label = upload(trie.edge_label(), "trie labels");
-  const auto edge_child = upload(trie.edge_child(), "trie children");
-  const auto dense_slot = upload(trie.dense_slot(), "trie dense slots");
-  const auto dense = upload(trie.dense(), "trie dense rows");
-  const auto node_token = upload(trie.node_token(), "trie tokens");
-  const auto fail = upload(trie.fail(), "trie failure links");
-  const auto pops_begin = upload(trie.pops_begin(), "trie pops");
-  const auto pops = upload(trie.pops(), "trie pops");
-  const auto token_bytes = upload(trie.token_bytes(), "token lengths");
-  const auto word_slots = upload(trie.word_slots(), "whole-word table");
-  const auto token_start = upload(trie.token_start(), "token offsets");
-  const DeviceArray<uint8_t> token_chars(reinterpret_cast<const uint8_t*>(trie.token_chars().data()),
-                                         trie.token_chars().size(), "token bytes");
-  const DeviceArray<uint8_t> marker(reinterpret_cast<const uint8_t*>(trie.marker().data()), trie.marker().size(),
-                                    "marker");
-  TrieView view = trie.view();
-  view.edge_begin = edge_begin.ptr;
-  view.edge_label = edge_label.ptr;
-  view.edge_child = edge_child.ptr;
-  view.dense_slot = dense_slot.ptr;
-  view.dense = dense.ptr;
-  view.node_token = node_token.ptr;
-  view.fail = fail.ptr;
-  view.pops_begin = pops_begin.ptr;
-  view.pops = pops.ptr;
-  view.token_bytes = token_bytes.ptr;
-  view.word_slots = word_slots.ptr;
-  view.token_start = token_start.ptr;
-  view.token_chars = token_chars.ptr;
-  view.marker = marker.ptr;
+DeviceTrie::DeviceTrie(const Trie& trie) {
+  check(cudaGetDevice(&device_), "cudaGetDevice");
+  try {
+    // Every pointer field of TrieView is replaced by its device copy; the scalars stay as the host view has them.
+    view_ = trie.view();
+    view_.edge_begin = upload(owned_, trie.edge_begin(), "trie edges");
+    view_.edge_label = upload(owned_, trie.edge_label(), "trie labels");
+    view_.edge_child = upload(owned_, trie.edge_child(), "trie children");
+    view_.dense_slot = upload(owned_, trie.dense_slot(), "trie dense slots");
+    view_.dense = upload(owned_, trie.dense(), "trie dense rows");
+    view_.node_token = upload(owned_, trie.node_token(), "trie tokens");
+    view_.fail = upload(owned_, trie.fail(), "trie failure links");
+    view_.pops_begin = upload(owned_, trie.pops_begin(), "trie pops");
+    view_.pops = upload(owned_, trie.pops(), "trie pops");
+    view_.token_bytes = upload(owned_, trie.token_bytes(), "token lengths");
+    view_.word_slots = upload(owned_, trie.word_slots(), "whole-word table");
+    view_.token_start = upload(owned_, trie.token_start(), "token offsets");
+    view_.token_chars = upload(owned_, trie.token_chars(), "token bytes");
+    view_.marker = upload(owned_, trie.marker(), "marker");
+  } catch (...) {
+    for (void* p : owned_) cudaFree(p);
+    throw;
+  }
+}
 
+DeviceTrie::~DeviceTrie() {
+  int current = 0;
+  cudaGetDevice(&current);
+  cudaSetDevice(device_);
+  for (void* p : owned_) cudaFree(p);
+  cudaSetDevice(current);
+}
+
+void DeviceTrie::match(std::string_view words, const std::vector<int64_t>& word_ends, std::vector<int32_t>& ids,
+                       std::vector<int32_t>& counts) const {
+  int current = 0;
+  check(cudaGetDevice(&current), "cudaGetDevice");
+  if (current != device_) check(cudaSetDevice(device_), "cudaSetDevice");
   const int64_t num_words = static_cast<int64_t>(word_ends.size());
   const DeviceArray<uint8_t> d_bytes(reinterpret_cast<const uint8_t*>(words.data()), words.size(), "words");
   const DeviceArray<int64_t> d_ends(word_ends.data(), word_ends.size(), "word ends");
@@ -85,7 +103,7 @@ void match_words_cuda(const Trie& trie, std::string_view words, const std::vecto
   if (num_words > 0) {
     constexpr int kThreads = 128;
     const auto blocks = static_cast<unsigned>((num_words + kThreads - 1) / kThreads);
-    match_words_kernel<<<blocks, kThreads>>>(view, d_bytes.ptr, d_ends.ptr, num_words, d_ids.ptr, d_counts.ptr);
+    match_words_kernel<<<blocks, kThreads>>>(view_, d_bytes.ptr, d_ends.ptr, num_words, d_ids.ptr, d_counts.ptr);
     check(cudaGetLastError(), "match_words_kernel launch");
     check(cudaDeviceSynchronize(), "match_words_kernel");
   }
@@ -95,6 +113,12 @@ void match_words_cuda(const Trie& trie, std::string_view words, const std::vecto
   if (!counts.empty()) {
     check(cudaMemcpy(counts.data(), d_counts.ptr, counts.size() * sizeof(int32_t), cudaMemcpyDeviceToHost), "counts");
   }
+  if (current != device_) cudaSetDevice(current);
+}
+
+void match_words_cuda(const Trie& trie, std::string_view words, const std::vector<int64_t>& word_ends,
+                      std::vector<int32_t>& ids, std::vector<int32_t>& counts) {
+  DeviceTrie(trie).match(words, word_ends, ids, counts);
 }
 
 }  // namespace fastbert
