@@ -193,7 +193,14 @@ class Shapes:
 BERT_BASE = Shapes()
 # A run that exercises every path in seconds, on the CPU under the Triton interpreter (the acceptance dry run).
 TINY = Shapes(
-    tokens=64, hidden=64, intermediate=128, vocab=500, heads=2, attention_seqs=((16, 3), (32, 2)), lamb_layers=1
+    tokens=32,
+    hidden=32,
+    intermediate=64,
+    vocab=256,
+    heads=2,
+    head_dim=32,
+    attention_seqs=((16, 3), (32, 2)),
+    lamb_layers=1,
 )
 
 
