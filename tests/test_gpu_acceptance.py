@@ -110,6 +110,24 @@ def test_a_kernel_off_its_reference_fails_the_run(tmp_path):
     assert section["error"].startswith("SectionFailed: 12 failed")
 
 
+@pytest.mark.gpu
+def test_kernel_tests_pass_natively_on_cuda():
+    """Where there is a GPU, tests/kernels again in a process of its own on CUDA tensors, without the interpreter."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the kernel tests run under the Triton interpreter only")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    ignored = [f"--ignore={path}" for path in _script().COMPILE_ONLY_TESTS]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels", *ignored],
+        cwd=ROOT,
+        env={**env, "FASTBERT_KERNEL_DEVICE": "cuda"},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize(
     "name,bf16,tf32,fp32,bandwidth",
     [
