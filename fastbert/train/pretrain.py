@@ -334,7 +334,7 @@ def pretrain(args: PretrainArgs) -> dict:
 
             bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
 
-    peak = peak_flops(engine.device, args.precision)
+    peak = peak_flops(engine.device, args.precision, tf32=args.tf32)
     if peak is None and engine.device.type == "cuda" and rank == 0:
         log.warning(
             "%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
