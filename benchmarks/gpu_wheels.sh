@@ -3,7 +3,7 @@
 # its image (Python 3.12, torch, triton, transformers, tokenizers, safetensors, pybind11, ninja, pytest) does not
 # ship, for CPython 3.12 on manylinux x86_64, into .whl/ (ignored by git; carried with the device call, 64 MiB at
 # most). benchmarks/gpu_acceptance.py --setup installs them there with
-#     pip install --no-index --find-links .whl deepspeed blingfire pytest-xdist
+#     pip install --no-index --find-links .whl "setuptools>=77" wheel deepspeed blingfire   (and pytest-xdist)
 # so pip takes from .whl/ only what the image does not already satisfy.
 #
 #     bash benchmarks/gpu_wheels.sh        # then: du -sh .whl
@@ -25,6 +25,8 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi n
 # sentences in prepare-data; pytest-xdist runs the kernel tests in parallel.
 pip download "${TARGET[@]}" -d "$OUT" \
     "pydantic>=2" msgpack psutil hjson py-cpuinfo nvidia-ml-py einops blingfire pytest-xdist
+# The build backend pyproject.toml asks for (pip install -e . --no-build-isolation uses the installed one).
+pip download "${TARGET[@]}" -d "$OUT" "setuptools>=77" wheel
 
 # blingfire's wheel (42 MB) is mostly tokenizer models prepare-data never loads (it calls text_to_sentences, whose
 # model is built into the library): leave out its .bin and .i2w files, so the carry stays small.

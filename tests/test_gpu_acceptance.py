@@ -52,6 +52,7 @@ def test_dry_run_runs_every_section_and_passes(tmp_path):
         assert (tmp_path / "gpu_acceptance_logs" / f"{name}.log").exists()
     sections = {name: section["result"] for name, section in report["sections"].items()}
 
+    assert sum(acceptance.BUDGETS["gpu"].values()) <= 7 * 60 - 5  # the GPU run's promise, the build included
     tests = sections["kernel_tests"]
     assert tests["tests"] == tests["passed"] == len(acceptance.DRY_KERNEL_TESTS)
     assert tests["where"].startswith("cpu")
