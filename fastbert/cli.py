@@ -8,6 +8,8 @@ import os
 import platform
 import sys
 
+from fastbert import options
+
 
 def _version(dist: str) -> str | None:
     try:
@@ -139,7 +141,6 @@ def _add_prepare_data(subparsers) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import dataclasses
     import logging
 
     from fastbert.data.sampler import PlanError
@@ -148,10 +149,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fields = {f.name for f in dataclasses.fields(PretrainArgs)}
-    options = PretrainArgs(**{k: v for k, v in vars(args).items() if k in fields})
     try:
-        final = pretrain(options)
+        final = pretrain(options.from_namespace(PretrainArgs, args))
     except (TrainingSetupError, PlanError, ShardError, CheckpointNotFound) as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 1
@@ -168,49 +167,9 @@ def _add_pretrain(subparsers) -> None:
         "Runs as a plain process, under torchrun or under the deepspeed "
         "launcher (use `python -m fastbert pretrain` with launchers).",
     )
-    p.add_argument("--model", default="tiny", help="preset (tiny, mini, base, large) or a config.json")
-    p.add_argument("--data", required=True, help="directory written by prepare-data")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics, TensorBoard)")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the data's sequence length")
-    p.add_argument("--global-batch", type=int, default=32)
-    p.add_argument("--micro-batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100, help="warmup steps")
-    p.add_argument("--decay-power", type=float, default=1.0, help="polynomial decay power (0.5 or 1)")
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm (0: off)")
-    p.add_argument("--max-trust-ratio", type=float, default=10.0, help="cap on LAMB's per-parameter trust ratio")
-    p.add_argument("--deepspeed", default=None, help="extra DeepSpeed config JSON")
-    p.add_argument("--resume", default=None, help="'auto' (latest checkpoint of --out, if any) or a checkpoint")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (e.g. phase 2)")
-    p.add_argument("--reset-optimizer", action="store_true", help="with --init-from: fresh optimizer state")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
-    p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--loader-workers", type=int, default=0)
-    p.add_argument(
-        "--whole-word",
-        action="store_true",
-        help="mask whole words: a word's ## continuation pieces (from the vocab) with it",
-    )
-    p.add_argument(
-        "--max-skipped-steps",
-        type=int,
-        default=10,
-        help="stop with an error after this many non-finite steps in a row (0: never)",
-    )
-    p.add_argument(
-        "--dist-timeout",
-        type=float,
-        default=120.0,
-        help="seconds a collective may wait for another rank before the run fails",
-    )
-    _add_tf32(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    from fastbert.train.pretrain import PretrainArgs
+
+    options.add_arguments(p, PretrainArgs)
     p.set_defaults(func=_pretrain)
 
 
@@ -307,16 +266,14 @@ def _add_finetune(subparsers) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    import dataclasses
     import logging
 
     from fastbert.data.shards import ShardError
     from fastbert.train.distill import DistillArgs, distill
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fields = {f.name for f in dataclasses.fields(DistillArgs)}
     try:
-        final = distill(DistillArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+        final = distill(options.from_namespace(DistillArgs, args))
     except (ShardError, ValueError) as e:
         print(f"fastbert distill: error: {e}", file=sys.stderr)
         return 1
@@ -341,21 +298,9 @@ def _add_distill(subparsers) -> None:
         "initialised from every other teacher layer, with DistilBERT's triple "
         "loss.",
     )
-    p.add_argument("--teacher", required=True, help="HF-format teacher directory (with vocab.txt)")
-    p.add_argument("--student-layers", type=int, default=6)
-    p.add_argument("--data", required=True, help="directory written by prepare-data with the teacher's vocab")
-    p.add_argument("--out", required=True)
-    p.add_argument("--steps", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--temperature", type=float, default=2.0)
-    p.add_argument("--alpha-ce", type=float, default=5.0)
-    p.add_argument("--alpha-mlm", type=float, default=2.0)
-    p.add_argument("--alpha-cos", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    _add_tf32(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    from fastbert.train.distill import DistillArgs
+
+    options.add_arguments(p, DistillArgs)
     p.set_defaults(func=_distill)
 
 
@@ -369,6 +314,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandParser(argparse.ArgumentParser):
+    """A subcommand's parser: its --help shows every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", options.HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     import fastbert
 
@@ -377,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     # The deepspeed launcher passes --local_rank=N before the subcommand; LOCAL_RANK in the environment is what is used.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
     info = subparsers.add_parser(
         "info", help="versions and which backends (C++ tokenizer, Triton, CUDA, DeepSpeed) are usable"
     )
@@ -406,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = options.parse(parser, argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

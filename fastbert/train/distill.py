@@ -22,6 +22,7 @@ from fastbert.data.sampler import MicroBatchPlan
 from fastbert.data.shards import ShardDataset
 from fastbert.model import BertForPreTraining
 from fastbert.optim import warmup_poly_lr
+from fastbert.options import option
 from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 
 log = logging.getLogger("fastbert.distill")
@@ -29,21 +30,21 @@ log = logging.getLogger("fastbert.distill")
 
 @dataclass
 class DistillArgs:
-    teacher: str
-    data: str
-    out: str
-    student_layers: int = 6
-    steps: int = 1000
-    batch_size: int = 32
-    lr: float = 5e-4
-    warmup: int = 100
-    temperature: float = 2.0
-    alpha_ce: float = 5.0
-    alpha_mlm: float = 2.0
-    alpha_cos: float = 1.0
-    seed: int = 0
-    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
-    progress: bool = True
+    teacher: str = option(help="HF-format teacher directory (with vocab.txt)")
+    data: str = option(help="directory written by prepare-data with the teacher's vocab")
+    out: str = option(help="directory for the student (HF format)")
+    student_layers: int = option(6, help="student layers: layer i starts as a copy of teacher layer 2i")
+    steps: int = option(1000, help="optimizer steps")
+    batch_size: int = option(32, help="sequences per step")
+    lr: float = option(5e-4, help="peak learning rate (AdamW)")
+    warmup: int = option(100, help="warmup steps")
+    temperature: float = option(2.0, help="softmax temperature of the distillation loss")
+    alpha_ce: float = option(5.0, help="weight of the KL divergence to the teacher's masked-token distribution")
+    alpha_mlm: float = option(2.0, help="weight of the student's own masked-LM loss")
+    alpha_cos: float = option(1.0, help="weight of the cosine loss between student and teacher hidden states")
+    seed: int = option(0, help="seed of data order and masking")
+    tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
+    progress: bool = option(True, help="show a progress bar")
 
 
 def student_from_teacher(teacher: BertForPreTraining, layers: int) -> BertForPreTraining:

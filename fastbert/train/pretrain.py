@@ -31,6 +31,7 @@ from fastbert.data.shards import ShardDataset, vocab_sha256
 from fastbert.model import BertForPreTraining
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
+from fastbert.options import option
 from fastbert.train import checkpoint
 from fastbert.train.distributed import init_distributed, set_tf32
 from fastbert.train.flops import peak_flops, training_flops
@@ -52,35 +53,39 @@ class TrainingSetupError(ValueError):
 
 @dataclass
 class PretrainArgs:
-    data: str
-    out: str
-    model: str = "tiny"
-    seq_len: int | None = None
-    global_batch: int = 32
-    micro_batch: int = 8
-    steps: int = 1000
-    lr: float = 1e-3
-    warmup: int = 100
-    decay_power: float = 1.0
-    weight_decay: float = 0.01
-    max_trust_ratio: float = 10.0
-    grad_clip: float = 1.0
-    zero_stage: int = 0
-    precision: str = "fp32"
-    deepspeed: str | None = None
-    resume: str | None = None
-    init_from: str | None = None
-    reset_optimizer: bool = False
-    save_every: int = 0
-    keep: int = 3
-    dropout: float | None = None
-    seed: int = 0
-    loader_workers: int = 0
-    whole_word: bool = False
-    dist_timeout: float = 120.0
-    max_skipped_steps: int = 10
-    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
-    progress: bool = True
+    data: str = option(help="directory written by prepare-data")
+    out: str = option(help="run directory (checkpoints, metrics, TensorBoard)")
+    model: str = option("tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json")
+    seq_len: int | None = option(None, help="longest sequence (default: the data's sequence length)")
+    global_batch: int = option(32, help="sequences per optimizer step, over all ranks")
+    micro_batch: int = option(8, help="sequences per forward pass on one rank (accumulation makes up the rest)")
+    steps: int = option(1000, help="optimizer steps")
+    lr: float = option(1e-3, help="peak learning rate")
+    warmup: int = option(100, help="warmup steps")
+    decay_power: float = option(1.0, help="power of the polynomial decay after warmup (0.5 or 1)")
+    weight_decay: float = option(0.01, help="LAMB weight decay (not on biases and LayerNorm)")
+    max_trust_ratio: float = option(10.0, help="cap on LAMB's per-parameter trust ratio")
+    grad_clip: float = option(1.0, help="clip the global gradient norm to this (0: off)")
+    zero_stage: int = option(
+        0, help="DeepSpeed ZeRO stage (3 is refused: LAMB needs whole parameters)", choices=(0, 1, 2, 3)
+    )
+    precision: str = option(
+        "fp32", help="fp32, bf16 (mixed, fp32 master weights) or fp16 (GPU only)", choices=PRECISIONS
+    )
+    deepspeed: str | None = option(None, help="extra DeepSpeed config JSON merged into fastbert's")
+    resume: str | None = option(None, help="'auto' (the latest checkpoint of --out, if any) or a checkpoint path")
+    init_from: str | None = option(None, help="start from this checkpoint's weights (e.g. for phase 2)")
+    reset_optimizer: bool = option(False, help="with --init-from: fresh optimizer state")
+    save_every: int = option(0, help="checkpoint every N steps (and always at the end; 0: only at the end)")
+    keep: int = option(3, help="checkpoints to keep")
+    dropout: float | None = option(None, help="override the model's hidden and attention dropout")
+    seed: int = option(0, help="seed of initialisation, data order and masking")
+    loader_workers: int = option(0, help="data loader processes (0: in the training process)")
+    whole_word: bool = option(False, help="mask whole words: a word's ## continuation pieces (from the vocab) with it")
+    dist_timeout: float = option(120.0, help="seconds a collective may wait for another rank before the run fails")
+    max_skipped_steps: int = option(10, help="stop with an error after this many non-finite steps in a row (0: never)")
+    tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
+    progress: bool = option(True, help="show a progress bar")
 
 
 def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
