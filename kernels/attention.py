@@ -17,13 +17,13 @@ fully padded row) gets a zero output and zero gradients.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, TYPE_NAMES, aot_spec, dedupe, dot_precision, draw_seed, interpreting, unit_stride
+from ._common import empty as _empty
 from .downcast import to_output
 
 HEAD_DIMS = (32, 64, 128)
@@ -366,20 +366,45 @@ def _attention_backward_dq(
     )
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+KERNELS = ("forward", "delta", "dkdv", "dq")  # the launches of one forward and one backward
+DELTA_BLOCK_M = 64
+# kernel -> head dim -> (BLOCK_M, BLOCK_N, num_warps) for float32 inputs
+_FLOAT32_TILES = {
+    "forward": {32: (64, 32, 4), 64: (64, 32, 8), 128: (32, 32, 8)},
+    "dkdv": {32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
+    "dq": {32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
+}
 
 
-def config(head_dim: int, kernel: str) -> dict[str, int]:
-    """Tile sizes, warps and pipeline stages for ``kernel`` in ("forward", "dkdv", "dq") at ``head_dim``."""
+def config(head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Tile sizes, warps and pipeline stages for ``kernel`` (one of ``KERNELS``) at ``head_dim`` with ``dtype``
+    inputs."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"attention: head_dim={head_dim} is not one of {HEAD_DIMS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"attention: dtype {dtype} is not float16, bfloat16 or float32")
+    if kernel == "delta":
+        return {"BLOCK_M": DELTA_BLOCK_M, "num_warps": 4}
     # Sized so that no configuration spills with dropout on (the philox state per score is the register hog);
-    # kernels/aot.py compiles each of them for sm_80 and sm_90.
+    # kernels/aot.py compiles each of them for sm_80 and sm_90. Float32 inputs take IEEE dots on the CUDA cores,
+    # whose operands and products live in registers, so their tiles are smaller or spread over more warps.
+    if dtype == torch.float32:
+        block_m, block_n, warps = _FLOAT32_TILES[kernel][head_dim]
+        return {
+            "BLOCK_M": block_m,
+            "BLOCK_N": block_n,
+            "num_warps": warps,
+            "num_stages": 3 if kernel == "forward" else 2,
+        }
     warps = 4 if head_dim <= 32 else 8
     if kernel == "forward":
-        return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4 if head_dim <= 64 else 8, "num_stages": 3}
+        # At head dim 128, three stages of K and V tiles spill 20 bytes on sm_80 (without dropout); two do not.
+        return {
+            "BLOCK_M": 64,
+            "BLOCK_N": 32,
+            "num_warps": 4 if head_dim <= 64 else 8,
+            "num_stages": 3 if head_dim <= 64 else 2,
+        }
     if kernel == "dkdv":
         return {"BLOCK_M": 32, "BLOCK_N": 32 if head_dim == 128 else 64, "num_warps": warps, "num_stages": 2}
     if kernel == "dq":
@@ -387,22 +412,15 @@ def config(head_dim: int, kernel: str) -> dict[str, int]:
     raise ValueError(f"attention: unknown kernel {kernel!r}")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _dot_precision(q: torch.Tensor) -> str:
-    return "ieee" if q.dtype == torch.float32 else "tf32"  # fp16/bf16 dots ignore it
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def draw_seed() -> int:
-    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible. Drawn
-    above 2**32 so that triton always types it int64, the variant kernels/aot.py compiles."""
-    return int(torch.randint(2**32, 2**62, (1,)).item())
+def launch_meta(
+    kernel: str, dtype: torch.dtype, head_dim: int, padded: bool, dropout: bool, interpret: bool
+) -> dict[str, object]:
+    """Every constexpr and launch option of ``kernel``'s launch, as the launchers pass it (``**launch_meta(...)``)
+    and ``aot_specs`` compiles it: ``interpret`` is whether the Triton interpreter runs it (False on a GPU)."""
+    meta = {"PADDED": padded, "HEAD_DIM": head_dim}
+    if kernel != "delta":
+        meta.update(DROPOUT=dropout, UPCAST=interpret, DOT_PRECISION=dot_precision(dtype))
+    return {**meta, **config(head_dim, kernel, dtype)}
 
 
 def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
@@ -417,8 +435,8 @@ def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
     batch = cu_seqlens.numel() - 1
     out = _empty((total, heads, head_dim), q.dtype, q.device)
     lse = _empty((heads, total), torch.float32, q.device)
-    cfg = config(head_dim, "forward")
-    grid = (triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)
+    meta = launch_meta("forward", q.dtype, head_dim, k_lens is not None, dropout_p > 0.0, interpreting())
+    grid = (triton.cdiv(max_seqlen, meta["BLOCK_M"]), batch * heads)
     if total and batch:
         _attention_forward[grid](
             q,
@@ -442,12 +460,7 @@ def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
             sm_scale * LOG2E,
             dropout_p,
             seed,
-            PADDED=k_lens is not None,
-            DROPOUT=dropout_p > 0.0,
-            UPCAST=_interpreting(),
-            DOT_PRECISION=_dot_precision(q),
-            HEAD_DIM=head_dim,
-            **cfg,
+            **meta,
         )
     return out, lse
 
@@ -455,7 +468,7 @@ def forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
 def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
     total, heads, head_dim = q.shape
     batch = cu_seqlens.numel() - 1
-    do = _rows(do)
+    do = unit_stride(do)
     padded = k_lens is not None
     dq = _empty((total, heads, head_dim), q.dtype, q.device)
     dk = _empty((total, heads, head_dim), q.dtype, q.device)
@@ -467,8 +480,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
     if not (total and batch):
         return dq, dk, dv
     k_lens = cu_seqlens if k_lens is None else k_lens
-    flags = {"PADDED": padded, "HEAD_DIM": head_dim}
-    _attention_backward_delta[(triton.cdiv(max_seqlen, 64), batch * heads)](
+
+    def meta(kernel: str) -> dict[str, object]:
+        return launch_meta(kernel, q.dtype, head_dim, padded, dropout_p > 0.0, interpreting())
+
+    delta_meta = meta("delta")
+    _attention_backward_delta[(triton.cdiv(max_seqlen, delta_meta["BLOCK_M"]), batch * heads)](
         out,
         do,
         delta,
@@ -481,14 +498,12 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
         delta.stride(0),
         heads,
         max_seqlen,
-        BLOCK_M=64,
-        **flags,
+        **delta_meta,
     )
-    flags.update(DROPOUT=dropout_p > 0.0, UPCAST=_interpreting(), DOT_PRECISION=_dot_precision(q))
     common = (heads, max_seqlen, sm_scale * LOG2E, sm_scale, dropout_p, seed)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1))
-    cfg = config(head_dim, "dkdv")
-    _attention_backward_dkdv[(triton.cdiv(max_seqlen, cfg["BLOCK_N"]), batch * heads)](
+    dkdv_meta = meta("dkdv")
+    _attention_backward_dkdv[(triton.cdiv(max_seqlen, dkdv_meta["BLOCK_N"]), batch * heads)](
         q,
         k,
         v,
@@ -506,11 +521,10 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
         dv.stride(1),
         lse.stride(0),
         *common,
-        **flags,
-        **cfg,
+        **dkdv_meta,
     )
-    cfg = config(head_dim, "dq")
-    _attention_backward_dq[(triton.cdiv(max_seqlen, cfg["BLOCK_M"]), batch * heads)](
+    dq_meta = meta("dq")
+    _attention_backward_dq[(triton.cdiv(max_seqlen, dq_meta["BLOCK_M"]), batch * heads)](
         q,
         k,
         v,
@@ -525,8 +539,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
         dq.stride(1),
         lse.stride(0),
         *common,
-        **flags,
-        **cfg,
+        **dq_meta,
     )
     return dq, dk, dv
 
@@ -534,7 +547,7 @@ def backward(do, q, k, v, out, lse, cu_seqlens, k_lens, max_seqlen, dropout_p, s
 class FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed):
-        q, k, v = _rows(q), _rows(k), _rows(v)
+        q, k, v = unit_stride(q), unit_stride(k), unit_stride(v)
         out, lse = forward(q, k, v, cu_seqlens, k_lens, max_seqlen, dropout_p, sm_scale, seed)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, k_lens)
         ctx.args = (max_seqlen, dropout_p, sm_scale, seed)
@@ -626,52 +639,52 @@ def reference_low_precision(q, k, v, cu_seqlens, max_seqlen, softmax_scale=None)
     return torch.cat(outs)
 
 
+def _types(fn, dtype: torch.dtype, meta: dict) -> dict[str, str]:
+    """Triton types of ``fn``'s non-constexpr arguments as the launchers pass them, ``dtype`` inputs."""
+    types = {}
+    for name in fn.arg_names:
+        if name in meta:
+            continue
+        if name in ("LSE", "Delta"):
+            types[name] = "*fp32"
+        elif name in ("CuSeqlens", "KLens"):
+            types[name] = "*i32"
+        elif name[0].isupper():
+            types[name] = f"*{TYPE_NAMES[dtype]}"
+        elif name in ("qk_scale", "sm_scale", "dropout_p"):
+            types[name] = "fp32"
+        elif name == "seed":  # drawn above 2**32 (int64) for dropout, 0 (int32) without
+            types[name] = "i64" if meta["DROPOUT"] else "i32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+_FUNCTIONS = {
+    "forward": _attention_forward,
+    "delta": _attention_backward_delta,
+    "dkdv": _attention_backward_dkdv,
+    "dq": _attention_backward_dq,
+}
+# Token and head strides of q, k, v, o and their gradients: multiples of 16 elements at BERT's widths (heads of 32,
+# 64 or 128 in a fused QKV projection); not the log-sum-exp and delta strides (the token count).
+_ALIGNED = tuple(f"stride_{t}{d}" for t in ("q", "k", "v", "o", "do", "dk", "dv", "dq") for d in ("t", "h"))
+
+
 def aot_specs() -> list[dict]:
-    """Every configuration ``config`` can pick (per head dim, kernel and tensor-core dtype), with dropout on, for
-    the ahead-of-time compile test."""
+    """Every launch ``launch_meta`` can produce on a GPU: each kernel, input dtype, head dim, layout (varlen or
+    padded) and dropout on or off, for the ahead-of-time compile test."""
     specs = []
-    for dtype in ("fp16", "bf16"):
-        for head_dim in HEAD_DIMS:
-            for kernel, fn, tensors in (
-                ("forward", _attention_forward, ["Q", "K", "V", "O"]),
-                ("dkdv", _attention_backward_dkdv, ["Q", "K", "V", "DO", "DK", "DV"]),
-                ("dq", _attention_backward_dq, ["Q", "K", "V", "DO", "DQ"]),
-            ):
-                cfg = config(head_dim, kernel)
-                names = list(fn.arg_names)
-                signature = {}
-                for name in names:
-                    if name in tensors:
-                        signature[name] = f"*{dtype}"
-                    elif name in ("LSE", "Delta"):
-                        signature[name] = "*fp32"
-                    elif name in ("CuSeqlens", "KLens"):
-                        signature[name] = "*i32"
-                    elif name in ("qk_scale", "sm_scale", "dropout_p"):
-                        signature[name] = "fp32"
-                    elif name == "seed":
-                        signature[name] = "i64"
-                    elif name.isupper():
-                        signature[name] = "constexpr"
-                    else:
-                        signature[name] = "i32"
-                constexprs = {
-                    "PADDED": False,
-                    "DROPOUT": True,
-                    "UPCAST": False,
-                    "DOT_PRECISION": "tf32",
-                    "HEAD_DIM": head_dim,
-                    "BLOCK_M": cfg["BLOCK_M"],
-                    "BLOCK_N": cfg["BLOCK_N"],
-                }
-                specs.append(
-                    {
-                        "fn": fn,
-                        "config": {**cfg, "kernel": kernel, "head_dim": head_dim, "dtype": dtype},
-                        "signature": signature,
-                        "constexprs": constexprs,
-                        "num_warps": cfg["num_warps"],
-                        "num_stages": cfg["num_stages"],
-                    }
-                )
-    return specs
+    for kernel, fn in _FUNCTIONS.items():
+        for dtype in DTYPES:
+            for head_dim in HEAD_DIMS:
+                for padded in (False, True):
+                    for dropout in (False, True):
+                        meta = launch_meta(kernel, dtype, head_dim, padded, dropout, interpret=False)
+                        config = {"kernel": kernel, "dtype": TYPE_NAMES[dtype], "head_dim": head_dim}
+                        config.update(padded=padded, dropout=meta.get("DROPOUT", False))
+                        config.update({k: v for k, v in meta.items() if k.startswith("BLOCK")})
+                        types = _types(fn, dtype, meta)
+                        aligned = [name for name in _ALIGNED if name in types]
+                        specs.append(aot_spec(fn, config, meta, types, aligned))
+    return dedupe(specs)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, PARTIAL_ROWS, TYPE_NAMES, aot_spec, as_rows, dedupe
+from ._common import empty as _empty
 from .downcast import to_output
-
-PARTIAL_ROWS = 256  # programs along the rows in backward, each writing one fp32 partial row of dbias
 
 
 @triton.jit
@@ -68,11 +68,6 @@ def _bias_gelu_backward(
     tl.store(DBiasPartial + pid_m * cols + col, dbias, mask=col < cols)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def config(cols: int) -> dict[str, int]:
     """Tile shape and warps for rows of ``cols`` elements: 4096 elements per program (16 per thread), narrow or
     wide tiles."""
@@ -80,34 +75,37 @@ def config(cols: int) -> dict[str, int]:
     return {"BLOCK_M": 4096 // block_n, "BLOCK_N": block_n, "num_warps": 8}
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
+def launch_meta(cols: int, dtype: torch.dtype) -> dict[str, int]:
+    """Every constexpr and launch option of the forward and the backward at rows of ``cols`` elements, as the
+    launchers pass it and ``aot_specs`` compiles it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"bias_gelu: dtype {dtype} is not one of {DTYPES}")
+    return config(cols)
 
 
 def forward(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     if bias.shape != (x.shape[-1],):
         raise ValueError(f"bias_gelu: bias shape {tuple(bias.shape)} does not match x's last dim {x.shape[-1]}")
-    x2 = _as_rows(x)
+    x2 = as_rows(x)
     rows, cols = x2.shape
     y = _empty((rows, cols), x.dtype, x.device)
-    cfg = config(cols)
-    grid = (triton.cdiv(rows, cfg["BLOCK_M"]), triton.cdiv(cols, cfg["BLOCK_N"]))
+    meta = launch_meta(cols, x.dtype)
+    grid = (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(cols, meta["BLOCK_N"]))
     if rows:
-        _bias_gelu_forward[grid](x2, bias.contiguous(), y, rows, cols, x2.stride(0), y.stride(0), **cfg)
+        _bias_gelu_forward[grid](x2, bias.contiguous(), y, rows, cols, x2.stride(0), y.stride(0), **meta)
     return y.view(x.shape)
 
 
 def backward(dy: torch.Tensor, x: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x2, dy2 = _as_rows(x), _as_rows(dy)
+    x2, dy2 = as_rows(x), as_rows(dy)
     rows, cols = x2.shape
     dx = _empty((rows, cols), x.dtype, x.device)
-    cfg = config(cols)
-    grid = (min(triton.cdiv(rows, cfg["BLOCK_M"]), PARTIAL_ROWS), triton.cdiv(cols, cfg["BLOCK_N"]))
+    meta = launch_meta(cols, x.dtype)
+    grid = (min(triton.cdiv(rows, meta["BLOCK_M"]), PARTIAL_ROWS), triton.cdiv(cols, meta["BLOCK_N"]))
     partial = _empty((grid[0], cols), torch.float32, x.device)
     if rows:
         _bias_gelu_backward[grid](
-            dy2, x2, bias.contiguous(), dx, partial, rows, cols, dy2.stride(0), x2.stride(0), dx.stride(0), **cfg
+            dy2, x2, bias.contiguous(), dx, partial, rows, cols, dy2.stride(0), x2.stride(0), dx.stride(0), **meta
         )
     dbias = partial.sum(dim=0).to(bias.dtype) if rows else torch.zeros_like(bias)
     return dx.view(x.shape), dbias
@@ -136,46 +134,19 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
 
 
 def aot_specs() -> list[dict]:
-    """Every kernel configuration ``config`` can pick, for each data dtype, for the ahead-of-time compile test."""
+    """Every launch ``launch_meta`` can produce (the narrow and the wide tile, forward and backward), for each data
+    dtype, for the ahead-of-time compile test."""
     specs = []
-    for dtype in ("fp32", "fp16", "bf16"):
+    for dtype in DTYPES:
         for cols in (128, 1024):  # the narrow and the wide tile
-            cfg = config(cols)
-            constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"]}
-            ints = {"rows": "i32", "cols": "i32"}
-            specs.append(
-                {
-                    "fn": _bias_gelu_forward,
-                    "config": {**cfg, "dtype": dtype},
-                    "signature": {
-                        "X": f"*{dtype}",
-                        "Bias": f"*{dtype}",
-                        "Y": f"*{dtype}",
-                        **ints,
-                        "stride_x": "i32",
-                        "stride_y": "i32",
-                    },
-                    "constexprs": constexprs,
-                    "num_warps": cfg["num_warps"],
+            meta = launch_meta(cols, dtype)
+            config = {"dtype": TYPE_NAMES[dtype], "BLOCK_M": meta["BLOCK_M"], "BLOCK_N": meta["BLOCK_N"]}
+            for fn in (_bias_gelu_forward, _bias_gelu_backward):
+                types = {
+                    name: "*fp32" if name == "DBiasPartial" else f"*{TYPE_NAMES[dtype]}" if name[0].isupper() else "i32"
+                    for name in fn.arg_names
+                    if name not in meta
                 }
-            )
-            specs.append(
-                {
-                    "fn": _bias_gelu_backward,
-                    "config": {**cfg, "dtype": dtype},
-                    "signature": {
-                        "DY": f"*{dtype}",
-                        "X": f"*{dtype}",
-                        "Bias": f"*{dtype}",
-                        "DX": f"*{dtype}",
-                        "DBiasPartial": "*fp32",
-                        **ints,
-                        "stride_dy": "i32",
-                        "stride_x": "i32",
-                        "stride_dx": "i32",
-                    },
-                    "constexprs": constexprs,
-                    "num_warps": cfg["num_warps"],
-                }
-            )
-    return specs
+                aligned = [name for name in types if name == "cols" or name.startswith("stride")]
+                specs.append(aot_spec(fn, config, meta, types, aligned, unaligned_too=True))
+    return dedupe(specs)

@@ -32,6 +32,7 @@ mostly idle program; BERT has a few hundred such biases, a negligible share.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,16 +41,35 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, TYPE_NAMES, aot_spec, dedupe
+from ._common import empty as _empty
 from .downcast import to_output
 
 CHUNK = 16384  # elements per program
 BLOCK = 1024  # elements per loop iteration: 8 per thread at 4 warps
 NUM_WARPS = 4
 SUM_BLOCK = 1024  # partials per loop iteration in the segment sums
-ADDRESS_COLUMNS = 5  # weight, grad, exp_avg, exp_avg_sq (data pointers), all four 16-byte aligned (0/1)
-CHUNK_COLUMNS = 4  # tensor row in its launch, start, numel, parameter index (-1: covered by no fragment)
-# lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1^step, 1 - beta2^step, eps, weight decay, max trust ratio (inf: none)
-HYPER_COLUMNS = 9
+
+# The tables the kernels read, row-major, and their columns (constexprs, so that the kernels index by name).
+# Addresses (int64): data pointers of weight, grad, exp_avg, exp_avg_sq, then 1 if all four are 16-byte aligned.
+ADDRESS_COLUMNS = tl.constexpr(5)
+WEIGHT, GRAD, EXP_AVG, EXP_AVG_SQ, ALIGNED = (tl.constexpr(i) for i in range(5))
+# Chunks (int64): the tensor's row in its launch, start, numel, parameter index (-1: covered by no fragment).
+CHUNK_COLUMNS = tl.constexpr(4)
+ROW, START, NUMEL, PARAM = (tl.constexpr(i) for i in range(4))
+# Hyper (fp32), one row per tensor: lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1^step, 1 - beta2^step, eps, weight
+# decay, max trust ratio (inf: none).
+HYPER_COLUMNS = tl.constexpr(9)
+LR, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, BIAS_CORRECTION1, BIAS_CORRECTION2, EPS, WEIGHT_DECAY, MAX_TRUST = (
+    tl.constexpr(i) for i in range(9)
+)
+# Partials and Sums (fp32): per chunk (moments) or per parameter (sums), the squared norms of w and of u.
+NORM_COLUMNS = tl.constexpr(2)
+W_SQ, U_SQ = (tl.constexpr(i) for i in range(2))
+# Ranges (int64), one row per segment: its first partial row and the end of its partial rows.
+RANGE_COLUMNS = tl.constexpr(2)
+FIRST, END = (tl.constexpr(i) for i in range(2))
+SUM_COLUMNS = (1, NORM_COLUMNS.value)  # widths of the partial rows the segment sums add up
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -58,10 +78,10 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.floa
 @triton.jit
 def _chunk(Chunks, Addresses, pid, CHUNK: tl.constexpr):
     """Row, start and length of chunk ``pid``, and whether it takes the unmasked vector path."""
-    row = tl.load(Chunks + pid * 4)
-    start = tl.load(Chunks + pid * 4 + 1)
-    numel = tl.load(Chunks + pid * 4 + 2)
-    fast = (numel == CHUNK) & (tl.load(Addresses + row * 5 + 4) != 0)
+    row = tl.load(Chunks + pid * CHUNK_COLUMNS + ROW)
+    start = tl.load(Chunks + pid * CHUNK_COLUMNS + START)
+    numel = tl.load(Chunks + pid * CHUNK_COLUMNS + NUMEL)
+    fast = (numel == CHUNK) & (tl.load(Addresses + row * ADDRESS_COLUMNS + ALIGNED) != 0)
     return row, start, numel, fast
 
 
@@ -69,7 +89,7 @@ def _chunk(Chunks, Addresses, pid, CHUNK: tl.constexpr):
 def _tensor(Addresses, row, column: tl.constexpr, start, DTYPE: tl.constexpr, FAST: tl.constexpr):
     """Typed pointer to element ``start`` of the tensor in address-table column ``column``. On the fast path the
     host guarantees 16-byte alignment (aligned tensor, start a multiple of CHUNK), which allows vector access."""
-    pointer = tl.load(Addresses + row * 5 + column).to(tl.pointer_type(DTYPE)) + start
+    pointer = tl.load(Addresses + row * ADDRESS_COLUMNS + column).to(tl.pointer_type(DTYPE)) + start
     if FAST:
         pointer = tl.multiple_of(pointer, 16)
     return pointer
@@ -102,7 +122,7 @@ def _raw_update(m, v, w, bias_correction1, bias_correction2, eps, weight_decay):
 def _grad_squares_chunk(
     Addresses, row, start, numel, GRAD_DTYPE: tl.constexpr, FAST: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr
 ):
-    G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
+    G = _tensor(Addresses, row, GRAD, start, GRAD_DTYPE, FAST)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     end = CHUNK if FAST else numel
     for b in range(0, end, BLOCK):
@@ -139,17 +159,18 @@ def _moments_chunk(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
-    G = _tensor(Addresses, row, 1, start, GRAD_DTYPE, FAST)
-    M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
-    V = _tensor(Addresses, row, 3, start, tl.float32, FAST)
-    one_minus_beta1 = tl.load(Hyper + row * 9 + 1)
-    beta2 = tl.load(Hyper + row * 9 + 2)
-    one_minus_beta2 = tl.load(Hyper + row * 9 + 3)
-    bias_correction1 = tl.load(Hyper + row * 9 + 4)
-    bias_correction2 = tl.load(Hyper + row * 9 + 5)
-    eps = tl.load(Hyper + row * 9 + 6)
-    weight_decay = tl.load(Hyper + row * 9 + 7)
+    W = _tensor(Addresses, row, WEIGHT, start, WEIGHT_DTYPE, FAST)
+    G = _tensor(Addresses, row, GRAD, start, GRAD_DTYPE, FAST)
+    M = _tensor(Addresses, row, EXP_AVG, start, tl.float32, FAST)
+    V = _tensor(Addresses, row, EXP_AVG_SQ, start, tl.float32, FAST)
+    hyper = Hyper + row * HYPER_COLUMNS
+    one_minus_beta1 = tl.load(hyper + ONE_MINUS_BETA1)
+    beta2 = tl.load(hyper + BETA2)
+    one_minus_beta2 = tl.load(hyper + ONE_MINUS_BETA2)
+    bias_correction1 = tl.load(hyper + BIAS_CORRECTION1)
+    bias_correction2 = tl.load(hyper + BIAS_CORRECTION2)
+    eps = tl.load(hyper + EPS)
+    weight_decay = tl.load(hyper + WEIGHT_DECAY)
     w_sq = tl.zeros([BLOCK], dtype=tl.float32)
     u_sq = tl.zeros([BLOCK], dtype=tl.float32)
     end = CHUNK if FAST else numel
@@ -193,22 +214,23 @@ def _lamb_moments(
         w_sq, u_sq = _moments_chunk(
             Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, False, CHUNK, BLOCK
         )
-    tl.store(Partials + (first_chunk + pid) * 2, w_sq)
-    tl.store(Partials + (first_chunk + pid) * 2 + 1, u_sq)
+    tl.store(Partials + (first_chunk + pid) * NORM_COLUMNS + W_SQ, w_sq)
+    tl.store(Partials + (first_chunk + pid) * NORM_COLUMNS + U_SQ, u_sq)
 
 
 @triton.jit
-def _lamb_segment_sums(Partials, Ranges, Out, columns, BLOCK: tl.constexpr):
-    """Program (s, c): column ``c`` of the partial rows ``Ranges[s]`` (first, end), summed in a fixed order."""
+def _lamb_segment_sums(Partials, Ranges, Out, COLUMNS: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (s, c): column ``c`` of the ``COLUMNS``-wide partial rows ``Ranges[s]`` (first, end), summed in a
+    fixed order."""
     segment = tl.program_id(0)
     column = tl.program_id(1)
-    first = tl.load(Ranges + segment * 2)
-    end = tl.load(Ranges + segment * 2 + 1)
+    first = tl.load(Ranges + segment * RANGE_COLUMNS + FIRST)
+    end = tl.load(Ranges + segment * RANGE_COLUMNS + END)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(first, end, BLOCK):
         index = i + tl.arange(0, BLOCK)
-        acc += tl.load(Partials + index * columns + column, mask=index < end, other=0.0)
-    tl.store(Out + segment * columns + column, tl.sum(acc, axis=0))
+        acc += tl.load(Partials + index * COLUMNS + column, mask=index < end, other=0.0)
+    tl.store(Out + segment * COLUMNS + column, tl.sum(acc, axis=0))
 
 
 @triton.jit
@@ -227,9 +249,9 @@ def _apply_chunk(
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    W = _tensor(Addresses, row, 0, start, WEIGHT_DTYPE, FAST)
-    M = _tensor(Addresses, row, 2, start, tl.float32, FAST)
-    V = _tensor(Addresses, row, 3, start, tl.float32, FAST)
+    W = _tensor(Addresses, row, WEIGHT, start, WEIGHT_DTYPE, FAST)
+    M = _tensor(Addresses, row, EXP_AVG, start, tl.float32, FAST)
+    V = _tensor(Addresses, row, EXP_AVG_SQ, start, tl.float32, FAST)
     end = CHUNK if FAST else numel
     for b in range(0, end, BLOCK):
         offs = b + tl.arange(0, BLOCK)
@@ -244,18 +266,19 @@ def _apply_chunk(
 def _lamb_apply(Addresses, Hyper, Chunks, Sums, WEIGHT_DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
-    param = tl.load(Chunks + pid * 4 + 3)
+    param = tl.load(Chunks + pid * CHUNK_COLUMNS + PARAM)
     covered = param >= 0
-    w_norm = tl.sqrt_rn(tl.load(Sums + param * 2, mask=covered, other=0.0))
-    u_norm = tl.sqrt_rn(tl.load(Sums + param * 2 + 1, mask=covered, other=0.0))
+    w_norm = tl.sqrt_rn(tl.load(Sums + param * NORM_COLUMNS + W_SQ, mask=covered, other=0.0))
+    u_norm = tl.sqrt_rn(tl.load(Sums + param * NORM_COLUMNS + U_SQ, mask=covered, other=0.0))
     trust = tl.where((w_norm > 0.0) & (u_norm > 0.0), tl.div_rn(w_norm, tl.maximum(u_norm, 1e-30)), 1.0)
-    trust = tl.minimum(trust, tl.load(Hyper + row * 9 + 8))
+    hyper = Hyper + row * HYPER_COLUMNS
+    trust = tl.minimum(trust, tl.load(hyper + MAX_TRUST))
     trust = tl.where(covered, trust, 1.0)  # elements of no parameter (ZeRO padding) take the plain update
-    scale = -tl.load(Hyper + row * 9) * trust
-    bias_correction1 = tl.load(Hyper + row * 9 + 4)
-    bias_correction2 = tl.load(Hyper + row * 9 + 5)
-    eps = tl.load(Hyper + row * 9 + 6)
-    weight_decay = tl.load(Hyper + row * 9 + 7)
+    scale = -tl.load(hyper + LR) * trust
+    bias_correction1 = tl.load(hyper + BIAS_CORRECTION1)
+    bias_correction2 = tl.load(hyper + BIAS_CORRECTION2)
+    eps = tl.load(hyper + EPS)
+    weight_decay = tl.load(hyper + WEIGHT_DECAY)
     if fast:
         _apply_chunk(
             Addresses,
@@ -384,9 +407,28 @@ def plan_chunks(layouts: Sequence[TensorLayout], num_params: int, device: torch.
 
 
 # Host launchers -------------------------------------------------------------------------------------------------
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def launch_meta(
+    kernel: str,
+    weight_dtype: torch.dtype | None = None,
+    grad_dtype: torch.dtype | None = None,
+    columns: int | None = None,
+) -> dict[str, object]:
+    """Every constexpr and launch option of ``kernel`` ("grad_squares", "moments", "segment_sums", "apply") for
+    tensors of these dtypes (only those the kernel reads) and, for the segment sums, partial rows ``columns`` wide
+    (1 for the gradient norm, ``NORM_COLUMNS`` for the trust ratios), as the launchers pass it and ``aot_specs``
+    compiles it."""
+    tiles = {"CHUNK": CHUNK, "BLOCK": BLOCK, "num_warps": NUM_WARPS}
+    if kernel == "grad_squares":
+        return {"GRAD_DTYPE": _TL_DTYPES[grad_dtype], **tiles}
+    if kernel == "moments":
+        return {"WEIGHT_DTYPE": _TL_DTYPES[weight_dtype], "GRAD_DTYPE": _TL_DTYPES[grad_dtype], **tiles}
+    if kernel == "apply":
+        return {"WEIGHT_DTYPE": _TL_DTYPES[weight_dtype], **tiles}
+    if kernel == "segment_sums":
+        if columns not in SUM_COLUMNS:
+            raise ValueError(f"lamb: segment sums over {columns} columns, not one of {SUM_COLUMNS}")
+        return {"COLUMNS": columns, "BLOCK": SUM_BLOCK, "num_warps": NUM_WARPS}
+    raise ValueError(f"lamb: unknown kernel {kernel!r}")
 
 
 def _addresses(launch: Launch, *columns: Sequence[torch.Tensor] | None) -> torch.Tensor:
@@ -403,9 +445,8 @@ def _segment_sums(partials: torch.Tensor, ranges: torch.Tensor) -> torch.Tensor:
     columns = partials.shape[1]
     out = _empty((ranges.shape[0], columns), torch.float32, partials.device)
     if ranges.shape[0]:
-        _lamb_segment_sums[(ranges.shape[0], columns)](
-            partials, ranges, out, columns, BLOCK=SUM_BLOCK, num_warps=NUM_WARPS
-        )
+        meta = launch_meta("segment_sums", columns=columns)
+        _lamb_segment_sums[(ranges.shape[0], columns)](partials, ranges, out, **meta)
     return out
 
 
@@ -433,10 +474,7 @@ def grad_square_sum(plan: Plan, grads: Sequence[torch.Tensor]) -> torch.Tensor:
             launch.chunks,
             partials,
             launch.first_chunk,
-            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
-            CHUNK=CHUNK,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            **launch_meta("grad_squares", grad_dtype=launch.grad_dtype),
         )
     if not plan.num_chunks:
         return torch.zeros((), dtype=torch.float32, device=device)
@@ -478,7 +516,7 @@ def moments_and_norms(
     ``||u||^2`` over the fragments these tensors hold (zeros for a parameter they hold none of)."""
     for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         _check(plan, name, tensors)
-    partials = _empty((plan.num_chunks, 2), torch.float32, plan.all_chunks.device)
+    partials = _empty((plan.num_chunks, NORM_COLUMNS.value), torch.float32, plan.all_chunks.device)
     for launch in plan.launches:
         _lamb_moments[(launch.chunks.shape[0],)](
             _addresses(launch, weights, grads, exp_avgs, exp_avg_sqs),
@@ -487,11 +525,7 @@ def moments_and_norms(
             partials,
             clip,
             launch.first_chunk,
-            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
-            GRAD_DTYPE=_TL_DTYPES[launch.grad_dtype],
-            CHUNK=CHUNK,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            **launch_meta("moments", launch.weight_dtype, launch.grad_dtype),
         )
     return _segment_sums(partials, plan.param_ranges)
 
@@ -505,7 +539,7 @@ def apply_update(
     sums: torch.Tensor,
 ) -> None:
     """``w -= lr * trust * u`` with each parameter's trust ratio from ``sums`` (all-reduced under ZeRO)."""
-    if sums.shape != (plan.num_params, 2) or sums.dtype != torch.float32 or not sums.is_contiguous():
+    if sums.shape != (plan.num_params, NORM_COLUMNS.value) or sums.dtype != torch.float32 or not sums.is_contiguous():
         raise ValueError(
             f"lamb: sums must be contiguous fp32 of shape ({plan.num_params}, 2), got {sums.dtype} {tuple(sums.shape)}"
         )
@@ -515,10 +549,7 @@ def apply_update(
             _hyper(launch, hyper),
             launch.chunks,
             sums,
-            WEIGHT_DTYPE=_TL_DTYPES[launch.weight_dtype],
-            CHUNK=CHUNK,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
+            **launch_meta("apply", weight_dtype=launch.weight_dtype),
         )
 
 
@@ -558,55 +589,39 @@ def reference(
     return sums
 
 
+_FUNCTIONS = {
+    "grad_squares": _lamb_grad_squares,
+    "moments": _lamb_moments,
+    "segment_sums": _lamb_segment_sums,
+    "apply": _lamb_apply,
+}
+_TYPES = {
+    "Addresses": "*i64",
+    "Chunks": "*i64",
+    "Ranges": "*i64",
+    "Hyper": "*fp32",
+    "Partials": "*fp32",
+    "Sums": "*fp32",
+    "Out": "*fp32",
+    "clip": "fp32",
+    "first_chunk": "i32",
+}
+
+
 def aot_specs() -> list[dict]:
-    """Every kernel with every dtype pair the launchers can pick (one tile configuration for all)."""
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    tiles = {"CHUNK": CHUNK, "BLOCK": BLOCK}
-    chunk_tables = {"Addresses": "*i64", "Chunks": "*i64"}
+    """Every launch ``launch_meta`` can produce: each kernel with every (weight, grad) dtype pair the plan accepts
+    (a kernel that reads one of them gives the same launch for every value of the other) and each width of the
+    segment sums, one tile configuration for all."""
     specs = []
-    for grad in names:
-        specs.append(
-            {
-                "fn": _lamb_grad_squares,
-                "config": {**tiles, "grad": names[grad], "num_warps": NUM_WARPS},
-                "signature": {**chunk_tables, "Partials": "*fp32", "first_chunk": "i32"},
-                "constexprs": {"GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
-                "num_warps": NUM_WARPS,
-            }
-        )
-    for weight in names:
-        for grad in names:
-            specs.append(
-                {
-                    "fn": _lamb_moments,
-                    "config": {**tiles, "weight": names[weight], "grad": names[grad], "num_warps": NUM_WARPS},
-                    "signature": {
-                        **chunk_tables,
-                        "Hyper": "*fp32",
-                        "Partials": "*fp32",
-                        "clip": "fp32",
-                        "first_chunk": "i32",
-                    },
-                    "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], "GRAD_DTYPE": _TL_DTYPES[grad], **tiles},
-                    "num_warps": NUM_WARPS,
-                }
-            )
-        specs.append(
-            {
-                "fn": _lamb_apply,
-                "config": {**tiles, "weight": names[weight], "num_warps": NUM_WARPS},
-                "signature": {**chunk_tables, "Hyper": "*fp32", "Sums": "*fp32"},
-                "constexprs": {"WEIGHT_DTYPE": _TL_DTYPES[weight], **tiles},
-                "num_warps": NUM_WARPS,
-            }
-        )
-    specs.append(
-        {
-            "fn": _lamb_segment_sums,
-            "config": {"BLOCK": SUM_BLOCK, "num_warps": NUM_WARPS},
-            "signature": {"Partials": "*fp32", "Ranges": "*i64", "Out": "*fp32", "columns": "i32"},
-            "constexprs": {"BLOCK": SUM_BLOCK},
-            "num_warps": NUM_WARPS,
-        }
-    )
-    return specs
+    for kernel, fn in _FUNCTIONS.items():
+        for weight, grad, columns in itertools.product(DTYPES, DTYPES, SUM_COLUMNS):
+            meta = launch_meta(kernel, weight, grad, columns if kernel == "segment_sums" else None)
+            config = {"kernel": kernel}
+            if "WEIGHT_DTYPE" in meta:
+                config["weight"] = TYPE_NAMES[weight]
+            if "GRAD_DTYPE" in meta:
+                config["grad"] = TYPE_NAMES[grad]
+            config.update({k: v for k, v in meta.items() if k in ("COLUMNS", "CHUNK", "BLOCK")})
+            types = {name: _TYPES[name] for name in fn.arg_names if name not in meta}
+            specs.append(aot_spec(fn, config, meta, types))
+    return dedupe(specs)

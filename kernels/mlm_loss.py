@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, TYPE_NAMES, aot_spec, dedupe
+from ._common import empty as _empty
 from .downcast import to_output
 
 IGNORE_INDEX = -100
@@ -38,6 +40,7 @@ def _mlm_loss_rows(
     Correct,
     vocab,
     stride_l,
+    IGNORE_INDEX: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -66,7 +69,7 @@ def _mlm_loss_rows(
     lse = row_max + tl.log(tl.sum(lane_sum * tl.exp(lane_max - row_max), axis=0))
     top = tl.max(best, axis=0)
     argmax = tl.min(tl.where(best == top, best_index, vocab), axis=0)
-    valid = label != -100
+    valid = label != IGNORE_INDEX
     tl.store(Loss + row, tl.where(valid, lse - tl.sum(target, axis=0), 0.0))
     tl.store(Correct + row, tl.where(valid & (argmax == label), 1.0, 0.0))
     if WRITE_GRAD:
@@ -79,9 +82,12 @@ def _mlm_loss_rows(
             tl.store(logits + col, to_output(grad, Logits.dtype.element_ty), mask=ok)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
+def launch_meta(dtype: torch.dtype, write_grad: bool) -> dict[str, object]:
+    """Every constexpr and launch option of the row kernel for ``dtype`` logits, as ``forward`` passes it and
+    ``aot_specs`` compiles it: ``write_grad`` when some input wants a gradient (the logits are then overwritten)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"mlm_loss: dtype {dtype} is not one of {DTYPES}")
+    return {"IGNORE_INDEX": IGNORE_INDEX, "WRITE_GRAD": write_grad, "BLOCK_V": BLOCK_V, "num_warps": NUM_WARPS}
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -103,7 +109,7 @@ def forward(
         )
     device, dtype = hidden.device, hidden.dtype
     hidden, weight, bias, labels = hidden.contiguous(), weight.contiguous(), bias.contiguous(), labels.contiguous()
-    want_grad = any(want)
+    meta = launch_meta(dtype, write_grad=any(want))
     labelled = (labels != IGNORE_INDEX).sum()
     inv_denom = labelled.clamp(min=1).float().reciprocal().reshape(1)
     loss_rows = _empty((rows,), torch.float32, device)
@@ -125,9 +131,7 @@ def forward(
             correct_rows[start:stop],
             vocab,
             logits.stride(0),
-            WRITE_GRAD=want_grad,
-            BLOCK_V=BLOCK_V,
-            num_warps=NUM_WARPS,
+            **meta,
         )
         if d_hidden is not None:
             torch.mm(logits, weight, out=d_hidden[start:stop])
@@ -188,22 +192,15 @@ def mlm_loss(
 
 
 def aot_specs() -> list[dict]:
-    """The one tile configuration, for each data dtype, for the ahead-of-time compile test."""
-    return [
-        {
-            "fn": _mlm_loss_rows,
-            "config": {"BLOCK_V": BLOCK_V, "num_warps": NUM_WARPS, "dtype": dtype},
-            "signature": {
-                "Logits": f"*{dtype}",
-                "Labels": "*i64",
-                "InvDenom": "*fp32",
-                "Loss": "*fp32",
-                "Correct": "*fp32",
-                "vocab": "i32",
-                "stride_l": "i32",
-            },
-            "constexprs": {"WRITE_GRAD": True, "BLOCK_V": BLOCK_V},
-            "num_warps": NUM_WARPS,
-        }
-        for dtype in ("fp32", "fp16", "bf16")
-    ]
+    """The one tile configuration, for each logits dtype, with and without the gradient pass, for the
+    ahead-of-time compile test."""
+    types = {"Labels": "*i64", "InvDenom": "*fp32", "Loss": "*fp32", "Correct": "*fp32", "vocab": "i32"}
+    types["stride_l"] = "i32"
+    specs = []
+    for dtype in DTYPES:
+        for write_grad in (False, True):
+            meta = launch_meta(dtype, write_grad)
+            config = {"dtype": TYPE_NAMES[dtype], "WRITE_GRAD": write_grad, "BLOCK_V": BLOCK_V}
+            logits = {"Logits": f"*{TYPE_NAMES[dtype]}", **types}
+            specs.append(aot_spec(_mlm_loss_rows, config, meta, logits, ("vocab", "stride_l"), unaligned_too=True))
+    return dedupe(specs)

@@ -20,10 +20,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ._common import DTYPES, PARTIAL_ROWS, TYPE_NAMES, aot_spec, as_rows, dedupe, draw_seed
+from ._common import empty as _empty
 from .downcast import to_output
 
 MAX_COLUMNS = 4096
-PARTIAL_ROWS = 256  # programs along the rows in backward, each writing one fp32 partial row per parameter grad
 
 
 @triton.jit
@@ -154,33 +155,42 @@ def _residual_layer_norm_backward(
         tl.store(DXBiasPartial + pid * cols + col, dxbias, mask=col_ok)
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every buffer the launchers allocate comes from here (tests swap in guarded buffers)."""
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
-def config(cols: int, backward: bool = False) -> dict[str, int]:
-    """Tile and warps for rows of ``cols`` elements: whole rows, about 4096 (forward) or 2048 (backward) elements
-    per program, and enough warps that each thread holds at most 16 (forward) or 8 (backward) elements of each
-    tile, which is what keeps the philox dropout state out of local memory (kernels/aot.py checks: no spills)."""
+def config(cols: int, backward: bool = False, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Tile and warps for rows of ``cols`` elements of ``dtype``: whole rows, about 4096 (forward) or 2048
+    (backward, and float32 forward) elements per program, and enough warps that each thread holds at most 16 or 8
+    elements of each tile, which is what keeps the philox dropout state out of local memory (kernels/aot.py
+    checks: no spills)."""
     if cols > MAX_COLUMNS:
         raise ValueError(f"residual_layer_norm: rows of {cols} elements exceed MAX_COLUMNS={MAX_COLUMNS}")
+    if dtype not in DTYPES:
+        raise ValueError(f"residual_layer_norm: dtype {dtype} is not one of {DTYPES}")
     block_n = max(128, triton.next_power_of_2(cols))
-    elements = 2048 if backward else 4096
+    # Float32 rows in the forward take the backward's 8 elements per thread: at 16 their philox state spills
+    # (8 bytes at BLOCK_N=256 on sm_80 with unaligned rows).
+    small = backward or dtype == torch.float32
+    elements = 2048 if small else 4096
     block_m = max(1, elements // block_n)
-    per_warp = 256 if backward else 512
+    per_warp = 256 if small else 512
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "num_warps": max(4, min(16, block_m * block_n // per_warp))}
 
 
-def _as_rows(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1, x.shape[-1])
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
-def draw_seed() -> int:
-    """A philox seed from torch's default generator, so ``torch.manual_seed`` makes dropout reproducible. Drawn
-    above 2**32 so that triton always types it int64, the variant kernels/aot.py compiles."""
-    return int(torch.randint(2**32, 2**62, (1,)).item())
+def launch_meta(
+    cols: int,
+    dtype: torch.dtype,
+    backward: bool,
+    has_x_bias: bool,
+    has_residual_or_dsum: bool,
+    dropout: bool,
+) -> dict[str, object]:
+    """Every constexpr and launch option of the forward (``has_residual_or_dsum``: a residual is added) or the
+    backward (``has_residual_or_dsum``: the summed output has a gradient of its own) at rows of ``cols``, as the
+    launchers pass it and ``aot_specs`` compiles it."""
+    if backward:
+        flags = {"HAS_DSUM": has_residual_or_dsum, "DROPOUT": dropout, "HAS_X_BIAS": has_x_bias}
+    else:
+        flags = {"HAS_X_BIAS": has_x_bias, "HAS_RESIDUAL": has_residual_or_dsum, "DROPOUT": dropout}
+        flags["STORE_SUM"] = has_x_bias or has_residual_or_dsum or dropout
+    return {**flags, **config(cols, backward, dtype)}
 
 
 def forward(
@@ -202,17 +212,17 @@ def forward(
             raise ValueError(f"residual_layer_norm: {name} shape {tuple(t.shape)} != ({cols},)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"residual_layer_norm: dropout_p={dropout_p} is not in [0, 1)")
-    x2 = _as_rows(x)
-    r2 = x2 if residual is None else _as_rows(residual)
+    x2 = as_rows(x)
+    r2 = x2 if residual is None else as_rows(residual)
     rows = x2.shape[0]
-    store_sum = residual is not None or x_bias is not None or dropout_p > 0.0
+    meta = launch_meta(cols, x.dtype, False, x_bias is not None, residual is not None, dropout_p > 0.0)
+    store_sum = meta["STORE_SUM"]
     y = _empty((rows, cols), x.dtype, x.device)
     summed = _empty((rows, cols), x.dtype, x.device) if store_sum else x2
     mean = _empty((rows,), torch.float32, x.device)
     rstd = _empty((rows,), torch.float32, x.device)
-    cfg = config(cols)
     if rows:
-        _residual_layer_norm_forward[(triton.cdiv(rows, cfg["BLOCK_M"]),)](
+        _residual_layer_norm_forward[(triton.cdiv(rows, meta["BLOCK_M"]),)](
             x2,
             x2 if x_bias is None else x_bias.contiguous(),
             r2,
@@ -231,11 +241,7 @@ def forward(
             eps,
             dropout_p,
             seed,
-            HAS_X_BIAS=x_bias is not None,
-            HAS_RESIDUAL=residual is not None,
-            DROPOUT=dropout_p > 0.0,
-            STORE_SUM=store_sum,
-            **cfg,
+            **meta,
         )
     return y.view(x.shape), summed.view(x.shape), mean, rstd
 
@@ -252,11 +258,11 @@ def backward(
     has_x_bias: bool,
 ):
     """Returns ``(dx, dresidual, dweight, dbias, dx_bias)``; ``dx_bias`` is None without an ``x_bias``."""
-    s2, dy2 = _as_rows(summed), _as_rows(dy)
-    dsum2 = None if dsum is None else _as_rows(dsum)
+    s2, dy2 = as_rows(summed), as_rows(dy)
+    dsum2 = None if dsum is None else as_rows(dsum)
     rows, cols = s2.shape
-    cfg = config(cols, backward=True)
-    programs = max(1, min(triton.cdiv(rows, cfg["BLOCK_M"]), PARTIAL_ROWS))
+    meta = launch_meta(cols, summed.dtype, True, has_x_bias, dsum2 is not None, dropout_p > 0.0)
+    programs = max(1, min(triton.cdiv(rows, meta["BLOCK_M"]), PARTIAL_ROWS))
     ds = _empty((rows, cols), summed.dtype, summed.device)
     dx = _empty((rows, cols), summed.dtype, summed.device) if dropout_p > 0.0 else ds
     partials = [_empty((programs, cols), torch.float32, summed.device) for _ in range(2 + has_x_bias)]
@@ -283,10 +289,7 @@ def backward(
             dx.stride(0),
             dropout_p,
             seed,
-            HAS_DSUM=dsum2 is not None,
-            DROPOUT=dropout_p > 0.0,
-            HAS_X_BIAS=has_x_bias,
-            **cfg,
+            **meta,
         )
         sums = [p.sum(dim=0).to(weight.dtype) for p in partials]
     else:
@@ -359,82 +362,38 @@ def residual_layer_norm(
     return ResidualLayerNorm.apply(x, residual, weight, bias, eps, x_bias, p, seed)
 
 
+def _types(fn, dtype: torch.dtype, meta: dict) -> dict[str, str]:
+    """Triton types of ``fn``'s non-constexpr arguments as the launchers pass them, ``dtype`` data."""
+    floats = ("eps", "dropout_p")
+    types = {}
+    for name in fn.arg_names:
+        if name in meta:
+            continue
+        if name in ("Mean", "Rstd") or name.endswith("Partial"):
+            types[name] = "*fp32"
+        elif name[0].isupper():
+            types[name] = f"*{TYPE_NAMES[dtype]}"
+        else:
+            # The seed is drawn above 2**32 (int64) for dropout, and 0 (int32) without.
+            types[name] = "fp32" if name in floats else "i64" if name == "seed" and meta["DROPOUT"] else "i32"
+    return types
+
+
 def aot_specs() -> list[dict]:
-    """Every tile configuration ``config`` can pick, for the ahead-of-time compile test, with every feature flag
-    on (the most registers); bf16 data, the training dtype."""
+    """Every launch ``launch_meta`` can produce: forward and backward, each data dtype, each tile ``config`` picks
+    (one per power-of-two row width) and every flag combination, for the ahead-of-time compile test."""
     specs = []
-    for block_n in (128, 256, 512, 1024, 2048, 4096):
-        fwd = config(block_n)
-        bwd = config(block_n, backward=True)
-        specs.append(
-            {
-                "fn": _residual_layer_norm_forward,
-                "config": {**fwd, "dtype": "bf16"},
-                "signature": {
-                    "X": "*bf16",
-                    "XBias": "*bf16",
-                    "Residual": "*bf16",
-                    "Weight": "*bf16",
-                    "Bias": "*bf16",
-                    "Y": "*bf16",
-                    "Sum": "*bf16",
-                    "Mean": "*fp32",
-                    "Rstd": "*fp32",
-                    "rows": "i32",
-                    "cols": "i32",
-                    "stride_x": "i32",
-                    "stride_r": "i32",
-                    "stride_y": "i32",
-                    "stride_s": "i32",
-                    "eps": "fp32",
-                    "dropout_p": "fp32",
-                    "seed": "i64",
-                },
-                "constexprs": {
-                    "HAS_X_BIAS": True,
-                    "HAS_RESIDUAL": True,
-                    "DROPOUT": True,
-                    "STORE_SUM": True,
-                    "BLOCK_M": fwd["BLOCK_M"],
-                    "BLOCK_N": fwd["BLOCK_N"],
-                },
-                "num_warps": fwd["num_warps"],
-            }
-        )
-        specs.append(
-            {
-                "fn": _residual_layer_norm_backward,
-                "config": {**bwd, "dtype": "bf16"},
-                "signature": {
-                    "DY": "*bf16",
-                    "DSum": "*bf16",
-                    "Sum": "*bf16",
-                    "Weight": "*bf16",
-                    "Mean": "*fp32",
-                    "Rstd": "*fp32",
-                    "DS": "*bf16",
-                    "DX": "*bf16",
-                    "DWeightPartial": "*fp32",
-                    "DBiasPartial": "*fp32",
-                    "DXBiasPartial": "*fp32",
-                    "rows": "i32",
-                    "cols": "i32",
-                    "stride_dy": "i32",
-                    "stride_dsum": "i32",
-                    "stride_s": "i32",
-                    "stride_ds": "i32",
-                    "stride_dx": "i32",
-                    "dropout_p": "fp32",
-                    "seed": "i64",
-                },
-                "constexprs": {
-                    "HAS_DSUM": True,
-                    "DROPOUT": True,
-                    "HAS_X_BIAS": True,
-                    "BLOCK_M": bwd["BLOCK_M"],
-                    "BLOCK_N": bwd["BLOCK_N"],
-                },
-                "num_warps": bwd["num_warps"],
-            }
-        )
-    return specs
+    widths = [2**k for k in range(7, MAX_COLUMNS.bit_length())]  # 128 ... MAX_COLUMNS: every BLOCK_N
+    for backward, fn in ((False, _residual_layer_norm_forward), (True, _residual_layer_norm_backward)):
+        for dtype in DTYPES:
+            for cols in widths:
+                for has_x_bias in (False, True):
+                    for second in (False, True):
+                        for dropout in (False, True):
+                            meta = launch_meta(cols, dtype, backward, has_x_bias, second, dropout)
+                            config = {"dtype": TYPE_NAMES[dtype]}
+                            config.update({k: v for k, v in meta.items() if k.isupper()})
+                            types = _types(fn, dtype, meta)
+                            aligned = [name for name in types if name == "cols" or name.startswith("stride")]
+                            specs.append(aot_spec(fn, config, meta, types, aligned))
+    return dedupe(specs)
