@@ -1,23 +1,30 @@
 """Ahead-of-time compile of every kernel configuration the launchers can pick, for GPUs this machine may lack.
 
-Owns the list of targets and the resource table: for each kernel module's ``aot_specs()`` and each target it runs
-``triton.compile`` down to a cubin with the ptxas bundled in the triton wheel, and reads registers and spilled
-bytes from the ptxas log and shared memory from the compiled metadata. It catches what the interpreter accepts
-and a GPU would reject (dots below 16 wide, loop-carried type changes, register spills, shared memory beyond the
-device's limit, which is otherwise only checked at launch). It does not launch anything.
+Owns the list of targets and the resource table. Each kernel module's ``aot_specs()`` is generated from the same
+``launch_meta`` function its launchers pass to the kernels (every input dtype, every flag, every tile its
+``config`` can return, ``UPCAST=False`` as on a GPU); for each spec and target this runs ``triton.compile`` down
+to a cubin with the ptxas bundled in the triton wheel, and reads registers and spilled bytes from the ptxas log and
+shared memory from the compiled metadata. It catches what the interpreter accepts and a GPU would reject (dots
+below 16 wide, loop-carried type changes, register spills, shared memory beyond the device's limit, which is
+otherwise only checked at launch). It does not launch anything.
 
 Run ``python -m fastbert.kernels.aot --out FILE`` with ``TRITON_INTERPRET`` unset (under the interpreter
 ``triton.jit`` gives functions that cannot be compiled). Triton's cache is pointed at a fresh directory so that
-ptxas really runs and its log is there to read. With ``--modules`` naming some modules, their rows replace those
-of the same modules in an existing ``FILE`` built by the same triton version, and the other rows stay.
+ptxas really runs and its log is there to read. Compiles run in ``--jobs`` processes. With ``--modules`` naming
+some modules, their rows replace those of the same modules in an existing ``FILE`` built by the same triton
+version, and the other rows stay; ``--select`` compiles only the named specs (``spec_id``); ``--cubins DIR``
+keeps each cubin as ``DIR/<spec_id>.<arch>.cubin`` for the machine-code checks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import importlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import sys
@@ -28,13 +35,38 @@ from pathlib import Path
 MODULES = ("bias_gelu", "residual_layer_norm", "mlm_loss", "attention", "lamb")
 # name -> (arch, shared memory per block the kernel may use at most, in bytes)
 TARGETS = {"H100 (sm_90)": (90, 227 * 1024), "A100 (sm_80)": (80, 163 * 1024)}
+REGISTER_FILE = 65536  # 32-bit registers per SM on sm_80 and sm_90, the most one block can hold
+MAX_REGISTERS = 255  # per thread
+REGISTER_GRANULE = 8  # registers are allocated per thread in multiples of this (256 per warp)
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def compile_spec(spec: dict, arch: int) -> dict:
-    """Compile one spec (from a module's ``aot_specs()``) for ``arch``; returns its row of the resource table."""
+def register_cap(num_warps: int) -> int:
+    """The most registers a thread of a ``num_warps`` block can get: the block must fit the register file."""
+    per_thread = REGISTER_FILE // (32 * num_warps)
+    return min(MAX_REGISTERS, per_thread - per_thread % REGISTER_GRANULE)
+
+
+def specs(module: str) -> list[dict]:
+    return importlib.import_module(f"fastbert.kernels.{module}").aot_specs()
+
+
+def spec_id(spec: dict) -> str:
+    """A stable file-name-safe name of one spec: its kernel and a hash of what makes the compile distinct."""
+    from fastbert.kernels._common import spec_key
+
+    return f"{spec['fn'].__name__}-{hashlib.sha1(repr(spec_key(spec)).encode()).hexdigest()[:12]}"
+
+
+def cubin_name(spec: str, arch: int, variant: str = "aligned") -> str:
+    return f"{spec}.{variant}.sm_{arch}.cubin"
+
+
+def compile_spec(spec: dict, arch: int, variant: str = "aligned") -> tuple[dict, bytes]:
+    """Compile one spec (from a module's ``aot_specs()``) for ``arch`` in ``variant`` (one of its
+    ``variants``); returns its row of the resource table and the cubin."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -46,13 +78,18 @@ def compile_spec(spec: dict, arch: int) -> dict:
             if name not in spec["constexprs"]:
                 raise ValueError(f"aot: {fn.__name__} argument {name!r} has neither a type nor a constexpr value")
             signature[name] = "constexpr"
-    # Pointers as the launcher usually sees them: 16-byte aligned, which triton's JIT specializes on (it does the
-    # same for integers divisible by 16; those variants depend on the shapes and are not enumerated here).
+    # As the launcher sees them: pointers 16-byte aligned and, in the aligned variant, the integers in
+    # ``aligned`` (row strides and lengths) multiples of 16, which triton's JIT specializes on.
+    if variant not in spec["variants"]:
+        raise ValueError(f"aot: {fn.__name__} has no {variant} variant")
+    divisible = spec["aligned"] if variant == "aligned" else ()
     aligned = {
-        (i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if signature[name].startswith("*")
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name in divisible
     }
     source = ASTSource(fn, signature, spec["constexprs"], aligned)
-    options = {"num_warps": spec["num_warps"], "num_stages": spec.get("num_stages", 3)}
+    options = {"num_warps": spec["num_warps"], "num_stages": spec["num_stages"]}
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
         compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
@@ -60,33 +97,80 @@ def compile_spec(spec: dict, arch: int) -> dict:
     used, spills = _USED.findall(text), _SPILLS.findall(text)
     if not used or not spills:
         raise RuntimeError(f"aot: no ptxas resource line for {fn.__name__} (is the triton cache warm?):\n{text}")
-    return {
+    row = {
         "kernel": fn.__name__,
         "config": spec["config"],
         "arch": f"sm_{arch}",
+        "variant": variant,
         "registers": int(used[-1]),
+        "register_cap": register_cap(spec["num_warps"]),
         "spill_stores": int(spills[-1][0]),
         "spill_loads": int(spills[-1][1]),
         "shared": int(compiled.metadata.shared),
     }
+    return row, compiled.asm["cubin"]
 
 
-def resource_table(modules: tuple[str, ...] = MODULES) -> list[dict]:
-    """Every spec of every kernel module, compiled for every target."""
-    import importlib
+def problems(row: dict) -> list[str]:
+    """What is wrong with one row of the table: spills, registers at the cap (ptxas had to squeeze), a block whose
+    registers do not fit the register file, shared memory beyond the device's limit."""
+    found = []
+    if row["spill_stores"] or row["spill_loads"]:
+        found.append(f"{row['spill_stores']}/{row['spill_loads']} bytes of spill stores/loads")
+    if not 0 < row["registers"] < row["register_cap"]:
+        found.append(f"{row['registers']} registers, not below the cap of {row['register_cap']}")
+    threads = 32 * row["config"]["num_warps"]
+    allocated = -(-row["registers"] // REGISTER_GRANULE) * REGISTER_GRANULE
+    if allocated * threads > REGISTER_FILE:
+        found.append(f"{allocated} registers x {threads} threads exceed the register file of {REGISTER_FILE}")
+    if row["shared"] > row["shared_limit"]:
+        found.append(f"shared memory {row['shared']} bytes of {row['shared_limit']}")
+    return found
 
+
+_cubin_dir: Path | None = None
+
+
+def _compile_job(job: tuple[str, int, str, str]) -> dict:
+    """Worker: ``(module, index of the spec, target, variant)`` to a table row (specs hold functions, which do
+    not pickle; each worker builds the same list)."""
+    module, index, target, variant = job
+    arch = TARGETS[target][0]
+    spec = specs(module)[index]
+    row, cubin = compile_spec(spec, arch, variant)
+    shared_limit = TARGETS[target][1]
+    row.update(module=module, target=target, shared_limit=shared_limit, spec=spec_id(spec))
+    if _cubin_dir is not None:
+        (_cubin_dir / cubin_name(row["spec"], arch, variant)).write_bytes(cubin)
+    return row
+
+
+def _init_worker(cubin_dir: Path | None) -> None:
+    global _cubin_dir
+    _cubin_dir = cubin_dir
     from triton import knobs
 
     knobs.nvidia.dump_ptxas_log = True
-    rows = []
-    for module in modules:
-        specs = importlib.import_module(f"fastbert.kernels.{module}").aot_specs()
-        for spec in specs:
-            for target, (arch, shared_limit) in TARGETS.items():
-                row = compile_spec(spec, arch)
-                row.update(module=module, target=target, shared_limit=shared_limit)
-                rows.append(row)
-    return rows
+
+
+def resource_table(
+    modules: tuple[str, ...] = MODULES, jobs: int = 2, select: set[str] | None = None, cubins: Path | None = None
+) -> list[dict]:
+    """Every spec of every kernel module (or those named in ``select``), compiled for every target, in ``jobs``
+    processes; rows in spec order."""
+    work = [
+        (module, index, target, variant)
+        for module in modules
+        for index, spec in enumerate(specs(module))
+        if select is None or spec_id(spec) in select
+        for variant in spec["variants"]
+        for target in TARGETS
+    ]
+    if jobs <= 1:
+        _init_worker(cubins)
+        return [_compile_job(job) for job in work]
+    with multiprocessing.get_context("fork").Pool(jobs, _init_worker, (cubins,)) as pool:
+        return pool.map(_compile_job, work, chunksize=1)
 
 
 def triton_version() -> str:
@@ -99,25 +183,43 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="JSON file for the resource table")
     parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=MODULES, help="kernel modules")
+    parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
+    parser.add_argument("--select", nargs="+", help="compile only these spec ids")
+    parser.add_argument("--cubins", type=Path, help="directory to keep the cubins in")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("aot: unset TRITON_INTERPRET; interpreted kernels cannot be compiled", file=sys.stderr)
         return 2
+    if args.cubins is not None:
+        args.cubins.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="fastbert-aot-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        rows = resource_table(tuple(args.modules))
-    print(f"aot: {len(rows)} compiles in {time.perf_counter() - started:.0f} s", file=sys.stderr)
-    if set(args.modules) != set(MODULES) and args.out.exists():
+        select = None if args.select is None else set(args.select)
+        rows = resource_table(tuple(args.modules), args.jobs, select, args.cubins)
+    seconds = time.perf_counter() - started
+    print(f"aot: {len(rows)} compiles in {seconds:.0f} s ({args.jobs} processes)", file=sys.stderr)
+    if (set(args.modules) != set(MODULES) or select is not None) and args.out.exists():
         previous = json.loads(args.out.read_text())
         if previous.get("triton") == triton_version():
-            rows += [row for row in previous["kernels"] if row["module"] not in args.modules]
+            fresh = {(row["spec"], row["arch"], row["variant"]) for row in rows}
+            keep = set(MODULES) - set(args.modules) if select is None else set(MODULES)
+            rows += [
+                r
+                for r in previous["kernels"]
+                if r["module"] in keep and (r["spec"], r["arch"], r["variant"]) not in fresh
+            ]
     rows.sort(key=lambda row: MODULES.index(row["module"]))  # stable: each module's rows keep their order
-    table = {"triton": triton_version(), "kernels": rows}
+    bad = [f"{row['kernel']} {row['config']} on {row['arch']}: {'; '.join(problems(row))}" for row in rows]
+    bad = [line for line, row in zip(bad, rows, strict=True) if problems(row)]
+    table = {"triton": triton_version(), "compiles": len(rows), "seconds": round(seconds), "problems": bad}
+    table["kernels"] = rows
     args.out.parent.mkdir(parents=True, exist_ok=True)
     partial = args.out.with_name(args.out.name + ".tmp")
     partial.write_text(json.dumps(table, indent=1) + "\n")
     partial.replace(args.out)
+    for line in bad:
+        print(f"aot: {line}", file=sys.stderr)
     return 0
 
 
