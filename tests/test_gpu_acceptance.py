@@ -98,17 +98,49 @@ def pytest_collection_modifyitems(items):
 
 def test_a_kernel_off_its_reference_fails_the_run(tmp_path):
     """The dry run's kernel tests compared against references scaled by 1.05 (a pytest plugin reaching the run's
-    pytest through PYTEST_ADDOPTS): the section fails, naming the tests, and the run exits 1."""
+    pytest through PYTEST_ADDOPTS): the section fails, naming the tests, the next section still runs, and the run
+    exits 1."""
     (tmp_path / "perturbed_reference.py").write_text(PERTURBED_REFERENCE)
     env = {**os.environ, "PYTHONPATH": str(tmp_path), "PYTEST_ADDOPTS": "-p perturbed_reference"}
-    proc = _run(tmp_path / "out", "--only", "kernel_tests", env=env)
+    proc = _run(tmp_path / "out", "--only", "kernel_tests", "--only", "tokenizer", env=env)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    section = json.loads((tmp_path / "out" / "gpu_acceptance.json").read_text())["sections"]["kernel_tests"]
-    assert section["status"] == "failed"
+    sections = json.loads((tmp_path / "out" / "gpu_acceptance.json").read_text())["sections"]
+    assert sections["tokenizer"]["status"] == "passed"  # a failed section is recorded and the run goes on
+    section = sections["kernel_tests"]
+    assert section["status"] == "failed" and "FAILED: kernel_tests" in proc.stdout
     # every comparison against a reference fails; the dispatch and skipped-step checks compare nothing
     assert section["result"]["failures"] == len(_script().DRY_KERNEL_TESTS) - 2 == 12
     assert any("test_varlen_attention_matches_reference" in name for name in section["result"]["not_passed"])
     assert section["error"].startswith("SectionFailed: 12 failed")
+
+
+def test_kernel_device_cuda_means_cuda_or_a_loud_failure():
+    """FASTBERT_KERNEL_DEVICE=cuda never falls back to the interpreter: without a GPU the kernel tests do not run
+    (and do not skip) but stop with an error naming the setting."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/kernels/test_bias_gelu.py",
+            "-k",
+            "dispatch",
+        ],
+        cwd=ROOT,
+        env={**env, "FASTBERT_KERNEL_DEVICE": "cuda"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if torch.cuda.is_available():
+        assert proc.returncode == 0, proc.stdout[-3000:]
+    else:
+        assert proc.returncode not in (0, 5), proc.stdout[-3000:]  # 5: nothing collected
+        assert "FASTBERT_KERNEL_DEVICE=cuda but torch sees no CUDA device" in proc.stdout + proc.stderr
 
 
 @pytest.mark.gpu
