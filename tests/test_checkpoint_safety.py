@@ -181,3 +181,83 @@ def test_a_truncated_checkpoint_is_named_as_unreadable(run_dir, tmp_path):
         r"truncated or corrupted",
     ):
         export(run_dir, tmp_path / "hf")
+
+
+# Manifests: every file's sha256 and size, checked before anything is loaded ------------------------------------
+@pytest.fixture
+def safe_run(tmp_path: Path) -> Path:
+    """A run directory with one complete, harmless checkpoint and its manifest."""
+    ckpt = tmp_path / "run" / checkpoint.CHECKPOINTS / TAG
+    ckpt.mkdir(parents=True)
+    config = BertConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=32,
+    )
+    (ckpt / "config.json").write_text(config.to_json_string())
+    from fastbert.model import BertForPreTraining
+
+    torch.save({"module": BertForPreTraining(config).state_dict()}, ckpt / "mp_rank_00_model_states.pt")
+    torch.save(checkpoint.rng_state(), ckpt / "rng-rank0.pt")
+    checkpoint.write_manifest(ckpt, finite=True)
+    (ckpt.parent / checkpoint.LATEST).write_text(TAG)
+    return tmp_path / "run"
+
+
+def test_a_checkpoint_matching_its_manifest_exports(safe_run, tmp_path):
+    export(safe_run, tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def _flip(path: Path, offset: int, count: int = 64) -> None:
+    data = bytearray(path.read_bytes())
+    for i in range(offset, offset + count):
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("flip", "sha256 differs from MANIFEST.json"),
+        ("truncate", "\\d+ bytes but \\d+ when saved \\(truncated\\?\\)"),
+        ("delete", "missing \\(listed in MANIFEST.json\\)"),
+    ],
+)
+def test_a_damaged_file_is_named_before_anything_loads(safe_run, tmp_path, damage, message):
+    path = safe_run / checkpoint.CHECKPOINTS / TAG / "mp_rank_00_model_states.pt"
+    if damage == "flip":
+        _flip(path, path.stat().st_size // 2)  # in the middle of the weights: torch would load it as it is
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-10])
+    else:
+        path.unlink()
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=f"mp_rank_00_model_states.pt: {message}"):
+        export(safe_run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_export_refuses_non_finite_weights(safe_run, tmp_path):
+    ckpt = safe_run / checkpoint.CHECKPOINTS / TAG
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+    state["module"]["bert.encoder.layers.0.ffn_in.weight"][0, 0] = float("nan")
+    torch.save(state, ckpt / "mp_rank_00_model_states.pt")
+    checkpoint.write_manifest(ckpt, finite=False)
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="non-finite weights .* in bert.encoder.layers.0.ffn_in.weight"):
+        export(safe_run, tmp_path / "hf")
+
+
+def test_rotation_never_deletes_the_last_checkpoint_with_finite_weights(tmp_path):
+    root = tmp_path / checkpoint.CHECKPOINTS
+    finite = {1: True, 2: True, 3: False, 4: False, 5: False}
+    for step, ok in finite.items():
+        (root / checkpoint.tag_for(step)).mkdir(parents=True)
+        checkpoint.write_manifest(root / checkpoint.tag_for(step), finite=ok)
+    checkpoint._rotate(root, checkpoint.tag_for(5), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint.tag_for(s) for s in (2, 4, 5)]
+    checkpoint.write_manifest(root / checkpoint.tag_for(5), finite=True)  # finite again: rotation as usual
+    checkpoint._rotate(root, checkpoint.tag_for(5), keep=2)
+    assert sorted(p.name for p in root.iterdir()) == [checkpoint.tag_for(s) for s in (4, 5)]

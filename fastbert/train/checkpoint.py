@@ -4,8 +4,12 @@ that only ever names a complete checkpoint.
 Layout: ``RUN_DIR/checkpoints/step-00000100/`` holds DeepSpeed's files, ``rng-rank{r}.pt`` (every RNG state of
 rank r), ``config.json``, ``vocab.txt`` and ``tokenizer_config.json``; the training position travels in DeepSpeed's
 ``client_state``. ``RUN_DIR/checkpoints/latest`` names the newest complete tag: it is replaced atomically by rank 0
-after every rank has finished writing, so a run killed mid-save resumes from the previous checkpoint. Only the last
-``keep`` checkpoints are kept.
+after every rank has finished writing, so a run killed mid-save resumes from the previous checkpoint.
+
+Each checkpoint's ``MANIFEST.json`` (written last, before ``latest``) lists the sha256 and size of every file in it and
+whether the weights were all finite; resume, ``--init-from`` and export verify it first, so a flipped byte or a
+truncated file is an error naming the file instead of a run of NaN steps. Rotation keeps the last ``keep``
+checkpoints and, should none of them have finite weights, the newest one that has.
 
 A checkpoint may come from elsewhere (``--resume``, ``--init-from``, ``export``, ``finetune --model``), and DeepSpeed
 reads its own files with ``torch.load(weights_only=False)``, which runs whatever code a pickle names. So before
@@ -15,7 +19,9 @@ tensors, containers and the few plain DeepSpeed classes of ``deepspeed_safe_glob
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import logging
 import pickle
 import random
@@ -34,10 +40,15 @@ log = logging.getLogger("fastbert.train")
 
 LATEST = "latest"
 CHECKPOINTS = "checkpoints"
+MANIFEST = "MANIFEST.json"
 
 
 class CheckpointNotFound(FileNotFoundError):
     pass
+
+
+class CorruptCheckpoint(CheckpointNotFound):
+    """A checkpoint whose files do not match its manifest (changed, truncated or missing)."""
 
 
 class UnsafeCheckpoint(CheckpointNotFound):
@@ -130,10 +141,93 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointNotFound(f"{path}: no checkpoint (no {CHECKPOINTS}/{LATEST}, {LATEST}, or checkpoint files)")
 
 
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(checkpoint: Path, finite: bool) -> None:
+    """Record every file of ``checkpoint`` (sha256, size) and whether its weights were finite."""
+    files = {
+        p.relative_to(checkpoint).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != MANIFEST and not p.name.endswith(".tmp")
+    }
+    manifest = {"format": 1, "finite": finite, "files": files}
+    write_atomic(checkpoint / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def read_manifest(checkpoint: Path) -> dict | None:
+    path = Path(checkpoint) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CorruptCheckpoint(f"{path}: unreadable manifest ({e}); resume or export from another checkpoint") from e
+    return manifest
+
+
+def verify_manifest(checkpoint: Path) -> None:
+    """Raise ``CorruptCheckpoint`` naming the first file that is missing, or whose size or sha256 differs from the
+    manifest. A checkpoint without a manifest (written by other tools) passes with a warning."""
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    if manifest is None:
+        log.warning("%s: no %s, so its files cannot be checked against checksums", checkpoint, MANIFEST)
+        return
+    advice = "resume or export from another checkpoint (--resume PATH)"
+    for name, entry in manifest["files"].items():
+        path = checkpoint / name
+        if not path.is_file():
+            raise CorruptCheckpoint(f"{path}: missing (listed in {MANIFEST}); {advice}")
+        if path.stat().st_size != entry["bytes"]:
+            raise CorruptCheckpoint(
+                f"{path}: {path.stat().st_size} bytes but {entry['bytes']} when saved (truncated?); {advice}"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise CorruptCheckpoint(f"{path}: sha256 differs from {MANIFEST}: the file changed since saving; {advice}")
+
+
+def weights_finite(engine) -> bool:
+    """Whether every parameter of the engine's model is finite (one host sync; called only when saving)."""
+    flags = [torch.isfinite(p.detach()).all() for p in engine.module.parameters()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def _rotate(root: Path, newest: str, keep: int) -> None:
+    """Delete all but the last ``keep`` checkpoints, never the newest one whose weights are finite."""
+    tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
+    if keep <= 0:
+        return
+    kept = set(tags[-keep:]) | {newest}
+
+    def finite(tag: str) -> bool:
+        try:
+            manifest = read_manifest(root / tag)
+        except CorruptCheckpoint:
+            return False
+        return bool(manifest and manifest.get("finite"))
+
+    if not any(finite(t) for t in kept):
+        last_finite = next((t for t in reversed(tags) if finite(t)), None)
+        if last_finite is not None:
+            kept.add(last_finite)
+            log.warning("keeping %s: the newer checkpoints hold non-finite weights", root / last_finite)
+    for old in tags:
+        if old not in kept:
+            shutil.rmtree(root / old, ignore_errors=True)
+
+
 def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: dict[str, bytes], keep: int) -> Path:
     """Save on every rank; returns the checkpoint directory."""
     root = Path(run_dir) / CHECKPOINTS
     tag = tag_for(step)
+    finite = weights_finite(engine)
     engine.save_checkpoint(str(root), tag=tag, client_state=client_state, save_latest=False)
     rank = dist.get_rank() if dist.is_initialized() else 0
     buffer = io.BytesIO()
@@ -145,11 +239,9 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: 
     if dist.is_initialized():
         dist.barrier()
     if rank == 0:
+        write_manifest(root / tag, finite)
         write_atomic(root / LATEST, tag.encode())
-        tags = sorted(p.name for p in root.glob("step-*") if p.is_dir())
-        for old in tags[:-keep] if keep > 0 else []:
-            if old != tag:
-                shutil.rmtree(root / old, ignore_errors=True)
+        _rotate(root, tag, keep)
     if dist.is_initialized():
         dist.barrier()
     return root / tag
@@ -157,6 +249,7 @@ def save(engine, run_dir: Path, step: int, client_state: dict[str, Any], files: 
 
 def load(engine, checkpoint: Path, load_optimizer: bool = True) -> dict[str, Any]:
     """Load the engine state (and optimizer state unless ``load_optimizer`` is false); returns the client state."""
+    verify_manifest(checkpoint)
     verify_safe(checkpoint)
     path, client_state = engine.load_checkpoint(
         str(checkpoint.parent),

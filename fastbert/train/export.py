@@ -12,6 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
+
 from fastbert.config import BertConfig
 from fastbert.model import BertForPreTraining
 from fastbert.train import checkpoint
@@ -20,6 +22,7 @@ from fastbert.train import checkpoint
 def consolidated_state_dict(ckpt: Path) -> dict:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    checkpoint.verify_manifest(ckpt)
     checkpoint.verify_safe(ckpt)  # zero_to_fp32 loads with weights_only=False
     if any(ckpt.glob("*optim_states.pt")):
         return get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
@@ -32,6 +35,12 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     config = BertConfig.from_json_file(ckpt / "config.json")
     model = BertForPreTraining(config)
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
+    broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if broken:
+        raise checkpoint.CorruptCheckpoint(
+            f"{ckpt}: non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
+            f"{f' and {len(broken) - 3} more' if len(broken) > 3 else ''}; export an earlier checkpoint"
+        )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise checkpoint.CheckpointNotFound(
