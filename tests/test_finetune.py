@@ -15,7 +15,13 @@ import pytest
 import torch
 from ports import torchrun
 
-from fastbert import BertConfig, BertForPreTraining
+from fastbert import (
+    BertConfig,
+    BertForPreTraining,
+    BertForQuestionAnswering,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+)
 from fastbert.data.corpus import stdlib_comment_or_docstring, stdlib_documents
 from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
@@ -171,8 +177,16 @@ def test_table_tasks_run_end_to_end(task, rows, small_model, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "out" / "eval_results.json").read_text())
     assert ("eval_pearson" if task == "regress" else "eval_accuracy") in results
-    predictions = (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()
+    predictions = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 64
+    if task == "regress":
+        assert all(p["score"] == p["prediction"] for p in predictions)
+    else:
+        id2label = json.loads((tmp_path / "out" / "best" / "config.json").read_text())["id2label"]
+        for p in predictions:
+            assert list(p["probabilities"]) == [id2label[str(i)] for i in range(len(id2label))]
+            assert sum(p["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+            assert max(p["probabilities"], key=p["probabilities"].get) == p["prediction"]
     assert (tmp_path / "out" / "best" / "model.safetensors").exists()
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -301,9 +315,21 @@ def test_qa_windows_cover_every_answer_and_an_overfit_model_decodes_it(minilm_di
             batch_size=8,
             dropout=0.0,
             progress=False,
+            predict=str(tmp_path / "squad.json"),
         )
     )
     assert result["eval_exact_match"] == 100.0
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [line["prediction"] for line in lines] == [ex.answers[0][0] for ex in examples]
+    # The score is the chosen span's start + end logit, recomputed here from the saved model.
+    model = BertForQuestionAnswering.from_pretrained(tmp_path / "out" / "best").eval()
+    features = feats.qa_features(tok, examples, max_length=64, doc_stride=24)
+    with torch.no_grad():
+        out = model(**feats.collate_qa(features, tok.pad_token_id, with_positions=False))
+    answers = feats.decode_answers(examples, features, list(out.start_logits), list(out.end_logits), return_scores=True)
+    for ex, line in zip(examples, lines, strict=True):
+        assert answers[ex.id][0] == line["prediction"]
+        assert line["score"] == pytest.approx(answers[ex.id][1], abs=1e-4)
 
 
 def test_bad_rows_are_named_or_counted(tmp_path, small_model):
@@ -314,7 +340,7 @@ def test_bad_rows_are_named_or_counted(tmp_path, small_model):
     bad = formats.BadRows()
     assert len(formats.read_text_examples(table, skip_bad_rows=True, bad=bad)) == 2 and len(bad.skipped) == 1
 
-    write_table(tmp_path / "train.jsonl", [{"text": "a b c", "label": "x"}, {"text": "d e f", "label": "y"}])
+    write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in [("a b c", "x"), ("d e f", "y")] * 2])
     write_table(tmp_path / "eval.jsonl", [{"text": "a b c", "label": "x"}, {"text": "g h", "label": "zzz"}])
     args = dict(
         task="classify",
@@ -430,3 +456,140 @@ def test_two_ranks_under_deepspeed_match_one_process(task, rows, small_model, tm
     assert w1.keys() == w2.keys()
     assert all(v.dtype == torch.float32 for v in w2.values())
     assert max((w1[k] - w2[k]).abs().max().item() for k in w1) <= 1e-4
+
+
+def test_prediction_probabilities_are_the_models_softmax(rows, small_model, tmp_path):
+    """classify: each line's probabilities are the softmax of the saved best model's logits, recomputed here one
+    example at a time, keyed in id2label order; ner: each word's probability is its chosen tag's softmax
+    probability at the word's first sub-token."""
+    write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in rows[:64]])
+    write_table(tmp_path / "predict.jsonl", [{"text": t} for t, _ in rows[600:620]])
+    common = dict(model=str(small_model), epochs=1, lr=1e-3, progress=False, batch_size=16)
+    finetune(
+        FinetuneArgs(
+            task="classify",
+            train=str(tmp_path / "train.jsonl"),
+            predict=str(tmp_path / "predict.jsonl"),
+            out=str(tmp_path / "cls"),
+            labels="docstring,comment",  # not sorted: the probabilities follow the model's order
+            **common,
+        )
+    )
+    model = BertForSequenceClassification.from_pretrained(tmp_path / "cls" / "best").eval()
+    assert model.config.id2label == {0: "docstring", 1: "comment"}
+    tok = WordPieceTokenizer.from_pretrained(tmp_path / "cls" / "best")
+    lines = [json.loads(line) for line in (tmp_path / "cls" / "predictions.jsonl").read_text().splitlines()]
+    assert len(lines) == 20
+    for (text, _), line in zip(rows[600:620], lines, strict=True):
+        with torch.no_grad():
+            logits = model(torch.tensor([tok.encode(text)[:128]])).logits[0].double()
+        expected = torch.softmax(logits, -1).tolist()
+        assert list(line["probabilities"]) == ["docstring", "comment"]
+        assert list(line["probabilities"].values()) == pytest.approx(expected, abs=1e-5)
+        assert line["prediction"] == ["docstring", "comment"][int(logits.argmax())]
+
+    sentences = _conll_sentences(40)
+    conll = "\n\n".join("\n".join(f"{w} X {t}" for w, t in zip(ws, ts, strict=True)) for ws, ts in sentences)
+    (tmp_path / "train.conll").write_text(conll + "\n")
+    finetune(
+        FinetuneArgs(
+            task="ner",
+            train=str(tmp_path / "train.conll"),
+            predict=str(tmp_path / "train.conll"),
+            out=str(tmp_path / "ner"),
+            max_length=24,  # some words cut off: no probability for them
+            **common,
+        )
+    )
+    model = BertForTokenClassification.from_pretrained(tmp_path / "ner" / "best").eval()
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    lines = [json.loads(line) for line in (tmp_path / "ner" / "predictions.jsonl").read_text().splitlines()]
+    cut = 0
+    for (words, _), line in zip(sentences, lines, strict=True):
+        f = feats.token_features(tok, formats.TokenExample(words, None, "x"), None, 24)
+        with torch.no_grad():
+            probs = torch.softmax(model(torch.tensor([f.input_ids])).logits[0].double(), -1)
+        assert len(line["probabilities"]) == len(words) == len(line["prediction"])
+        for i, p, tag in zip(f.first_subtoken, line["probabilities"], line["prediction"], strict=True):
+            if i is None:
+                assert p is None and tag == "O"
+                cut += 1
+            else:
+                assert tag == names[int(probs[i].argmax())]
+                assert p == pytest.approx(float(probs[i].max()), abs=1e-5)
+    assert cut > 0
+
+
+def test_out_holding_a_run_is_refused_without_overwrite(small_model, tmp_path):
+    write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in [("a b c", "x"), ("d e f", "y")] * 2])
+    args = dict(task="classify", model=str(small_model), train=str(tmp_path / "train.jsonl"), epochs=1, progress=False)
+    out = tmp_path / "out"
+    finetune(FinetuneArgs(**args, out=str(out), predict=str(tmp_path / "train.jsonl")))
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert {"best", "metrics.jsonl", "eval_results.json", "predictions.jsonl"} <= set(before)
+    with pytest.raises(
+        ValueError,
+        match=r"--out .*out already holds a fine-tuning run \(.*eval_results\.json.*\); "
+        r"pass --overwrite to replace it, or pick another directory",
+    ):
+        finetune(FinetuneArgs(**args, out=str(out)))
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # untouched
+    for leftover in ("best", "metrics.jsonl"):  # any one of a run's outputs marks the directory as a run
+        other = tmp_path / f"other_{leftover}"
+        (other / leftover).mkdir(parents=True) if leftover == "best" else (other.mkdir(), (other / leftover).touch())
+        with pytest.raises(ValueError, match="pass --overwrite"):
+            finetune(FinetuneArgs(**args, out=str(other)))
+    # --overwrite replaces the run: the old predictions (not asked for this time) do not outlive it.
+    (out / "notes.txt").write_text("mine")
+    finetune(FinetuneArgs(**args, out=str(out), overwrite=True))
+    assert not (out / "predictions.jsonl").exists() and (out / "notes.txt").read_text() == "mine"
+    assert (out / "eval_results.json").stat().st_mtime_ns > before["eval_results.json"]
+
+
+def test_nothing_is_written_to_out_before_the_inputs_are_checked(small_model, tmp_path):
+    write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in [("a b c", "x"), ("d e f", "y")] * 2])
+    (tmp_path / "eval.tsv").write_text("text\tlabel\nok\tx\nextra\tx\ty\n")
+    good = dict(task="classify", model=str(small_model), train=str(tmp_path / "train.jsonl"), epochs=1, progress=False)
+    out = tmp_path / "new" / "out"
+    cases = [
+        (dict(good, model=str(tmp_path / "no-model")), r"--model .*no-model: no such file or directory"),
+        (dict(good, model=str(tmp_path)), r"no checkpoint"),  # a directory that is no model
+        (dict(good, train=str(tmp_path / "missing.jsonl")), r"missing\.jsonl: cannot read"),
+        (dict(good, eval=str(tmp_path / "eval.tsv")), r"eval\.tsv:3: 3 fields but the header has 2"),
+        (dict(good, predict=str(tmp_path / "missing.tsv")), r"missing\.tsv: cannot read"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises((ValueError, OSError), match=message):
+            finetune(FinetuneArgs(**kwargs, out=str(out)))
+        assert not (tmp_path / "new").exists(), kwargs
+    # A directory the user made stays, and stays empty.
+    out.mkdir(parents=True)
+    with pytest.raises(ValueError, match="eval.tsv:3"):
+        finetune(FinetuneArgs(**good, eval=str(tmp_path / "eval.tsv"), out=str(out)))
+    assert out.is_dir() and not any(out.iterdir())
+    # A failure after --out was made (here: QA windows with no room for the context) leaves no --out behind.
+    squad = {
+        "data": [
+            {
+                "paragraphs": [
+                    {
+                        "context": "a short context",
+                        "qas": [
+                            {
+                                "id": "q",
+                                "question": "what is it " * 20,
+                                "answers": [{"text": "short", "answer_start": 2}],
+                            }
+                        ],
+                    }
+                ]
+            }
+        ]
+    }
+    (tmp_path / "squad.json").write_text(json.dumps(squad))
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match="leaves no room for the context"):
+        finetune(
+            FinetuneArgs(**dict(good, task="qa", train=str(tmp_path / "squad.json")), max_length=16, out=str(fresh))
+        )
+    assert not fresh.exists()

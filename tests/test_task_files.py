@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -159,3 +160,133 @@ def small_model(tmp_path_factory, minilm_dir) -> Path:
     ).save_pretrained(out)
     WordPieceTokenizer.from_pretrained(minilm_dir).save_pretrained(out)
     return out
+
+
+# Column counts, --labels and --min-label-count (issue 15) -------------------------------------------------------
+@pytest.mark.parametrize(
+    "name,content,message",
+    [
+        # a field missing from a column the task does not read: today silently accepted
+        (
+            "t.tsv",
+            "text\tlabel\tid\nfine\tpos\t1\nshort row\tneg\nmore\tpos\t3\n",
+            r"t\.tsv:3: 2 fields but the header has 3 \(no 'id'\)",
+        ),
+        (
+            "t.csv",
+            "text,label,id\nfine,pos,1\nshort row,neg\nmore,pos,3\n",
+            r"t\.csv:3: 2 fields but the header has 3 \(no 'id'\)",
+        ),
+        (
+            "t.tsv",
+            "text\tlabel\nfine\tpos\njust text\nmore\tpos\n",
+            r"t\.tsv:3: 1 field but the header has 2 \(no 'label'\)",
+        ),
+        ("t.tsv", "text\tlabel\nfine\tpos\nextra\tneg\tx\nmore\tpos\n", r"t\.tsv:3: 3 fields but the header has 2"),
+        ("t.csv", "text,label\nfine,pos\nextra,neg,\nmore,pos\n", r"t\.csv:3: 3 fields but the header has 2"),
+        (
+            "t.jsonl",
+            '{"text": "fine", "label": "pos"}\n{"text": "x", "label": "neg", "note": "dropped today"}\n'
+            '{"text": "more", "label": "pos"}\n',
+            r"t\.jsonl:2: 3 fields but the first record \(line 1\) has 2; extra 'note'",
+        ),
+        (
+            "t.jsonl",
+            '{"text": "fine", "label": "pos", "id": 1}\n\n{"text": "x", "label": "neg"}\n'
+            '{"text": "more", "label": "pos", "id": 3}\n',
+            r"t\.jsonl:3: 2 fields but the first record \(line 1\) has 3; missing 'id'",
+        ),
+    ],
+)
+def test_a_row_with_the_wrong_number_of_fields_is_named_or_skipped(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(formats.TaskDataError, match=message):
+        formats.read_text_examples(tmp_path / name)
+    bad = formats.BadRows()
+    kept = formats.read_text_examples(tmp_path / name, skip_bad_rows=True, bad=bad)
+    assert [e.text for e in kept] == ["fine", "more"]
+    assert len(bad.skipped) == 1 and re.search(message, bad.skipped[0])
+
+
+def test_label_list_from_a_comma_list_or_a_file(tmp_path):
+    assert formats.parse_label_list("neg, pos ,neutral") == ["neg", "pos", "neutral"]
+    (tmp_path / "labels.txt").write_text("b\na\n\nc\n")
+    assert formats.parse_label_list(str(tmp_path / "labels.txt")) == ["b", "a", "c"]
+    (tmp_path / "dup.txt").write_text("b\na\nb\n")
+    with pytest.raises(formats.TaskDataError, match=r"dup\.txt:3: duplicate label 'b' \(first at .*dup\.txt:1\)"):
+        formats.parse_label_list(str(tmp_path / "dup.txt"))
+    with pytest.raises(formats.TaskDataError, match=r"--labels item 2: empty label"):
+        formats.parse_label_list("a,,b")
+
+
+def _table(tmp_path, name, labels):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps({"text": f"text number {i}", "label": y}) + "\n" for i, y in enumerate(labels)))
+    return path
+
+
+def _finetune_args(small_model, tmp_path, train, **kw):
+    from fastbert.train.finetune import FinetuneArgs
+
+    return FinetuneArgs(
+        task="classify",
+        model=str(small_model),
+        train=str(train),
+        out=str(tmp_path / "out"),
+        epochs=1,
+        progress=False,
+        **kw,
+    )
+
+
+def test_labels_option_rejects_an_unknown_label_by_file_and_line(tmp_path, small_model):
+    from fastbert.train.finetune import finetune
+
+    train = _table(tmp_path, "train.jsonl", ["pos", "neg", "pos", "nge", "neg"])
+    with pytest.raises(
+        formats.TaskDataError, match=r"train\.jsonl:4: unknown label 'nge' \(--labels: \['pos', 'neg'\]\)"
+    ):
+        finetune(_finetune_args(small_model, tmp_path, train, labels="pos,neg"))
+    assert not (tmp_path / "out").exists()
+    evalf = _table(tmp_path, "eval.jsonl", ["pos", "neutral"])
+    good = _table(tmp_path, "good.jsonl", ["pos", "neg", "pos", "neg"])
+    with pytest.raises(formats.TaskDataError, match=r"eval\.jsonl:2: unknown label 'neutral' \(--labels:"):
+        finetune(_finetune_args(small_model, tmp_path, good, labels="pos,neg", eval=str(evalf)))
+    # A declared label set is the model's, in the given order, even with a class the training file lacks.
+    (tmp_path / "labels.txt").write_text("pos\nneutral\nneg\n")
+    finetune(_finetune_args(small_model, tmp_path, good, labels=str(tmp_path / "labels.txt"), eval=str(evalf)))
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert config["id2label"] == {"0": "pos", "1": "neutral", "2": "neg"}
+
+
+def test_a_label_seen_once_is_a_typo_not_a_class(tmp_path, small_model):
+    from fastbert.train.finetune import finetune
+
+    train = _table(tmp_path, "train.jsonl", ["pos", "neg", "pos", "neg", "postive", "pos"])
+    with pytest.raises(
+        formats.TaskDataError,
+        match=r"train\.jsonl:5: label 'postive' appears 1 time in .*train\.jsonl, fewer than --min-label-count 2",
+    ):
+        finetune(_finetune_args(small_model, tmp_path, train))
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(
+        formats.TaskDataError, match=r"train\.jsonl:2: label 'neg' appears 2 times .* --min-label-count 3"
+    ):
+        finetune(_finetune_args(small_model, tmp_path, train, min_label_count=3))
+    skipped = finetune(_finetune_args(small_model, tmp_path, train, skip_bad_rows=True))
+    assert len(skipped["skipped_rows"]) == 1 and "'postive'" in skipped["skipped_rows"][0]
+    config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["neg", "pos"]
+    for disabled in (0, 1):  # every label accepted
+        finetune(_finetune_args(small_model, tmp_path, train, min_label_count=disabled, overwrite=True))
+        config = json.loads((tmp_path / "out" / "best" / "config.json").read_text())
+        assert sorted(config["id2label"].values()) == ["neg", "pos", "postive"]
+
+
+def test_a_rare_ner_tag_is_named_by_its_token_line(tmp_path):
+    (tmp_path / "t.conll").write_text("EU B-ORG\nrejects O\n\nGerman B-MISC\ncall O\nBonn B-LOC\n\nEU B-ORG\nsays O\n")
+    examples = formats.read_conll(tmp_path / "t.conll")
+    with pytest.raises(formats.TaskDataError, match=r"t\.conll:4: label 'B-MISC' appears 1 time"):
+        formats.check_label_counts(examples, 2, False, formats.BadRows(), tmp_path / "t.conll")
+    with pytest.raises(formats.TaskDataError, match=r"t\.conll:6: unknown label 'B-LOC'"):
+        formats.check_labels(examples, ["B-ORG", "B-MISC", "O"], False, formats.BadRows())

@@ -9,6 +9,7 @@ question, with a no-answer threshold for SQuAD v2.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -125,9 +126,12 @@ def decode_answers(
     n_best: int = 20,
     max_answer_length: int = 30,
     null_threshold: float | None = None,
-) -> dict[str, str]:
+    return_scores: bool = False,
+) -> dict[str, str] | dict[str, tuple[str, float | None]]:
     """The best span per question over all its windows; with ``null_threshold`` (SQuAD v2) the empty answer wins
-    when its score beats the best span's by more than the threshold."""
+    when its score beats the best span's by more than the threshold. With ``return_scores``, each answer comes with
+    its score: the span's start + end logit (the no-answer score, [CLS]'s, when the empty answer wins; None when no
+    window held a valid span)."""
     best: dict[int, tuple[float, str]] = {}
     null: dict[int, float] = {}
     for f, s_log, e_log in zip(features, start_logits, end_logits, strict=True):
@@ -153,6 +157,6 @@ def decode_answers(
     for i, example in enumerate(examples):
         score, text = best.get(i, (float("-inf"), ""))
         if null_threshold is not None and null.get(i, float("-inf")) - score > null_threshold:
-            text = ""
-        answers[example.id] = text
+            text, score = "", null.get(i, float("-inf"))
+        answers[example.id] = (text, score if math.isfinite(score) else None) if return_scores else text
     return answers

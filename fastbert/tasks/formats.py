@@ -81,12 +81,13 @@ def _lines(text: str) -> list[str]:
     return [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
 
 
-def _rows(path: Path) -> list[tuple[int, dict]]:
-    """(line number, row) pairs of a .tsv, .csv or .jsonl table. A row with more fields than the header keeps
-    the extras under the key ``None`` (``read_text_examples`` reports it)."""
+def _rows(path: Path) -> list[tuple[int, dict, str | None]]:
+    """(line number, row, problem) triples of a .tsv, .csv or .jsonl table. ``problem`` is None for a row with
+    exactly the header's fields, else what is wrong: more or fewer fields than the header (TSV/CSV), or other keys
+    than the first record's (JSONL). Blank lines are skipped."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows = []
+        rows, columns, first = [], None, 0
         for line_no, line in enumerate(_lines(_read_text(path)), 1):
             if not line.strip():
                 continue
@@ -96,19 +97,49 @@ def _rows(path: Path) -> list[tuple[int, dict]]:
                 raise TaskDataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
             if not isinstance(row, dict):
                 raise TaskDataError(f"{path}:{line_no}: expected a JSON object")
-            rows.append((line_no, row))
+            problem = None
+            if columns is None:
+                columns, first = list(row), line_no
+            elif set(row) != set(columns):
+                missing = [k for k in columns if k not in row]
+                extra = [k for k in row if k not in columns]
+                problem = (
+                    f"{len(row)} fields but the first record (line {first}) has {len(columns)}"
+                    + (f"; missing {', '.join(map(repr, missing))}" if missing else "")
+                    + (f"; extra {', '.join(map(repr, extra))}" if extra else "")
+                )
+            rows.append((line_no, row, problem))
         return rows
     if suffix not in (".tsv", ".csv"):
         raise TaskDataError(f"{path}: unsupported table format {suffix!r} (expected .tsv, .csv or .jsonl)")
-    reader = csv.DictReader(
+    reader = csv.reader(
         io.StringIO(_read_text(path), newline=""),
         delimiter="\t" if suffix == ".tsv" else ",",
         quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL,
     )
+    separator = "tab" if suffix == ".tsv" else "comma"
     try:
-        if reader.fieldnames is None:
+        header = next(reader, None)
+        while header == []:  # blank lines before the header
+            header = next(reader, None)
+        if header is None:
             raise TaskDataError(f"{path}: empty file (expected a header line)")
-        return [(reader.line_num, row) for row in reader]
+        rows = []
+        for fields in reader:
+            if not fields:  # a blank line
+                continue
+            problem = None
+            if len(fields) > len(header):
+                problem = (
+                    f"{len(fields)} fields but the header has {len(header)} (an unquoted {separator} inside a field, "
+                    f"or a {separator} too many?)"
+                )
+            elif len(fields) < len(header):
+                absent = ", ".join(repr(c) for c in header[len(fields) :])
+                plural = "s" * (len(fields) != 1)
+                problem = f"{len(fields)} field{plural} but the header has {len(header)} (no {absent})"
+            rows.append((reader.line_num, dict(zip(header, fields, strict=False)), problem))
+        return rows
     except csv.Error as e:  # e.g. a field over csv's size limit, a NUL byte
         raise TaskDataError(f"{path}:{reader.line_num}: malformed {suffix[1:].upper()} row: {e}") from None
 
@@ -125,14 +156,10 @@ def read_text_examples(
     """Single texts or text pairs with a class label (or a float for regression; no label for prediction)."""
     path, bad = Path(path), bad if bad is not None else BadRows()
     out = []
-    for line_no, row in _rows(path):
+    for line_no, row, problem in _rows(path):
         where = f"{path}:{line_no}"
-        if None in row:
-            bad.handle(
-                f"{where}: {len(row) - 1 + len(row[None])} fields but the header has {len(row) - 1} "
-                f"(an unquoted {'tab' if path.suffix.lower() == '.tsv' else 'comma'} inside a field?)",
-                skip_bad_rows,
-            )
+        if problem is not None:
+            bad.handle(f"{where}: {problem}", skip_bad_rows)
             continue
         text = row.get(text_column)
         pair = row.get(pair_column) if pair_column else None
@@ -222,3 +249,83 @@ def read_squad(path: str | os.PathLike, skip_bad_rows: bool = False, bad: BadRow
                     QAExample(str(qa.get("id", f"{a}-{p}-{q}")), qa["question"], context, answers, impossible, where)
                 )
     return out
+
+
+# Label sets -------------------------------------------------------------------------------------------------------
+def parse_label_list(spec: str) -> list[str]:
+    """``--labels``: a file with one label per line (blank lines ignored), or else a comma-separated list. The order
+    is kept: it is the model's ``id2label``. A duplicate or (in a list) an empty label is an error."""
+    path = Path(spec)
+    if path.is_file():
+        source, items = str(path), [(f"{path}:{n}", line.strip()) for n, line in enumerate(_lines(_read_text(path)), 1)]
+        items = [(where, label) for where, label in items if label]
+    else:
+        source, items = "--labels", [(f"--labels item {k + 1}", x.strip()) for k, x in enumerate(spec.split(","))]
+        empty = [where for where, label in items if not label]
+        if empty:
+            raise TaskDataError(f"{empty[0]}: empty label in {spec!r} (a comma-separated list, or a file of labels)")
+    seen: dict[str, str] = {}
+    for where, label in items:
+        if label in seen:
+            raise TaskDataError(f"{where}: duplicate label {label!r} (first at {seen[label]})")
+        seen[label] = where
+    if not seen:
+        raise TaskDataError(f"{source}: no labels")
+    return list(seen)
+
+
+def labels_of(example: TextExample | TokenExample) -> list[tuple[str, str]]:
+    """(label, file:line) for each label an example carries: its class, or each word's tag (a CoNLL token's line is
+    its sentence's first line plus its index, tokens being one per line)."""
+    if isinstance(example, TokenExample):
+        path, _, start = example.where.rpartition(":")
+        base = int(start) if start.isdigit() and path else None
+        tags = example.tags or []
+        return [(tag, f"{path}:{base + i}" if base is not None else example.where) for i, tag in enumerate(tags)]
+    return [] if example.label is None else [(str(example.label), example.where)]
+
+
+def check_labels(examples: list, known: list[str], skip_bad_rows: bool, bad: BadRows, what: str = "--labels") -> list:
+    """The examples all of whose labels are in ``known``; another is an error naming its file:line and label (or,
+    with ``skip_bad_rows``, counted and dropped)."""
+    allowed, kept = set(known), []
+    for example in examples:
+        unknown = [(label, where) for label, where in labels_of(example) if label not in allowed]
+        if unknown:
+            label, where = unknown[0]
+            bad.handle(f"{where}: unknown label {label!r} ({what}: {known})", skip_bad_rows)
+            continue
+        kept.append(example)
+    return kept
+
+
+def check_label_counts(
+    examples: list, min_count: int, skip_bad_rows: bool, bad: BadRows, path: str | os.PathLike
+) -> list:
+    """Without a declared label set, a label seen fewer than ``min_count`` times in the training file is taken for
+    a typo rather than a class: an error naming it, its count and its first file:line (or, with ``skip_bad_rows``,
+    the examples carrying it are counted and dropped). ``min_count`` 0 or 1 accepts every label."""
+    if min_count <= 1:
+        return examples
+    counts: dict[str, int] = {}
+    for example in examples:
+        for label, _ in labels_of(example):
+            counts[label] = counts.get(label, 0) + 1
+    rare = {label for label, n in counts.items() if n < min_count}
+    if not rare:
+        return examples
+    kept = []
+    for example in examples:
+        # The first example carrying a rare label holds that label's first occurrence: the error names it.
+        hit = next(((label, where) for label, where in labels_of(example) if label in rare), None)
+        if hit is None:
+            kept.append(example)
+            continue
+        label, where = hit
+        n = counts[label]
+        bad.handle(
+            f"{where}: label {label!r} appears {n} time{'s' * (n != 1)} in {path}, fewer than --min-label-count "
+            f"{min_count}: a typo? List the classes with --labels, or pass --min-label-count 0",
+            skip_bad_rows,
+        )
+    return kept

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +43,8 @@ from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 
 log = logging.getLogger("fastbert.finetune")
 TASKS = ("classify", "pair", "regress", "ner", "qa")
+LABELLED_TASKS = ("classify", "pair", "ner")  # the tasks with a label set (classes or tags)
+RUN_FILES = ("eval_results.json", "metrics.jsonl", "predictions.jsonl", "best", "init")  # what a run writes in --out
 MAIN_METRIC = {"classify": "accuracy", "pair": "accuracy", "regress": "pearson", "ner": "f1", "qa": "f1"}
 
 
@@ -74,10 +77,36 @@ class FinetuneArgs:
     dist_timeout: float = 300.0
     tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
     progress: bool = True
+    labels: str | None = dataclasses.field(
+        default=None,
+        metadata={
+            "help": "classify, pair, ner: the label set, as a comma-separated list or a file with one label per line, "
+            "in the model's id order; a label outside it in --train or --eval is an error naming file:line "
+            "(default: the training file's labels, sorted)"
+        },
+    )
+    min_label_count: int = dataclasses.field(
+        default=2,
+        metadata={
+            "help": "without --labels: a label seen fewer times than this in --train is an error (a typo, not a "
+            "class), naming the label, its count and its first file:line; 0 or 1 accepts every label"
+        },
+    )
+    overwrite: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "replace the fine-tuning run that --out already holds (its best/, init/, metrics.jsonl, "
+            "eval_results.json, predictions.jsonl); without it such an --out is refused"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
+        if self.labels is not None and self.task not in LABELLED_TASKS:
+            raise ValueError(f"--labels applies to --task {', '.join(LABELLED_TASKS)}, not {self.task}")
+        if self.min_label_count < 0:
+            raise ValueError(f"--min-label-count must be 0 or more, got {self.min_label_count}")
         if self.task == "pair" and not self.pair_column:
             self.pair_column = "text_b"
 
@@ -90,6 +119,42 @@ def resolve_model_dir(source: str, work: Path) -> Path:
     from fastbert.train.export import export
 
     return export(path, work / "init")
+
+
+class RunExistsError(ValueError):
+    """``--out`` already holds a fine-tuning run and ``--overwrite`` was not given."""
+
+
+def check_out(out: Path, overwrite: bool) -> list[Path]:
+    """The run files ``out`` already holds (to be removed under ``overwrite``); refused without it."""
+    if out.exists() and not out.is_dir():
+        raise RunExistsError(f"--out {out}: exists and is not a directory")
+    held = [out / name for name in RUN_FILES if (out / name).exists()]
+    if held and not overwrite:
+        raise RunExistsError(
+            f"--out {out} already holds a fine-tuning run ({', '.join(p.name for p in held)}); pass --overwrite "
+            f"to replace it, or pick another directory"
+        )
+    return held
+
+
+def check_model(source: str):
+    """The tokenizer of ``source`` (an HF directory, or a run directory / checkpoint to export), read without writing
+    anything, so that a bad --model fails before --out is touched."""
+    from fastbert.config import BertConfig
+    from fastbert.tokenizer import WordPieceTokenizer
+    from fastbert.train import checkpoint
+
+    path = Path(source)
+    if not path.exists():
+        raise checkpoint.CheckpointNotFound(f"--model {source}: no such file or directory")
+    if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
+        BertConfig.from_json_file(path / "config.json")
+        return WordPieceTokenizer.from_pretrained(path)
+    ckpt = checkpoint.resolve(path)
+    if not (ckpt / "vocab.txt").exists():
+        raise checkpoint.CheckpointNotFound(f"{ckpt}: no vocab.txt beside the checkpoint (cannot fine-tune it)")
+    return WordPieceTokenizer.from_pretrained(ckpt)
 
 
 # Data -------------------------------------------------------------------------------------------------------------
@@ -115,23 +180,6 @@ class TaskData:
             skip_bad_rows=a.skip_bad_rows,
             bad=self.bad,
         )
-
-    def check_labels(self, examples: list) -> list:
-        """Examples whose labels the model knows; an unknown one is an error (or a counted skip)."""
-        if self.label_names is None or self.args.task in ("regress", "qa"):
-            return examples
-        known, kept = set(self.label_names), []
-        for ex in examples:
-            labels = ex.tags if self.args.task == "ner" else [ex.label]
-            unknown = [x for x in labels or [] if x is not None and x not in known]
-            if unknown:
-                self.bad.handle(
-                    f"{ex.where}: unknown label {unknown[0]!r} (training labels: {self.label_names})",
-                    self.args.skip_bad_rows,
-                )
-                continue
-            kept.append(ex)
-        return kept
 
     def features(self, examples: list) -> list:
         a, tok = self.args, self.tokenizer
@@ -198,9 +246,22 @@ def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | No
     return model
 
 
+def _label_names(model, data: TaskData) -> list[str]:
+    """The model's labels in id order (its ``id2label``), which the training run wrote from ``data.label_names``."""
+    id2label = getattr(model.config, "id2label", None)
+    if id2label:
+        return [id2label[i] for i in range(len(id2label))]
+    return data.label_names
+
+
 @torch.no_grad()
-def predict(model, data: TaskData, examples: list, device: torch.device) -> list:
-    """Per example: a label name, a float, a list of word tags, or (for QA) the answer text."""
+def predict(model, data: TaskData, examples: list, device: torch.device, with_scores: bool = False) -> list:
+    """Per example: a label name, a float, a list of word tags, or (for QA) the answer text. With ``with_scores``,
+    (prediction, scores) pairs, ``scores`` being what predictions.jsonl adds to each line:
+    ``{"probabilities": {label: p}}`` (the softmax over the labels, in the model's id order) for classify and
+    pair; ``{"score": value}`` for regress; ``{"probabilities": [p, ...]}`` for ner, the probability of each word's
+    chosen tag (None for a word cut off by --max-length, which is tagged O); ``{"score": s}`` for qa, the answer's
+    start + end logit (the no-answer score when the empty answer wins, None when no span was found)."""
     model.eval()
     features = data.features(examples)
     outputs = []
@@ -224,18 +285,32 @@ def predict(model, data: TaskData, examples: list, device: torch.device) -> list
             [e for _, e in outputs],
             max_answer_length=data.args.max_answer_length,
             null_threshold=data.args.null_threshold,
+            return_scores=True,
         )
-        return [answers[ex.id] for ex in examples]
+        found = [answers[ex.id] for ex in examples]
+        return [(text, {"score": score}) for text, score in found] if with_scores else [text for text, _ in found]
     if task == "regress":
-        return [float(o.squeeze()) for o in outputs]
+        values = [float(o.squeeze()) for o in outputs]
+        return [(v, {"score": v}) for v in values] if with_scores else values
+    names = _label_names(model, data)
     if task == "ner":
         result = []
         for feature, logits in zip(features, outputs, strict=True):
-            result.append(
-                [data.label_names[int(logits[i].argmax())] if i is not None else "O" for i in feature.first_subtoken]
-            )
+            probs = torch.softmax(logits, dim=-1)
+            chosen = probs.argmax(-1).tolist()
+            tags = [names[chosen[i]] if i is not None else "O" for i in feature.first_subtoken]
+            if with_scores:
+                word_probs = [float(probs[i, chosen[i]]) if i is not None else None for i in feature.first_subtoken]
+                result.append((tags, {"probabilities": word_probs}))
+            else:
+                result.append(tags)
         return result
-    return [data.label_names[int(o.argmax())] for o in outputs]
+    result = []
+    for logits in outputs:
+        probs = torch.softmax(logits, dim=-1).tolist()
+        label = names[int(logits.argmax())]
+        result.append((label, {"probabilities": dict(zip(names, probs, strict=True))}) if with_scores else label)
+    return result
 
 
 def evaluate(task: str, examples: list, predictions: list) -> dict[str, float]:
@@ -428,23 +503,88 @@ def default_lr(hidden_size: int) -> float:
 
 
 def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None) -> dict:
-    """Fine-tune and evaluate; returns the best epoch's metrics (the same on every rank)."""
-    from fastbert.tokenizer import WordPieceTokenizer
+    """Fine-tune and evaluate; returns the best epoch's metrics (the same on every rank).
 
+    Everything given is checked before anything is written to ``--out``: the output directory (a run already there
+    is refused without ``--overwrite``), the model, the training, evaluation and prediction files and their labels.
+    A run that fails before its first epoch is recorded leaves no ``--out`` it created."""
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    stale = check_out(out, args.overwrite)
     device = default_device()
     set_tf32(args.tf32)
     precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"--precision must be auto, fp32 or bf16, got {args.precision!r}")
+    check_model(args.model)
+    data = TaskData(args, None, None)
+    train, eval_examples, predict_examples = _read_inputs(args, data)
+
     distributed = _wants_deepspeed(args)
+    rank = 0
     if distributed:
         import torch.distributed as dist
 
         from fastbert.train.distributed import init_distributed
 
         init_distributed(args.dist_timeout)
+        rank = dist.get_rank()
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
+    created = not out.exists()
+    if rank == 0:
+        for path in stale:  # --overwrite: the previous run's files go, so that none of them outlives it
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
+    epochs_done = [0]
+    try:
+        return _run(
+            args,
+            data,
+            train,
+            eval_examples,
+            predict_examples,
+            out,
+            device,
+            precision,
+            distributed,
+            on_epoch,
+            epochs_done,
+        )
+    except BaseException:
+        if rank == 0 and created and not epochs_done[0]:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _read_inputs(args: FinetuneArgs, data: TaskData) -> tuple[list, list, list | None]:
+    """The training, evaluation and prediction examples, each file read (format errors first), then the labels
+    checked: against --labels when given, else for rare labels in the training file (--min-label-count) and, in
+    the evaluation file, for labels the training file does not have. Sets ``data.label_names``."""
+    train = data.read(args.train)
+    eval_examples = data.read(args.eval) if args.eval else []
+    predict_examples = data.read(args.predict, labelled=args.task == "qa") if args.predict else None
+    skip, bad = args.skip_bad_rows, data.bad
+    if args.task in LABELLED_TASKS:
+        if args.labels is not None:
+            data.label_names = formats.parse_label_list(args.labels)
+            train = formats.check_labels(train, data.label_names, skip, bad, "--labels")
+            eval_examples = formats.check_labels(eval_examples, data.label_names, skip, bad, "--labels")
+        else:
+            train = formats.check_label_counts(train, args.min_label_count, skip, bad, args.train)
+            data.label_names = sorted({label for ex in train for label, _ in formats.labels_of(ex)})
+            eval_examples = formats.check_labels(eval_examples, data.label_names, skip, bad, "training labels")
+    if not train:
+        raise formats.TaskDataError(f"{args.train}: no usable examples")
+    return train, eval_examples, predict_examples
+
+
+def _run(
+    args, data, train, eval_examples, predict_examples, out, device, precision, distributed, on_epoch, epochs_done
+) -> dict:
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    if distributed:
+        import torch.distributed as dist
+
         found = [resolve_model_dir(args.model, out) if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(found, src=0)  # rank 0 alone exports a run directory or checkpoint
         model_dir = found[0]
@@ -453,18 +593,11 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
-    data = TaskData(args, tokenizer, None)
-    train = data.read(args.train)
-    if not train:
-        raise formats.TaskDataError(f"{args.train}: no usable examples")
-    if args.task in ("classify", "pair"):
-        data.label_names = sorted({ex.label for ex in train})
-    elif args.task == "ner":
-        data.label_names = sorted({t for ex in train for t in ex.tags})
-    eval_examples = data.check_labels(data.read(args.eval)) if args.eval else []
+    data.tokenizer = tokenizer
     model = build_model(args, model_dir, data.label_names)
     if args.lr is None:
         args = dataclasses.replace(args, lr=default_lr(model.config.hidden_size))
+        data.args = args
         log.info("learning rate %g, the default for hidden size %d (--lr to choose)", args.lr, model.config.hidden_size)
     engine = (_DeepSpeedEngine if distributed else _PlainEngine)(args, model, device, precision)
     rank, world = engine.rank, engine.world
@@ -516,6 +649,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             log.info("epoch %d: %s", epoch + 1, record)
+        epochs_done[0] += 1
         if on_epoch is not None:
             on_epoch(record)
     bar.close()
@@ -532,13 +666,14 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     }
     if rank == 0:
         write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
-    if args.predict:
+    if predict_examples is not None:
         if rank == 0:
             best_model = type(model).from_pretrained(out / "best").to(device)
-            examples = data.read(args.predict, labelled=args.task == "qa")
             lines = [
-                json.dumps({"where": ex.where, "prediction": p})
-                for ex, p in zip(examples, predict(best_model, data, examples, device), strict=True)
+                json.dumps({"where": ex.where, "prediction": p, **scores})
+                for ex, (p, scores) in zip(
+                    predict_examples, predict(best_model, data, predict_examples, device, with_scores=True), strict=True
+                )
             ]
             write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
         engine.barrier()
