@@ -146,7 +146,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.data.sampler import PlanError
     from fastbert.data.shards import ShardError
     from fastbert.train.checkpoint import CheckpointNotFound
-    from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
+    from fastbert.train.pretrain import INTERRUPTED_EXIT, PretrainArgs, TrainingSetupError, pretrain
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -154,9 +154,21 @@ def _pretrain(args: argparse.Namespace) -> int:
     except (TrainingSetupError, PlanError, ShardError, CheckpointNotFound) as e:
         print(f"fastbert pretrain: error: {e}", file=sys.stderr)
         return 1
-    if final:
-        print(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
-    return 0
+    if not final:
+        return 0
+    print(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
+    stopped = final.get("stopped")
+    if stopped is None:
+        return 0
+    resume = f"continue with: fastbert pretrain --resume auto --out {args.out} (and the same options)"
+    if stopped == "max-minutes":
+        print(f"stopped at the --max-minutes {args.max_minutes:g} budget, checkpoint saved; {resume}")
+        return 0
+    print(
+        f"fastbert pretrain: interrupted by {stopped} before step {args.steps}, checkpoint saved; {resume}",
+        file=sys.stderr,
+    )
+    return INTERRUPTED_EXIT
 
 
 def _add_pretrain(subparsers) -> None:
@@ -365,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"fastbert {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"fastbert {args.command}: interrupted{f' ({e})' if str(e) else ''}", file=sys.stderr)
         return 130
     except (ValueError, OSError, RuntimeError) as e:
         # What bad input and broken files raise (a command's own errors are ValueErrors): the message, not a

@@ -536,7 +536,8 @@ def test_plot_writes_a_png(reference_run):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "sigint"])
 def test_a_signal_saves_a_checkpoint_and_stops(setup, tmp_path, sig):
     """SIGTERM (a scheduler) or SIGINT (Ctrl-C) to the run's whole process group, loader workers included: the run
-    saves a checkpoint at the step it stopped at and exits 0."""
+    saves a checkpoint at the step it stopped at, says so and how to resume, and exits 130 (so that
+    `pretrain && export` does not carry on as if the run had finished)."""
     out = tmp_path / "term"
     cmd = pretrain_cmd(setup, out, "--loader-workers", "2")
     cmd[cmd.index("--steps") + 1] = "500"
@@ -544,11 +545,91 @@ def test_a_signal_saves_a_checkpoint_and_stops(setup, tmp_path, sig):
     wait_until(proc, lambda: steps_logged(out) >= 2)
     os.killpg(proc.pid, sig)
     output = finish(proc, timeout=120)
-    assert proc.returncode == 0, output[-3000:]
+    assert proc.returncode == 130, output[-3000:]
     done = steps_logged(out)
     assert done < 500
-    assert f"stopped by signal after step {done}" in output
+    name = signal.Signals(sig).name
+    assert f"{name}: saving a checkpoint when this step ends" in output
+    assert (
+        f"interrupted by {name} before step 500, checkpoint saved; continue with: fastbert pretrain --resume auto"
+        in output
+    )
     assert (out / "checkpoints" / "latest").read_text() == f"step-{done:08d}"
+
+
+def test_a_second_signal_stops_at_once_without_saving(setup, tmp_path):
+    out = tmp_path / "twice"
+    cmd = pretrain_cmd(setup, out)
+    cmd[cmd.index("--steps") + 1] = "500"
+    proc = start(cmd)
+    wait_until(proc, lambda: steps_logged(out) >= 2)
+    os.kill(proc.pid, signal.SIGINT)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+    output = finish(proc, timeout=120)
+    assert proc.returncode == 130, output[-3000:]
+    assert "SIGINT again: stopped without saving" in output
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").glob("step-*"))
+
+
+def test_an_out_holding_a_run_is_refused_unless_overwrite(setup, tmp_path):
+    out = tmp_path / "taken"
+    assert run(pretrain_cmd(setup, out, "--steps", "2")).returncode == 0
+    before = (out / "metrics.jsonl").read_text()
+    again = run(pretrain_cmd(setup, out, "--steps", "3"))
+    assert again.returncode == 1
+    assert f"--out {out} already holds a run (1 checkpoint(s), the last step-00000002)" in again.stderr
+    assert "--resume auto" in again.stderr and "--overwrite" in again.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+    fresh = run(pretrain_cmd(setup, out, "--steps", "3", "--save-every", "3", "--overwrite"))
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000003"]
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+
+
+def test_max_minutes_stops_with_a_checkpoint_and_the_clock_goes_on_after_resume(setup, tmp_path):
+    out = tmp_path / "budget"
+    first = run(pretrain_cmd(setup, out, "--steps", "500", "--max-minutes", "0.0001"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped at the --max-minutes 0.0001 budget, checkpoint saved" in first.stdout
+    assert (out / "checkpoints" / "latest").read_text() == "step-00000001"
+    resumed = run(pretrain_cmd(setup, out, "--steps", "3", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metrics(out)
+    assert [m["step"] for m in rows] == [1, 2, 3]
+    times, walls = [m["time"] for m in rows], [m["wall"] for m in rows]
+    assert 0 < times[0] < times[1] < times[2] and walls == sorted(walls)
+    assert walls[1] - walls[0] >= times[1] - times[0] - 1e-6  # the resume's start-up is in the wall clock
+
+
+def test_a_checkpoint_with_flipped_bytes_is_refused_on_resume_and_export(setup, tmp_path):
+    out = tmp_path / "flipped"
+    assert run(pretrain_cmd(setup, out, "--steps", "2")).returncode == 0
+    states = out / "checkpoints" / "step-00000002" / "mp_rank_00_model_states.pt"
+    data = bytearray(states.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
+    states.write_bytes(bytes(data))
+    resumed = run(pretrain_cmd(setup, out, "--steps", "4", "--resume", "auto"))
+    assert resumed.returncode == 1
+    assert f"{states}: sha256 differs from MANIFEST.json" in resumed.stderr, resumed.stderr[-3000:]
+    exported = run([sys.executable, "-m", "fastbert", "export", str(out), "--out", str(tmp_path / "hf")])
+    assert exported.returncode == 1 and f"{states}: sha256 differs" in exported.stderr
+    assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(("warmup", "steps", "expected"), [(0.25, 8, 2), (2, 8, 2), (0, 8, 0), (0.01, 1000, 10)])
+def test_warmup_takes_steps_or_a_fraction(warmup, steps, expected):
+    from fastbert.train.pretrain import warmup_steps
+
+    assert warmup_steps(warmup, steps) == expected
+
+
+def test_a_fractional_warmup_above_one_is_an_error():
+    from fastbert.train.pretrain import TrainingSetupError, warmup_steps
+
+    with pytest.raises(TrainingSetupError, match="--warmup 2.5: a whole number of steps, or a fraction below 1"):
+        warmup_steps(2.5, 8)
 
 
 def test_phase_two_starts_from_phase_one_weights(setup, reference_run, tmp_path):

@@ -15,7 +15,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -61,7 +63,7 @@ class PretrainArgs:
     micro_batch: int = option(8, help="sequences per forward pass on one rank (accumulation makes up the rest)")
     steps: int = option(1000, help="optimizer steps")
     lr: float = option(1e-3, help="peak learning rate")
-    warmup: int = option(100, help="warmup steps")
+    warmup: float = option(100, help="warmup: a number of steps, or a fraction of --steps when below 1 (0.01: 1%%)")
     decay_power: float = option(1.0, help="power of the polynomial decay after warmup (0.5 or 1)")
     weight_decay: float = option(0.01, help="LAMB weight decay (not on biases and LayerNorm)")
     max_trust_ratio: float = option(10.0, help="cap on LAMB's per-parameter trust ratio")
@@ -85,6 +87,12 @@ class PretrainArgs:
     dist_timeout: float = option(120.0, help="seconds a collective may wait for another rank before the run fails")
     max_skipped_steps: int = option(10, help="stop with an error after this many non-finite steps in a row (0: never)")
     tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
+    max_minutes: float | None = option(
+        None, help="stop at the first step boundary after this many minutes, saving a checkpoint (resume it later)"
+    )
+    overwrite: bool = option(
+        False, help="start over in an --out that holds another run (its checkpoints, metrics and logs are deleted)"
+    )
     progress: bool = option(True, help="show a progress bar")
 
 
@@ -151,17 +159,34 @@ def _ds_config(args: PretrainArgs) -> dict:
     return config
 
 
-class _StopRequest:
-    """Turns SIGTERM/SIGINT into a flag checked between optimizer steps."""
+INTERRUPTED_EXIT = 130  # the exit status of a run stopped by a signal (after saving a checkpoint)
 
-    def __init__(self) -> None:
+
+class _StopRequest:
+    """Turns the first SIGTERM/SIGINT into a flag checked between optimizer steps (the run saves and stops); a
+    second one stops at once, without saving."""
+
+    def __init__(self, announce: bool) -> None:
         self.requested = False
+        self.signal: str | None = None
+        self.announce = announce
         self.previous = {}
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if self.requested:  # the second one: give up now
+            self.restore()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without saving")
         self.requested = True
+        self.signal = signal.Signals(signum).name
+        if self.announce:
+            print(
+                f"\nfastbert pretrain: {self.signal}: saving a checkpoint when this step ends, then stopping "
+                "(send it again to stop at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def restore(self) -> None:
         for sig, handler in self.previous.items():
@@ -204,10 +229,35 @@ def _read_vocab(data_dir: Path) -> tuple[list[str], bytes, bytes]:
     return vocab.tokens, vocab_path.read_bytes(), config_path.read_bytes() if config_path.exists() else b"{}\n"
 
 
+def _holds_a_run(run_dir: Path) -> str:
+    """What in ``run_dir`` shows a previous run (its checkpoints, logged steps), or "" when nothing does."""
+    saved = sorted(p.name for p in (run_dir / checkpoint.CHECKPOINTS).glob("step-*"))
+    if saved:
+        return f"{len(saved)} checkpoint(s), the last {saved[-1]}"
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists() and metrics.stat().st_size > 0:
+        return f"{metrics} has logged steps"
+    return ""
+
+
+def warmup_steps(warmup: float, steps: int) -> int:
+    """--warmup as a number of steps: a value below 1 is a fraction of the run's steps."""
+    if warmup < 0:
+        raise TrainingSetupError(f"--warmup {warmup} is negative")
+    if warmup < 1:
+        return round(warmup * steps)
+    if warmup != int(warmup):
+        raise TrainingSetupError(f"--warmup {warmup}: a whole number of steps, or a fraction below 1")
+    return int(warmup)
+
+
 def pretrain(args: PretrainArgs) -> dict:
-    """Run (or resume) pretraining; returns the final metrics of rank 0."""
+    """Run (or resume) pretraining; returns the final metrics of rank 0, with ``stopped`` set to the signal's name
+    or ``"max-minutes"`` when the run stopped (and saved) before ``args.steps``."""
     import deepspeed
 
+    started = time.perf_counter()
+    warmup = warmup_steps(args.warmup, args.steps)
     if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(
             f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
@@ -244,6 +294,12 @@ def pretrain(args: PretrainArgs) -> dict:
                 raise TrainingSetupError(f"--resume auto: {e}; pick a checkpoint with --resume PATH") from e
     elif args.resume:
         resume_from = checkpoint.resolve(args.resume)
+    previous_run = resume_from is None and _holds_a_run(run_dir)
+    if previous_run and not args.overwrite:
+        raise TrainingSetupError(
+            f"--out {run_dir} already holds a run ({previous_run}); continue it with --resume auto, start over with "
+            "--overwrite (which deletes it), or choose another --out"
+        )
     config = _model_config(args, len(vocab_tokens), objective, seq_len)
     source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
     if source is not None:
@@ -315,7 +371,13 @@ def pretrain(args: PretrainArgs) -> dict:
     metrics_path = run_dir / "metrics.jsonl"
     writer = None
     bar = None
+    time_offset = 0.0  # seconds the run had trained before this process (on resume)
     if rank == 0:
+        if previous_run:  # --overwrite, and every input checked: the old run goes now
+            log.warning("--overwrite: deleting the run in %s (%s)", run_dir, previous_run)
+            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
+            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         for name, data in files.items():
             write_atomic(run_dir / name, data)
@@ -328,6 +390,8 @@ def pretrain(args: PretrainArgs) -> dict:
                 if line.strip() and json.loads(line)["step"] <= start_step
             ]
         write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
+        if kept:  # the run's clock goes on from where the kept rows left it
+            time_offset = json.loads(kept[-1]).get("time", 0.0)
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -345,17 +409,18 @@ def pretrain(args: PretrainArgs) -> dict:
             "%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
             torch.cuda.get_device_name(engine.device),
         )
-    stop = _StopRequest()
+    stop = _StopRequest(announce=rank == 0)
     last: dict = {}
     step = start_step
     skipped_in_a_row = 0
     batches = iter(loader)
     if resume_from is not None:
         checkpoint.restore_rng(resume_from)
+    budget = None if args.max_minutes is None else args.max_minutes * 60
     tick = time.perf_counter()
     try:
         while step < args.steps:
-            lr = warmup_poly_lr(step, args.lr, args.warmup, args.steps, args.decay_power)
+            lr = warmup_poly_lr(step, args.lr, warmup, args.steps, args.decay_power)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [next(batches) for _ in range(plan.accumulation)]
@@ -365,6 +430,7 @@ def pretrain(args: PretrainArgs) -> dict:
                 world,
                 skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
                 stop=stop.requested,
+                out_of_time=lambda: budget is not None and time.perf_counter() - started >= budget,
             )
             values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
             step += 1
@@ -379,6 +445,8 @@ def pretrain(args: PretrainArgs) -> dict:
                 "skipped": skipped,
                 "tokens_per_s": values["tokens"] / elapsed,
                 "samples_per_s": values["sequences"] / elapsed,
+                "time": time_offset + (tick - started),  # seconds since the run started, resumes included
+                "wall": time.time(),
             }
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
@@ -416,14 +484,16 @@ def pretrain(args: PretrainArgs) -> dict:
                     f"nothing was learnt; stopping without saving (the weights are those of the last checkpoint, if "
                     f"any; --max-skipped-steps 0 never stops)"
                 )
-            stopping = values["stop"] > 0
+            stopping = values["stop"] > 0 or values["out_of_time"] > 0
             if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
                 client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation), "args": asdict(args)}
                 path = checkpoint.save(engine, run_dir, step, client_state, files, args.keep)
                 if rank == 0:
                     log.info("saved %s", path)
-            if stopping:
-                log.warning("stopped by signal after step %d; resume with --resume auto", step)
+            if stopping and step < args.steps:
+                # A signal on any rank wins over the time budget; ranks agree through the step's sums.
+                by = "max-minutes" if values["stop"] == 0 else stop.signal or "a signal on another rank"
+                last = {**last, "stopped": by}
                 break
     finally:
         stop.restore()

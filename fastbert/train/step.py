@@ -45,6 +45,7 @@ SUMS = (
     "squared_lengths",
     "skipped",
     "stop",
+    "out_of_time",
 )
 
 
@@ -60,13 +61,15 @@ def optimizer_step(
     world_size: int,
     skipped: Callable[[], bool],
     stop: bool = False,
+    out_of_time: Callable[[], bool] = lambda: False,
     all_reduce: Callable = dist.all_reduce,
 ) -> torch.Tensor:
     """Run the micro-batches of one optimizer step through ``engine`` (forward, backward, ``step``); returns the
     ``SUMS`` over every micro-batch and rank, a float64 tensor on ``engine.device``.
 
-    ``skipped()`` says, after the last ``engine.step()``, whether this rank's optimizer skipped the update; ``stop``
-    whether this rank was asked to stop. ``all_reduce`` is the collective (a parameter so tests can check devices).
+    ``skipped()`` says, after the last ``engine.step()``, whether this rank's optimizer skipped the update, and
+    ``out_of_time()`` whether its time budget is spent; ``stop`` whether a signal asked this rank to stop.
+    ``all_reduce`` is the collective (a parameter so tests can check devices).
     """
     device = engine.device
     local = [counts(b) for b in micro_batches]
@@ -95,6 +98,7 @@ def optimizer_step(
             sum(int(x.square().sum()) for x in lengths),
             float(skipped()),
             float(stop),
+            float(out_of_time()),
         ],
         dtype=torch.float64,
     ).to(device)
