@@ -95,7 +95,7 @@ def _prepare_data(args: argparse.Namespace) -> int:
         whole_word=args.whole_word,
     )
     try:
-        meta = prepare(args.inputs, args.out, options)
+        meta = prepare(args.inputs, args.out, options, overwrite=args.overwrite)
     except (InputError, ValueError) as e:
         print(f"fastbert prepare-data: error: {e}", file=sys.stderr)
         return 1
@@ -118,11 +118,17 @@ def _add_prepare_data(subparsers) -> None:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl or .parquet files, directories, globs")
     p.add_argument("--vocab", required=True, help="vocab.txt")
     p.add_argument("--cased", action="store_true", help="keep case and accents (default: uncased)")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--objective", choices=("nsp", "sop", "none"), default="nsp")
+    p.add_argument("--out", required=True, help="output directory (written whole at the end, or not at all)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (its old shards are deleted)")
+    p.add_argument("--seq-len", type=int, default=128, help="longest sample in tokens, [CLS] and [SEP]s included")
+    p.add_argument(
+        "--objective",
+        choices=("nsp", "sop", "none"),
+        default="nsp",
+        help="sentence pairs for next-sentence prediction, sentence-order prediction, or packed text (none)",
+    )
     p.add_argument("--workers", type=int, default=1, help="reader processes (output is identical for any number)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of pairing and negative sampling")
     p.add_argument(
         "--errors",
         choices=("strict", "replace"),
@@ -130,7 +136,9 @@ def _add_prepare_data(subparsers) -> None:
         help="invalid UTF-8: fail naming the byte offset (strict) or replace and count",
     )
     p.add_argument("--text-field", default="text", help="field of .jsonl records / column of .parquet files")
-    p.add_argument("--short-seq-prob", type=float, default=0.1)
+    p.add_argument(
+        "--short-seq-prob", type=float, default=0.1, help="share of samples cut short on purpose (as in BERT)"
+    )
     p.add_argument("--shard-size", type=int, default=100_000, help="samples per shard")
     p.add_argument(
         "--whole-word",

@@ -309,24 +309,54 @@ def test_corrupt_shard_and_foreign_vocab_are_named(corpus_dir, vocab_path, tmp_p
 
 
 def test_interrupted_prepare_leaves_nothing_that_looks_complete(corpus_dir, vocab_path, tmp_path, monkeypatch):
+    """Killed half-way, a fresh run leaves no --out at all, and an --overwrite run leaves the earlier shards as they
+    were (the new ones are built beside them and renamed into place only when complete)."""
     from fastbert.data import shards
 
-    prepare([str(corpus_dir / "a.txt")], tmp_path / "d", options(vocab_path, shard_size=200), progress=False)
+    first = prepare([str(corpus_dir / "a.txt")], tmp_path / "d", options(vocab_path, shard_size=200), progress=False)
     calls = {"n": 0}
     real_flush = shards.ShardWriter._flush
 
     def dying_flush(self):
         calls["n"] += 1
-        if calls["n"] == 2:
+        if calls["n"] % 2 == 0:
             raise KeyboardInterrupt
         real_flush(self)
 
     monkeypatch.setattr(shards.ShardWriter, "_flush", dying_flush)
     with pytest.raises(KeyboardInterrupt):
-        prepare([str(corpus_dir / "a.txt")], tmp_path / "d", options(vocab_path, shard_size=200), progress=False)
-    with pytest.raises(ShardError, match="no meta.json"):
-        ShardDataset(tmp_path / "d")
-    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "d").iterdir())
+        prepare([str(corpus_dir / "a.txt")], tmp_path / "fresh", options(vocab_path, shard_size=200), progress=False)
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(KeyboardInterrupt):
+        prepare(
+            [str(corpus_dir / "a.txt")],
+            tmp_path / "d",
+            options(vocab_path, shard_size=100, seq_len=64),
+            progress=False,
+            overwrite=True,
+        )
+    assert ShardDataset(tmp_path / "d", verify="full").meta == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no partial directory left behind
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(corpus_dir, vocab_path, tmp_path):
+    big = prepare([str(corpus_dir / "a.txt")], tmp_path / "d", options(vocab_path, shard_size=100), progress=False)
+    assert len(big["shards"]) > 1
+    with pytest.raises(InputError, match=f"--out {tmp_path / 'd'} is not empty .*pass --overwrite"):
+        prepare([str(corpus_dir / "a.txt")], tmp_path / "d", options(vocab_path), progress=False)
+    small = prepare(
+        [str(corpus_dir / "a.txt")],
+        tmp_path / "d",
+        options(vocab_path, shard_size=10**6),
+        progress=False,
+        overwrite=True,
+    )
+    assert len(small["shards"]) == 1
+    names = {p.name for p in (tmp_path / "d").iterdir()}
+    assert not any(n.startswith("shard-00001") for n in names), names  # no stale shard of the larger run
+    assert ShardDataset(tmp_path / "d", verify="full").meta == small
+    (tmp_path / "empty").mkdir()  # an empty directory is fine
+    prepare([str(corpus_dir / "a.txt")], tmp_path / "empty", options(vocab_path), progress=False)
 
 
 def test_cli_prepare_data(corpus_dir, vocab_path, tmp_path):

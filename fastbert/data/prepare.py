@@ -22,6 +22,8 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -415,12 +417,68 @@ def _packed(doc: list[list[int]], limit: int) -> list[SegmentPair]:
 
 
 # The job -----------------------------------------------------------------------------------------------------------
-def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareOptions, progress: bool = True) -> dict:
-    """Run the whole pipeline; returns the written ``meta.json`` contents."""
-    from tqdm import tqdm
+def prepare(
+    inputs: Sequence[str],
+    out_dir: str | os.PathLike,
+    options: PrepareOptions,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> dict:
+    """Run the whole pipeline; returns the written ``meta.json`` contents.
 
+    The shards are written into a temporary directory beside ``out_dir`` and renamed into place at the end, so a
+    failed or interrupted run leaves nothing that looks prepared, and an earlier, larger run's shards never linger
+    among the new ones. A non-empty ``out_dir`` is refused unless ``overwrite``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        held = sorted(p.name for p in out_dir.iterdir())
+        raise InputError(
+            f"--out {out_dir} is not empty (it holds {', '.join(held[:3])}{', ...' if len(held) > 3 else ''}); "
+            "pass --overwrite to replace it, or choose another directory"
+        )
     files = input_files(inputs)
     tokenizer = _load_tokenizer(options.vocab, options.do_lower_case)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        meta = _prepare_into(partial, files, tokenizer, options, progress)
+        _replace_dir(partial, out_dir)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    log.info(
+        "wrote %d samples (%d tokens) in %d shard(s) to %s",
+        meta["num_samples"],
+        meta["num_tokens"],
+        len(meta["shards"]),
+        out_dir,
+    )
+    return meta
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Put directory ``new`` at ``target``, replacing what is there (the old one is moved aside, then deleted)."""
+    new.chmod(0o777 & ~_umask())  # mkdtemp's owner-only mode would make shards unreadable to other users
+    if target.exists() and any(target.iterdir()):
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, old / target.name)
+        os.replace(new, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new, target)  # onto nothing, or onto an empty directory
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _prepare_into(out_dir: Path, files: list[Path], tokenizer, options: PrepareOptions, progress: bool) -> dict:
+    from tqdm import tqdm
+
     stats = PrepareStats(files=len(files))
     parts: list[Documents] = []
     total_bytes = sum(p.stat().st_size for p in files)
@@ -485,12 +543,4 @@ def prepare(inputs: Sequence[str], out_dir: str | os.PathLike, options: PrepareO
             stats.truncated_tokens += truncated
             stats.dropped_segments += dropped
             bar.update(end - begin)
-    meta = writer.close(stats={k: v for k, v in vars(stats).items()})
-    log.info(
-        "wrote %d samples (%d tokens) in %d shard(s) to %s",
-        meta["num_samples"],
-        meta["num_tokens"],
-        len(meta["shards"]),
-        out_dir,
-    )
-    return meta
+    return writer.close(stats={k: v for k, v in vars(stats).items()})
