@@ -4,12 +4,18 @@ The installed Python's standard-library docstrings are the corpus (every 20th do
 ``tokenizers`` library's WordPiece trainer learns a vocabulary from the rest; ``prepare-data`` makes NSP shards;
 the ``tiny`` model pretrains with LAMB while the loss falls; the run is exported to HF format and its curves
 plotted; and the exported model fills a [MASK] in held-back sentences.
+
+Run again in the same directory, it picks up where it stopped: ``demo.json`` records the settings and the stages
+done (corpus, vocabulary, shards), and pretraining resumes from the run's last checkpoint. A directory that holds
+something else, or a demo with other settings, is refused rather than mixed with a new run.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import sys
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -31,12 +37,15 @@ class DemoArgs:
     corpus_bytes: int = 2_000_000
 
 
-def _write_corpus(out: Path, limit: int) -> tuple[Path, list[str]]:
+def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list[str]]:
     train, held_out = [], []
     for i, paragraphs in enumerate(stdlib_documents(limit_bytes=limit)):
         (held_out if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else train).append(paragraphs)
     path = out / "corpus.txt"
-    path.write_text("\n\n".join(" ".join(p) for p in train) + "\n", encoding="utf-8")
+    if write:
+        from fastbert.atomic import write_atomic
+
+        write_atomic(path, ("\n\n".join(" ".join(p) for p in train) + "\n").encode("utf-8"))
     return path, [p for doc in held_out for p in doc]
 
 
@@ -77,6 +86,44 @@ def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tup
     return results
 
 
+STATE = "demo.json"
+
+
+class DemoError(ValueError):
+    """An --out the demo cannot use."""
+
+
+def _settings(args: DemoArgs) -> dict:
+    """What makes two demo runs the same run: everything but the number of steps (more steps continue it)."""
+    return {**{k: v for k, v in asdict(args).items() if k not in ("out", "steps")}, "python": sys.version.split()[0]}
+
+
+def _load_state(out: Path, args: DemoArgs) -> dict:
+    state_path = out / STATE
+    if not state_path.exists():
+        if out.is_dir() and any(out.iterdir()):
+            raise DemoError(
+                f"--out {out} is not empty and holds no {STATE}: not a demo directory; choose another --out"
+            )
+        return {"settings": _settings(args), "done": []}
+    try:
+        state = json.loads(state_path.read_text())
+        recorded = state["settings"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DemoError(f"{state_path}: unreadable ({e}); remove {out} or choose another --out") from e
+    if recorded != _settings(args):
+        changed = sorted(k for k in set(recorded) | set(_settings(args)) if recorded.get(k) != _settings(args).get(k))
+        raise DemoError(f"--out {out} holds a demo with other settings ({', '.join(changed)}); choose another --out")
+    return state
+
+
+def _stage_done(out: Path, state: dict, stage: str) -> None:
+    from fastbert.atomic import write_atomic
+
+    state["done"].append(stage)
+    write_atomic(out / STATE, (json.dumps(state, indent=1) + "\n").encode())
+
+
 def run_demo(args: DemoArgs) -> dict:
     from fastbert.data.prepare import PrepareOptions, prepare
     from fastbert.train.export import export
@@ -84,14 +131,28 @@ def run_demo(args: DemoArgs) -> dict:
     from fastbert.train.pretrain import PretrainArgs, pretrain
 
     out = Path(args.out)
+    state = _load_state(out, args)
     out.mkdir(parents=True, exist_ok=True)
+
+    def kept(stage: str) -> str:
+        return " (done in an earlier run: kept)" if stage in state["done"] else ""
+
     print(f"[1/6] corpus: docstrings of the Python standard library in {os.path.dirname(os.__file__)}")
-    corpus, held_out = _write_corpus(out, args.corpus_bytes)
+    corpus, held_out = _write_corpus(out, args.corpus_bytes, write="corpus" not in state["done"])
+    if "corpus" not in state["done"]:
+        _stage_done(out, state, "corpus")
     print(f"      {corpus.stat().st_size / 1e6:.1f} MB of text, {len(held_out)} paragraphs held back")
-    print(f"[2/6] vocabulary: WordPiece trainer (tokenizers), {args.vocab_size} tokens")
-    vocab = _train_vocab(corpus, out, args.vocab_size)
-    print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len})")
-    meta = prepare([str(corpus)], out / "data", PrepareOptions(vocab=str(vocab), seq_len=args.seq_len))
+    print(f"[2/6] vocabulary: WordPiece trainer (tokenizers), {args.vocab_size} tokens{kept('vocab')}")
+    vocab = out / "vocab.txt"
+    if "vocab" not in state["done"]:
+        _train_vocab(corpus, out, args.vocab_size)
+        _stage_done(out, state, "vocab")
+    print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){kept('data')}")
+    if "data" not in state["done"]:
+        options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len)
+        prepare([str(corpus)], out / "data", options, overwrite=True)  # a partial one from an interrupted run
+        _stage_done(out, state, "data")
+    meta = json.loads((out / "data" / "meta.json").read_text())
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")
     print(f"[4/6] pretraining the tiny model for {args.steps} steps (LAMB, global batch {args.global_batch})")
     final = pretrain(

@@ -43,3 +43,41 @@ def test_demo_runs_end_to_end(tmp_path):
     with torch.no_grad():
         logits = model(torch.tensor([ids])).prediction_logits
     assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def _demo(out, steps: int, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
+def test_a_second_demo_in_the_same_directory_continues_the_first(tmp_path):
+    """Run again, the demo keeps the corpus, vocabulary and shards it made and resumes pretraining: nothing is
+    overwritten, and the run's metrics hold each step once."""
+    import json
+
+    out = tmp_path / "demo"
+    first = _demo(out, 2, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    vocab, meta = (out / "vocab.txt").read_bytes(), (out / "data" / "meta.json").read_bytes()
+    second = _demo(out, 3, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr
+    assert second.stdout.count("(done in an earlier run: kept)") == 2, second.stdout
+    assert (out / "vocab.txt").read_bytes() == vocab and (out / "data" / "meta.json").read_bytes() == meta
+    steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+
+
+def test_the_demo_refuses_a_directory_that_is_not_a_demo(tmp_path):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine\n")
+    result = _demo(out, 2, tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"--out {out} is not empty and holds no demo.json" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
