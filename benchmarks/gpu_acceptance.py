@@ -219,7 +219,10 @@ def ensure_data(ctx: dict) -> dict:
 def section_setup(ctx: dict) -> dict:
     if not ctx["setup"]:
         return {"skipped": "not asked for (--setup installs .whl/ and builds the extension)"}
-    log, env = ctx["log"], ctx["env"]
+    log = ctx["log"]
+    # No network there: --no-index everywhere; an image's system Python may be marked externally managed.
+    env = {**ctx["env"], "PIP_BREAK_SYSTEM_PACKAGES": "1", "PIP_ROOT_USER_ACTION": "ignore", "PIP_NO_INPUT": "1"}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", WHEELS]
     result = {}
     if WHEELS.is_dir():
@@ -232,7 +235,7 @@ def section_setup(ctx: dict) -> dict:
     else:
         result["wheels"] = f"no {WHEELS}: nothing installed from wheels"
     started = time.perf_counter()
-    build = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", ROOT]
+    build = [sys.executable, "-m", "pip", "install", "--no-index", "--no-build-isolation", "--no-deps", "-e", ROOT]
     import torch
 
     if torch.cuda.is_available():  # the CUDA tokenizer kernel for this GPU only: half the nvcc time of 80;90
