@@ -371,9 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="fastbert-demo", help="working directory (default: ./fastbert-demo)")
     demo.add_argument("--steps", type=int, default=300, help="pretraining steps (default 300: a few minutes)")
     demo.set_defaults(func=_demo)
-    from fastbert import tokenize_cli
+    from fastbert import fill_mask, tokenize_cli, vocab_cli
 
     tokenize_cli.add_parser(subparsers)
+    vocab_cli.add_parser(subparsers)
+    fill_mask.add_parser(subparsers)
     return parser
 
 

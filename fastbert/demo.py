@@ -1,8 +1,8 @@
 """``fastbert demo``: the whole pipeline on a corpus every machine has, in a few minutes on a CPU.
 
-The installed Python's standard-library docstrings are the corpus (every 20th document held back); the
-``tokenizers`` library's WordPiece trainer learns a vocabulary from the rest; ``prepare-data`` makes NSP shards;
-the ``tiny`` model pretrains with LAMB while the loss falls; the run is exported to HF format and its curves
+The installed Python's standard-library docstrings are the corpus (every 20th document held back); ``fastbert
+train-vocab``'s trainer learns a vocabulary from the rest (the same file on every run); ``prepare-data`` makes NSP
+shards; the ``tiny`` model pretrains with LAMB while the loss falls; the run is exported to HF format and its curves
 plotted; and the exported model fills a [MASK] in held-back sentences.
 
 Run again in the same directory, it picks up where it stopped: ``demo.json`` records the settings and the stages
@@ -49,25 +49,11 @@ def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list
     return path, [p for doc in held_out for p in doc]
 
 
-def _train_vocab(corpus: Path, out: Path, size: int) -> Path:
-    from tokenizers import BertWordPieceTokenizer
-
-    trainer = BertWordPieceTokenizer(lowercase=True)
-    trainer.train([str(corpus)], vocab_size=size, min_frequency=2, show_progress=True)
-    trainer.save_model(str(out))
-    return out / "vocab.txt"
-
-
-def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tuple[str, str, list[str]]]:
+def guess_masked_words(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tuple[str, str, list[str]]]:
     """For each sentence, mask its longest in-vocabulary word and return (masked text, answer, top-k guesses)."""
-    from fastbert.model import BertForPreTraining
-    from fastbert.tokenizer import WordPieceTokenizer
+    from fastbert.fill_mask import fill_mask, load
 
-    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
-    from fastbert.train.distributed import default_device
-
-    device = default_device()
-    model = BertForPreTraining.from_pretrained(model_dir).to(device).eval()
+    model, tokenizer = load(model_dir)
     results = []
     for sentence in sentences:
         words = sentence.split()
@@ -75,14 +61,12 @@ def fill_mask(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tup
         if not candidates:
             continue
         target = max(candidates, key=lambda i: len(words[i]))
-        answer = words[target].lower()
         masked = " ".join("[MASK]" if i == target else w for i, w in enumerate(words))
-        ids = tokenizer.encode(masked)[: model.config.max_position_embeddings]
-        position = ids.index(tokenizer.mask_token_id)
+        if len(tokenizer.encode(masked)) > model.config.max_position_embeddings:
+            continue
         with torch.no_grad():
-            logits = model(torch.tensor([ids]).to(device)).prediction_logits[0, position]
-        guesses = tokenizer.convert_ids_to_tokens(logits.topk(top_k).indices.tolist())
-        results.append((masked, answer, guesses))
+            (guesses,) = fill_mask(model, tokenizer, masked, top_k)
+        results.append((masked, words[target].lower(), [token for token, _ in guesses]))
     return results
 
 
@@ -129,6 +113,7 @@ def run_demo(args: DemoArgs) -> dict:
     from fastbert.train.export import export
     from fastbert.train.plot import plot
     from fastbert.train.pretrain import PretrainArgs, pretrain
+    from fastbert.vocab_cli import train_vocab
 
     out = Path(args.out)
     state = _load_state(out, args)
@@ -142,10 +127,10 @@ def run_demo(args: DemoArgs) -> dict:
     if "corpus" not in state["done"]:
         _stage_done(out, state, "corpus")
     print(f"      {corpus.stat().st_size / 1e6:.1f} MB of text, {len(held_out)} paragraphs held back")
-    print(f"[2/6] vocabulary: WordPiece trainer (tokenizers), {args.vocab_size} tokens{kept('vocab')}")
+    print(f"[2/6] vocabulary: fastbert train-vocab, {args.vocab_size} tokens{kept('vocab')}")
     vocab = out / "vocab.txt"
     if "vocab" not in state["done"]:
-        _train_vocab(corpus, out, args.vocab_size)
+        train_vocab([corpus], out, vocab_size=args.vocab_size, lowercase=True, min_frequency=2)
         _stage_done(out, state, "vocab")
     print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){kept('data')}")
     if "data" not in state["done"]:
@@ -175,6 +160,6 @@ def run_demo(args: DemoArgs) -> dict:
     print(f"      {hf_dir} (loads with transformers.BertForPreTraining.from_pretrained), {png}")
     print("[6/6] filling a [MASK] in held-back sentences")
     sentences = [p.split(". ")[0] for p in held_out if 6 <= len(p.split(". ")[0].split()) <= 30][:5]
-    for masked, answer, guesses in fill_mask(hf_dir, sentences):
+    for masked, answer, guesses in guess_masked_words(hf_dir, sentences):
         print(f"      {masked}\n        answer: {answer!r}; model's top 5: {guesses}")
     return final
