@@ -75,12 +75,25 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prepare_data(args: argparse.Namespace) -> int:
+def _rank() -> int:
+    """This process's rank under a launcher (0 in a plain process)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _log_setup(level: int | None = None) -> None:
+    """Log lines as ``LEVEL name: message``; under a launcher only rank 0 logs below WARNING."""
     import logging
+
+    if level is None:
+        level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
 
     from fastbert.data.prepare import InputError, PrepareOptions, prepare
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_setup()
     options = PrepareOptions(
         vocab=args.vocab,
         do_lower_case=not args.cased,
@@ -149,14 +162,13 @@ def _add_prepare_data(subparsers) -> None:
 
 
 def _pretrain(args: argparse.Namespace) -> int:
-    import logging
 
     from fastbert.data.sampler import PlanError
     from fastbert.data.shards import ShardError
     from fastbert.train.checkpoint import CheckpointNotFound
     from fastbert.train.pretrain import INTERRUPTED_EXIT, PretrainArgs, TrainingSetupError, pretrain
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_setup()
     try:
         final = pretrain(options.from_namespace(PretrainArgs, args))
     except (TrainingSetupError, PlanError, ShardError, CheckpointNotFound) as e:
@@ -164,15 +176,16 @@ def _pretrain(args: argparse.Namespace) -> int:
         return 1
     if not final:
         return 0
-    print(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
+    say = print if _rank() == 0 else lambda *a, **k: None  # one final word per run, not one per rank
+    say(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
     stopped = final.get("stopped")
     if stopped is None:
         return 0
     resume = f"continue with: fastbert pretrain --resume auto --out {args.out} (and the same options)"
     if stopped == "max-minutes":
-        print(f"stopped at the --max-minutes {args.max_minutes:g} budget, checkpoint saved; {resume}")
+        say(f"stopped at the --max-minutes {args.max_minutes:g} budget, checkpoint saved; {resume}")
         return 0
-    print(
+    say(
         f"fastbert pretrain: interrupted by {stopped} before step {args.steps}, checkpoint saved; {resume}",
         file=sys.stderr,
     )
@@ -220,13 +233,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     import dataclasses
-    import logging
 
     from fastbert.tasks.formats import TaskDataError
     from fastbert.train.checkpoint import CheckpointNotFound
     from fastbert.train.finetune import FinetuneArgs, finetune
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_setup()
     fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
     try:
         results = finetune(FinetuneArgs(**{k: v for k, v in vars(args).items() if k in fields}))
@@ -234,7 +246,8 @@ def _finetune(args: argparse.Namespace) -> int:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 1
     shown = {k: round(v, 4) for k, v in results.items() if k.startswith("eval_")}
-    print(f"best: {shown} -> {args.out}/eval_results.json ({len(results['skipped_rows'])} bad rows skipped)")
+    if _rank() == 0:
+        print(f"best: {shown} -> {args.out}/eval_results.json ({len(results['skipped_rows'])} bad rows skipped)")
     return 0
 
 
@@ -286,12 +299,11 @@ def _add_finetune(subparsers) -> None:
 
 
 def _distill(args: argparse.Namespace) -> int:
-    import logging
 
     from fastbert.data.shards import ShardError
     from fastbert.train.distill import DistillArgs, distill
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _log_setup()
     try:
         final = distill(options.from_namespace(DistillArgs, args))
     except (ShardError, ValueError) as e:
@@ -329,7 +341,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     from fastbert.demo import DemoArgs, run_demo
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _log_setup(logging.WARNING)
     run_demo(DemoArgs(out=args.out, steps=args.steps))
     return 0
 

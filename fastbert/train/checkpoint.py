@@ -62,6 +62,9 @@ def deepspeed_safe_globals() -> list[type]:
     which need CUDA, so that one comes from reading ``DeepSpeedZeroOptimizer.state_dict`` rather than from a saved
     run), the stage as a ``ZeroStageEnum`` and each parameter's ``fragment_address``. Each is plain data: unpickling
     one sets attributes and calls no code of the file's choosing. Model-state and RNG files need none of them."""
+    from fastbert.train.distributed import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address

@@ -8,6 +8,7 @@ that live on the device the backend communicates from (NCCL refuses CPU tensors)
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from collections.abc import Iterable
@@ -15,6 +16,26 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+
+class _DropDeepSpeedNoise(logging.Filter):
+    """DeepSpeed warnings that say nothing to a fastbert user: fastbert's LAMB is ZeRO-aware by design (DeepSpeed
+    calls every client optimizer under ZeRO "untested")."""
+
+    NOISE = ("untested optimizer",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOISE)
+
+
+def quiet_deepspeed() -> None:
+    """Call before importing DeepSpeed: on a machine without CUDA it is told the accelerator is the CPU (else it warns
+    that it could not find a GPU on every import), and its noise is filtered."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    ds_logger = logging.getLogger("DeepSpeed")
+    if not any(isinstance(f, _DropDeepSpeedNoise) for f in ds_logger.filters):
+        ds_logger.addFilter(_DropDeepSpeedNoise())
 
 
 def default_device() -> torch.device:
@@ -67,6 +88,7 @@ def init_distributed(timeout_s: float) -> None:
     """Join (or, in a plain process, make) the process group: NCCL on GPUs, gloo on the CPU, with ``timeout_s``
     for every collective. The launcher's variables (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``...) say where; a plain
     process makes a world of one on a free loopback port."""
+    quiet_deepspeed()
     import deepspeed
 
     if "RANK" not in os.environ:  # a plain process: a world of one

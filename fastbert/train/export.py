@@ -20,6 +20,9 @@ from fastbert.train import checkpoint
 
 
 def consolidated_state_dict(ckpt: Path) -> dict:
+    from fastbert.train.distributed import quiet_deepspeed
+
+    quiet_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint.verify_manifest(ckpt)

@@ -37,6 +37,7 @@ from fastbert.model import (
 )
 from fastbert.ops import IGNORE_INDEX
 from fastbert.optim import parameter_groups, warmup_poly_lr
+from fastbert.options import option
 from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
 from fastbert.train.distributed import default_device, pin, set_tf32, to_device
@@ -50,54 +51,61 @@ MAIN_METRIC = {"classify": "accuracy", "pair": "accuracy", "regress": "pearson",
 
 @dataclass
 class FinetuneArgs:
-    task: str
-    model: str
-    train: str
-    out: str
-    eval: str | None = None
-    predict: str | None = None
-    max_length: int = 128
-    epochs: int = 3
-    lr: float | None = None  # None: default_lr(the model's hidden size)
-    batch_size: int = 32
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    seed: int = 0
-    text_column: str = "text"
-    pair_column: str | None = None
-    label_column: str = "label"
-    skip_bad_rows: bool = False
-    doc_stride: int = 128
-    max_answer_length: int = 30
-    null_threshold: float | None = None
-    dropout: float | None = None
-    precision: str = "auto"  # bf16 on CUDA, fp32 otherwise
-    deepspeed: str | None = None  # a DeepSpeed config (ZeRO, ...); batch, optimizer and schedule stay fastbert's
-    zero_stage: int | None = None
-    dist_timeout: float = 300.0
-    tf32: bool = True  # fp32 matmuls on TF32 tensor cores (Ampere and newer GPUs)
-    progress: bool = True
-    labels: str | None = dataclasses.field(
-        default=None,
-        metadata={
-            "help": "classify, pair, ner: the label set, as a comma-separated list or a file with one label per line, "
+    task: str = option(help="the task head and metric", choices=TASKS)
+    model: str = option(help="HF model directory, fastbert run directory or checkpoint")
+    train: str = option(help=".tsv/.csv/.jsonl table, CoNLL file or SQuAD JSON (README: the columns per task)")
+    out: str = option(help="output directory (best/, metrics.jsonl, eval_results.json, predictions.jsonl)")
+    eval: str | None = option(None, help="evaluated after every epoch; the best epoch's model is kept")
+    predict: str | None = option(None, help="write predictions for this file to OUT/predictions.jsonl")
+    max_length: int = option(128, help="tokens per example (window size for QA)")
+    epochs: int = option(3)
+    lr: float | None = option(
+        None, help="peak learning rate; default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256"
+    )
+    batch_size: int = option(32, help="examples per optimizer step (over all ranks)")
+    warmup_ratio: float = option(0.1, help="share of the steps spent warming up, then linear decay")
+    weight_decay: float = option(0.01)
+    seed: int = option(0)
+    text_column: str = option("text", help="table column of the text")
+    pair_column: str | None = option(None, help="second text of a pair (default for --task pair: text_b)")
+    label_column: str = option("label", help="table column of the label")
+    skip_bad_rows: bool = option(False, help="count and skip malformed rows instead of failing")
+    doc_stride: int = option(128, help="QA: overlap step of context windows")
+    max_answer_length: int = option(30, help="QA: longest answer in tokens")
+    null_threshold: float | None = option(None, help="QA (SQuAD v2): no-answer threshold")
+    dropout: float | None = option(None, help="override hidden and attention dropout")
+    precision: str = option("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU", choices=("auto", "fp32", "bf16"))
+    deepspeed: str | None = option(
+        None,
+        help="train in a DeepSpeed engine with this config (ZeRO, ...; batch, optimizer and schedule stay "
+        "fastbert's); implied under torchrun or the deepspeed launcher",
+        metavar="DS_CONFIG",
+    )
+    zero_stage: int | None = option(None, help="DeepSpeed ZeRO stage", choices=(0, 1, 2))
+    dist_timeout: float = option(300.0, help="seconds a collective may wait for another rank before the run fails")
+    tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
+    progress: bool = option(True, help="a progress bar")
+    labels: str | None = option(
+        None,
+        help=(
+            "classify, pair, ner: the label set, as a comma-separated list or a file with one label per line, "
             "in the model's id order; a label outside it in --train or --eval is an error naming file:line "
             "(default: the training file's labels, sorted)"
-        },
+        ),
     )
-    min_label_count: int = dataclasses.field(
-        default=2,
-        metadata={
-            "help": "without --labels: a label seen fewer times than this in --train is an error (a typo, not a "
+    min_label_count: int = option(
+        2,
+        help=(
+            "without --labels: a label seen fewer times than this in --train is an error (a typo, not a "
             "class), naming the label, its count and its first file:line; 0 or 1 accepts every label"
-        },
+        ),
     )
-    overwrite: bool = dataclasses.field(
-        default=False,
-        metadata={
-            "help": "replace the fine-tuning run that --out already holds (its best/, init/, metrics.jsonl, "
+    overwrite: bool = option(
+        False,
+        help=(
+            "replace the fine-tuning run that --out already holds (its best/, init/, metrics.jsonl, "
             "eval_results.json, predictions.jsonl); without it such an --out is refused"
-        },
+        ),
     )
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ Rank 0 writes ``metrics.jsonl`` (one object per optimizer step), TensorBoard eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.options import option
 from fastbert.train import checkpoint
-from fastbert.train.distributed import init_distributed, set_tf32
+from fastbert.train.distributed import init_distributed, quiet_deepspeed, set_tf32
 from fastbert.train.flops import peak_flops, training_flops
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
 
@@ -254,6 +255,7 @@ def warmup_steps(warmup: float, steps: int) -> int:
 def pretrain(args: PretrainArgs) -> dict:
     """Run (or resume) pretraining; returns the final metrics of rank 0, with ``stopped`` set to the signal's name
     or ``"max-minutes"`` when the run stopped (and saved) before ``args.steps``."""
+    quiet_deepspeed()
     import deepspeed
 
     started = time.perf_counter()
@@ -417,6 +419,11 @@ def pretrain(args: PretrainArgs) -> dict:
     if resume_from is not None:
         checkpoint.restore_rng(resume_from)
     budget = None if args.max_minutes is None else args.max_minutes * 60
+    cleanup = contextlib.ExitStack()
+    if bar is not None:  # log lines go above the bar instead of through it
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        cleanup.enter_context(logging_redirect_tqdm())
     tick = time.perf_counter()
     try:
         while step < args.steps:
@@ -448,6 +455,8 @@ def pretrain(args: PretrainArgs) -> dict:
                 "time": time_offset + (tick - started),  # seconds since the run started, resumes included
                 "wall": time.time(),
             }
+            if engine.device.type == "cuda":
+                last["max_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
             if peak is not None:
@@ -497,6 +506,7 @@ def pretrain(args: PretrainArgs) -> dict:
                 break
     finally:
         stop.restore()
+        cleanup.close()
         if bar is not None:
             bar.close()
         if writer is not None:
