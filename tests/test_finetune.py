@@ -593,3 +593,40 @@ def test_nothing_is_written_to_out_before_the_inputs_are_checked(small_model, tm
             FinetuneArgs(**dict(good, task="qa", train=str(tmp_path / "squad.json")), max_length=16, out=str(fresh))
         )
     assert not fresh.exists()
+
+
+def test_finetune_flags_come_from_the_dataclass():
+    """Every flag of the finetune command, and the new ones, as the CLI generates them from FinetuneArgs (the
+    lead's fastbert/options.py); parsed values reach FinetuneArgs."""
+    import argparse
+
+    from fastbert import cli, options
+
+    generated = argparse.ArgumentParser()
+    options.add_arguments(generated.add_subparsers(dest="command").add_parser("finetune"), FinetuneArgs)
+    flags = {s for a in generated._subparsers._group_actions[0].choices["finetune"]._actions for s in a.option_strings}
+    current = cli.build_parser()._subparsers._group_actions[0].choices["finetune"]
+    assert {s for a in current._actions for s in a.option_strings} - {"--config"} <= flags
+    assert {"--labels", "--min-label-count", "--overwrite", "--skip-bad-rows", "--no-progress"} <= flags
+    argv = ["finetune", "--task", "pair", "--model", "m", "--train", "t.tsv", "--out", "o", "--labels", "l.txt"]
+    args = options.from_namespace(
+        FinetuneArgs, options.parse(generated, [*argv, "--min-label-count", "0", "--overwrite"])
+    )
+    assert (args.labels, args.min_label_count, args.overwrite, args.pair_column) == ("l.txt", 0, True, "text_b")
+    defaults = options.from_namespace(FinetuneArgs, options.parse(generated, argv))
+    assert (defaults.min_label_count, defaults.overwrite, defaults.progress) == (2, False, True)
+
+
+def test_cli_refuses_an_out_holding_a_run_in_one_line(small_model, tmp_path):
+    write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in [("a b c", "x"), ("d e f", "y")] * 2])
+    argv = [sys.executable, "-m", "fastbert", "finetune", "--task", "classify", "--model", str(small_model)]
+    argv += ["--train", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "out"), "--epochs", "1", "--no-progress"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+    errors = [line for line in second.stderr.splitlines() if "error" in line]
+    assert errors == [
+        f"fastbert finetune: error: --out {tmp_path / 'out'} already holds a fine-tuning run (eval_results.json, "
+        "metrics.jsonl, best); pass --overwrite to replace it, or pick another directory"
+    ], second.stderr
