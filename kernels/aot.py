@@ -204,10 +204,11 @@ def main(argv: list[str] | None = None) -> int:
         if previous.get("triton") == triton_version():
             fresh = {(row["spec"], row["arch"], row["variant"]) for row in rows}
             keep = set(MODULES) - set(args.modules) if select is None else set(MODULES)
+            current = {spec_id(spec) for module in MODULES for spec in specs(module)}  # no stale specs
             rows += [
                 r
                 for r in previous["kernels"]
-                if r["module"] in keep and (r["spec"], r["arch"], r["variant"]) not in fresh
+                if r["module"] in keep and r["spec"] in current and (r["spec"], r["arch"], r["variant"]) not in fresh
             ]
     rows.sort(key=lambda row: MODULES.index(row["module"]))  # stable: each module's rows keep their order
     bad = [f"{row['kernel']} {row['config']} on {row['arch']}: {'; '.join(problems(row))}" for row in rows]

@@ -370,9 +370,9 @@ KERNELS = ("forward", "delta", "dkdv", "dq")  # the launches of one forward and 
 DELTA_BLOCK_M = 64
 # kernel -> head dim -> (BLOCK_M, BLOCK_N, num_warps) for float32 inputs
 _FLOAT32_TILES = {
-    "forward": {32: (64, 32, 4), 64: (64, 32, 8), 128: (32, 32, 8)},
+    "forward": {32: (32, 32, 4), 64: (64, 32, 8), 128: (32, 32, 8)},
     "dkdv": {32: (32, 32, 4), 64: (32, 32, 8), 128: (16, 32, 8)},
-    "dq": {32: (64, 32, 8), 64: (64, 32, 8), 128: (32, 16, 8)},
+    "dq": {32: (64, 32, 8), 64: (64, 32, 8), 128: (16, 16, 8)},
 }
 
 
@@ -394,7 +394,7 @@ def config(head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> d
             "BLOCK_M": block_m,
             "BLOCK_N": block_n,
             "num_warps": warps,
-            "num_stages": 3 if kernel == "forward" else 2,
+            "num_stages": 2,
         }
     warps = 4 if head_dim <= 32 else 8
     if kernel == "forward":
