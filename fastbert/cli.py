@@ -232,16 +232,14 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    import dataclasses
 
     from fastbert.tasks.formats import TaskDataError
     from fastbert.train.checkpoint import CheckpointNotFound
     from fastbert.train.finetune import FinetuneArgs, finetune
 
     _log_setup()
-    fields = {f.name for f in dataclasses.fields(FinetuneArgs)}
     try:
-        results = finetune(FinetuneArgs(**{k: v for k, v in vars(args).items() if k in fields}))
+        results = finetune(options.from_namespace(FinetuneArgs, args))
     except (TaskDataError, CheckpointNotFound, ValueError) as e:
         print(f"fastbert finetune: error: {e}", file=sys.stderr)
         return 1
@@ -257,44 +255,9 @@ def _add_finetune(subparsers) -> None:
         help="fine-tune on classification, pairs, regression, NER or QA",
         description="Add a task head to a pretrained model and fine-tune the whole model.",
     )
-    p.add_argument("--task", required=True, choices=("classify", "pair", "regress", "ner", "qa"))
-    p.add_argument("--model", required=True, help="HF model directory, fastbert run directory or checkpoint")
-    p.add_argument("--train", required=True, help=".tsv/.csv/.jsonl table, CoNLL file or SQuAD JSON")
-    p.add_argument("--eval", default=None)
-    p.add_argument("--predict", default=None, help="write predictions for this file to OUT/predictions.jsonl")
-    p.add_argument("--out", required=True)
-    p.add_argument("--max-length", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument(
-        "--lr",
-        type=float,
-        default=None,
-        help="default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256",
-    )
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--pair-column", default=None, help="second text of a pair (default for --task pair: text_b)")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--skip-bad-rows", action="store_true", help="count and skip malformed rows instead of failing")
-    p.add_argument("--doc-stride", type=int, default=128, help="QA: overlap step of context windows")
-    p.add_argument("--max-answer-length", type=int, default=30)
-    p.add_argument("--null-threshold", type=float, default=None, help="QA (SQuAD v2): no-answer threshold")
-    p.add_argument("--dropout", type=float, default=None, help="override hidden and attention dropout")
-    p.add_argument(
-        "--precision", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on CUDA, fp32 on CPU"
-    )
-    p.add_argument(
-        "--deepspeed",
-        default=None,
-        metavar="DS_CONFIG",
-        help="train in a DeepSpeed engine with this config (ZeRO, ...); implied under torchrun or the "
-        "deepspeed launcher",
-    )
-    p.add_argument("--zero-stage", type=int, default=None, choices=(0, 1, 2), help="DeepSpeed ZeRO stage")
-    _add_tf32(p)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    from fastbert.train.finetune import FinetuneArgs
+
+    options.add_arguments(p, FinetuneArgs)
     p.set_defaults(func=_finetune)
 
 
@@ -311,15 +274,6 @@ def _distill(args: argparse.Namespace) -> int:
         return 1
     print(f"step {final['step']}: loss {final['loss']:.4f} -> {args.out}")
     return 0
-
-
-def _add_tf32(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--no-tf32",
-        dest="tf32",
-        action="store_false",
-        help="on GPUs: fp32 matmuls and attention in full fp32 instead of on TF32 tensor cores (Ampere and newer)",
-    )
 
 
 def _add_distill(subparsers) -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from fastbert import options
 from fastbert.cli import build_parser
 from fastbert.train.distill import DistillArgs
+from fastbert.train.finetune import FinetuneArgs
 from fastbert.train.pretrain import PretrainArgs
 
 COMMANDS = {
     "pretrain": (PretrainArgs, ["--data", "d", "--out", "o"]),
     "distill": (DistillArgs, ["--teacher", "t", "--data", "d", "--out", "o"]),
+    "finetune": (FinetuneArgs, ["--task", "classify", "--model", "m", "--train", "t.tsv", "--out", "o"]),
 }
 
 
@@ -38,7 +41,12 @@ def test_every_option_has_help_and_shows_its_default(command, capsys):
     with pytest.raises(SystemExit):
         _parse([command, "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "--steps STEPS optimizer steps (default: 1000)" in text
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        if f.default is True:
+            assert f"--no-{f.name.replace('_', '-')} " in text
+        elif f.default not in (dataclasses.MISSING, None, False) and "default" not in f.metadata["help"]:
+            assert re.search(rf"{flag} \S+ .*?\(default: {re.escape(str(f.default))}\)", text), flag
     assert "--no-progress show a progress bar (on by default" in text
 
 

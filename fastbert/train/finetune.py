@@ -58,14 +58,14 @@ class FinetuneArgs:
     eval: str | None = option(None, help="evaluated after every epoch; the best epoch's model is kept")
     predict: str | None = option(None, help="write predictions for this file to OUT/predictions.jsonl")
     max_length: int = option(128, help="tokens per example (window size for QA)")
-    epochs: int = option(3)
+    epochs: int = option(3, help="passes over the training set")
     lr: float | None = option(
         None, help="peak learning rate; default by model width: 3e-5 at hidden 768+, 1e-4 up to 512, 5e-4 up to 256"
     )
     batch_size: int = option(32, help="examples per optimizer step (over all ranks)")
     warmup_ratio: float = option(0.1, help="share of the steps spent warming up, then linear decay")
-    weight_decay: float = option(0.01)
-    seed: int = option(0)
+    weight_decay: float = option(0.01, help="AdamW weight decay (not on biases and LayerNorm)")
+    seed: int = option(0, help="seed of the head's initialisation, dropout and data order")
     text_column: str = option("text", help="table column of the text")
     pair_column: str | None = option(None, help="second text of a pair (default for --task pair: text_b)")
     label_column: str = option("label", help="table column of the label")
@@ -84,7 +84,7 @@ class FinetuneArgs:
     zero_stage: int | None = option(None, help="DeepSpeed ZeRO stage", choices=(0, 1, 2))
     dist_timeout: float = option(300.0, help="seconds a collective may wait for another rank before the run fails")
     tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
-    progress: bool = option(True, help="a progress bar")
+    progress: bool = option(True, help="show a progress bar")
     labels: str | None = option(
         None,
         help=(
