@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SENTENCE_OBJECTIVES = ("nsp", "sop", "none")
+# The sentence objectives a model head or a shard set can have; the C++ pair cutter lists the same names
+# (fastbert._wordpiece.OBJECTIVES, held equal by a test).
+OBJECTIVES = ("nsp", "sop", "none")
 # HF activation names -> whether GELU uses the tanh approximation. Exact erf GELU is BERT's.
 GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert")
@@ -107,10 +109,8 @@ class BertConfig:
             raise ConfigError(
                 f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}"
             )
-        if self.sentence_objective not in SENTENCE_OBJECTIVES:
-            raise ConfigError(
-                f"sentence_objective must be one of {SENTENCE_OBJECTIVES}, got {self.sentence_objective!r}"
-            )
+        if self.sentence_objective not in OBJECTIVES:
+            raise ConfigError(f"sentence_objective must be one of {OBJECTIVES}, got {self.sentence_objective!r}")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastbert import _wordpiece
+from fastbert.config import OBJECTIVES
 from fastbert.data.corpus import stdlib_documents
 from fastbert.data.prepare import (
     InputError,
@@ -177,6 +178,17 @@ def test_segment_pairs_refuses_inconsistent_arrays():
         _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 2]), 0, 1, 64, "nsp", 0.1, 0)
     with pytest.raises(ValueError, match="objective must be"):
         _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 2]), 0, 1, 64, "mlm", 0.1, 0)
+
+
+def test_the_pair_cutter_accepts_exactly_the_python_objectives():
+    assert _wordpiece.OBJECTIVES == OBJECTIVES
+    tokens = np.arange(10, dtype=np.int32)
+    for objective in OBJECTIVES:
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 1, 2]), 0, 2, 64, objective, 0.1, 0)
+    with pytest.raises(ValueError, match="objective must be one of 'nsp', 'sop', 'none', got 'NSP'"):
+        _wordpiece.segment_pairs(tokens, np.array([0, 4, 10]), np.array([0, 1, 2]), 0, 2, 64, "NSP", 0.1, 0)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        PrepareOptions(vocab="vocab.txt", objective="mlm")
 
 
 def test_shard_writer_cuts_blocks_into_shards(tmp_path):

@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdint>
 #include <exception>
+#include <iterator>
 #include <memory>
 #include <new>
 #include <optional>
@@ -336,6 +337,15 @@ py::list offsets_list(const std::vector<int32_t>& flat) {
   return out;
 }
 
+fastbert::Objective parse_objective(const std::string& name) {
+  std::string known;
+  for (const auto& [objective_name, objective] : fastbert::kObjectiveNames) {
+    if (name == objective_name) return objective;
+    known += (known.empty() ? "'" : ", '") + std::string(objective_name) + "'";
+  }
+  throw py::value_error("objective must be one of " + known + ", got '" + name + "'");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_wordpiece, m) {
@@ -528,15 +538,7 @@ PYBIND11_MODULE(_wordpiece, m) {
         options.seq_len = seq_len;
         options.short_seq_prob = short_seq_prob;
         options.seed = seed;
-        if (objective == "none") {
-          options.objective = fastbert::Objective::kNone;
-        } else if (objective == "nsp") {
-          options.objective = fastbert::Objective::kNsp;
-        } else if (objective == "sop") {
-          options.objective = fastbert::Objective::kSop;
-        } else {
-          throw py::value_error("objective must be 'nsp', 'sop' or 'none', got '" + objective + "'");
-        }
+        options.objective = parse_objective(objective);
         if (seq_len < 8) throw py::value_error("seq_len must be at least 8, got " + std::to_string(seq_len));
         // The offsets are trusted below, so check them here: increasing, starting at 0, within what they index.
         auto check = [](const int64_t* offsets, py::ssize_t n, int64_t limit, const char* what) {
@@ -664,6 +666,11 @@ PYBIND11_MODULE(_wordpiece, m) {
         return at == std::string_view::npos ? py::object(py::none()) : py::object(py::int_(at));
       },
       py::arg("data"), "Byte offset of the first invalid UTF-8 sequence, or None.");
+  py::tuple objectives(std::size(fastbert::kObjectiveNames));
+  for (size_t i = 0; i < std::size(fastbert::kObjectiveNames); ++i) {
+    objectives[i] = py::str(std::string(fastbert::kObjectiveNames[i].first));
+  }
+  m.attr("OBJECTIVES") = objectives;
   m.attr("with_cuda") =
 #ifdef FASTBERT_WITH_CUDA
       true;

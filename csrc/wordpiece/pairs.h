@@ -6,11 +6,18 @@
 #pragma once
 
 #include <cstdint>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 namespace fastbert {
 
 enum class Objective : int { kNone = 0, kNsp = 1, kSop = 2 };
+
+// Each objective's name, in the order of fastbert.config.OBJECTIVES: the binding parses names with this table and
+// exposes it as fastbert._wordpiece.OBJECTIVES, and a test holds that tuple equal to the Python one.
+inline constexpr std::pair<std::string_view, Objective> kObjectiveNames[] = {
+    {"nsp", Objective::kNsp}, {"sop", Objective::kSop}, {"none", Objective::kNone}};
 
 struct PairOptions {
   int32_t seq_len = 128;  // including [CLS] and [SEP]s, which are not stored

@@ -32,12 +32,12 @@ from pathlib import Path
 
 import numpy as np
 
+from fastbert.config import OBJECTIVES
 from fastbert.data.shards import SegmentPair, ShardWriter
 
 log = logging.getLogger("fastbert.data")
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-OBJECTIVES = ("nsp", "sop", "none")
 SHORT_SEQ_PROB = 0.1
 
 
