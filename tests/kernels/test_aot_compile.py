@@ -61,10 +61,11 @@ def test_every_configuration_compiles_without_spills_within_shared_memory(module
     rows = table["kernels"]
     specs = aot.specs(module)
     assert {row["module"] for row in rows} == {module}
-    assert len(rows) == len(specs) * len(aot.TARGETS)
-    assert {(row["spec"], row["target"]) for row in rows} == {
-        (aot.spec_id(spec), target) for spec in specs for target in aot.TARGETS
+    expected = {
+        (aot.spec_id(spec), variant, target) for spec in specs for variant in spec["variants"] for target in aot.TARGETS
     }
+    assert len(rows) == len(expected)
+    assert {(row["spec"], row["variant"], row["target"]) for row in rows} == expected
     problems = [
         f"{row['kernel']} {row['config']} on {row['arch']}: {'; '.join(aot.problems(row))}"
         for row in rows
