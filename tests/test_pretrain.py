@@ -700,3 +700,76 @@ def test_resume_auto_refuses_a_dangling_latest(setup, tmp_path):
     assert result.returncode != 0
     assert "names 'step-00000002', which does not exist" in result.stderr and "--resume PATH" in result.stderr
     assert (out / "metrics.jsonl").read_text() == before  # nothing of the run was overwritten
+
+
+@pytest.fixture(scope="module")
+def held_out(setup) -> Path:
+    """Shards of stdlib text the runs never train on, with the runs' vocabulary."""
+    seen = {" ".join(p) for p in stdlib_documents(limit_bytes=150_000)}
+    docs = [" ".join(p) for p in stdlib_documents(limit_bytes=230_000) if " ".join(p) not in seen]
+    assert len(docs) >= 4
+    (setup["root"] / "held_out.txt").write_text("\n\n".join(docs) + "\n")
+    out = setup["root"] / "held_out"
+    prepare(
+        [str(setup["root"] / "held_out.txt")],
+        out,
+        PrepareOptions(vocab=str(setup["root"] / "vocab.txt"), seq_len=64),
+        progress=False,
+    )
+    return out
+
+
+def test_held_out_loss_is_logged_and_equals_transformers_on_the_same_masks(setup, held_out, tmp_path):
+    """--eval-data: rows at every --eval-every step and the last carry the held-out MLM loss and accuracy; at the
+    end it equals transformers' masked-token cross-entropy of the exported model on the same fixed masks, and two
+    ranks (each scoring half the samples) log the same figures as one (dropout off, so that their weights agree)."""
+    import transformers
+
+    from fastbert.data.masking import MaskingCollator
+    from fastbert.data.shards import ShardDataset
+
+    out = tmp_path / "evaluated"
+    evaluated = ("--steps", "3", "--eval-data", str(held_out), "--eval-every", "2", "--dropout", "0")
+    result = run(pretrain_cmd(setup, out, *evaluated))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(out)
+    assert ["eval_mlm_loss" in r for r in rows] == [False, True, True]
+    assert all(0 <= r["eval_mlm_accuracy"] <= 1 and 0 <= r["eval_sentence_accuracy"] <= 1 for r in rows[1:])
+
+    assert run([sys.executable, "-m", "fastbert", "export", str(out), "--out", str(tmp_path / "hf")]).returncode == 0
+    hf = transformers.BertForPreTraining.from_pretrained(str(tmp_path / "hf")).eval()
+    data = ShardDataset(held_out)
+    ids = data.special_ids
+    collate = MaskingCollator(hf.config.vocab_size, list(ids.values()), ids["mask"], seed=0, padded=True)
+    total, count, correct = 0.0, 0, 0
+    for start in range(0, len(data), 16):
+        indices = list(range(start, min(start + 16, len(data))))
+        batch = collate([data[i] for i in indices], indices, [0] * len(indices))
+        with torch.no_grad():
+            logits = hf(
+                input_ids=batch["input_ids"],
+                attention_mask=batch["attention_mask"],
+                token_type_ids=batch["token_type_ids"],
+            ).prediction_logits.double()
+        keep = batch["labels"] != -100
+        total += torch.nn.functional.cross_entropy(logits[keep], batch["labels"][keep], reduction="sum").item()
+        correct += int((logits[keep].argmax(-1) == batch["labels"][keep]).sum())
+        count += int(keep.sum())
+    assert rows[-1]["eval_mlm_loss"] == pytest.approx(total / count, rel=1e-5)
+    assert rows[-1]["eval_mlm_accuracy"] == pytest.approx(correct / count, abs=1e-9)
+
+    two = tmp_path / "evaluated2"
+    result = run(
+        pretrain_cmd(
+            setup,
+            two,
+            *evaluated,
+            launcher=torchrun(2, "-m", "fastbert"),
+        )
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    for a, b in zip(rows, metrics(two), strict=True):
+        for key in ("eval_mlm_loss", "eval_sentence_loss"):
+            assert (key in a) == (key in b)
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5)

@@ -1,4 +1,5 @@
-"""``fastbert plot RUN_DIR``: the training curves of a run (loss, accuracies, learning rate) as one PNG."""
+"""``fastbert plot RUN_DIR``: the training curves of a run (loss, held-out loss when evaluated, accuracies, learning
+rate) as one PNG."""
 
 from __future__ import annotations
 
@@ -36,7 +37,11 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
     out = Path(out) if out else Path(run_dir) / "curves.png"
     steps = [r["step"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, [r["loss"] for r in rows])
+    axes[0].plot(steps, [r["loss"] for r in rows], label="training")
+    held_out = [(r["step"], r["eval_mlm_loss"]) for r in rows if "eval_mlm_loss" in r]
+    if held_out:
+        axes[0].plot([s for s, _ in held_out], [v for _, v in held_out], "o-", label="held-out MLM")
+        axes[0].legend()
     axes[0].set(title="loss", xlabel="step")
     axes[1].plot(steps, [r["mlm_accuracy"] for r in rows], label="MLM")
     if "sentence_accuracy" in rows[0]:

@@ -36,7 +36,8 @@ from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.options import option
 from fastbert.train import checkpoint
-from fastbert.train.distributed import init_distributed, quiet_deepspeed, set_tf32
+from fastbert.train.distributed import init_distributed, pin, quiet_deepspeed, set_tf32
+from fastbert.train.evaluation import evaluate, held_out_batches
 from fastbert.train.flops import peak_flops, training_flops
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
 
@@ -88,6 +89,11 @@ class PretrainArgs:
     dist_timeout: float = option(120.0, help="seconds a collective may wait for another rank before the run fails")
     max_skipped_steps: int = option(10, help="stop with an error after this many non-finite steps in a row (0: never)")
     tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
+    eval_data: str | None = option(
+        None, help="held-out data (a prepare-data directory, same vocabulary): its MLM loss and accuracy are logged"
+    )
+    eval_every: int = option(0, help="with --eval-data: evaluate every N steps (0: at the end only)")
+    eval_samples: int = option(2000, help="with --eval-data: score at most this many of its samples (fixed masks)")
     max_minutes: float | None = option(
         None, help="stop at the first step boundary after this many minutes, saving a checkpoint (resume it later)"
     )
@@ -284,6 +290,19 @@ def pretrain(args: PretrainArgs) -> dict:
     if dataset.seq_len > seq_len:
         raise TrainingSetupError(f"{data_dir}: samples are up to {dataset.seq_len} tokens but --seq-len is {seq_len}")
     objective = dataset.meta["objective"]
+    eval_dataset = None
+    if args.eval_data:
+        eval_dataset = ShardDataset(args.eval_data, vocab_tokens=vocab_tokens, verify="full")
+        if eval_dataset.meta["objective"] != objective:
+            raise TrainingSetupError(
+                f"--eval-data {args.eval_data}: prepared for objective {eval_dataset.meta['objective']!r}, "
+                f"but {data_dir} for {objective!r}"
+            )
+        if eval_dataset.seq_len > (args.seq_len or dataset.seq_len):
+            raise TrainingSetupError(
+                f"--eval-data {args.eval_data}: samples are up to {eval_dataset.seq_len} tokens, longer than the "
+                "run's sequence length"
+            )
     resume_from = None
     if args.resume == "auto":
         # Fresh only when the run holds no checkpoint at all: a dangling `latest` or a broken checkpoint is an error,
@@ -355,6 +374,18 @@ def pretrain(args: PretrainArgs) -> dict:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
 
     collate = masking_collator(args, dataset, vocab_tokens)
+    eval_batches = None
+    if eval_dataset is not None:
+        eval_batches = held_out_batches(
+            eval_dataset,
+            masking_collator(args, eval_dataset, vocab_tokens),
+            args.micro_batch,
+            rank,
+            world,
+            args.eval_samples,
+        )
+        if engine.device.type == "cuda":
+            eval_batches = [pin(b) for b in eval_batches]
     loader = torch.utils.data.DataLoader(
         MicroBatchDataset(dataset, plan, collate),
         batch_size=None,
@@ -468,6 +499,14 @@ def pretrain(args: PretrainArgs) -> dict:
                     masked=int(values["masked"]),
                 )
                 last["mfu"] = model_flops / elapsed / (peak * world)
+            if eval_batches is not None and (
+                step == args.steps
+                or values["stop"] > 0
+                or values["out_of_time"] > 0
+                or (args.eval_every and step % args.eval_every == 0)
+            ):
+                last.update(evaluate(engine.module, eval_batches, engine.device))
+                tick = time.perf_counter()  # the evaluation is not the next step's time
             skipped_in_a_row = skipped_in_a_row + 1 if last["skipped"] else 0
             if last["skipped"]:
                 log.warning(
