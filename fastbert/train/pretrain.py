@@ -518,7 +518,8 @@ def pretrain(args: PretrainArgs) -> dict:
                 if writer is not None:
                     for key, value in last.items():
                         if key != "step" and value is not None:
-                            writer.add_scalar(f"train/{key}", float(value), step)
+                            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
+                            writer.add_scalar(tag, float(value), step)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(
