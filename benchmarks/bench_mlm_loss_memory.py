@@ -41,6 +41,7 @@ def measure(provider: str, rows: int, vocab: int, hidden: int) -> dict:
     import torch.nn.functional as F
 
     from fastbert import ops
+    from fastbert.config import IGNORE_INDEX
 
     cuda = provider.endswith("-cuda")
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -59,7 +60,7 @@ def measure(provider: str, rows: int, vocab: int, hidden: int) -> dict:
         before = _status_kib("VmRSS") * 1024
     start = time.perf_counter()
     if provider.startswith("naive"):
-        loss = F.cross_entropy(F.linear(h, w, b).float(), labels, ignore_index=ops.IGNORE_INDEX)
+        loss = F.cross_entropy(F.linear(h, w, b).float(), labels, ignore_index=IGNORE_INDEX)
     else:
         loss, _ = ops.mlm_loss(h, w, b, labels)
     loss.backward()

@@ -2,9 +2,10 @@
 
 This module owns every model-shape fact: sizes, presets and the variant switches from the seeds (ALBERT's
 factorised embeddings and cross-layer sharing, RoBERTa/DistilBERT-style models without segments, pre-LN, the
-sentence objective). It knows which configs transformers can represent (``model_type`` ``bert`` or ``albert``);
-any other config is written with ``model_type: fastbert`` so that transformers refuses it instead of loading it
-wrongly. It does not know about weights (see ``fastbert.hf``).
+sentence objective), and the label every head's loss ignores (``IGNORE_INDEX``). It knows which configs
+transformers can represent (``model_type`` ``bert`` or ``albert``); any other config is written with
+``model_type: fastbert`` so that transformers refuses it instead of loading it wrongly. It does not know about
+weights (see ``fastbert.hf``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 # The sentence objectives a model head or a shard set can have; the C++ pair cutter lists the same names
 # (fastbert._wordpiece.OBJECTIVES, held equal by a test).
 OBJECTIVES = ("nsp", "sop", "none")
+# The label of a position that carries no loss: the MLM labels of unmasked tokens, token-classification labels of
+# special tokens and word continuations. HF's and torch's cross_entropy's default, so HF-style labels work as given.
+IGNORE_INDEX = -100
 # HF activation names -> whether GELU uses the tanh approximation. Exact erf GELU is BERT's.
 GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
 KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert")

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.config import BertConfig
+from fastbert.config import IGNORE_INDEX, BertConfig
 
 
 # Layout ---------------------------------------------------------------------------------------------------------
@@ -464,7 +464,7 @@ class BertForPreTraining(BertPreTrainedModel):
             flat_labels = layout.unpad(labels)
             masked = masked_positions  # from the collator, which knows them: no nonzero (a host sync) here
             if masked is None:
-                masked = torch.nonzero(flat_labels != ops.IGNORE_INDEX, as_tuple=False).flatten()
+                masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
             out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
                 self.cls.transform_hidden(hidden.index_select(0, masked)),
                 self.decoder_weight,
@@ -546,7 +546,7 @@ class BertForTokenClassification(BertPreTrainedModel):
         logits = self.classifier(self.dropout(hidden))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits, layout.unpad(labels), ignore_index=ops.IGNORE_INDEX)
+            loss = F.cross_entropy(logits, layout.unpad(labels), ignore_index=IGNORE_INDEX)
         return ClassifierOutput(loss, layout.pad(logits))
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
+from fastbert.config import IGNORE_INDEX
 
 
 class FusedLayerNorm(nn.Module):
@@ -156,7 +157,7 @@ def _masked_lm_forward(
         **kwargs,
     )
     flat_labels = labels.reshape(-1)
-    rows = (flat_labels != ops.IGNORE_INDEX).nonzero().flatten()
+    rows = (flat_labels != IGNORE_INDEX).nonzero().flatten()
     hidden = outputs[0].reshape(flat_labels.numel(), -1).index_select(0, rows)
     head = self.cls.predictions
     loss, _accuracy = self.fastbert_mlm_loss(

@@ -19,6 +19,8 @@ from functools import cache
 import torch
 import torch.nn.functional as F
 
+from fastbert.config import IGNORE_INDEX  # also importable from here, as it was before it moved to config
+
 _BACKENDS = ("auto", "torch", "triton")
 
 
@@ -174,7 +176,6 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
 
 
 # MLM loss -------------------------------------------------------------------------------------------------------
-IGNORE_INDEX = -100
 _CHUNK_ELEMENTS = 1 << 22  # logits elements per block of rows: 16 MiB of float32
 
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from fastbert.data.masking import MaskingCollator, Sample
+from fastbert.data.masking import MaskingCollator
+from fastbert.data.shards import Sample
 
 VOCAB, PAD, UNK, CLS, SEP, MASK = 30522, 0, 100, 101, 102, 103
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastbert import ops
+from fastbert import config, ops
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 23, 20000])  # one block, and many uneven blocks
@@ -91,3 +91,9 @@ def test_dropout_rate_scale_and_determinism():
     out = ops.dropout(z, 0.5)
     out.sum().backward()
     torch.testing.assert_close(z.grad, torch.where(out == 0, 0.0, 2.0))
+
+
+def test_one_ignore_index():
+    """fastbert.config owns the label that carries no loss; ops re-exports it and the Triton kernel agrees."""
+    mlm_kernel = pytest.importorskip("fastbert.kernels.mlm_loss")
+    assert ops.IGNORE_INDEX == mlm_kernel.IGNORE_INDEX == config.IGNORE_INDEX == -100

@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from fastbert.config import IGNORE_INDEX
 from fastbert.data.shards import Sample
-from fastbert.ops import IGNORE_INDEX
 
 MLM_PROBABILITY = 0.15
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # the remaining 10% keep the original token

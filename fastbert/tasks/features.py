@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastbert.ops import IGNORE_INDEX
+from fastbert.config import IGNORE_INDEX
 from fastbert.tasks.formats import QAExample, TokenExample
 
 

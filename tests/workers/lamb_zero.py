@@ -18,8 +18,9 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 import deepspeed  # noqa: E402
 
 from fastbert import BertConfig, BertForPreTraining  # noqa: E402
-from fastbert.data.masking import MaskingCollator, Sample  # noqa: E402
+from fastbert.data.masking import MaskingCollator  # noqa: E402
 from fastbert.data.sampler import MicroBatchPlan  # noqa: E402
+from fastbert.data.shards import Sample  # noqa: E402
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr  # noqa: E402
 
 STEPS, GLOBAL, MICRO = 10, 8, 2
