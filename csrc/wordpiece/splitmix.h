@@ -1,6 +1,6 @@
 // SplitMix64: the hash behind every random draw of the data pipeline (segment pairs, masking), so that a draw
-// depends only on what it is for, never on a generator's position. The Python definitions
-// (fastbert.data.prepare, fastbert.data.masking) compute the same values.
+// depends only on what it is for, never on a generator's position. Its Python twin, fastbert/data/splitmix.py, is
+// what the Python definitions (fastbert.data.prepare, fastbert.data.masking) use; they compute the same values.
 #pragma once
 
 #include <cstdint>

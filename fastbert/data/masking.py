@@ -21,6 +21,7 @@ import torch
 
 from fastbert.config import IGNORE_INDEX
 from fastbert.data.shards import Sample
+from fastbert.data.splitmix import GOLDEN, mix64
 
 MLM_PROBABILITY = 0.15
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1  # the remaining 10% keep the original token
@@ -30,22 +31,13 @@ PREDICTIONS_PER_TOKEN = 20 / 128
 _SELECT, _ROUND, _REPLACE, _RANDOM_ID = 1, 2, 3, 4  # purposes, so that draws are independent
 
 
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finaliser: a bijective avalanche mix of uint64 values."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def random_uniform(seed: int, epoch: np.ndarray, sample: np.ndarray, position: np.ndarray, purpose: int) -> np.ndarray:
     """Uniform floats in [0, 1) that depend only on their arguments (broadcast together)."""
     with np.errstate(over="ignore"):
-        h = _mix64(np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15) + np.uint64(purpose))
-        h = _mix64(h ^ epoch.astype(np.uint64))
-        h = _mix64(h ^ sample.astype(np.uint64))
-        h = _mix64(h ^ position.astype(np.uint64))
+        h = mix64(np.uint64(seed) * np.uint64(GOLDEN) + np.uint64(purpose))
+        h = mix64(h ^ epoch.astype(np.uint64))
+        h = mix64(h ^ sample.astype(np.uint64))
+        h = mix64(h ^ position.astype(np.uint64))
     return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 

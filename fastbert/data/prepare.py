@@ -34,6 +34,7 @@ import numpy as np
 
 from fastbert.config import OBJECTIVES
 from fastbert.data.shards import SegmentPair, ShardWriter
+from fastbert.data.splitmix import GOLDEN, MASK64, mix64
 
 log = logging.getLogger("fastbert.data")
 
@@ -296,29 +297,16 @@ def encoded_files(files: list[Path], options: PrepareOptions, tokenizer) -> Iter
 # Segment pairs -----------------------------------------------------------------------------------------------------
 # The functions here are the readable definition of the recipe; prepare() runs the same algorithm in C++
 # (csrc/wordpiece/pairs.cc, fastbert._wordpiece.segment_pairs) and a test holds the two to identical samples.
-_MASK64 = (1 << 64) - 1
-_GOLDEN = 0x9E3779B97F4A7C15
-
-
-def _mix64(x: int) -> int:
-    """SplitMix64's finaliser on a Python int."""
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & _MASK64
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 class PairRandom:
     """A document's random stream: SplitMix64 seeded from (seed, document index)."""
 
     def __init__(self, seed: int, stream: int):
-        self.state = _mix64(_mix64((seed + _GOLDEN) & _MASK64) ^ stream)
+        self.state = mix64(mix64((seed + GOLDEN) & MASK64) ^ stream)
 
     def uniform(self) -> float:
         """A float in [0, 1) with 53 random bits."""
-        self.state = (self.state + _GOLDEN) & _MASK64
-        return (_mix64(self.state) >> 11) * 2.0**-53
+        self.state = (self.state + GOLDEN) & MASK64
+        return (mix64(self.state) >> 11) * 2.0**-53
 
     def randint(self, low: int, high: int) -> int:
         """An int in [low, high), from one uniform draw."""
