@@ -12,7 +12,6 @@ Rank 0 writes ``metrics.jsonl`` (one object per optimizer step), TensorBoard eve
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -36,9 +35,10 @@ from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.options import option
 from fastbert.train import checkpoint
-from fastbert.train.distributed import init_distributed, pin, quiet_deepspeed, set_tf32
+from fastbert.train.distributed import init_distributed, pin, set_tf32
 from fastbert.train.evaluation import evaluate, held_out_batches
 from fastbert.train.flops import peak_flops, training_flops
+from fastbert.train.metrics_log import MetricsLog
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
 
 log = logging.getLogger("fastbert.train")
@@ -258,27 +258,25 @@ def warmup_steps(warmup: float, steps: int) -> int:
     return int(warmup)
 
 
-def pretrain(args: PretrainArgs) -> dict:
-    """Run (or resume) pretraining; returns the final metrics of rank 0, with ``stopped`` set to the signal's name
-    or ``"max-minutes"`` when the run stopped (and saved) before ``args.steps``."""
-    quiet_deepspeed()
-    import deepspeed
+@dataclass
+class _RunInputs:
+    """Everything a run reads, checked: data, vocabulary, model config, where it resumes from."""
 
-    started = time.perf_counter()
-    warmup = warmup_steps(args.warmup, args.steps)
-    if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
-        raise TrainingSetupError(
-            f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
-        )
-    init_distributed(args.dist_timeout)
-    set_tf32(args.tf32)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    dataset: ShardDataset
+    eval_dataset: ShardDataset | None
+    vocab_tokens: list[str]
+    files: dict[str, bytes]  # written into the run directory and into every checkpoint
+    objective: str
+    config: BertConfig
+    plan: MicroBatchPlan
+    resume_from: Path | None
+    previous_run: str  # what an --overwrite run deletes ("" for none)
+
+
+def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
+    """Read and check the data, the vocabulary, the checkpoint to resume or start from and the output directory;
+    any problem raises ``TrainingSetupError`` (or a shard/checkpoint error) before anything is written."""
     run_dir, data_dir = Path(args.out), Path(args.data)
-
-    # Everything that can be wrong is checked before the first step.
-    plan_args = dict(
-        global_batch=args.global_batch, micro_batch=args.micro_batch, seed=args.seed, rank=rank, world_size=world
-    )
     if args.global_batch % (args.micro_batch * world):
         raise TrainingSetupError(
             f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x world size "
@@ -290,32 +288,9 @@ def pretrain(args: PretrainArgs) -> dict:
     if dataset.seq_len > seq_len:
         raise TrainingSetupError(f"{data_dir}: samples are up to {dataset.seq_len} tokens but --seq-len is {seq_len}")
     objective = dataset.meta["objective"]
-    eval_dataset = None
-    if args.eval_data:
-        eval_dataset = ShardDataset(args.eval_data, vocab_tokens=vocab_tokens, verify="full")
-        if eval_dataset.meta["objective"] != objective:
-            raise TrainingSetupError(
-                f"--eval-data {args.eval_data}: prepared for objective {eval_dataset.meta['objective']!r}, "
-                f"but {data_dir} for {objective!r}"
-            )
-        if eval_dataset.seq_len > (args.seq_len or dataset.seq_len):
-            raise TrainingSetupError(
-                f"--eval-data {args.eval_data}: samples are up to {eval_dataset.seq_len} tokens, longer than the "
-                "run's sequence length"
-            )
-    resume_from = None
-    if args.resume == "auto":
-        # Fresh only when the run holds no checkpoint at all: a dangling `latest` or a broken checkpoint is an error,
-        # never a silent restart that would overwrite the run's metrics and checkpoints.
-        saved = run_dir / checkpoint.CHECKPOINTS
-        if saved.is_dir() and any(saved.iterdir()):
-            try:
-                resume_from = checkpoint.resolve(run_dir)
-            except checkpoint.CheckpointNotFound as e:
-                raise TrainingSetupError(f"--resume auto: {e}; pick a checkpoint with --resume PATH") from e
-    elif args.resume:
-        resume_from = checkpoint.resolve(args.resume)
-    previous_run = resume_from is None and _holds_a_run(run_dir)
+    eval_dataset = _eval_dataset(args, vocab_tokens, objective, seq_len) if args.eval_data else None
+    resume_from = _resume_point(args, run_dir)
+    previous_run = _holds_a_run(run_dir) if resume_from is None else ""
     if previous_run and not args.overwrite:
         raise TrainingSetupError(
             f"--out {run_dir} already holds a run ({previous_run}); continue it with --resume auto, start over with "
@@ -324,21 +299,75 @@ def pretrain(args: PretrainArgs) -> dict:
     config = _model_config(args, len(vocab_tokens), objective, seq_len)
     source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
     if source is not None:
-        saved = BertConfig.from_json_file(source / "config.json")
-        diff = {
-            k: (v, getattr(config, k))
-            for k, v in asdict(saved).items()
-            if getattr(config, k) != v and k != "max_position_embeddings"
-        }
-        if diff:
-            detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
-            raise TrainingSetupError(f"{source}: the model config does not match this run ({detail})")
-        saved_vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
-        if vocab_sha256(saved_vocab) != vocab_sha256(vocab_tokens):
-            raise TrainingSetupError(f"{data_dir}: the data's vocabulary differs from the one of checkpoint {source}")
-        config = saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
-    ds_config = _ds_config(args)
-    plan = MicroBatchPlan(num_samples=len(dataset), **plan_args)
+        config = _checkpoint_config(source, config, vocab_tokens, data_dir, seq_len)
+    plan = MicroBatchPlan(
+        num_samples=len(dataset),
+        global_batch=args.global_batch,
+        micro_batch=args.micro_batch,
+        seed=args.seed,
+        rank=rank,
+        world_size=world,
+    )
+    files = {
+        "config.json": config.to_json_string("BertForPreTraining").encode(),
+        "vocab.txt": vocab_bytes,
+        "tokenizer_config.json": tokenizer_config,
+    }
+    return _RunInputs(dataset, eval_dataset, vocab_tokens, files, objective, config, plan, resume_from, previous_run)
+
+
+def _eval_dataset(args: PretrainArgs, vocab_tokens: list[str], objective: str, seq_len: int) -> ShardDataset:
+    eval_dataset = ShardDataset(args.eval_data, vocab_tokens=vocab_tokens, verify="full")
+    if eval_dataset.meta["objective"] != objective:
+        raise TrainingSetupError(
+            f"--eval-data {args.eval_data}: prepared for objective {eval_dataset.meta['objective']!r}, "
+            f"but {args.data} for {objective!r}"
+        )
+    if eval_dataset.seq_len > seq_len:
+        raise TrainingSetupError(
+            f"--eval-data {args.eval_data}: samples are up to {eval_dataset.seq_len} tokens, longer than the "
+            f"run's sequence length {seq_len}"
+        )
+    return eval_dataset
+
+
+def _resume_point(args: PretrainArgs, run_dir: Path) -> Path | None:
+    """The checkpoint to resume: --resume PATH, or with --resume auto the run's latest (fresh only when the run
+    holds no checkpoint at all: a dangling ``latest`` or a broken checkpoint is an error, never a silent restart
+    that would overwrite the run's metrics and checkpoints)."""
+    if args.resume == "auto":
+        saved = run_dir / checkpoint.CHECKPOINTS
+        if saved.is_dir() and any(saved.iterdir()):
+            try:
+                return checkpoint.resolve(run_dir)
+            except checkpoint.CheckpointNotFound as e:
+                raise TrainingSetupError(f"--resume auto: {e}; pick a checkpoint with --resume PATH") from e
+        return None
+    return checkpoint.resolve(args.resume) if args.resume else None
+
+
+def _checkpoint_config(
+    source: Path, config: BertConfig, vocab_tokens: list[str], data_dir: Path, seq_len: int
+) -> BertConfig:
+    """The config of the checkpoint a run resumes or starts from, which must match the run's (and its vocab)."""
+    saved = BertConfig.from_json_file(source / "config.json")
+    diff = {
+        k: (v, getattr(config, k))
+        for k, v in asdict(saved).items()
+        if getattr(config, k) != v and k != "max_position_embeddings"
+    }
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
+        raise TrainingSetupError(f"{source}: the model config does not match this run ({detail})")
+    saved_vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    if vocab_sha256(saved_vocab) != vocab_sha256(vocab_tokens):
+        raise TrainingSetupError(f"{data_dir}: the data's vocabulary differs from the one of checkpoint {source}")
+    return saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
+
+
+def _build_engine(args: PretrainArgs, config: BertConfig):
+    """The model, fastbert's LAMB and the DeepSpeed engine around them; returns (engine, optimizer)."""
+    import deepspeed
 
     torch.manual_seed(args.seed)
     model = BertForPreTraining(config)
@@ -348,7 +377,7 @@ def pretrain(args: PretrainArgs) -> dict:
         max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
         max_trust_ratio=args.max_trust_ratio,
     )
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(args))
     try:
         optimizer.attach_to_engine(engine, list(model.parameters()))
     except LambSetupError as e:
@@ -359,112 +388,127 @@ def pretrain(args: PretrainArgs) -> dict:
             f"{args.zero_stage}, which fastbert has not been tested with (gradient clipping "
             "would be applied twice or not at all)"
         )
+    return engine, optimizer
 
-    start_step = 0
-    if resume_from is not None:
-        state = checkpoint.load(engine, resume_from)
+
+def _restore(engine, args: PretrainArgs, inputs: _RunInputs) -> int:
+    """Load the checkpoint to resume (or --init-from's weights); returns the step the run starts after."""
+    start_step, start_position = 0, 0
+    if inputs.resume_from is not None:
+        state = checkpoint.load(engine, inputs.resume_from)
         start_step = int(state["step"])
-        start_position = plan.check_state(state["data"])
-        log.info("resumed from %s at step %d", resume_from, start_step)
-    else:
-        if args.init_from:
-            checkpoint.load(engine, checkpoint.resolve(args.init_from), load_optimizer=not args.reset_optimizer)
-        start_position = 0
-    if start_position != start_step * plan.accumulation:
+        start_position = inputs.plan.check_state(state["data"])
+        log.info("resumed from %s at step %d", inputs.resume_from, start_step)
+    elif args.init_from:
+        checkpoint.load(engine, checkpoint.resolve(args.init_from), load_optimizer=not args.reset_optimizer)
+    if start_position != start_step * inputs.plan.accumulation:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
+    return start_step
 
-    collate = masking_collator(args, dataset, vocab_tokens)
-    eval_batches = None
-    if eval_dataset is not None:
-        eval_batches = held_out_batches(
-            eval_dataset,
-            masking_collator(args, eval_dataset, vocab_tokens),
-            args.micro_batch,
-            rank,
-            world,
-            args.eval_samples,
-        )
-        if engine.device.type == "cuda":
-            eval_batches = [pin(b) for b in eval_batches]
-    loader = torch.utils.data.DataLoader(
-        MicroBatchDataset(dataset, plan, collate),
+
+def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, device: torch.device):
+    """The micro-batches from ``start_step`` on, collated (and masked) in ``--loader-workers`` processes."""
+    plan = inputs.plan
+    return torch.utils.data.DataLoader(
+        MicroBatchDataset(inputs.dataset, plan, masking_collator(args, inputs.dataset, inputs.vocab_tokens)),
         batch_size=None,
         num_workers=args.loader_workers,
-        sampler=range(start_position, args.steps * plan.accumulation),
+        sampler=range(start_step * plan.accumulation, args.steps * plan.accumulation),
         persistent_workers=False,
-        pin_memory=engine.device.type == "cuda",
+        pin_memory=device.type == "cuda",
         worker_init_fn=_loader_worker_init if args.loader_workers else None,
     )
 
-    files = {
-        "config.json": config.to_json_string("BertForPreTraining").encode(),
-        "vocab.txt": vocab_bytes,
-        "tokenizer_config.json": tokenizer_config,
+
+def _eval_batches(args: PretrainArgs, inputs: _RunInputs, rank: int, world: int, device: torch.device):
+    if inputs.eval_dataset is None:
+        return None
+    collate = masking_collator(args, inputs.eval_dataset, inputs.vocab_tokens)
+    batches = held_out_batches(inputs.eval_dataset, collate, args.micro_batch, rank, world, args.eval_samples)
+    return [pin(b) for b in batches] if device.type == "cuda" else batches
+
+
+def _write_run_files(args: PretrainArgs, inputs: _RunInputs) -> None:
+    """Rank 0, once every input is checked: the old run goes (--overwrite), the run's files are written."""
+    run_dir = Path(args.out)
+    if inputs.previous_run:
+        log.warning("--overwrite: deleting the run in %s (%s)", run_dir, inputs.previous_run)
+        shutil.rmtree(run_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for name, data in inputs.files.items():
+        write_atomic(run_dir / name, data)
+    write_atomic(run_dir / "args.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
+
+
+def _step_row(step: int, values: dict, elapsed: float, lr: float, grad_norm, objective: str) -> dict:
+    """The metrics of an optimizer step from its summed ``values`` (timings and FLOPs are added by the caller)."""
+    skipped = values["skipped"] > 0
+    return {
+        "step": step,
+        **step_metrics(values, objective != "none"),
+        "lr": lr,
+        "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
+        "skipped": skipped,
+        "tokens_per_s": values["tokens"] / elapsed,
+        "samples_per_s": values["sequences"] / elapsed,
     }
-    metrics_path = run_dir / "metrics.jsonl"
-    writer = None
-    bar = None
-    time_offset = 0.0  # seconds the run had trained before this process (on resume)
+
+
+def _mfu(config: BertConfig, values: dict, elapsed: float, peak: float | None, world: int) -> float | None:
+    if peak is None:
+        return None
+    flops = training_flops(
+        config,
+        tokens=int(values["tokens"]),
+        squared_lengths=int(values["squared_lengths"]),
+        sequences=int(values["sequences"]),
+        masked=int(values["masked"]),
+    )
+    return flops / elapsed / (peak * world)
+
+
+def pretrain(args: PretrainArgs) -> dict:
+    """Run (or resume) pretraining; returns the final metrics of rank 0, with ``stopped`` set to the signal's name
+    or ``"max-minutes"`` when the run stopped (and saved) before ``args.steps``."""
+    started = time.perf_counter()
+    warmup = warmup_steps(args.warmup, args.steps)
+    if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
+        raise TrainingSetupError(
+            f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
+        )
+    init_distributed(args.dist_timeout)
+    set_tf32(args.tf32)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    inputs = _check_inputs(args, rank, world)
+    engine, optimizer = _build_engine(args, inputs.config)
+    start_step = _restore(engine, args, inputs)
+    batches = iter(_loader(args, inputs, start_step, engine.device))
+    eval_batches = _eval_batches(args, inputs, rank, world, engine.device)
     if rank == 0:
-        if previous_run:  # --overwrite, and every input checked: the old run goes now
-            log.warning("--overwrite: deleting the run in %s (%s)", run_dir, previous_run)
-            shutil.rmtree(run_dir / checkpoint.CHECKPOINTS, ignore_errors=True)
-            shutil.rmtree(run_dir / "tensorboard", ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for name, data in files.items():
-            write_atomic(run_dir / name, data)
-        write_atomic(run_dir / "args.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
-        kept = []
-        if metrics_path.exists():  # on resume, the steps after the checkpoint will be logged again
-            kept = [
-                line
-                for line in metrics_path.read_text().splitlines()
-                if line.strip() and json.loads(line)["step"] <= start_step
-            ]
-        write_atomic(metrics_path, "".join(line + "\n" for line in kept).encode())
-        if kept:  # the run's clock goes on from where the kept rows left it
-            time_offset = json.loads(kept[-1]).get("time", 0.0)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
-        except ImportError:
-            log.warning("tensorboard is not installed; writing metrics.jsonl only")
-        if args.progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=args.steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
-
+        _write_run_files(args, inputs)
     peak = peak_flops(engine.device, args.precision, tf32=args.tf32)
     if peak is None and engine.device.type == "cuda" and rank == 0:
-        log.warning(
-            "%s: peak FLOP/s unknown, so model-FLOPs utilisation is not logged",
-            torch.cuda.get_device_name(engine.device),
-        )
+        log.warning("%s: peak FLOP/s unknown, so MFU is not logged", torch.cuda.get_device_name(engine.device))
+    metrics_log = MetricsLog(
+        Path(args.out), start_step=start_step, total_steps=args.steps, enabled=rank == 0, progress=args.progress
+    )
     stop = _StopRequest(announce=rank == 0)
-    last: dict = {}
-    step = start_step
-    skipped_in_a_row = 0
-    batches = iter(loader)
-    if resume_from is not None:
-        checkpoint.restore_rng(resume_from)
     budget = None if args.max_minutes is None else args.max_minutes * 60
-    cleanup = contextlib.ExitStack()
-    if bar is not None:  # log lines go above the bar instead of through it
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        cleanup.enter_context(logging_redirect_tqdm())
+    last: dict = {}
+    step, skipped_in_a_row = start_step, 0
+    if inputs.resume_from is not None:
+        checkpoint.restore_rng(inputs.resume_from)  # last: building models and loaders draws random numbers
     tick = time.perf_counter()
     try:
         while step < args.steps:
             lr = warmup_poly_lr(step, args.lr, warmup, args.steps, args.decay_power)
             for group in engine.optimizer.param_groups:
                 group["lr"] = lr
-            micro_batches = [next(batches) for _ in range(plan.accumulation)]
             sums = optimizer_step(
                 engine,
-                micro_batches,
+                [next(batches) for _ in range(inputs.plan.accumulation)],
                 world,
                 skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
                 stop=stop.requested,
@@ -474,37 +518,17 @@ def pretrain(args: PretrainArgs) -> dict:
             step += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
-            skipped = values["skipped"] > 0
-            last = {
-                "step": step,
-                **step_metrics(values, objective != "none"),
-                "lr": lr,
-                "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
-                "skipped": skipped,
-                "tokens_per_s": values["tokens"] / elapsed,
-                "samples_per_s": values["sequences"] / elapsed,
-                "time": time_offset + (tick - started),  # seconds since the run started, resumes included
-                "wall": time.time(),
-            }
+            last = _step_row(step, values, elapsed, lr, grad_norm, inputs.objective)
+            last.update(time=metrics_log.time_offset + (tick - started), wall=time.time())
             if engine.device.type == "cuda":
                 last["max_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
-            if peak is not None:
-                model_flops = training_flops(
-                    config,
-                    tokens=int(values["tokens"]),
-                    squared_lengths=int(values["squared_lengths"]),
-                    sequences=int(values["sequences"]),
-                    masked=int(values["masked"]),
-                )
-                last["mfu"] = model_flops / elapsed / (peak * world)
-            if eval_batches is not None and (
-                step == args.steps
-                or values["stop"] > 0
-                or values["out_of_time"] > 0
-                or (args.eval_every and step % args.eval_every == 0)
-            ):
+            if (mfu := _mfu(inputs.config, values, elapsed, peak, world)) is not None:
+                last["mfu"] = mfu
+            stopping = values["stop"] > 0 or values["out_of_time"] > 0
+            evaluating = step == args.steps or stopping or (args.eval_every and step % args.eval_every == 0)
+            if eval_batches is not None and evaluating:
                 last.update(evaluate(engine.module, eval_batches, engine.device))
                 tick = time.perf_counter()  # the evaluation is not the next step's time
             skipped_in_a_row = skipped_in_a_row + 1 if last["skipped"] else 0
@@ -512,31 +536,18 @@ def pretrain(args: PretrainArgs) -> dict:
                 log.warning(
                     "step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)", step
                 )
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(last) + "\n")
-                if writer is not None:
-                    for key, value in last.items():
-                        if key != "step" and value is not None:
-                            tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
-                            writer.add_scalar(tag, float(value), step)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(
-                        loss=f"{last['loss']:.3f}",
-                        mlm=f"{last['mlm_accuracy']:.3f}",
-                        seq_s=f"{last['samples_per_s']:.1f}",
-                    )
+            metrics_log.write(last)
             if args.max_skipped_steps and skipped_in_a_row >= args.max_skipped_steps:
                 raise TrainingDivergedError(
                     f"{skipped_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient, so "
                     f"nothing was learnt; stopping without saving (the weights are those of the last checkpoint, if "
                     f"any; --max-skipped-steps 0 never stops)"
                 )
-            stopping = values["stop"] > 0 or values["out_of_time"] > 0
             if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
-                client_state = {"step": step, "data": plan.state_dict(step * plan.accumulation), "args": asdict(args)}
-                path = checkpoint.save(engine, run_dir, step, client_state, files, args.keep)
+                state = {"step": step, "data": inputs.plan.state_dict(step * inputs.plan.accumulation)}
+                path = checkpoint.save(
+                    engine, Path(args.out), step, {**state, "args": asdict(args)}, inputs.files, args.keep
+                )
                 if rank == 0:
                     log.info("saved %s", path)
             if stopping and step < args.steps:
@@ -546,9 +557,5 @@ def pretrain(args: PretrainArgs) -> dict:
                 break
     finally:
         stop.restore()
-        cleanup.close()
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+        metrics_log.close()
     return last
