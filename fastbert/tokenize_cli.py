@@ -7,11 +7,12 @@ progress bar; tokenization itself is ``fastbert.tokenizer.WordPieceTokenizer.enc
 from __future__ import annotations
 
 import argparse
-import os
+import contextlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+
+from fastbert.atomic import open_atomic
 
 CHUNK_BYTES = 4 << 20
 
@@ -102,12 +103,22 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     total = sum(p.stat().st_size for p in args.files)
-    tmp = None if args.output is None else args.output.with_name(f".{args.output.name}.{os.getpid()}.tmp")
-    out: TextIO = sys.stdout if tmp is None else open(tmp, "w", encoding="utf-8")  # noqa: SIM115
+    # The output appears whole under its name at the end, or not at all.
+    sink = (
+        contextlib.nullcontext(sys.stdout) if args.output is None else open_atomic(args.output, "w", encoding="utf-8")
+    )
     try:
-        with tqdm(
-            total=total, unit="B", unit_scale=True, desc="tokenize", disable=args.no_progress or None, file=sys.stderr
-        ) as bar:
+        with (
+            sink as out,
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc="tokenize",
+                disable=args.no_progress or None,
+                file=sys.stderr,
+            ) as bar,
+        ):
             for path in args.files:
                 for lines, size in read_lines(path):
                     ids = tokenizer.encode_batch(
@@ -115,15 +126,8 @@ def run(args: argparse.Namespace) -> int:
                     )
                     out.write("".join(" ".join(map(str, row)) + "\n" for row in ids))
                     bar.update(size)
+            out.flush()
     except (InputError, OSError) as e:
-        if tmp is not None:
-            out.close()
-            tmp.unlink(missing_ok=True)
         print(f"fastbert tokenize: error: {e}", file=sys.stderr)
         return 1
-    if tmp is not None:
-        out.close()
-        tmp.replace(args.output)
-    else:
-        out.flush()
     return 0

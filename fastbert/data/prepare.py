@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fastbert.atomic import replace_directory
 from fastbert.config import OBJECTIVES
 from fastbert.data.shards import SegmentPair, ShardWriter
 from fastbert.data.splitmix import GOLDEN, MASK64, mix64
@@ -432,7 +433,7 @@ def prepare(
     partial = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         meta = _prepare_into(partial, files, tokenizer, options, progress)
-        _replace_dir(partial, out_dir)
+        replace_directory(partial, out_dir)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -444,24 +445,6 @@ def prepare(
         out_dir,
     )
     return meta
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Put directory ``new`` at ``target``, replacing what is there (the old one is moved aside, then deleted)."""
-    new.chmod(0o777 & ~_umask())  # mkdtemp's owner-only mode would make shards unreadable to other users
-    if target.exists() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)  # onto nothing, or onto an empty directory
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _prepare_into(out_dir: Path, files: list[Path], tokenizer, options: PrepareOptions, progress: bool) -> dict:
