@@ -161,14 +161,8 @@ class WordPieceTokenizer:
 
     def encode(self, text: str, pair: str | None = None, add_special_tokens: bool = True) -> list[int]:
         """Ids of text (and pair): ``[CLS] text [SEP] pair [SEP]`` with special tokens."""
-        ids = self._core.encode(text)
-        if add_special_tokens:
-            ids = [self.cls_token_id, *ids, self.sep_token_id]
-        if pair is not None:
-            ids += self._core.encode(pair)
-            if add_special_tokens:
-                ids.append(self.sep_token_id)
-        return ids
+        ids_b = None if pair is None else self._core.encode(pair)
+        return self._assemble(self._core.encode(text), None, ids_b, None, add_special_tokens)[0]
 
     def encode_batch(
         self,
@@ -333,6 +327,9 @@ class WordPieceTokenizer:
         offs_b: list | None,
         add_special_tokens: bool,
     ) -> tuple[list[int], list[int], list | None]:
+        """``[CLS] a [SEP] b [SEP]`` as (ids, token types, offsets or None): the one place in Python that adds the
+        special tokens to lists (the C++ ``Tokenizer::encode_ids`` does it for ``encode_batch`` and
+        ``encode_batch_flat``, the flat arrays of ``_encode_on_gpu`` place them by index)."""
         if add_special_tokens:
             ids = [self.cls_token_id, *ids_a, self.sep_token_id]
             offsets = None if offs_a is None else [(0, 0), *offs_a, (0, 0)]
