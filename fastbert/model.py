@@ -263,8 +263,15 @@ class BertPreTrainedModel(nn.Module):
     config: BertConfig
 
     def init_weights(self) -> None:
+        """BERT's initialisation: linear and embedding weights from N(0, initializer_range), biases zero, LayerNorms
+        the identity. A head model's encoder (``self.bert``) was initialised by its own constructor, so here only
+        the head's modules are drawn: every weight is initialised once."""
         std = self.config.initializer_range
+        encoder = getattr(self, "bert", None)
+        done = set(encoder.modules()) if isinstance(encoder, BertModel) else set()
         for module in self.modules():
+            if module in done:
+                continue
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
@@ -277,9 +284,8 @@ class BertPreTrainedModel(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        for module in self.modules():
-            if isinstance(module, BertPreTrainingHeads):
-                nn.init.zeros_(module.bias)
+            elif isinstance(module, BertPreTrainingHeads):
+                nn.init.zeros_(module.bias)  # the tied decoder's bias
 
     @classmethod
     def from_pretrained(

@@ -195,3 +195,37 @@ def test_too_long_sequence_is_named():
     model = BertModel(BertConfig.preset("tiny", max_position_embeddings=16))
     with pytest.raises(IndexError, match="sequence is too long"):
         model(torch.ones(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "head",
+    ["BertForPreTraining", "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering"],
+)
+def test_a_head_model_initialises_each_weight_once(head, monkeypatch):
+    """The encoder is drawn once, by BertModel's constructor (the same weights a plain BertModel gets from the same
+    seed), and the head model draws only its own modules, from the same distribution."""
+    import fastbert
+
+    config = BertConfig.preset("tiny", vocab_size=3000, initializer_range=0.05, num_labels=3)
+    draws = []
+    normal = torch.nn.init.normal_
+    # Only init_weights' draws are counted: nn.Embedding's constructor draws its own N(0, 1) first.
+    monkeypatch.setattr(
+        torch.nn.init, "normal_", lambda t, *a, **k: (k.get("std") == 0.05 and draws.append(t)) or normal(t, *a, **k)
+    )
+    torch.manual_seed(0)
+    model = getattr(fastbert, head)(config)
+    assert len(draws) == len({id(t) for t in draws})  # no tensor drawn twice
+    torch.manual_seed(0)
+    plain = BertModel(config, add_pooling_layer=model.bert.pooler is not None)
+    for (name, got), want in zip(model.bert.state_dict().items(), plain.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    for name, p in model.named_parameters():
+        if name.startswith("bert."):
+            continue
+        if p.dim() == 2:
+            assert p.std().item() == pytest.approx(0.05, rel=0.2), name
+        elif name.endswith("transform_norm.weight"):
+            assert (p == 1).all(), name
+        else:
+            assert (p == 0).all(), name

@@ -14,7 +14,7 @@ micro-batch with its position, which the training loop saves as ``position + 1``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -82,9 +82,6 @@ class MicroBatchPlan:
         epochs = (start + np.arange(self.micro_batch)) // self.num_samples
         return self.stream(start, self.micro_batch), epochs
 
-    def step_and_micro(self, position: int) -> tuple[int, int]:
-        return divmod(position, self.accumulation)
-
     # Resume -------------------------------------------------------------------------------------------------------
     def state_dict(self, next_position: int) -> dict[str, Any]:
         return {
@@ -109,7 +106,7 @@ class MicroBatchDataset(torch.utils.data.Dataset):
     """Position -> ``collate(samples, indices, epochs)`` for that micro-batch, with ``batch["position"]`` set.
 
     Use with ``DataLoader(MicroBatchDataset(...), batch_size=None, sampler=range(start, stop))`` (or
-    ``positions(start)`` for an endless run); each worker computes its batches from positions alone.
+    ``itertools.count(start)`` for an endless run); each worker computes its batches from positions alone.
     """
 
     def __init__(
@@ -125,11 +122,3 @@ class MicroBatchDataset(torch.utils.data.Dataset):
         batch = self.collate([self.dataset[int(i)] for i in indices], indices, epochs)
         batch["position"] = position
         return batch
-
-
-def positions(start: int) -> Iterator[int]:
-    """Every position from ``start`` on."""
-    position = start
-    while True:
-        yield position
-        position += 1
