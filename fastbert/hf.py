@@ -121,7 +121,11 @@ def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tup
         module, _, leaf = key.rpartition(".")
         local = module[len(prefix) :] if module.startswith(prefix) else f"head:{module}"
         if local not in modules:
-            raise AssertionError(f"no checkpoint name for {key}")  # a module added without a key map entry
+            # A module added to the model without an entry in _module_map: a bug here, named so it is found at once.
+            raise CheckpointError(
+                f"{type(model).__name__} key {key!r}: module {local!r} has no {model_type} checkpoint name in "
+                "fastbert.hf._module_map"
+            )
         theirs = modules[local]
         names = theirs if isinstance(theirs, tuple) else (theirs,)
         base = model_type + "." if not local.startswith("head:") else ""

@@ -17,10 +17,6 @@ from fastbert.atomic import open_atomic
 CHUNK_BYTES = 4 << 20
 
 
-class InputError(Exception):
-    """A file that cannot be tokenized, named with its line and byte offset."""
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Registers ``tokenize`` on the ``fastbert`` command's subparsers."""
     parser = subparsers.add_parser(
@@ -43,8 +39,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[list[str], int]]:
-    """Yields (lines, bytes consumed) in chunks of whole lines; invalid UTF-8 raises InputError naming the line."""
+    """Yields (lines, bytes consumed) in chunks of whole lines; invalid UTF-8 raises
+    ``fastbert.data.prepare.InputError`` naming the line."""
     from fastbert import _wordpiece
+    from fastbert.data.prepare import InputError
 
     line_no = 0
     with open(path, "rb") as f:
@@ -77,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
     """Handler of ``fastbert tokenize``; returns the exit status."""
     from tqdm import tqdm
 
+    from fastbert.data.prepare import InputError
     from fastbert.tokenizer import VocabError, WordPieceTokenizer
 
     try:

@@ -246,7 +246,9 @@ def test_export_refuses_non_finite_weights(safe_run, tmp_path):
     state["module"]["bert.encoder.layers.0.ffn_in.weight"][0, 0] = float("nan")
     torch.save(state, ckpt / "mp_rank_00_model_states.pt")
     checkpoint.write_manifest(ckpt, finite=False)
-    with pytest.raises(checkpoint.CorruptCheckpoint, match="non-finite weights .* in bert.encoder.layers.0.ffn_in.weight"):
+    with pytest.raises(
+        checkpoint.CorruptCheckpoint, match="non-finite weights .* in bert.encoder.layers.0.ffn_in.weight"
+    ):
         export(safe_run, tmp_path / "hf")
 
 
@@ -261,3 +263,16 @@ def test_rotation_never_deletes_the_last_checkpoint_with_finite_weights(tmp_path
     checkpoint.write_manifest(root / checkpoint.tag_for(5), finite=True)  # finite again: rotation as usual
     checkpoint._rotate(root, checkpoint.tag_for(5), keep=2)
     assert sorted(p.name for p in root.iterdir()) == [checkpoint.tag_for(s) for s in (4, 5)]
+
+
+def test_export_names_weights_that_do_not_fit_the_config(safe_run, tmp_path):
+    ckpt = safe_run / checkpoint.CHECKPOINTS / TAG
+    state = torch.load(ckpt / "mp_rank_00_model_states.pt", weights_only=True)
+    del state["module"]["cls.bias"]
+    torch.save(state, ckpt / "mp_rank_00_model_states.pt")
+    checkpoint.write_manifest(ckpt, finite=True)
+    with pytest.raises(
+        checkpoint.CorruptCheckpoint, match="weights do not match the checkpoint's config.json .*cls.bias"
+    ):
+        export(safe_run, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()

@@ -16,6 +16,7 @@ from fastbert import (
     BertForSequenceClassification,
     BertForTokenClassification,
     BertModel,
+    CheckpointError,
 )
 from fastbert.hf import checkpoint_key_map
 
@@ -242,3 +243,10 @@ def test_left_padding_matches_transformers(minilm_dir, hf_tokenizer, real_senten
     with torch.no_grad():
         diff = ours(**batch).last_hidden_state - hf(**batch).last_hidden_state
     assert diff[mask].abs().max() <= 1e-5
+
+
+def test_a_module_without_a_checkpoint_name_is_named():
+    model = BertForSequenceClassification(BertConfig.preset("tiny", vocab_size=100, num_labels=2))
+    model.extra = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match="key 'extra.weight': module 'head:extra' has no bert checkpoint name"):
+        checkpoint_key_map(model, "bert")

@@ -44,7 +44,8 @@ SHORT_SEQ_PROB = 0.1
 
 
 class InputError(ValueError):
-    """Input text that cannot be read as asked; the message names the file and where."""
+    """Input text that cannot be read as asked; the message names the file and where. Raised by prepare-data and
+    by ``fastbert tokenize``, the two readers of text files."""
 
 
 @dataclass

@@ -48,7 +48,8 @@ class CheckpointNotFound(FileNotFoundError):
 
 
 class CorruptCheckpoint(CheckpointNotFound):
-    """A checkpoint whose files do not match its manifest (changed, truncated or missing)."""
+    """A checkpoint whose files do not match its manifest (changed, truncated or missing), or whose weights do not
+    fit its own config.json (missing, unexpected or non-finite tensors)."""
 
 
 class UnsafeCheckpoint(CheckpointNotFound):

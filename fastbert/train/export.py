@@ -46,8 +46,8 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
         )
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise checkpoint.CheckpointNotFound(
-            f"{ckpt}: weights do not match the config (missing {missing}, unexpected {unexpected})"
+        raise checkpoint.CorruptCheckpoint(
+            f"{ckpt}: weights do not match the checkpoint's config.json (missing {missing}, unexpected {unexpected})"
         )
     out = Path(out)
     model.save_pretrained(out)
