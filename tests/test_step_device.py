@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from fastbert.config import BertConfig
 from fastbert.data.masking import MaskingCollator
 from fastbert.data.shards import Sample
-from fastbert.config import BertConfig
 from fastbert.model import (
     BertForPreTraining,
     BertForQuestionAnswering,
@@ -158,3 +158,14 @@ def test_fine_tuning_inputs_cross_to_the_device_whole():
     assert isinstance(layout, Layout) and layout.max_seqlen == 3 and layout.shape == (2, 4)
     assert layout.cu_seqlens.device == layout.index.device == META
     assert all(v.device == META for v in inputs.values())
+
+
+def test_a_world_of_one_does_not_build_deepspeeds_shared_memory_op(monkeypatch):
+    import importlib
+
+    from fastbert.train import distributed
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    monkeypatch.setattr(ds_torch, "build_shm_op", ds_torch.build_shm_op)  # restored after the test
+    distributed._skip_shared_memory_op()
+    assert ds_torch.build_shm_op() is None

@@ -116,8 +116,10 @@ def _skip_shared_memory_op() -> None:
     all-reduce op on start-up (half a minute or more when the build cache is cold or was built with other flags).
     DeepSpeed treats a missing op as "use torch.distributed", so for one process the builder is skipped. (A private
     DeepSpeed function, patched by name: pyproject pins deepspeed below 0.20.)"""
-    try:
-        import deepspeed.comm.torch as ds_torch
+    import importlib
+
+    try:  # not `import deepspeed.comm.torch as m`: deepspeed.comm has an attribute `torch`, the torch package
+        ds_torch = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     if hasattr(ds_torch, "build_shm_op"):
