@@ -46,15 +46,6 @@ const T* upload(std::vector<void*>& owned, const T* host, size_t n, const char* 
   return static_cast<const T*>(ptr);
 }
 
-template <typename T>
-const T* upload(std::vector<void*>& owned, const std::vector<T>& v, const char* what) {
-  return upload(owned, v.data(), v.size(), what);
-}
-
-const uint8_t* upload(std::vector<void*>& owned, const std::string& s, const char* what) {
-  return upload(owned, reinterpret_cast<const uint8_t*>(s.data()), s.size(), what);
-}
-
 }  // namespace
 
 DeviceTrie::DeviceTrie(const Trie& trie) {
@@ -62,20 +53,13 @@ DeviceTrie::DeviceTrie(const Trie& trie) {
   try {
     // Every pointer field of TrieView is replaced by its device copy; the scalars stay as the host view has them.
     view_ = trie.view();
-    view_.edge_begin = upload(owned_, trie.edge_begin(), "trie edges");
-    view_.edge_label = upload(owned_, trie.edge_label(), "trie labels");
-    view_.edge_child = upload(owned_, trie.edge_child(), "trie children");
-    view_.dense_slot = upload(owned_, trie.dense_slot(), "trie dense slots");
-    view_.dense = upload(owned_, trie.dense(), "trie dense rows");
-    view_.node_token = upload(owned_, trie.node_token(), "trie tokens");
-    view_.fail = upload(owned_, trie.fail(), "trie failure links");
-    view_.pops_begin = upload(owned_, trie.pops_begin(), "trie pops");
-    view_.pops = upload(owned_, trie.pops(), "trie pops");
-    view_.token_bytes = upload(owned_, trie.token_bytes(), "token lengths");
-    view_.word_slots = upload(owned_, trie.word_slots(), "whole-word table");
-    view_.token_start = upload(owned_, trie.token_start(), "token offsets");
-    view_.token_chars = upload(owned_, trie.token_chars(), "token bytes");
-    view_.marker = upload(owned_, trie.marker(), "marker");
+    // FASTBERT_TRIE_ARRAYS (matcher.h) lists them all, so a new array cannot be left pointing at host memory.
+#define FASTBERT_TRIE_DEVICE_COPY(type, name, what)                                                            \
+  static_assert(sizeof(*trie.name().data()) == sizeof(type), "Trie::" #name "() and TrieView::" #name        \
+                                                              " differ in element size");                     \
+  view_.name = upload(owned_, reinterpret_cast<const type*>(trie.name().data()), trie.name().size(), what);
+    FASTBERT_TRIE_ARRAYS(FASTBERT_TRIE_DEVICE_COPY)
+#undef FASTBERT_TRIE_DEVICE_COPY
   } catch (...) {
     for (void* p : owned_) cudaFree(p);
     throw;

@@ -21,22 +21,42 @@
 
 namespace fastbert {
 
+// Every array of the trie, listed once as X(element type, name, what it is for error messages). The TrieView
+// struct below, the host view (Trie's constructor, trie.cc: from the Trie member `name_`) and the device copy
+// (DeviceTrie, match_kernel.cu: from the accessor `trie.name()`) all expand this list, so an array added here
+// reaches each of them, and one without its Trie member or accessor does not compile.
+//   edge_begin   [num_nodes + 1]: node v's edges are edge_begin[v] .. edge_begin[v + 1]
+//   edge_label   sorted by label within a node
+//   dense_slot   [num_nodes]: -1, or the node's row in `dense` (nodes with many edges)
+//   dense        256 children (or -1) per row
+//   node_token   the vocab id spelled by the path to the node, or -1
+//   fail         failure link, -1 for none
+//   pops_begin   [num_nodes + 1]: ids emitted when following fail[v] are pops[pops_begin[v] .. pops_begin[v + 1])
+//   token_bytes  [vocab size]: bytes of the word a token covers (its length less any marker)
+//   word_slots   open-addressing hash of every token's bytes -> id (-1 empty), see whole_word_id
+//   token_start  [vocab size + 1]: token i is token_chars[token_start[i] .. token_start[i + 1])
+//   marker       the continuation marker, "##"
+#define FASTBERT_TRIE_ARRAYS(X)                  \
+  X(int32_t, edge_begin, "trie edges")           \
+  X(uint8_t, edge_label, "trie labels")          \
+  X(int32_t, edge_child, "trie children")        \
+  X(int32_t, dense_slot, "trie dense slots")     \
+  X(int32_t, dense, "trie dense rows")           \
+  X(int32_t, node_token, "trie tokens")          \
+  X(int32_t, fail, "trie failure links")         \
+  X(int32_t, pops_begin, "trie pops")            \
+  X(int32_t, pops, "trie pops")                  \
+  X(int32_t, token_bytes, "token lengths")       \
+  X(int32_t, word_slots, "whole-word table")     \
+  X(int64_t, token_start, "token offsets")       \
+  X(uint8_t, token_chars, "token bytes")         \
+  X(uint8_t, marker, "marker")
+
 struct TrieView {
-  const int32_t* edge_begin;   // [num_nodes + 1]: node v's edges are edge_begin[v] .. edge_begin[v + 1]
-  const uint8_t* edge_label;   // sorted by label within a node
-  const int32_t* edge_child;
-  const int32_t* dense_slot;   // [num_nodes]: -1, or the node's row in `dense` (nodes with many edges)
-  const int32_t* dense;        // 256 children (or -1) per row
-  const int32_t* node_token;   // the vocab id spelled by the path to the node, or -1
-  const int32_t* fail;         // failure link, -1 for none
-  const int32_t* pops_begin;   // [num_nodes + 1]: ids emitted when following fail[v]
-  const int32_t* pops;
-  const int32_t* token_bytes;  // [vocab size]: bytes of the word a token covers (its length less any marker)
-  const int32_t* word_slots;   // open-addressing hash of every token's bytes -> id (-1 empty), see whole_word_id
-  uint32_t word_slot_mask;     // number of slots - 1 (a power of two)
-  const int64_t* token_start;  // [vocab size + 1]: token i is token_chars[token_start[i] .. token_start[i + 1])
-  const uint8_t* token_chars;
-  const uint8_t* marker;       // continuation marker, "##"
+#define FASTBERT_TRIE_VIEW_FIELD(type, name, what) const type* name;
+  FASTBERT_TRIE_ARRAYS(FASTBERT_TRIE_VIEW_FIELD)
+#undef FASTBERT_TRIE_VIEW_FIELD
+  uint32_t word_slot_mask;  // number of word_slots - 1 (a power of two)
   int32_t marker_len;
   int32_t root;
   int32_t suffix_root;  // the node spelled by the marker

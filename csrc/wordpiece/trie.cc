@@ -116,21 +116,14 @@ Trie::Trie(const Vocab& vocab, const std::string& marker, int32_t unk_id, int32_
   }
   token_start_.push_back(static_cast<int64_t>(token_chars_.size()));
 
-  view_.edge_begin = edge_begin_.data();
-  view_.edge_label = edge_label_.data();
-  view_.edge_child = edge_child_.data();
-  view_.dense_slot = dense_slot_.data();
-  view_.dense = dense_.data();
-  view_.node_token = node_token_.data();
-  view_.fail = fail_.data();
-  view_.pops_begin = pops_begin_.data();
-  view_.pops = pops_.data();
-  view_.token_bytes = token_bytes_.data();
-  view_.word_slots = word_slots_.data();
+  // The member holding each array must have elements of the view's type (strings hold the byte arrays).
+#define FASTBERT_TRIE_HOST_VIEW(type, name, what)                                                    \
+  static_assert(sizeof(*name##_.data()) == sizeof(type), "Trie::" #name "_ and TrieView::" #name \
+                                                          " differ in element size");               \
+  view_.name = reinterpret_cast<const type*>(name##_.data());
+  FASTBERT_TRIE_ARRAYS(FASTBERT_TRIE_HOST_VIEW)
+#undef FASTBERT_TRIE_HOST_VIEW
   view_.word_slot_mask = static_cast<uint32_t>(slots - 1);
-  view_.token_start = token_start_.data();
-  view_.token_chars = reinterpret_cast<const uint8_t*>(token_chars_.data());
-  view_.marker = reinterpret_cast<const uint8_t*>(marker_.data());
   view_.marker_len = static_cast<int32_t>(marker_.size());
   view_.root = 0;
   view_.suffix_root = suffix_root;
