@@ -49,6 +49,25 @@ def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list
     return path, [p for doc in held_out for p in doc]
 
 
+def unigram_loss(vocab: Path, corpus: Path, held_out: Path) -> float:
+    """The baseline a masked-LM should beat: the cross-entropy (nats) of the held-out text's tokens under the training
+    corpus's token frequencies (add-one smoothed), i.e. predicting every masked token without looking at its context."""
+    import numpy as np
+
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    tokenizer = WordPieceTokenizer.from_vocab(vocab)
+    train_ids, _ = tokenizer.encode_batch_flat(
+        corpus.read_text(encoding="utf-8").split("\n\n"), add_special_tokens=False
+    )
+    held_ids, _ = tokenizer.encode_batch_flat(
+        held_out.read_text(encoding="utf-8").split("\n\n"), add_special_tokens=False
+    )
+    counts = np.bincount(train_ids, minlength=len(tokenizer.vocab)).astype(np.float64) + 1.0
+    log_p = np.log(counts / counts.sum())
+    return float(-log_p[held_ids].mean())
+
+
 def guess_masked_words(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tuple[str, str, list[str]]]:
     """For each sentence, mask its longest in-vocabulary word and return (masked text, answer, top-k guesses)."""
     from fastbert.fill_mask import fill_mask, load
@@ -133,10 +152,16 @@ def run_demo(args: DemoArgs) -> dict:
         train_vocab([corpus], out, vocab_size=args.vocab_size, lowercase=True, min_frequency=2)
         _stage_done(out, state, "vocab")
     print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){kept('data')}")
+    options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len)
     if "data" not in state["done"]:
-        options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len)
         prepare([str(corpus)], out / "data", options, overwrite=True)  # a partial one from an interrupted run
         _stage_done(out, state, "data")
+    if "held_out" not in state["done"]:  # the held-back paragraphs, as held-out shards scored during training
+        from fastbert.atomic import write_atomic
+
+        write_atomic(out / "held_out.txt", ("\n\n".join(held_out) + "\n").encode("utf-8"))
+        prepare([str(out / "held_out.txt")], out / "held_out", options, overwrite=True, progress=False)
+        _stage_done(out, state, "held_out")
     meta = json.loads((out / "data" / "meta.json").read_text())
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")
     print(f"[4/6] pretraining the tiny model for {args.steps} steps (LAMB, global batch {args.global_batch})")
@@ -152,7 +177,14 @@ def run_demo(args: DemoArgs) -> dict:
             warmup=max(1, args.steps // 10),
             save_every=max(1, args.steps // 3),
             resume="auto",
+            eval_data=str(out / "held_out"),
+            eval_every=max(1, args.steps // 10),
         )
+    )
+    baseline = unigram_loss(vocab, corpus, out / "held_out.txt")
+    print(
+        f"      held-out masked-word loss {final['eval_mlm_loss']:.2f} (accuracy {final['eval_mlm_accuracy']:.1%}) on "
+        f"text never trained on; a model that knows only how often each token occurs scores {baseline:.2f}"
     )
     print("[5/6] export to HF format and plot the curves")
     hf_dir = export(out / "run", out / "hf")

@@ -30,6 +30,9 @@ def test_demo_runs_end_to_end(tmp_path):
 
     for step in range(1, 7):
         assert f"[{step}/6] " in result.stdout, result.stdout
+    held_out = re.search(r"held-out masked-word loss ([\d.]+) .* occurs scores ([\d.]+)", result.stdout)
+    assert held_out, result.stdout
+    assert 0 < float(held_out.group(2)) < float(held_out.group(1))  # 2 steps do not beat the unigram baseline yet
     fills = re.findall(r"^ +(.*\[MASK\].*)\n +answer: '(\w+)'; model's top 5: (\[.*\])$", result.stdout, re.M)
     assert fills, result.stdout
     assert all(len(eval(guesses)) == 5 for _, _, guesses in fills)  # noqa: S307 - a list literal we printed
