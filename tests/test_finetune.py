@@ -607,14 +607,16 @@ def test_finetune_flags_come_from_the_dataclass():
     flags = {s for a in generated._subparsers._group_actions[0].choices["finetune"]._actions for s in a.option_strings}
     current = cli.build_parser()._subparsers._group_actions[0].choices["finetune"]
     assert {s for a in current._actions for s in a.option_strings} - {"--config"} <= flags
-    assert {"--labels", "--min-label-count", "--overwrite", "--skip-bad-rows", "--no-progress"} <= flags
+    assert {"--labels", "--min-label-count", "--overwrite", "--skip-bad-rows", "--no-progress", "--resume"} <= flags
     argv = ["finetune", "--task", "pair", "--model", "m", "--train", "t.tsv", "--out", "o", "--labels", "l.txt"]
     args = options.from_namespace(
         FinetuneArgs, options.parse(generated, [*argv, "--min-label-count", "0", "--overwrite"])
     )
     assert (args.labels, args.min_label_count, args.overwrite, args.pair_column) == ("l.txt", 0, True, "text_b")
     defaults = options.from_namespace(FinetuneArgs, options.parse(generated, argv))
-    assert (defaults.min_label_count, defaults.overwrite, defaults.progress) == (2, False, True)
+    assert (defaults.min_label_count, defaults.overwrite, defaults.progress, defaults.resume) == (2, False, True, None)
+    resumed = options.from_namespace(FinetuneArgs, options.parse(generated, [*argv, "--resume", "auto"]))
+    assert resumed.resume == "auto"
 
 
 def test_cli_refuses_an_out_holding_a_run_in_one_line(small_model, tmp_path):

@@ -10,6 +10,12 @@ The same job runs in one plain process (the fastest on one device) or over DeepS
 ``deepspeed`` launcher, or when ``--deepspeed CONFIG`` or ``--zero-stage`` is given. Then every rank trains on its
 share of each global batch with the same result as one process (the losses are weighted so), evaluation is split
 across ranks, and the best model is saved from the fp32 master weights.
+
+A run can be resumed exactly. At the end of every epoch, and at the step boundary after a first SIGINT/SIGTERM, the
+whole training state (fp32 weights, optimizer state, the step, the position in the epoch, every RNG state, the
+best score and metrics so far, the labels and the arguments) replaces ``OUT/state`` atomically; ``--resume auto``
+continues from it with the same metrics and the same final weights as a run that was never stopped. A stopped run
+raises :class:`FinetuneInterrupted` (a ``KeyboardInterrupt``: the CLI exits 130); a finished run removes its state.
 """
 
 from __future__ import annotations
@@ -18,8 +24,12 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -40,12 +50,21 @@ from fastbert.optim import parameter_groups, warmup_poly_lr
 from fastbert.options import option
 from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
+from fastbert.train import checkpoint
 from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 
 log = logging.getLogger("fastbert.finetune")
 TASKS = ("classify", "pair", "regress", "ner", "qa")
 LABELLED_TASKS = ("classify", "pair", "ner")  # the tasks with a label set (classes or tags)
-RUN_FILES = ("eval_results.json", "metrics.jsonl", "predictions.jsonl", "best", "init")  # what a run writes in --out
+STATE = "state"  # OUT/state: the resumable training state, replaced atomically (see _save_state)
+STATE_NEW = ".state-new"  # where the next state is written before it is renamed into place
+STATE_OLD = ".state-old"  # the previous state during the swap (the state, should a crash fall between two renames)
+TRAINER_STATE = "trainer_state.json"  # the position, best score, metrics rows, labels, arguments (plain data)
+PLAIN_STATE = "model_optimizer.pt"  # the plain engine's weights and optimizer state (DeepSpeed writes its own files)
+# What a run writes in --out (any of them marks --out as holding a run):
+RUN_FILES = ("eval_results.json", "metrics.jsonl", "predictions.jsonl", "best", "init", STATE, STATE_OLD)
+# Arguments that may differ between a run and its resumption: they change nothing that is computed.
+RESUME_FREE = ("resume", "overwrite", "progress", "dist_timeout")
 MAIN_METRIC = {"classify": "accuracy", "pair": "accuracy", "regress": "pearson", "ner": "f1", "qa": "f1"}
 
 
@@ -103,8 +122,16 @@ class FinetuneArgs:
     overwrite: bool = option(
         False,
         help=(
-            "replace the fine-tuning run that --out already holds (its best/, init/, metrics.jsonl, "
+            "replace the fine-tuning run that --out already holds (its best/, init/, state/, metrics.jsonl, "
             "eval_results.json, predictions.jsonl); without it such an --out is refused"
+        ),
+    )
+    resume: str | None = option(
+        None,
+        help=(
+            "'auto': continue the interrupted run in --out from OUT/state (saved every epoch and on SIGINT/SIGTERM) "
+            "with the same arguments, or start afresh when --out holds no run; --resume OUT (or OUT/state): "
+            "the same, but a missing state is an error"
         ),
     )
 
@@ -133,17 +160,155 @@ class RunExistsError(ValueError):
     """``--out`` already holds a fine-tuning run and ``--overwrite`` was not given."""
 
 
-def check_out(out: Path, overwrite: bool) -> list[Path]:
-    """The run files ``out`` already holds (to be removed under ``overwrite``); refused without it."""
+def check_out(out: Path, overwrite: bool, resume: str | None = None) -> list[Path]:
+    """The run files ``out`` already holds (to be removed under ``overwrite``); refused without it. ``resume`` is
+    the --resume given for an ``out`` with no state to resume from (the message then says why nothing resumes)."""
     if out.exists() and not out.is_dir():
         raise RunExistsError(f"--out {out}: exists and is not a directory")
     held = [out / name for name in RUN_FILES if (out / name).exists()]
     if held and not overwrite:
+        names = ", ".join(p.name for p in held)
+        if resume:
+            what = "a finished fine-tuning run" if (out / "eval_results.json").exists() else "a fine-tuning run"
+            raise RunExistsError(
+                f"--resume {resume}: --out {out} holds {what} ({names}) with no {STATE}/ to resume from; pass "
+                f"--overwrite to replace it, or pick another directory"
+            )
         raise RunExistsError(
-            f"--out {out} already holds a fine-tuning run ({', '.join(p.name for p in held)}); pass --overwrite "
+            f"--out {out} already holds a fine-tuning run ({names}); pass --overwrite "
             f"to replace it, or pick another directory"
         )
     return held
+
+
+class ResumeError(ValueError):
+    """``--resume`` cannot continue the run in ``--out``: no state, other arguments or inputs, another world."""
+
+
+class FinetuneInterrupted(KeyboardInterrupt):
+    """The run stopped on SIGINT/SIGTERM at a step boundary, after saving its state in ``OUT/state``.
+
+    A ``KeyboardInterrupt``, so that nothing catching ``Exception`` swallows the stop and the CLI exits 130 with the
+    message; ``result`` holds ``stopped`` (the signal's name, or "a signal on another rank"), ``epoch`` (1-based,
+    the one in progress), ``step``, ``steps`` (the run's total) and ``state`` (the directory)."""
+
+    def __init__(self, message: str, result: dict):
+        super().__init__(message)
+        self.result = result
+
+
+class _StopRequest:
+    """The first SIGTERM/SIGINT becomes a flag read at the next step boundary (the run saves its state and stops);
+    a second one raises ``KeyboardInterrupt`` at once, without saving. Handlers are only set in the main thread
+    (Python allows no other), and put back by ``restore``."""
+
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self.signal: str | None = None
+        self.announce = announce
+        self.previous: dict = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.restore()
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without saving")
+        self.requested = True
+        self.signal = signal.Signals(signum).name
+        if self.announce:
+            print(
+                f"\nfastbert finetune: {self.signal}: saving the run's state when this step ends, then stopping "
+                "(send it again to stop at once, without saving)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+
+def find_state(out: Path) -> Path | None:
+    """The resumable state in ``out``: ``OUT/state``, or the previous one should a crash have come between the two
+    renames that replace it; None when there is none."""
+    if (out / STATE).exists():
+        return out / STATE
+    if (out / STATE_OLD / checkpoint.MANIFEST).exists():
+        return out / STATE_OLD
+    return None
+
+
+def _resume_state(args: FinetuneArgs, out: Path) -> Path | None:
+    """The state directory that ``--resume`` continues from, None for a fresh run; a clear error when --resume
+    names something else than --out or, not being 'auto', finds no state."""
+    if not args.resume:
+        return None
+    if args.resume != "auto":
+        given = Path(args.resume).resolve()
+        if given not in (out.resolve(), (out / STATE).resolve()):
+            raise ResumeError(
+                f"--resume {args.resume}: a fine-tuning run resumes in its own --out; give --resume auto or "
+                f"--resume {out}"
+            )
+    found = find_state(out)
+    if found is None and args.resume != "auto":
+        raise ResumeError(
+            f"--resume {args.resume}: no state to resume from in {out} (no {out / STATE}); a run saves it at the end "
+            f"of every epoch and when stopped by SIGINT/SIGTERM (--resume auto starts afresh when there is none)"
+        )
+    return found
+
+
+def _read_trainer_state(state: Path) -> dict:
+    try:
+        saved = json.loads((state / TRAINER_STATE).read_text())
+        saved["args"].items()
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ResumeError(
+            f"{state}: no readable {TRAINER_STATE} ({e}); this is no state saved by finetune, or it was damaged: "
+            f"pass --overwrite (without --resume) to start over"
+        ) from e
+    return saved
+
+
+def _check_same_run(args: FinetuneArgs, saved: dict, state: Path) -> None:
+    """Refuse to resume a state saved with other arguments (those of ``RESUME_FREE`` aside)."""
+    new = asdict(args)
+    keys = [k for k in sorted(set(new) | set(saved["args"])) if k not in RESUME_FREE]
+    diff = [
+        f"{k}: saved {saved['args'].get(k)!r}, now {new.get(k)!r}" for k in keys if saved["args"].get(k) != new.get(k)
+    ]
+    if diff:
+        raise ResumeError(
+            f"--resume {args.resume}: {state} was saved by a run with other arguments ({'; '.join(diff)}); resume "
+            f"with the same arguments, or start over with --overwrite (without --resume)"
+        )
+
+
+def _input_digests(args: FinetuneArgs) -> dict[str, str]:
+    """sha256 of the files the training and its metrics depend on, so that a resumed run reads what it started on."""
+    return {k: checkpoint.sha256_file(Path(v)) for k, v in (("train", args.train), ("eval", args.eval)) if v}
+
+
+def _check_same_inputs(saved: dict, digests: dict, label_names, world: int, engine: str, precision: str, state):
+    changed = [k for k in sorted(set(digests) | set(saved["inputs"])) if digests.get(k) != saved["inputs"].get(k)]
+    if changed:
+        raise ResumeError(
+            f"{state}: --{' and --'.join(changed)} changed since the state was saved (sha256 differs); resuming "
+            f"would not continue the same run: restore the file, or start over with --overwrite (without --resume)"
+        )
+    if saved["label_names"] != label_names:
+        raise ResumeError(f"{state}: labels {saved['label_names']} when saved, {label_names} now")
+    where = (saved["world_size"], saved["engine"], saved["precision"])
+    if where != (world, engine, precision):
+        raise ResumeError(
+            f"{state}: saved by {saved['world_size']} rank(s) of the {saved['engine']} engine in "
+            f"{saved['precision']}, resumed by {world} of the {engine} engine in {precision}; resume it the way "
+            f"it ran (the same launcher and number of ranks, --deepspeed/--zero-stage, device)"
+        )
 
 
 def check_model(source: str):
@@ -371,6 +536,19 @@ class _PlainEngine:
     def barrier(self) -> None:
         pass
 
+    def save_state(self, staging: Path) -> None:
+        """The weights (fp32: autocast leaves the parameters in fp32) and optimizer state, in ``staging/state``."""
+        _save_tensors(
+            {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()},
+            staging / STATE / PLAIN_STATE,
+        )
+
+    def load_state(self, state: Path) -> None:
+        checkpoint.verify_manifest(state)
+        saved = torch.load(state / PLAIN_STATE, map_location=self.device, weights_only=True)
+        self.module.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+
 
 class _DeepSpeedEngine:
     """The model in a DeepSpeed engine (ZeRO 0-2, bf16 or fp32) on every rank of the launcher's world.
@@ -467,6 +645,16 @@ class _DeepSpeedEngine:
     def barrier(self) -> None:
         self.dist.barrier()
 
+    def save_state(self, staging: Path) -> None:
+        """DeepSpeed's checkpoint (module, ZeRO partitions of the fp32 weights and optimizer state) in
+        ``staging/state``; every rank writes its part. (DeepSpeed copies its zero_to_fp32 scripts into ``staging``.)"""
+        self.engine.save_checkpoint(str(staging), tag=STATE, save_latest=False)
+
+    def load_state(self, state: Path) -> None:
+        # checkpoint.load checks the manifest and that every .pt file loads with weights_only=True before DeepSpeed
+        # (which loads with weights_only=False) reads it.
+        checkpoint.load(self.engine, state)
+
 
 def _slice(batch: list, rank: int, world: int) -> list:
     """Rank ``rank``'s contiguous share of ``batch``; shares differ in size by at most one."""
@@ -510,14 +698,35 @@ def default_lr(hidden_size: int) -> float:
     return 1e-4 if hidden_size > 256 else 5e-4
 
 
-def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None) -> dict:
+def finetune(
+    args: FinetuneArgs,
+    on_epoch: Callable[[dict], None] | None = None,
+    on_step: Callable[[int], None] | None = None,
+) -> dict:
     """Fine-tune and evaluate; returns the best epoch's metrics (the same on every rank).
 
     Everything given is checked before anything is written to ``--out``: the output directory (a run already there
-    is refused without ``--overwrite``), the model, the training, evaluation and prediction files and their labels.
-    A run that fails before its first epoch is recorded leaves no ``--out`` it created."""
+    is refused without ``--overwrite``; with ``--resume`` its state must come from a run with the same arguments
+    and inputs), the model, the training, evaluation and prediction files and their labels. A run that fails
+    before its first epoch or state is recorded leaves no ``--out`` it created.
+
+    ``on_epoch(record)`` is called after each epoch's metrics row and state are written, ``on_step(step)`` after
+    each optimizer step. A first SIGINT/SIGTERM saves the state at the next step boundary and raises
+    :class:`FinetuneInterrupted`; a second raises ``KeyboardInterrupt`` at once."""
     out = Path(args.out)
-    stale = check_out(out, args.overwrite)
+    resume_from = _resume_state(args, out)
+    saved = None
+    if resume_from is not None:
+        if not (resume_from / checkpoint.MANIFEST).exists():
+            raise ResumeError(
+                f"{resume_from}: no {checkpoint.MANIFEST}, so the state is incomplete; pass --overwrite (without "
+                f"--resume) to start over"
+            )
+        saved = _read_trainer_state(resume_from)
+        _check_same_run(args, saved, resume_from)
+        stale = []
+    else:
+        stale = check_out(out, args.overwrite, args.resume)
     device = default_device()
     set_tf32(args.tf32)
     precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
@@ -526,6 +735,7 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
     check_model(args.model)
     data = TaskData(args, None, None)
     train, eval_examples, predict_examples = _read_inputs(args, data)
+    digests = _input_digests(args)
 
     distributed = _wants_deepspeed(args)
     rank = 0
@@ -536,13 +746,19 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
 
         init_distributed(args.dist_timeout)
         rank = dist.get_rank()
+    if saved is not None:
+        world = dist.get_world_size() if distributed else 1
+        engine_kind = "deepspeed" if distributed else "plain"
+        _check_same_inputs(saved, digests, data.label_names, world, engine_kind, precision, resume_from)
+    if distributed:
         dist.barrier()  # every rank has checked --out before rank 0 writes to it
     created = not out.exists()
     if rank == 0:
         for path in stale:  # --overwrite: the previous run's files go, so that none of them outlives it
             shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        shutil.rmtree(out / STATE_NEW, ignore_errors=True)
         out.mkdir(parents=True, exist_ok=True)
-    epochs_done = [0]
+    recorded = [False]  # whether an epoch or a state has been written: --out then holds a run worth keeping
     try:
         return _run(
             args,
@@ -555,12 +771,25 @@ def finetune(args: FinetuneArgs, on_epoch: Callable[[dict], None] | None = None)
             precision,
             distributed,
             on_epoch,
-            epochs_done,
+            on_step,
+            recorded,
+            Resume(resume_from, saved, digests, args),
         )
     except BaseException:
-        if rank == 0 and created and not epochs_done[0]:
+        if rank == 0 and created and not recorded[0]:
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+@dataclass
+class Resume:
+    """What ``_run`` needs to save and resume state: the state to resume from (or None), its trainer state, the
+    input digests, and the arguments as given (saved, and compared on resume, before --lr gets its default)."""
+
+    state: Path | None
+    saved: dict | None
+    digests: dict
+    given: FinetuneArgs
 
 
 def _read_inputs(args: FinetuneArgs, data: TaskData) -> tuple[list, list, list | None]:
@@ -586,7 +815,19 @@ def _read_inputs(args: FinetuneArgs, data: TaskData) -> tuple[list, list, list |
 
 
 def _run(
-    args, data, train, eval_examples, predict_examples, out, device, precision, distributed, on_epoch, epochs_done
+    args,
+    data,
+    train,
+    eval_examples,
+    predict_examples,
+    out,
+    device,
+    precision,
+    distributed,
+    on_epoch,
+    on_step,
+    recorded,
+    resume: Resume,
 ) -> dict:
     from fastbert.tokenizer import WordPieceTokenizer
 
@@ -615,55 +856,128 @@ def _run(
     total = steps_per_epoch * args.epochs
     warmup = int(args.warmup_ratio * total)
     metrics_path = out / "metrics.jsonl"
-    if rank == 0:
-        write_atomic(metrics_path, b"")
+    # Where the run is: the epoch in progress (0-based), the batches of it done, the epoch's loss sum and seconds.
+    first_epoch, done, step, epoch_seconds = 0, 0, 0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    records: list[dict] = []
+    best, best_metrics = float("-inf"), {}
+    if resume.state is not None:
+        saved = resume.saved
+        engine.load_state(resume.state)
+        first_epoch, done, step = saved["epoch"], saved["batch"], saved["step"]
+        epoch_seconds = saved["epoch_seconds"]
+        records, best_metrics = saved["records"], saved["best_metrics"]
+        best = float("-inf") if saved["best"] is None else saved["best"]
+        own = checkpoint.load_weights_only(resume.state / f"rank{rank}.pt")
+        loss_sum = own["loss_sum"].to(device)
+        log.info("resumed from %s: epoch %d, step %d of %d", resume.state, first_epoch + 1, step, total)
+    if rank == 0:  # on resume, the rows of the epochs the state has seen (a later row is written again)
+        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+
+    def save_state(epoch: int, done: int, epoch_seconds: float) -> Path:
+        trainer = {
+            "format": 1,
+            "epoch": epoch,
+            "batch": done,
+            "step": step,
+            "steps": total,
+            "epoch_seconds": epoch_seconds,
+            "best": None if best == float("-inf") else best,
+            "best_metrics": best_metrics,
+            "records": records,
+            "label_names": data.label_names,
+            "inputs": resume.digests,
+            "world_size": world,
+            "engine": "deepspeed" if distributed else "plain",
+            "precision": precision,
+            "args": asdict(resume.given),
+        }
+        path = _save_state(engine, out, trainer, loss_sum)
+        recorded[0] = True
+        return path
+
+    def stopped(epoch: int, by: str, state: Path) -> FinetuneInterrupted:
+        result = {"stopped": by, "epoch": epoch + 1, "step": step, "steps": total, "state": str(state)}
+        return FinetuneInterrupted(
+            f"{by}: state saved in {state} at step {step} of {total} (epoch {epoch + 1} of {args.epochs}); continue "
+            f"with: fastbert finetune --resume auto --out {out} (and the same options)",
+            result,
+        )
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0)
-    best, best_metrics, step = float("-inf"), {}, 0
-    for epoch in range(args.epochs):
-        loss_sum, started = torch.zeros((), dtype=torch.float64, device=device), time.perf_counter()
-        for batch in _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch):
-            engine.set_lr(warmup_poly_lr(step, args.lr, warmup, total))
-            mine = _slice(batch, rank, world)
-            collated = data.collate(mine) if mine else None
-            count = _loss_count(args.task, collated) if collated is not None else 0
-            inputs = model_inputs(collated, device) if count else None
-            # This rank's share of what the batch's loss is a mean over, on the device (no host sync).
-            counts = torch.tensor(float(count), dtype=torch.float64).to(device, non_blocking=True)
-            share = counts / engine.all_sum(counts).clamp(min=1)
-            loss = engine.train_step(inputs, share * world)
-            loss_sum += loss.double() * share
-            step += 1
-            bar.update(1)
-            if not bar.disable:
-                bar.set_postfix(loss=f"{float(loss):.4f}")  # the step's one read back, for the bar only
-        seconds = time.perf_counter() - started
-        record = {
-            "epoch": epoch + 1,
-            "step": step,
-            "train_loss": float(engine.all_sum(loss_sum)) / steps_per_epoch,
-            "train_seconds": seconds,
-            "train_examples_per_s": len(train_features) / seconds,
-        }
-        if eval_examples:
-            predictions = engine.gather(predict(engine.module, data, eval_examples[rank::world], device))
-            record.update({f"eval_{k}": v for k, v in evaluate(args.task, eval_examples, predictions).items()})
-            score = record[f"eval_{MAIN_METRIC[args.task]}"]
-            if score > best:
-                best, best_metrics = score, record
-                _save(engine, tokenizer, out / "best")
-        if rank == 0:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            log.info("epoch %d: %s", epoch + 1, record)
-        epochs_done[0] += 1
-        if on_epoch is not None:
-            on_epoch(record)
-    bar.close()
+    bar = tqdm(
+        total=total, initial=step, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0
+    )
+    stop = _StopRequest(announce=rank == 0)
+    if resume.state is not None:  # last: building the model and the engine drew random numbers
+        checkpoint.set_rng_state(own["rng"])
+    state_at = (first_epoch, done) if resume.state is not None else None  # the position the newest state holds
+    try:
+        for epoch in range(first_epoch, args.epochs):
+            batches = _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch)
+            started = time.perf_counter()
+            for index in range(done, len(batches)):
+                mine = _slice(batches[index], rank, world)
+                collated = data.collate(mine) if mine else None
+                count = _loss_count(args.task, collated) if collated is not None else 0
+                # This rank's count of what the batch's loss is a mean over, and whether it was asked to stop:
+                # summed over ranks in one exchange, so that every rank stops at the same step boundary.
+                local = torch.tensor([float(count), float(stop.requested)], dtype=torch.float64)
+                local = local.to(device, non_blocking=True)
+                summed = engine.all_sum(local)
+                if stop.requested if world == 1 else bool(summed[1] > 0):  # a host sync only with several ranks
+                    state = out / STATE
+                    if state_at != (epoch, index):
+                        state = save_state(epoch, index, epoch_seconds + time.perf_counter() - started)
+                    raise stopped(epoch, stop.signal or "a signal on another rank", state)
+                engine.set_lr(warmup_poly_lr(step, args.lr, warmup, total))
+                inputs = model_inputs(collated, device) if count else None
+                share = local[0] / summed[0].clamp(min=1)  # this rank's share of the batch, on the device
+                loss = engine.train_step(inputs, share * world)
+                loss_sum += loss.double() * share
+                step += 1
+                bar.update(1)
+                if not bar.disable:
+                    bar.set_postfix(loss=f"{float(loss):.4f}")  # the step's one read back, for the bar only
+                if on_step is not None:
+                    on_step(step)
+            seconds = epoch_seconds + time.perf_counter() - started
+            record = {
+                "epoch": epoch + 1,
+                "step": step,
+                "train_loss": float(engine.all_sum(loss_sum)) / steps_per_epoch,
+                "train_seconds": seconds,
+                "train_examples_per_s": len(train_features) / seconds,
+            }
+            if eval_examples:
+                predictions = engine.gather(predict(engine.module, data, eval_examples[rank::world], device))
+                record.update({f"eval_{k}": v for k, v in evaluate(args.task, eval_examples, predictions).items()})
+                score = record[f"eval_{MAIN_METRIC[args.task]}"]
+                if score > best:
+                    best, best_metrics = score, record
+                    _save(engine, tokenizer, out / "best")
+            records.append(record)
+            if rank == 0:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                log.info("epoch %d: %s", epoch + 1, record)
+            done, epoch_seconds = 0, 0.0
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            save_state(epoch + 1, 0, 0.0)
+            state_at = (epoch + 1, 0)
+            if on_epoch is not None:
+                on_epoch(record)
+        # Training is done; a signal that came during the last evaluation stops before the results are written.
+        flag = torch.tensor([float(stop.requested)], dtype=torch.float64).to(device, non_blocking=True)
+        if stop.requested if world == 1 else bool(engine.all_sum(flag)[0] > 0):
+            raise stopped(args.epochs - 1, stop.signal or "a signal on another rank", out / STATE)
+    finally:
+        stop.restore()
+        bar.close()
     if not eval_examples:
         _save(engine, tokenizer, out / "best")
-        best_metrics = record
+        best_metrics = records[-1]
     results = {
         **best_metrics,
         "task": args.task,
@@ -674,17 +988,19 @@ def _run(
     }
     if rank == 0:
         write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
-    if predict_examples is not None:
-        if rank == 0:
-            best_model = type(model).from_pretrained(out / "best").to(device)
-            lines = [
-                json.dumps({"where": ex.where, "prediction": p, **scores})
-                for ex, (p, scores) in zip(
-                    predict_examples, predict(best_model, data, predict_examples, device, with_scores=True), strict=True
-                )
-            ]
-            write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
-        engine.barrier()
+    if predict_examples is not None and rank == 0:
+        best_model = type(model).from_pretrained(out / "best").to(device)
+        lines = [
+            json.dumps({"where": ex.where, "prediction": p, **scores})
+            for ex, (p, scores) in zip(
+                predict_examples, predict(best_model, data, predict_examples, device, with_scores=True), strict=True
+            )
+        ]
+        write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
+    engine.barrier()
+    if rank == 0:  # a finished run needs no state (and is refused by --resume)
+        for name in (STATE, STATE_OLD):
+            shutil.rmtree(out / name, ignore_errors=True)
     return results
 
 
@@ -695,3 +1011,55 @@ def _save(engine, tokenizer, directory: Path) -> None:
         model.save_pretrained(directory)
         tokenizer.save_pretrained(directory)
     engine.barrier()
+
+
+def _save_tensors(obj, path: Path) -> None:
+    """``torch.save`` to ``path``, flushed to disk (the file is part of a directory renamed into place whole)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_state(engine, out: Path, trainer: dict, loss_sum: torch.Tensor) -> Path:
+    """Replace ``OUT/state`` with the run's state, on every rank: written in ``OUT/.state-new/state``, checked
+    into a MANIFEST.json, then renamed into place (the old state moves aside first and is deleted last), so a
+    crash at any moment leaves one complete state, the new one or the previous one.
+
+    Holds the engine's weights and optimizer state, ``rank{r}.pt`` per rank (every RNG state, drawn after
+    everything else of the save, and the rank's loss sum of the epoch in progress) and ``trainer_state.json``."""
+    staging = out / STATE_NEW
+    if engine.rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        (staging / STATE).mkdir(parents=True)
+    engine.barrier()
+    engine.save_state(staging)
+    target = staging / STATE
+    _save_tensors(
+        {"rng": checkpoint.rng_state(), "loss_sum": loss_sum.detach().cpu()}, target / f"rank{engine.rank}.pt"
+    )
+    finite = checkpoint.weights_finite(engine)
+    if engine.rank == 0:
+        write_atomic(target / TRAINER_STATE, (json.dumps(trainer, indent=1) + "\n").encode())
+    engine.barrier()
+    if engine.rank == 0:
+        checkpoint.write_manifest(target, finite)
+        current, old = out / STATE, out / STATE_OLD
+        if current.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(current, old)
+        os.rename(target, current)
+        _fsync_dir(out)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+    engine.barrier()
+    return out / STATE
