@@ -9,6 +9,7 @@ import platform
 import sys
 
 from fastbert import options
+from fastbert.config import OBJECTIVES
 
 
 def _version(dist: str) -> str | None:
@@ -136,7 +137,7 @@ def _add_prepare_data(subparsers) -> None:
     p.add_argument("--seq-len", type=int, default=128, help="longest sample in tokens, [CLS] and [SEP]s included")
     p.add_argument(
         "--objective",
-        choices=("nsp", "sop", "none"),
+        choices=OBJECTIVES,
         default="nsp",
         help="sentence pairs for next-sentence prediction, sentence-order prediction, or packed text (none)",
     )
@@ -200,9 +201,7 @@ def _add_pretrain(subparsers) -> None:
         "Runs as a plain process, under torchrun or under the deepspeed "
         "launcher (use `python -m fastbert pretrain` with launchers).",
     )
-    from fastbert.train.pretrain import PretrainArgs
-
-    options.add_arguments(p, PretrainArgs)
+    options.add_arguments_when_used(p, "fastbert.train.pretrain:PretrainArgs")
     p.set_defaults(func=_pretrain)
 
 
@@ -255,9 +254,7 @@ def _add_finetune(subparsers) -> None:
         help="fine-tune on classification, pairs, regression, NER or QA",
         description="Add a task head to a pretrained model and fine-tune the whole model.",
     )
-    from fastbert.train.finetune import FinetuneArgs
-
-    options.add_arguments(p, FinetuneArgs)
+    options.add_arguments_when_used(p, "fastbert.train.finetune:FinetuneArgs")
     p.set_defaults(func=_finetune)
 
 
@@ -284,9 +281,7 @@ def _add_distill(subparsers) -> None:
         "initialised from every other teacher layer, with DistilBERT's triple "
         "loss.",
     )
-    from fastbert.train.distill import DistillArgs
-
-    options.add_arguments(p, DistillArgs)
+    options.add_arguments_when_used(p, "fastbert.train.distill:DistillArgs")
     p.set_defaults(func=_distill)
 
 
@@ -301,11 +296,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 class _CommandParser(argparse.ArgumentParser):
-    """A subcommand's parser: its --help shows every option's default."""
+    """A subcommand's parser: its --help shows every option's default, and options generated from a dataclass are
+    added only when the subcommand is used (its module imports torch, which --help and tokenize do not need)."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", options.HelpFormatter)
         super().__init__(*args, **kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        options.add_pending_arguments(self)
+        return super().parse_known_args(args, namespace)
 
 
 def build_parser() -> argparse.ArgumentParser:

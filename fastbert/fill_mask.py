@@ -13,8 +13,10 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported when a model is used: the CLI's --help and other commands do without it
+    import torch
 
 
 class FillMaskError(ValueError):
@@ -52,7 +54,6 @@ def load(model_dir: str | Path, device: torch.device | None = None):
     return model.to(device or default_device()).eval(), tokenizer
 
 
-@torch.no_grad()
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
     """For each [MASK] of ``text`` in order, its ``top_k`` candidate tokens with their probabilities (the softmax
     of the model's MLM logits at that position, computed in float32), most probable first."""
@@ -65,8 +66,11 @@ def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[st
     limit = model.config.max_position_embeddings
     if len(ids) > limit:
         raise FillMaskError(f"the text is {len(ids)} tokens, more than the model's {limit}")
+    import torch
+
     device = next(model.parameters()).device
-    logits = model(torch.tensor([ids], device=device)).prediction_logits[0, positions].float()
+    with torch.no_grad():
+        logits = model(torch.tensor([ids], device=device)).prediction_logits[0, positions].float()
     probs = torch.softmax(logits[:, : len(tokenizer.vocab)], dim=-1)
     top = probs.topk(min(top_k, probs.shape[-1]), dim=-1)
     values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()

@@ -94,6 +94,23 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.set_defaults(_options_class=cls, _required=tuple(required))
 
 
+def add_arguments_when_used(parser: argparse.ArgumentParser, target: str) -> None:
+    """``add_arguments(parser, cls)`` deferred until ``parser`` parses (see ``add_pending_arguments``): ``target``
+    is ``"module:Class"``, imported only then."""
+    parser.set_defaults(_pending_options=target)
+    parser._pending_options = target
+
+
+def add_pending_arguments(parser: argparse.ArgumentParser) -> None:
+    target = parser.__dict__.pop("_pending_options", None)
+    if target is None:
+        return
+    import importlib
+
+    module, name = target.split(":")
+    add_arguments(parser, getattr(importlib.import_module(module), name))
+
+
 def load_config(path: str, cls: type) -> dict:
     """The options in a --config file, checked against the fields of ``cls``."""
     file = Path(path)

@@ -47,8 +47,8 @@ def default_device() -> torch.device:
 
 def set_tf32(enabled: bool) -> None:
     """Let fp32 matmuls (and cuDNN convolutions) use TF32 tensor cores on Ampere and newer GPUs: about 8x the fp32
-    throughput with a 10-bit mantissa for the products and fp32 accumulation. fastbert's fp32 attention kernel follows
-    the same setting. A no-op on the CPU."""
+    throughput with a 10-bit mantissa for the products and fp32 accumulation. (fastbert's fp32 attention kernel keeps
+    IEEE fp32 dots.) A no-op on the CPU."""
     torch.set_float32_matmul_precision("high" if enabled else "highest")
     torch.backends.cudnn.allow_tf32 = enabled
 
