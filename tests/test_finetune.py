@@ -310,7 +310,7 @@ def test_qa_windows_cover_every_answer_and_an_overfit_model_decodes_it(minilm_di
             out=str(tmp_path / "out"),
             max_length=64,
             doc_stride=24,
-            epochs=12,
+            epochs=20,
             lr=2e-4,
             batch_size=8,
             dropout=0.0,
