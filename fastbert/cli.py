@@ -167,7 +167,8 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.data.sampler import PlanError
     from fastbert.data.shards import ShardError
     from fastbert.train.checkpoint import CheckpointNotFound
-    from fastbert.train.pretrain import INTERRUPTED_EXIT, PretrainArgs, TrainingSetupError, pretrain
+    from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
+    from fastbert.train.stopping import INTERRUPTED_EXIT
 
     _log_setup()
     try:

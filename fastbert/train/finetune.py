@@ -27,9 +27,6 @@ import math
 import os
 import random
 import shutil
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -52,6 +49,7 @@ from fastbert.tasks import features as feats
 from fastbert.tasks import formats, metrics
 from fastbert.train import checkpoint
 from fastbert.train.distributed import default_device, pin, set_tf32, to_device
+from fastbert.train.stopping import StopRequest
 
 log = logging.getLogger("fastbert.finetune")
 TASKS = ("classify", "pair", "regress", "ner", "qa")
@@ -195,40 +193,6 @@ class FinetuneInterrupted(KeyboardInterrupt):
     def __init__(self, message: str, result: dict):
         super().__init__(message)
         self.result = result
-
-
-class _StopRequest:
-    """The first SIGTERM/SIGINT becomes a flag read at the next step boundary (the run saves its state and stops);
-    a second one raises ``KeyboardInterrupt`` at once, without saving. Handlers are only set in the main thread
-    (Python allows no other), and put back by ``restore``."""
-
-    def __init__(self, announce: bool) -> None:
-        self.requested = False
-        self.signal: str | None = None
-        self.announce = announce
-        self.previous: dict = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:
-            self.restore()
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without saving")
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-        if self.announce:
-            print(
-                f"\nfastbert finetune: {self.signal}: saving the run's state when this step ends, then stopping "
-                "(send it again to stop at once, without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-        self.previous = {}
 
 
 def find_state(out: Path) -> Path | None:
@@ -909,7 +873,7 @@ def _run(
     bar = tqdm(
         total=total, initial=step, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0
     )
-    stop = _StopRequest(announce=rank == 0)
+    stop = StopRequest("finetune", "the run's state", announce=rank == 0)
     if resume.state is not None:  # last: building the model and the engine drew random numbers
         checkpoint.set_rng_state(own["rng"])
     state_at = (first_epoch, done) if resume.state is not None else None  # the position the newest state holds

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from fastbert.train.evaluation import evaluate, held_out_batches
 from fastbert.train.flops import peak_flops, training_flops
 from fastbert.train.metrics_log import MetricsLog
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
+from fastbert.train.stopping import StopRequest
 
 log = logging.getLogger("fastbert.train")
 
@@ -164,40 +164,6 @@ def _ds_config(args: PretrainArgs) -> dict:
     elif args.precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
-
-
-INTERRUPTED_EXIT = 130  # the exit status of a run stopped by a signal (after saving a checkpoint)
-
-
-class _StopRequest:
-    """Turns the first SIGTERM/SIGINT into a flag checked between optimizer steps (the run saves and stops); a
-    second one stops at once, without saving."""
-
-    def __init__(self, announce: bool) -> None:
-        self.requested = False
-        self.signal: str | None = None
-        self.announce = announce
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self.previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested:  # the second one: give up now
-            self.restore()
-            raise KeyboardInterrupt(f"{signal.Signals(signum).name} again: stopped without saving")
-        self.requested = True
-        self.signal = signal.Signals(signum).name
-        if self.announce:
-            print(
-                f"\nfastbert pretrain: {self.signal}: saving a checkpoint when this step ends, then stopping "
-                "(send it again to stop at once, without saving)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]) -> MaskingCollator:
@@ -494,7 +460,7 @@ def pretrain(args: PretrainArgs) -> dict:
     metrics_log = MetricsLog(
         Path(args.out), start_step=start_step, total_steps=args.steps, enabled=rank == 0, progress=args.progress
     )
-    stop = _StopRequest(announce=rank == 0)
+    stop = StopRequest("pretrain", "a checkpoint", announce=rank == 0)
     budget = None if args.max_minutes is None else args.max_minutes * 60
     last: dict = {}
     step, skipped_in_a_row = start_step, 0
