@@ -26,7 +26,7 @@ OBJECTIVES = ("nsp", "sop", "none")
 IGNORE_INDEX = -100
 # HF activation names -> whether GELU uses the tanh approximation. Exact erf GELU is BERT's.
 GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert")
+KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert", "electra")
 # Keys HF writes that do not change the model's function; they are accepted and dropped on read.
 _IGNORED_HF_KEYS = {
     "architectures",
@@ -56,6 +56,11 @@ _IGNORED_HF_KEYS = {
     "prefix",
     "finetuning_task",
     "_attn_implementation_autoset",
+    # ELECTRA's sequence-summary options (its multiple-choice head, which fastbert does not have)
+    "summary_type",
+    "summary_use_proj",
+    "summary_activation",
+    "summary_last_dropout",
 }
 
 
@@ -169,6 +174,22 @@ class BertConfig:
             d["classifier_dropout_prob"] = self.hidden_dropout_prob
         return d
 
+    def to_electra_dict(self) -> dict[str, Any]:
+        """config.json for transformers' ELECTRA classes (``model_type: electra``): BERT's post-LN encoder with
+        segment embeddings and one layer per layer, so pre-LN, shared layers or no segments are refused."""
+        if self.pre_layer_norm or self.share_layers or self.type_vocab_size == 0:
+            raise ConfigError(
+                "transformers' ELECTRA is post-LN with segment embeddings and unshared layers; this config has "
+                f"pre_layer_norm={self.pre_layer_norm}, share_layers={self.share_layers}, "
+                f"type_vocab_size={self.type_vocab_size}"
+            )
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("share_layers", "pre_layer_norm")}
+        d.update(model_type="electra", embedding_size=self.embedding_width, position_embedding_type="absolute")
+        if d.pop("id2label") is not None:
+            d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+            d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
+        return d
+
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> BertConfig:
         d = dict(d)
@@ -192,6 +213,11 @@ class BertConfig:
             d.setdefault("share_layers", groups == 1)
             d.setdefault("embedding_size", 128)
             d.setdefault("sentence_objective", "sop")
+        if model_type == "electra":
+            # ELECTRA always names its embedding width; equal to hidden_size it has no projection (BERT's layout).
+            if d.get("embedding_size") == d.get("hidden_size", 768):
+                d["embedding_size"] = None
+            d.setdefault("sentence_objective", "none")
         id2label = d.pop("id2label", None)
         if id2label is not None:
             d["id2label"] = {int(k): v for k, v in id2label.items()}

@@ -7,7 +7,9 @@ BERT with shared layers) is written with ``model_type: fastbert`` and fastbert's
 refuses rather than misreads. Loading accepts checkpoints with or without the ``bert.`` / ``albert.`` prefix and
 old TF-converted ``gamma`` / ``beta`` names, reports missing and unexpected keys, and checks every shape before any
 weight is copied. Weights are read with safetensors or ``torch.load(weights_only=True)``, so a checkpoint never runs
-code. This module does not define models (``fastbert.model``) or configs (``fastbert.config``).
+code. transformers' ELECTRA checkpoints (``model_type: electra``: BERT's encoder, with ``embeddings_project`` where
+the embeddings are narrower) load as well; ``fastbert.electra`` writes them. This module does not define models
+(``fastbert.model``) or configs (``fastbert.config``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ _IGNORABLE_SUFFIXES = (
     "embeddings.token_type_ids",
     "predictions.decoder.weight",
     "predictions.decoder.bias",
+    "generator_lm_head.weight",
 )
 
 
@@ -72,13 +75,13 @@ def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[st
 
     A tuple value means our module is the concatenation of several checkpoint modules along dim 0 (fused QKV).
     """
-    albert = model_type == "albert"
+    albert, electra = model_type == "albert", model_type == "electra"
     m: dict[str, str | tuple[str, ...]] = {
         "embeddings.word_embeddings": "embeddings.word_embeddings",
         "embeddings.position_embeddings": "embeddings.position_embeddings",
         "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
         "embeddings.norm": "embeddings.LayerNorm",
-        "embeddings.projection": "encoder.embedding_hidden_mapping_in",
+        "embeddings.projection": "embeddings_project" if electra else "encoder.embedding_hidden_mapping_in",
         "pooler.dense": "pooler" if albert else "pooler.dense",
     }
     for i in range(1 if config.share_layers else config.num_hidden_layers):
@@ -86,11 +89,11 @@ def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[st
             m[f"encoder.layers.{i}.{ours}"] = (
                 tuple(theirs.format(x) for x in ("query", "key", "value")) if ours == "qkv" else theirs
             )
-    pred = "predictions." if albert else "cls.predictions."
+    pred = "predictions." if albert else "generator_predictions." if electra else "cls.predictions."
     m.update(
         {
-            "head:cls.transform": pred + ("dense" if albert else "transform.dense"),
-            "head:cls.transform_norm": pred + ("LayerNorm" if albert else "transform.LayerNorm"),
+            "head:cls.transform": pred + ("dense" if albert or electra else "transform.dense"),
+            "head:cls.transform_norm": pred + ("LayerNorm" if albert or electra else "transform.LayerNorm"),
             "head:cls.sentence": "sop_classifier.classifier" if albert else "cls.seq_relationship",
             "head:classifier": "classifier",
             "head:qa_outputs": "qa_outputs",
@@ -116,7 +119,8 @@ def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tup
     out: dict[str, tuple[str, ...]] = {}
     for key in model.state_dict():
         if key == "cls.bias":
-            out[key] = ("predictions.bias" if model_type == "albert" else "cls.predictions.bias",)
+            bias = {"albert": "predictions.bias", "electra": "generator_lm_head.bias"}
+            out[key] = (bias.get(model_type, "cls.predictions.bias"),)
             continue
         module, _, leaf = key.rpartition(".")
         local = module[len(prefix) :] if module.startswith(prefix) else f"head:{module}"
@@ -161,6 +165,7 @@ def _normalize_keys(state: dict[str, torch.Tensor], model_type: str) -> dict[str
         return dict(state)
     out = {}
     head_roots = ("cls.", "predictions.", "sop_classifier.", "classifier.", "qa_outputs.")
+    head_roots += ("generator_predictions.", "generator_lm_head.", "discriminator_predictions.")  # ELECTRA's
     for key, value in state.items():
         if key.endswith(".gamma"):
             key = key[:-6] + ".weight"
