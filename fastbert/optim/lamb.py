@@ -301,8 +301,21 @@ class Lamb(torch.optim.Optimizer):
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
             return
         clip = self._clip_factor(norm)
+        updates, sums = self._foreach_updates_and_norms(groups, grads, clip, fragments, num_params, device)
+        self._all_reduce_sums(sums)
+        self._foreach_apply_trust_ratios(groups, updates, sums, fragments, num_params)
 
-        # Moments and raw updates, then every parameter's squared weight and update norms from its fragments.
+    def _foreach_updates_and_norms(
+        self,
+        groups: list[tuple[dict, list[torch.Tensor]]],
+        grads: dict[int, torch.Tensor],
+        clip: float,
+        fragments: dict[int, list[Fragment]],
+        num_params: int,
+        device: torch.device,
+    ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
+        """Moments and raw updates per group, then every parameter's squared weight and update norms from this
+        rank's fragments: ``sums[2 * i]`` and ``sums[2 * i + 1]`` for parameter ``i``, not yet all-reduced."""
         sums = torch.zeros(2 * num_params, device=device, dtype=torch.float64)
         updates: list[list[torch.Tensor]] = []
         for group, ps in groups:
@@ -331,8 +344,18 @@ class Lamb(torch.optim.Optimizer):
                 for f in fragments[id(p)]:
                     sums[2 * f.param_index] += square_sum(w_flat.narrow(0, f.start, f.numel))
                     sums[2 * f.param_index + 1] += square_sum(u_flat.narrow(0, f.start, f.numel))
-        self._all_reduce_sums(sums)
+        return updates, sums
 
+    def _foreach_apply_trust_ratios(
+        self,
+        groups: list[tuple[dict, list[torch.Tensor]]],
+        updates: list[list[torch.Tensor]],
+        sums: torch.Tensor,
+        fragments: dict[int, list[Fragment]],
+        num_params: int,
+    ) -> None:
+        """``w -= lr * trust * update``, each fragment scaled by its parameter's trust ratio from the all-reduced
+        ``sums``."""
         norms = sums.view(num_params, 2).sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
         trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp(min=1e-30), torch.ones_like(w_norm))
@@ -347,26 +370,3 @@ class Lamb(torch.optim.Optimizer):
                     for f in fragments[id(p)]:
                         u_flat.narrow(0, f.start, f.numel).mul_(group_trust[f.param_index])
             torch._foreach_add_(ps, [x.to(p.dtype) for x, p in zip(u, ps, strict=True)], alpha=-group["lr"])
-
-
-def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights that decay, and biases and LayerNorm parameters that do not (BERT's recipe)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim == 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def warmup_poly_lr(step: int, base_lr: float, warmup: int, total: int, power: float = 1.0) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then polynomial decay to 0 at ``total``.
-
-    ``power`` 1 is linear decay, 0.5 is NVIDIA's BERT LAMB schedule.
-    """
-    if warmup > 0 and step < warmup:
-        return base_lr * (step + 1) / warmup
-    if total <= warmup:
-        return base_lr
-    progress = min(1.0, (step - warmup) / (total - warmup))
-    return base_lr * math.pow(1.0 - progress, power)
