@@ -51,19 +51,39 @@ def write_atomic(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
-def replace_directory(new: str | os.PathLike, target: str | os.PathLike) -> None:
+def replace_directory(
+    new: str | os.PathLike, target: str | os.PathLike, aside: str | os.PathLike | None = None
+) -> None:
     """Put directory ``new`` (built beside ``target``, on the same file system) at ``target``, replacing what is
-    there: a non-empty old directory is moved aside, the new one renamed in, then the old one deleted, so
-    ``target`` always holds one of the two whole. ``new`` gets an ordinary new directory's mode."""
+    there: a non-empty old directory is moved aside, the new one renamed in (the renames flushed to disk), then the
+    old one deleted, so ``target`` always holds one of the two whole, except between the two renames, when the old
+    one waits aside whole. ``aside`` names that place, for a reader that must find the old one after a crash there;
+    by default it is a fresh hidden directory beside ``target``. What ``aside`` held before goes: replaced by the
+    old directory, or (with no old one to move) deleted once the new one is in, since it may be the only whole copy
+    until then. ``new`` gets an ordinary new directory's mode."""
     new, target = Path(new), Path(target)
     new.chmod(0o777 & ~_umask())  # mkdtemp's owner-only mode would make the files unreadable to other users
+    holder = Path(aside) if aside is not None else None  # what is deleted once the new one is in
     if target.exists() and any(target.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)  # onto nothing, or onto an empty directory
+        if holder is None:
+            holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, holder / target.name)
+        else:
+            shutil.rmtree(holder, ignore_errors=True)
+            os.replace(target, holder)
+    os.replace(new, target)  # onto nothing, an empty directory, or the place the old one has left
+    _fsync_directory(target.parent)
+    if holder is not None:
+        shutil.rmtree(holder, ignore_errors=True)
+
+
+def _fsync_directory(path: Path) -> None:
+    """Flush a directory's entries (the renames in it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -16,6 +16,9 @@ whole training state (fp32 weights, optimizer state, the step, the position in t
 best score and metrics so far, the labels and the arguments) replaces ``OUT/state`` atomically; ``--resume auto``
 continues from it with the same metrics and the same final weights as a run that was never stopped. A stopped run
 raises :class:`FinetuneInterrupted` (a ``KeyboardInterrupt``: the CLI exits 130); a finished run removes its state.
+
+What is particular to a task (its file format, features, head, decoding, metrics) belongs to its ``Task`` in
+``fastbert.tasks``; this module is the loop around any of them, and knows no task by name.
 """
 
 from __future__ import annotations
@@ -35,25 +38,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastbert.atomic import write_atomic
-from fastbert.model import (
-    BertForQuestionAnswering,
-    BertForSequenceClassification,
-    BertForTokenClassification,
-    Layout,
-)
-from fastbert.ops import IGNORE_INDEX
+from fastbert.atomic import replace_directory, write_atomic
+from fastbert.model import Layout
 from fastbert.optim import parameter_groups, warmup_poly_lr
 from fastbert.options import option
-from fastbert.tasks import features as feats
-from fastbert.tasks import formats, metrics
+from fastbert.tasks import TASKS, Task
 from fastbert.train import checkpoint
 from fastbert.train.distributed import default_device, pin, set_tf32, to_device
 from fastbert.train.stopping import StopRequest
 
 log = logging.getLogger("fastbert.finetune")
-TASKS = ("classify", "pair", "regress", "ner", "qa")
-LABELLED_TASKS = ("classify", "pair", "ner")  # the tasks with a label set (classes or tags)
 STATE = "state"  # OUT/state: the resumable training state, replaced atomically (see _save_state)
 STATE_NEW = ".state-new"  # where the next state is written before it is renamed into place
 STATE_OLD = ".state-old"  # the previous state during the swap (the state, should a crash fall between two renames)
@@ -63,7 +57,6 @@ PLAIN_STATE = "model_optimizer.pt"  # the plain engine's weights and optimizer s
 RUN_FILES = ("eval_results.json", "metrics.jsonl", "predictions.jsonl", "best", "init", STATE, STATE_OLD)
 # Arguments that may differ between a run and its resumption: they change nothing that is computed.
 RESUME_FREE = ("resume", "overwrite", "progress", "dist_timeout")
-MAIN_METRIC = {"classify": "accuracy", "pair": "accuracy", "regress": "pearson", "ner": "f1", "qa": "f1"}
 
 
 @dataclass
@@ -135,13 +128,10 @@ class FinetuneArgs:
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
-            raise ValueError(f"--task must be one of {TASKS}, got {self.task!r}")
-        if self.labels is not None and self.task not in LABELLED_TASKS:
-            raise ValueError(f"--labels applies to --task {', '.join(LABELLED_TASKS)}, not {self.task}")
+            raise ValueError(f"--task must be one of {tuple(TASKS)}, got {self.task!r}")
+        TASKS[self.task].check_args(self)
         if self.min_label_count < 0:
             raise ValueError(f"--min-label-count must be 0 or more, got {self.min_label_count}")
-        if self.task == "pair" and not self.pair_column:
-            self.pair_column = "text_b"
 
 
 def resolve_model_dir(source: str, work: Path) -> Path:
@@ -294,63 +284,7 @@ def check_model(source: str):
     return WordPieceTokenizer.from_pretrained(ckpt)
 
 
-# Data -------------------------------------------------------------------------------------------------------------
-class TaskData:
-    """A task's examples and how to batch them, evaluate predictions and write them."""
-
-    def __init__(self, args: FinetuneArgs, tokenizer, label_names: list[str] | None):
-        self.args, self.tokenizer, self.label_names = args, tokenizer, label_names
-        self.bad = formats.BadRows()
-
-    def read(self, path: str, labelled: bool = True) -> list:
-        a = self.args
-        if a.task == "ner":
-            return formats.read_conll(path, with_tags=labelled, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
-        if a.task == "qa":
-            return formats.read_squad(path, skip_bad_rows=a.skip_bad_rows, bad=self.bad)
-        return formats.read_text_examples(
-            path,
-            a.text_column,
-            a.pair_column,
-            a.label_column if labelled else None,
-            regression=a.task == "regress",
-            skip_bad_rows=a.skip_bad_rows,
-            bad=self.bad,
-        )
-
-    def features(self, examples: list) -> list:
-        a, tok = self.args, self.tokenizer
-        if a.task == "qa":
-            return feats.qa_features(tok, examples, a.max_length, a.doc_stride)
-        if a.task == "ner":
-            ids = {n: i for i, n in enumerate(self.label_names)}
-            return [feats.token_features(tok, ex, ids, a.max_length) for ex in examples]
-        return examples
-
-    def collate(self, batch: list, with_labels: bool = True) -> dict[str, torch.Tensor]:
-        a, tok = self.args, self.tokenizer
-        if a.task == "qa":
-            return feats.collate_qa(batch, tok.pad_token_id, with_labels)
-        if a.task == "ner":
-            return feats.collate_tokens(batch, tok.pad_token_id)
-        enc = tok(
-            [ex.text for ex in batch],
-            [ex.pair for ex in batch] if a.pair_column else None,
-            max_length=a.max_length,
-            truncation=True,
-            padding="longest",
-            return_tensors="pt",
-        )
-        out = {k: enc[k] for k in ("input_ids", "token_type_ids", "attention_mask")}
-        if with_labels and batch[0].label is not None:
-            if a.task == "regress":
-                out["labels"] = torch.tensor([ex.label for ex in batch], dtype=torch.float32)
-            else:
-                index = {n: i for i, n in enumerate(self.label_names)}
-                out["labels"] = torch.tensor([index[ex.label] for ex in batch])
-        return out
-
-
+# Batches and the model ---------------------------------------------------------------------------------------------
 def _batches(items: list, size: int, shuffle_seed: int | None = None) -> list[list]:
     order = list(range(len(items)))
     if shuffle_seed is not None:
@@ -358,107 +292,33 @@ def _batches(items: list, size: int, shuffle_seed: int | None = None) -> list[li
     return [[items[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
 
 
-# Model ------------------------------------------------------------------------------------------------------------
 def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | None):
+    """The task's head on the encoder of ``model_dir`` (the head newly initialised unless the checkpoint has it)."""
+    task = TASKS[args.task]
     overrides = {}
     if args.dropout is not None:
         overrides.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
-    if args.task in ("classify", "pair", "ner"):
-        overrides.update(num_labels=len(label_names), id2label=dict(enumerate(label_names)))
-    elif args.task == "regress":
-        overrides.update(num_labels=1)
-    cls = {
-        "classify": BertForSequenceClassification,
-        "pair": BertForSequenceClassification,
-        "regress": BertForSequenceClassification,
-        "ner": BertForTokenClassification,
-        "qa": BertForQuestionAnswering,
-    }[args.task]
+    overrides.update(task.head_config(label_names))
     import warnings
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*newly initialised.*")
-        model, info = cls.from_pretrained(model_dir, output_loading_info=True, **overrides)
+        model, info = task.head.from_pretrained(model_dir, output_loading_info=True, **overrides)
     log.info("new task-head weights: %s", info.missing_keys)
     return model
 
 
-def _label_names(model, data: TaskData) -> list[str]:
-    """The model's labels in id order (its ``id2label``), which the training run wrote from ``data.label_names``."""
-    id2label = getattr(model.config, "id2label", None)
-    if id2label:
-        return [id2label[i] for i in range(len(id2label))]
-    return data.label_names
-
-
 @torch.no_grad()
-def predict(model, data: TaskData, examples: list, device: torch.device, with_scores: bool = False) -> list:
-    """Per example: a label name, a float, a list of word tags, or (for QA) the answer text. With ``with_scores``,
-    (prediction, scores) pairs, ``scores`` being what predictions.jsonl adds to each line:
-    ``{"probabilities": {label: p}}`` (the softmax over the labels, in the model's id order) for classify and
-    pair; ``{"score": value}`` for regress; ``{"probabilities": [p, ...]}`` for ner, the probability of each word's
-    chosen tag (None for a word cut off by --max-length, which is tagged O); ``{"score": s}`` for qa, the answer's
-    start + end logit (the no-answer score when the empty answer wins, None when no span was found)."""
+def predict(model, task: Task, examples: list, device: torch.device, with_scores: bool = False) -> list:
+    """One prediction per example, decoded by the task; with ``with_scores``, (prediction, scores) pairs, the
+    scores being what predictions.jsonl adds to each line (see each task's ``decode``)."""
     model.eval()
-    features = data.features(examples)
+    features = task.features(examples)
     outputs = []
-    for batch in _batches(features, data.args.batch_size * 2):
-        collated = data.collate(batch, with_labels=False)
-        inputs = model_inputs(
-            {k: v for k, v in collated.items() if k not in ("labels", "start_positions", "end_positions")}, device
-        )
-        out = model(**inputs)
-        if data.args.task == "qa":
-            outputs += list(zip(out.start_logits.float().cpu(), out.end_logits.float().cpu(), strict=True))
-        else:
-            outputs += list(out.logits.float().cpu())
+    for batch in _batches(features, task.args.batch_size * 2):
+        outputs += task.outputs(model(**model_inputs(task.collate(batch, with_labels=False), device)))
     model.train()
-    task = data.args.task
-    if task == "qa":
-        answers = feats.decode_answers(
-            examples,
-            features,
-            [s for s, _ in outputs],
-            [e for _, e in outputs],
-            max_answer_length=data.args.max_answer_length,
-            null_threshold=data.args.null_threshold,
-            return_scores=True,
-        )
-        found = [answers[ex.id] for ex in examples]
-        return [(text, {"score": score}) for text, score in found] if with_scores else [text for text, _ in found]
-    if task == "regress":
-        values = [float(o.squeeze()) for o in outputs]
-        return [(v, {"score": v}) for v in values] if with_scores else values
-    names = _label_names(model, data)
-    if task == "ner":
-        result = []
-        for feature, logits in zip(features, outputs, strict=True):
-            probs = torch.softmax(logits, dim=-1)
-            chosen = probs.argmax(-1).tolist()
-            tags = [names[chosen[i]] if i is not None else "O" for i in feature.first_subtoken]
-            if with_scores:
-                word_probs = [float(probs[i, chosen[i]]) if i is not None else None for i in feature.first_subtoken]
-                result.append((tags, {"probabilities": word_probs}))
-            else:
-                result.append(tags)
-        return result
-    result = []
-    for logits in outputs:
-        probs = torch.softmax(logits, dim=-1).tolist()
-        label = names[int(logits.argmax())]
-        result.append((label, {"probabilities": dict(zip(names, probs, strict=True))}) if with_scores else label)
-    return result
-
-
-def evaluate(task: str, examples: list, predictions: list) -> dict[str, float]:
-    if task == "qa":
-        golds = {ex.id: [t for t, _ in ex.answers] for ex in examples}
-        return metrics.squad_metrics(golds, {ex.id: p for ex, p in zip(examples, predictions, strict=True)})
-    if task == "regress":
-        return metrics.regression_metrics([ex.label for ex in examples], predictions)
-    if task == "ner":
-        return metrics.entity_metrics([ex.tags for ex in examples], predictions)
-    return metrics.classification_metrics([ex.label for ex in examples], predictions)
+    return task.decode(model, examples, features, outputs, with_scores)
 
 
 # Engines ----------------------------------------------------------------------------------------------------------
@@ -627,14 +487,6 @@ def _slice(batch: list, rank: int, world: int) -> list:
     return batch[start : start + base + (rank < extra)]
 
 
-def _loss_count(task: str, inputs: dict[str, torch.Tensor]) -> int:
-    """What the model's loss is a mean over: labelled tokens for NER, examples otherwise (read from the collated
-    host tensors, so no device sync)."""
-    if task == "ner":
-        return int((inputs["labels"] != IGNORE_INDEX).sum())
-    return int(inputs["input_ids"].shape[0])
-
-
 def model_inputs(collated: dict[str, torch.Tensor], device: torch.device) -> dict:
     """A collated (host) batch as the model takes it on ``device``: the attention mask becomes the batch's
     ``Layout``, built here on the host so that unpadding on the device reads nothing back; pinned for a GPU."""
@@ -678,287 +530,352 @@ def finetune(
     each optimizer step. A first SIGINT/SIGTERM saves the state at the next step boundary and raises
     :class:`FinetuneInterrupted`; a second raises ``KeyboardInterrupt`` at once."""
     out = Path(args.out)
-    resume_from = _resume_state(args, out)
-    saved = None
-    if resume_from is not None:
-        if not (resume_from / checkpoint.MANIFEST).exists():
-            raise ResumeError(
-                f"{resume_from}: no {checkpoint.MANIFEST}, so the state is incomplete; pass --overwrite (without "
-                f"--resume) to start over"
-            )
-        saved = _read_trainer_state(resume_from)
-        _check_same_run(args, saved, resume_from)
-        stale = []
-    else:
-        stale = check_out(out, args.overwrite, args.resume)
+    resume, stale = _check_resume_or_out(args, out)
     device = default_device()
     set_tf32(args.tf32)
-    precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
-    if precision not in ("fp32", "bf16"):
-        raise ValueError(f"--precision must be auto, fp32 or bf16, got {args.precision!r}")
+    precision = _precision(args, device)
     check_model(args.model)
-    data = TaskData(args, None, None)
-    train, eval_examples, predict_examples = _read_inputs(args, data)
-    digests = _input_digests(args)
-
-    distributed = _wants_deepspeed(args)
-    rank = 0
-    if distributed:
-        import torch.distributed as dist
-
-        from fastbert.train.distributed import init_distributed
-
-        init_distributed(args.dist_timeout)
-        rank = dist.get_rank()
-    if saved is not None:
-        world = dist.get_world_size() if distributed else 1
-        engine_kind = "deepspeed" if distributed else "plain"
-        _check_same_inputs(saved, digests, data.label_names, world, engine_kind, precision, resume_from)
-    if distributed:
-        dist.barrier()  # every rank has checked --out before rank 0 writes to it
-    created = not out.exists()
-    if rank == 0:
-        for path in stale:  # --overwrite: the previous run's files go, so that none of them outlives it
-            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
-        shutil.rmtree(out / STATE_NEW, ignore_errors=True)
-        out.mkdir(parents=True, exist_ok=True)
-    recorded = [False]  # whether an epoch or a state has been written: --out then holds a run worth keeping
+    task = TASKS[args.task](args)
+    train, eval_examples, predict_examples = task.read_inputs()
+    resume.digests = _input_digests(args)
+    job = Job(args, task, out, device, precision, _wants_deepspeed(args), on_epoch, on_step, resume)
+    _start_ranks(job)
+    created = _prepare_out(job, stale)
     try:
-        return _run(
-            args,
-            data,
-            train,
-            eval_examples,
-            predict_examples,
-            out,
-            device,
-            precision,
-            distributed,
-            on_epoch,
-            on_step,
-            recorded,
-            Resume(resume_from, saved, digests, args),
-        )
+        return _run(job, train, eval_examples, predict_examples)
     except BaseException:
-        if rank == 0 and created and not recorded[0]:
+        if job.rank == 0 and created and not job.recorded:
             shutil.rmtree(out, ignore_errors=True)
         raise
 
 
 @dataclass
 class Resume:
-    """What ``_run`` needs to save and resume state: the state to resume from (or None), its trainer state, the
+    """What a run needs to save and resume state: the state to resume from (or None), its trainer state, the
     input digests, and the arguments as given (saved, and compared on resume, before --lr gets its default)."""
 
     state: Path | None
     saved: dict | None
-    digests: dict
     given: FinetuneArgs
+    digests: dict = dataclasses.field(default_factory=dict)
 
 
-def _read_inputs(args: FinetuneArgs, data: TaskData) -> tuple[list, list, list | None]:
-    """The training, evaluation and prediction examples, each file read (format errors first), then the labels
-    checked: against --labels when given, else for rare labels in the training file (--min-label-count) and, in
-    the evaluation file, for labels the training file does not have. Sets ``data.label_names``."""
-    train = data.read(args.train)
-    eval_examples = data.read(args.eval) if args.eval else []
-    predict_examples = data.read(args.predict, labelled=args.task == "qa") if args.predict else None
-    skip, bad = args.skip_bad_rows, data.bad
-    if args.task in LABELLED_TASKS:
-        if args.labels is not None:
-            data.label_names = formats.parse_label_list(args.labels)
-            train = formats.check_labels(train, data.label_names, skip, bad, "--labels")
-            eval_examples = formats.check_labels(eval_examples, data.label_names, skip, bad, "--labels")
-        else:
-            train = formats.check_label_counts(train, args.min_label_count, skip, bad, args.train)
-            data.label_names = sorted({label for ex in train for label, _ in formats.labels_of(ex)})
-            eval_examples = formats.check_labels(eval_examples, data.label_names, skip, bad, "training labels")
-    if not train:
-        raise formats.TaskDataError(f"{args.train}: no usable examples")
-    return train, eval_examples, predict_examples
+@dataclass
+class Job:
+    """What a fine-tuning run is given and where it runs: the arguments (with --lr's default once the model is
+    known), the task, --out, the device and precision, whether DeepSpeed runs it, the hooks, what it resumes, this
+    rank, and whether it has recorded anything in --out yet (an epoch's row or a state: --out is then kept)."""
+
+    args: FinetuneArgs
+    task: Task
+    out: Path
+    device: torch.device
+    precision: str
+    distributed: bool
+    on_epoch: Callable[[dict], None] | None
+    on_step: Callable[[int], None] | None
+    resume: Resume
+    rank: int = 0
+    recorded: bool = False
 
 
-def _run(
-    args,
-    data,
-    train,
-    eval_examples,
-    predict_examples,
-    out,
-    device,
-    precision,
-    distributed,
-    on_epoch,
-    on_step,
-    recorded,
-    resume: Resume,
-) -> dict:
-    from fastbert.tokenizer import WordPieceTokenizer
+def _check_resume_or_out(args: FinetuneArgs, out: Path) -> tuple[Resume, list[Path]]:
+    """What ``--resume`` continues from (its state checked against the arguments), or for a fresh run the files of
+    an earlier run in ``out`` that ``--overwrite`` removes (refused without it)."""
+    resume_from = _resume_state(args, out)
+    if resume_from is None:
+        return Resume(None, None, args), check_out(out, args.overwrite, args.resume)
+    if not (resume_from / checkpoint.MANIFEST).exists():
+        raise ResumeError(
+            f"{resume_from}: no {checkpoint.MANIFEST}, so the state is incomplete; pass --overwrite (without "
+            f"--resume) to start over"
+        )
+    saved = _read_trainer_state(resume_from)
+    _check_same_run(args, saved, resume_from)
+    return Resume(resume_from, saved, args), []
 
-    if distributed:
+
+def _precision(args: FinetuneArgs, device: torch.device) -> str:
+    precision = args.precision if args.precision != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {args.precision!r}")
+    return precision
+
+
+def _start_ranks(job: Job) -> None:
+    """Join the launcher's ranks (under DeepSpeed) and, when resuming, check that the inputs, labels, world and
+    engine are those the state was saved with."""
+    world = 1
+    if job.distributed:
         import torch.distributed as dist
 
-        found = [resolve_model_dir(args.model, out) if dist.get_rank() == 0 else None]
-        dist.broadcast_object_list(found, src=0)  # rank 0 alone exports a run directory or checkpoint
-        model_dir = found[0]
-    else:
-        model_dir = resolve_model_dir(args.model, out)
-    torch.manual_seed(args.seed)
-    np.random.seed(args.seed)
-    tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
-    data.tokenizer = tokenizer
-    model = build_model(args, model_dir, data.label_names)
-    if args.lr is None:
-        args = dataclasses.replace(args, lr=default_lr(model.config.hidden_size))
-        data.args = args
-        log.info("learning rate %g, the default for hidden size %d (--lr to choose)", args.lr, model.config.hidden_size)
-    engine = (_DeepSpeedEngine if distributed else _PlainEngine)(args, model, device, precision)
-    rank, world = engine.rank, engine.world
+        from fastbert.train.distributed import init_distributed
 
-    train_features = data.features(train)
-    steps_per_epoch = math.ceil(len(train_features) / args.batch_size)
-    total = steps_per_epoch * args.epochs
-    warmup = int(args.warmup_ratio * total)
-    metrics_path = out / "metrics.jsonl"
-    # Where the run is: the epoch in progress (0-based), the batches of it done, the epoch's loss sum and seconds.
-    first_epoch, done, step, epoch_seconds = 0, 0, 0, 0.0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    records: list[dict] = []
-    best, best_metrics = float("-inf"), {}
-    if resume.state is not None:
+        init_distributed(job.args.dist_timeout)
+        job.rank, world = dist.get_rank(), dist.get_world_size()
+    resume = job.resume
+    if resume.saved is not None:
+        engine_kind = "deepspeed" if job.distributed else "plain"
+        _check_same_inputs(
+            resume.saved, resume.digests, job.task.label_names, world, engine_kind, job.precision, resume.state
+        )
+
+
+def _prepare_out(job: Job, stale: list[Path]) -> bool:
+    """``--out`` made ready on rank 0 once every rank has checked it: the previous run's files gone (--overwrite),
+    no half-written state left; returns whether this run created it."""
+    if job.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # every rank has checked --out before rank 0 writes to it
+    created = not job.out.exists()
+    if job.rank == 0:
+        for path in stale:  # --overwrite: the previous run's files go, so that none of them outlives it
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        shutil.rmtree(job.out / STATE_NEW, ignore_errors=True)
+        job.out.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _run(job: Job, train: list, eval_examples: list, predict_examples: list | None) -> dict:
+    """Build the model and engine, train every epoch (from the saved position when resuming), write the results."""
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    model_dir = _model_dir(job)
+    torch.manual_seed(job.args.seed)
+    np.random.seed(job.args.seed)
+    job.task.tokenizer = WordPieceTokenizer.from_pretrained(model_dir)
+    model = build_model(job.args, model_dir, job.task.label_names)
+    if job.args.lr is None:
+        job.args = job.task.args = dataclasses.replace(job.args, lr=default_lr(model.config.hidden_size))
+        log.info(
+            "learning rate %g, the default for hidden size %d (--lr to choose)", job.args.lr, model.config.hidden_size
+        )
+    engine = (_DeepSpeedEngine if job.distributed else _PlainEngine)(job.args, model, job.device, job.precision)
+    training = _Training(job, engine, job.task.features(train), eval_examples)
+    training.run()
+    return _finish(job, engine, training.position, bool(eval_examples), predict_examples)
+
+
+def _model_dir(job: Job) -> Path:
+    """The model as an HF directory; a run directory or checkpoint is exported (by rank 0 alone) into --out."""
+    if not job.distributed:
+        return resolve_model_dir(job.args.model, job.out)
+    import torch.distributed as dist
+
+    found = [resolve_model_dir(job.args.model, job.out) if job.rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    return found[0]
+
+
+@dataclass
+class Position:
+    """Where the run is and what it has found: besides the engine's weights and RNG states, what a state holds."""
+
+    epoch: int  # the epoch in progress, 0-based
+    batch: int  # the batches of it done
+    step: int
+    epoch_seconds: float  # the epoch's training seconds so far (before a stop, on resume)
+    loss_sum: torch.Tensor  # this rank's share-weighted loss sum of the epoch so far, on the device
+    records: list[dict]  # the metrics rows of the epochs done
+    best: float  # the best epoch's main metric so far
+    best_metrics: dict
+
+
+class _Training:
+    """The epochs of one run over a built engine: the steps, each epoch's metrics row, evaluation and best model,
+    the state saved at every epoch's end and on a stop, and the stop itself."""
+
+    def __init__(self, job: Job, engine, features: list, eval_examples: list):
+        self.job, self.engine, self.features, self.eval_examples = job, engine, features, eval_examples
+        self.rank, self.world = engine.rank, engine.world
+        self.steps_per_epoch = math.ceil(len(features) / job.args.batch_size)
+        self.total = self.steps_per_epoch * job.args.epochs
+        self.warmup = int(job.args.warmup_ratio * self.total)
+        self.metrics_path = job.out / "metrics.jsonl"
+        self.position, self.own = self._start_position()
+        self.state_at = (self.position.epoch, self.position.batch) if self.own is not None else None
+        if self.rank == 0:  # on resume, the rows of the epochs the state has seen (a later row is written again)
+            rows = "".join(json.dumps(r) + "\n" for r in self.position.records)
+            write_atomic(self.metrics_path, rows.encode())
+
+    def _start_position(self) -> tuple[Position, dict | None]:
+        """The start of the run, or the position of the state it resumes (loaded into the engine) with this rank's
+        own part of that state (its RNG states and loss sum)."""
+        device, resume = self.job.device, self.job.resume
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        if resume.state is None:
+            return Position(0, 0, 0, 0.0, zero, [], float("-inf"), {}), None
         saved = resume.saved
-        engine.load_state(resume.state)
-        first_epoch, done, step = saved["epoch"], saved["batch"], saved["step"]
-        epoch_seconds = saved["epoch_seconds"]
-        records, best_metrics = saved["records"], saved["best_metrics"]
+        self.engine.load_state(resume.state)
+        own = checkpoint.load_weights_only(resume.state / f"rank{self.rank}.pt")
         best = float("-inf") if saved["best"] is None else saved["best"]
-        own = checkpoint.load_weights_only(resume.state / f"rank{rank}.pt")
-        loss_sum = own["loss_sum"].to(device)
-        log.info("resumed from %s: epoch %d, step %d of %d", resume.state, first_epoch + 1, step, total)
-    if rank == 0:  # on resume, the rows of the epochs the state has seen (a later row is written again)
-        write_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records).encode())
+        position = Position(
+            saved["epoch"], saved["batch"], saved["step"], saved["epoch_seconds"], own["loss_sum"].to(device),
+            saved["records"], best, saved["best_metrics"],
+        )  # fmt: skip
+        log.info(
+            "resumed from %s: epoch %d, step %d of %d", resume.state, position.epoch + 1, position.step, self.total
+        )
+        return position, own
 
-    def save_state(epoch: int, done: int, epoch_seconds: float) -> Path:
+    def run(self) -> None:
+        from tqdm import tqdm
+
+        args = self.job.args
+        self.bar = tqdm(
+            total=self.total,
+            initial=self.position.step,
+            desc=f"finetune {args.task}",
+            unit="step",
+            disable=not args.progress or self.rank != 0,
+        )
+        self.stop = StopRequest("finetune", "the run's state", announce=self.rank == 0)
+        if self.own is not None:  # last: building the model and the engine drew random numbers
+            checkpoint.set_rng_state(self.own["rng"])
+        try:
+            for epoch in range(self.position.epoch, args.epochs):
+                self.position.epoch = epoch
+                record = self._train_epoch()
+                if self.job.on_epoch is not None:
+                    self.job.on_epoch(record)
+            # Training is done; a signal that came during the last evaluation stops before the results are written.
+            flag = torch.tensor([float(self.stop.requested)], dtype=torch.float64).to(
+                self.job.device, non_blocking=True
+            )
+            if self.stop.requested if self.world == 1 else bool(self.engine.all_sum(flag)[0] > 0):
+                raise self._stopped(args.epochs - 1, self.job.out / STATE)
+        finally:
+            self.stop.restore()
+            self.bar.close()
+
+    def _train_epoch(self) -> dict:
+        """The rest of the epoch in progress, then its metrics row and the state at its end."""
+        position, args = self.position, self.job.args
+        batches = _batches(self.features, args.batch_size, shuffle_seed=args.seed * 1000 + position.epoch)
+        started = time.perf_counter()
+        for index in range(position.batch, len(batches)):
+            self._step(batches[index], index, started)
+        record = self._epoch_record(position.epoch_seconds + time.perf_counter() - started)
+        position.epoch += 1
+        position.batch, position.epoch_seconds = 0, 0.0
+        position.loss_sum = torch.zeros((), dtype=torch.float64, device=self.job.device)
+        self._save_state()
+        self.state_at = (position.epoch, 0)
+        return record
+
+    def _step(self, batch: list, index: int, started: float) -> None:
+        """One optimizer step on this rank's slice of ``batch`` (the epoch's ``index``-th), or the stop before it."""
+        job, engine, position = self.job, self.engine, self.position
+        mine = _slice(batch, self.rank, self.world)
+        collated = job.task.collate(mine) if mine else None
+        count = job.task.loss_count(collated) if collated is not None else 0
+        # This rank's count of what the batch's loss is a mean over, and whether it was asked to stop: summed over
+        # ranks in one exchange, so that every rank stops at the same step boundary.
+        local = torch.tensor([float(count), float(self.stop.requested)], dtype=torch.float64)
+        local = local.to(job.device, non_blocking=True)
+        summed = engine.all_sum(local)
+        if self.stop.requested if self.world == 1 else bool(summed[1] > 0):  # a host sync only with several ranks
+            state = job.out / STATE
+            if self.state_at != (position.epoch, index):
+                position.batch = index
+                position.epoch_seconds += time.perf_counter() - started
+                state = self._save_state()
+            raise self._stopped(position.epoch, state)
+        engine.set_lr(warmup_poly_lr(position.step, job.args.lr, self.warmup, self.total))
+        inputs = model_inputs(collated, job.device) if count else None
+        share = local[0] / summed[0].clamp(min=1)  # this rank's share of the batch, on the device
+        loss = engine.train_step(inputs, share * self.world)
+        position.loss_sum += loss.double() * share
+        position.step += 1
+        self.bar.update(1)
+        if not self.bar.disable:
+            self.bar.set_postfix(loss=f"{float(loss):.4f}")  # the step's one read back, for the bar only
+        if job.on_step is not None:
+            job.on_step(position.step)
+
+    def _epoch_record(self, seconds: float) -> dict:
+        """The epoch's metrics row (training loss and speed, evaluation), written to metrics.jsonl; the best model
+        so far (by the task's main metric) saved in OUT/best."""
+        job, position = self.job, self.position
+        record = {
+            "epoch": position.epoch + 1,
+            "step": position.step,
+            "train_loss": float(self.engine.all_sum(position.loss_sum)) / self.steps_per_epoch,
+            "train_seconds": seconds,
+            "train_examples_per_s": len(self.features) / seconds,
+        }
+        if self.eval_examples:
+            mine = self.eval_examples[self.rank :: self.world]
+            predictions = self.engine.gather(predict(self.engine.module, job.task, mine, job.device))
+            record.update({f"eval_{k}": v for k, v in job.task.metrics(self.eval_examples, predictions).items()})
+            score = record[f"eval_{job.task.main_metric}"]
+            if score > position.best:
+                position.best, position.best_metrics = score, record
+                _save(self.engine, job.task.tokenizer, job.out / "best")
+        position.records.append(record)
+        if self.rank == 0:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            log.info("epoch %d: %s", position.epoch + 1, record)
+        return record
+
+    def _save_state(self) -> Path:
+        position, job = self.position, self.job
         trainer = {
             "format": 1,
-            "epoch": epoch,
-            "batch": done,
-            "step": step,
-            "steps": total,
-            "epoch_seconds": epoch_seconds,
-            "best": None if best == float("-inf") else best,
-            "best_metrics": best_metrics,
-            "records": records,
-            "label_names": data.label_names,
-            "inputs": resume.digests,
-            "world_size": world,
-            "engine": "deepspeed" if distributed else "plain",
-            "precision": precision,
-            "args": asdict(resume.given),
+            "epoch": position.epoch,
+            "batch": position.batch,
+            "step": position.step,
+            "steps": self.total,
+            "epoch_seconds": position.epoch_seconds,
+            "best": None if position.best == float("-inf") else position.best,
+            "best_metrics": position.best_metrics,
+            "records": position.records,
+            "label_names": job.task.label_names,
+            "inputs": job.resume.digests,
+            "world_size": self.world,
+            "engine": "deepspeed" if job.distributed else "plain",
+            "precision": job.precision,
+            "args": asdict(job.resume.given),
         }
-        path = _save_state(engine, out, trainer, loss_sum)
-        recorded[0] = True
+        path = _save_state(self.engine, job.out, trainer, position.loss_sum)
+        job.recorded = True
         return path
 
-    def stopped(epoch: int, by: str, state: Path) -> FinetuneInterrupted:
+    def _stopped(self, epoch: int, state: Path) -> FinetuneInterrupted:
+        by, step, total = self.stop.signal or "a signal on another rank", self.position.step, self.total
         result = {"stopped": by, "epoch": epoch + 1, "step": step, "steps": total, "state": str(state)}
         return FinetuneInterrupted(
-            f"{by}: state saved in {state} at step {step} of {total} (epoch {epoch + 1} of {args.epochs}); continue "
-            f"with: fastbert finetune --resume auto --out {out} (and the same options)",
+            f"{by}: state saved in {state} at step {step} of {total} (epoch {epoch + 1} of {self.job.args.epochs}); "
+            f"continue with: fastbert finetune --resume auto --out {self.job.out} (and the same options)",
             result,
         )
 
-    from tqdm import tqdm
 
-    bar = tqdm(
-        total=total, initial=step, desc=f"finetune {args.task}", unit="step", disable=not args.progress or rank != 0
-    )
-    stop = StopRequest("finetune", "the run's state", announce=rank == 0)
-    if resume.state is not None:  # last: building the model and the engine drew random numbers
-        checkpoint.set_rng_state(own["rng"])
-    state_at = (first_epoch, done) if resume.state is not None else None  # the position the newest state holds
-    try:
-        for epoch in range(first_epoch, args.epochs):
-            batches = _batches(train_features, args.batch_size, shuffle_seed=args.seed * 1000 + epoch)
-            started = time.perf_counter()
-            for index in range(done, len(batches)):
-                mine = _slice(batches[index], rank, world)
-                collated = data.collate(mine) if mine else None
-                count = _loss_count(args.task, collated) if collated is not None else 0
-                # This rank's count of what the batch's loss is a mean over, and whether it was asked to stop:
-                # summed over ranks in one exchange, so that every rank stops at the same step boundary.
-                local = torch.tensor([float(count), float(stop.requested)], dtype=torch.float64)
-                local = local.to(device, non_blocking=True)
-                summed = engine.all_sum(local)
-                if stop.requested if world == 1 else bool(summed[1] > 0):  # a host sync only with several ranks
-                    state = out / STATE
-                    if state_at != (epoch, index):
-                        state = save_state(epoch, index, epoch_seconds + time.perf_counter() - started)
-                    raise stopped(epoch, stop.signal or "a signal on another rank", state)
-                engine.set_lr(warmup_poly_lr(step, args.lr, warmup, total))
-                inputs = model_inputs(collated, device) if count else None
-                share = local[0] / summed[0].clamp(min=1)  # this rank's share of the batch, on the device
-                loss = engine.train_step(inputs, share * world)
-                loss_sum += loss.double() * share
-                step += 1
-                bar.update(1)
-                if not bar.disable:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")  # the step's one read back, for the bar only
-                if on_step is not None:
-                    on_step(step)
-            seconds = epoch_seconds + time.perf_counter() - started
-            record = {
-                "epoch": epoch + 1,
-                "step": step,
-                "train_loss": float(engine.all_sum(loss_sum)) / steps_per_epoch,
-                "train_seconds": seconds,
-                "train_examples_per_s": len(train_features) / seconds,
-            }
-            if eval_examples:
-                predictions = engine.gather(predict(engine.module, data, eval_examples[rank::world], device))
-                record.update({f"eval_{k}": v for k, v in evaluate(args.task, eval_examples, predictions).items()})
-                score = record[f"eval_{MAIN_METRIC[args.task]}"]
-                if score > best:
-                    best, best_metrics = score, record
-                    _save(engine, tokenizer, out / "best")
-            records.append(record)
-            if rank == 0:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                log.info("epoch %d: %s", epoch + 1, record)
-            done, epoch_seconds = 0, 0.0
-            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-            save_state(epoch + 1, 0, 0.0)
-            state_at = (epoch + 1, 0)
-            if on_epoch is not None:
-                on_epoch(record)
-        # Training is done; a signal that came during the last evaluation stops before the results are written.
-        flag = torch.tensor([float(stop.requested)], dtype=torch.float64).to(device, non_blocking=True)
-        if stop.requested if world == 1 else bool(engine.all_sum(flag)[0] > 0):
-            raise stopped(args.epochs - 1, stop.signal or "a signal on another rank", out / STATE)
-    finally:
-        stop.restore()
-        bar.close()
-    if not eval_examples:
-        _save(engine, tokenizer, out / "best")
-        best_metrics = records[-1]
+def _finish(job: Job, engine, position: Position, evaluated: bool, predict_examples: list | None) -> dict:
+    """The results (the best epoch's metrics, or the last epoch's without --eval, whose model is then the one
+    kept) in OUT/eval_results.json, the predictions of the best model, and the state removed."""
+    out, rank = job.out, engine.rank
+    if not evaluated:
+        _save(engine, job.task.tokenizer, out / "best")
+        position.best_metrics = position.records[-1]
     results = {
-        **best_metrics,
-        "task": args.task,
-        "world_size": world,
-        "precision": precision,
-        "skipped_rows": data.bad.skipped,
-        "args": asdict(args),
+        **position.best_metrics,
+        "task": job.args.task,
+        "world_size": engine.world,
+        "precision": job.precision,
+        "skipped_rows": job.task.bad.skipped,
+        "args": asdict(job.args),
     }
     if rank == 0:
         write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
     if predict_examples is not None and rank == 0:
-        best_model = type(model).from_pretrained(out / "best").to(device)
+        best_model = job.task.head.from_pretrained(out / "best").to(job.device)
+        predictions = predict(best_model, job.task, predict_examples, job.device, with_scores=True)
         lines = [
             json.dumps({"where": ex.where, "prediction": p, **scores})
-            for ex, (p, scores) in zip(
-                predict_examples, predict(best_model, data, predict_examples, device, with_scores=True), strict=True
-            )
+            for ex, (p, scores) in zip(predict_examples, predictions, strict=True)
         ]
         write_atomic(out / "predictions.jsonl", ("\n".join(lines) + "\n").encode())
     engine.barrier()
@@ -986,18 +903,11 @@ def _save_tensors(obj, path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _save_state(engine, out: Path, trainer: dict, loss_sum: torch.Tensor) -> Path:
     """Replace ``OUT/state`` with the run's state, on every rank: written in ``OUT/.state-new/state``, checked
-    into a MANIFEST.json, then renamed into place (the old state moves aside first and is deleted last), so a
-    crash at any moment leaves one complete state, the new one or the previous one.
+    into a MANIFEST.json, then put in place by ``replace_directory`` with ``OUT/.state-old`` as the place the old
+    state waits until the new one is in, so a crash at any moment leaves one complete state that ``find_state``
+    finds, the new one or the previous one.
 
     Holds the engine's weights and optimizer state, ``rank{r}.pt`` per rank (every RNG state, drawn after
     everything else of the save, and the rank's loss sum of the epoch in progress) and ``trainer_state.json``."""
@@ -1017,13 +927,7 @@ def _save_state(engine, out: Path, trainer: dict, loss_sum: torch.Tensor) -> Pat
     engine.barrier()
     if engine.rank == 0:
         checkpoint.write_manifest(target, finite)
-        current, old = out / STATE, out / STATE_OLD
-        if current.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(current, old)
-        os.rename(target, current)
-        _fsync_dir(out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_directory(target, out / STATE, aside=out / STATE_OLD)
         shutil.rmtree(staging, ignore_errors=True)
     engine.barrier()
     return out / STATE
