@@ -87,31 +87,39 @@ def _rows(path: Path) -> list[tuple[int, dict, str | None]]:
     than the first record's (JSONL). Blank lines are skipped."""
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        rows, columns, first = [], None, 0
-        for line_no, line in enumerate(_lines(_read_text(path)), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{path}:{line_no}: expected a JSON object")
-            problem = None
-            if columns is None:
-                columns, first = list(row), line_no
-            elif set(row) != set(columns):
-                missing = [k for k in columns if k not in row]
-                extra = [k for k in row if k not in columns]
-                problem = (
-                    f"{len(row)} fields but the first record (line {first}) has {len(columns)}"
-                    + (f"; missing {', '.join(map(repr, missing))}" if missing else "")
-                    + (f"; extra {', '.join(map(repr, extra))}" if extra else "")
-                )
-            rows.append((line_no, row, problem))
-        return rows
+        return _jsonl_rows(path)
     if suffix not in (".tsv", ".csv"):
         raise TaskDataError(f"{path}: unsupported table format {suffix!r} (expected .tsv, .csv or .jsonl)")
+    return _delimited_rows(path, suffix)
+
+
+def _jsonl_rows(path: Path) -> list[tuple[int, dict, str | None]]:
+    rows, columns, first = [], None, 0
+    for line_no, line in enumerate(_lines(_read_text(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}:{line_no}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            raise TaskDataError(f"{path}:{line_no}: expected a JSON object")
+        problem = None
+        if columns is None:
+            columns, first = list(row), line_no
+        elif set(row) != set(columns):
+            missing = [k for k in columns if k not in row]
+            extra = [k for k in row if k not in columns]
+            problem = (
+                f"{len(row)} fields but the first record (line {first}) has {len(columns)}"
+                + (f"; missing {', '.join(map(repr, missing))}" if missing else "")
+                + (f"; extra {', '.join(map(repr, extra))}" if extra else "")
+            )
+        rows.append((line_no, row, problem))
+    return rows
+
+
+def _delimited_rows(path: Path, suffix: str) -> list[tuple[int, dict, str | None]]:
     reader = csv.reader(
         io.StringIO(_read_text(path), newline=""),
         delimiter="\t" if suffix == ".tsv" else ",",
