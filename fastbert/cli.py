@@ -179,7 +179,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     if not final:
         return 0
     say = print if _rank() == 0 else lambda *a, **k: None  # one final word per run, not one per rank
-    say(f"step {final['step']}: loss {final['loss']:.4f}, MLM accuracy {final['mlm_accuracy']:.3f}")
+    if "mlm_accuracy" in final:
+        accuracy = f"MLM accuracy {final['mlm_accuracy']:.3f}"
+    else:  # ELECTRA
+        accuracy = (
+            f"generator accuracy {final['generator_accuracy']:.3f}, discriminator {final['discriminator_accuracy']:.3f}"
+        )
+    say(f"step {final['step']}: loss {final['loss']:.4f}, {accuracy}")
     stopped = final.get("stopped")
     if stopped is None:
         return 0

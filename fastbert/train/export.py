@@ -1,5 +1,7 @@
 """``fastbert export``: a training checkpoint -> consolidated fp32 weights in HF format (config.json,
-model.safetensors, vocab.txt, tokenizer_config.json) that transformers loads.
+model.safetensors, vocab.txt, tokenizer_config.json) that transformers loads. An ELECTRA run exports its
+discriminator as ``ElectraForPreTraining`` there and its generator as ``ElectraForMaskedLM`` in ``generator/``, each
+with the tokenizer files.
 
 The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``), which gathers the optimizer's fp32
 partitions of every rank, so bf16 runs and ZeRO runs export their master weights, not a rounded copy. It loads
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fastbert import electra
 from fastbert.config import BertConfig
 from fastbert.model import BertForPreTraining
 from fastbert.train import checkpoint
@@ -36,7 +39,11 @@ def consolidated_state_dict(ckpt: Path) -> dict:
 def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     ckpt = checkpoint.resolve(source)
     config = BertConfig.from_json_file(ckpt / "config.json")
-    model = BertForPreTraining(config)
+    if (ckpt / electra.GENERATOR_CONFIG).exists():
+        generator = BertConfig.from_json_file(ckpt / electra.GENERATOR_CONFIG)
+        model = electra.ElectraForPreTraining(config, generator)
+    else:
+        model = BertForPreTraining(config)
     state = {k: v.float() for k, v in consolidated_state_dict(ckpt).items()}
     broken = [k for k, v in state.items() if not torch.isfinite(v).all()]
     if broken:
@@ -53,5 +60,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     model.save_pretrained(out)
     for name in ("vocab.txt", "tokenizer_config.json"):
         if (ckpt / name).exists():
-            shutil.copyfile(ckpt / name, out / name)
+            for directory in (out, out / "generator") if isinstance(model, electra.ElectraForPreTraining) else (out,):
+                shutil.copyfile(ckpt / name, directory / name)
     return out

@@ -64,9 +64,11 @@ class MetricsLog:
                     self.writer.add_scalar(tag, float(value), row["step"])
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(
-                loss=f"{row['loss']:.3f}", mlm=f"{row['mlm_accuracy']:.3f}", seq_s=f"{row['samples_per_s']:.1f}"
-            )
+            if "mlm_accuracy" in row:
+                accuracy = {"mlm": f"{row['mlm_accuracy']:.3f}"}
+            else:  # ELECTRA: the generator's and the discriminator's
+                accuracy = {"gen": f"{row['generator_accuracy']:.3f}", "disc": f"{row['discriminator_accuracy']:.3f}"}
+            self.bar.set_postfix(loss=f"{row['loss']:.3f}", **accuracy, seq_s=f"{row['samples_per_s']:.1f}")
 
     def close(self) -> None:
         self._cleanup.close()

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from fastbert import electra
 from fastbert.atomic import write_atomic
 from fastbert.config import PRESETS, BertConfig
 from fastbert.data.masking import MaskingCollator
@@ -45,6 +46,9 @@ log = logging.getLogger("fastbert.train")
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# What the model learns from the tokens: BERT's masked-LM, or ELECTRA's replaced-token detection (fastbert.electra).
+# The sentence objective (NSP, SOP or none) comes from the shards.
+PRETRAIN_OBJECTIVES = ("mlm", "electra")
 
 
 class TrainingDivergedError(RuntimeError):
@@ -60,6 +64,19 @@ class PretrainArgs:
     data: str = option(help="directory written by prepare-data")
     out: str = option(help="run directory (checkpoints, metrics, TensorBoard)")
     model: str = option("tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json")
+    objective: str = option(
+        "mlm",
+        help="mlm (BERT's masked LM) or electra (a generator fills the masks, the --model discriminator spots "
+        "replaced tokens; needs shards prepared with --objective none)",
+        choices=PRETRAIN_OBJECTIVES,
+    )
+    generator_size: float = option(
+        electra.GENERATOR_SIZE, help="electra: the generator's hidden size, heads and FFN as a fraction of --model's"
+    )
+    generator_layers: int | None = option(None, help="electra: the generator's layers (default: --model's)")
+    discriminator_weight: float = option(
+        electra.DISCRIMINATOR_WEIGHT, help="electra: lambda, the weight of the discriminator's loss"
+    )
     seq_len: int | None = option(None, help="longest sequence (default: the data's sequence length)")
     global_batch: int = option(32, help="sequences per optimizer step, over all ranks")
     micro_batch: int = option(8, help="sequences per forward pass on one rank (accumulation makes up the rest)")
@@ -182,6 +199,12 @@ def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: li
     )
 
 
+def _collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]):
+    """The run's masking collator; for ELECTRA it also keys each masked position's replacement draw."""
+    collate = masking_collator(args, dataset, vocab_tokens)
+    return electra.ReplacementKeys(collate, args.seed) if args.objective == "electra" else collate
+
+
 def _loader_worker_init(worker_id: int) -> None:
     """A data-loader worker ignores SIGTERM and SIGINT. A signal sent to the launcher's whole process group (a job
     scheduler's SIGTERM, Ctrl-C) reaches the workers too; left to the default they die, and PyTorch's SIGCHLD
@@ -234,6 +257,7 @@ class _RunInputs:
     files: dict[str, bytes]  # written into the run directory and into every checkpoint
     objective: str
     config: BertConfig
+    generator: BertConfig | None  # ELECTRA's generator
     plan: MicroBatchPlan
     resume_from: Path | None
     previous_run: str  # what an --overwrite run deletes ("" for none)
@@ -254,6 +278,11 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
     if dataset.seq_len > seq_len:
         raise TrainingSetupError(f"{data_dir}: samples are up to {dataset.seq_len} tokens but --seq-len is {seq_len}")
     objective = dataset.meta["objective"]
+    if args.objective == "electra" and objective != "none":
+        raise TrainingSetupError(
+            f"{data_dir}: --objective electra needs shards without a sentence objective (prepare-data --objective "
+            f"none), but these were prepared for {objective!r}"
+        )
     eval_dataset = _eval_dataset(args, vocab_tokens, objective, seq_len) if args.eval_data else None
     resume_from = _resume_point(args, run_dir)
     previous_run = _holds_a_run(run_dir) if resume_from is None else ""
@@ -263,9 +292,11 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
             "--overwrite (which deletes it), or choose another --out"
         )
     config = _model_config(args, len(vocab_tokens), objective, seq_len)
+    generator = _generator_config(args, config)
     source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
     if source is not None:
         config = _checkpoint_config(source, config, vocab_tokens, data_dir, seq_len)
+        generator = _checkpoint_generator(source, generator, config)
     plan = MicroBatchPlan(
         num_samples=len(dataset),
         global_batch=args.global_batch,
@@ -279,7 +310,39 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
         "vocab.txt": vocab_bytes,
         "tokenizer_config.json": tokenizer_config,
     }
-    return _RunInputs(dataset, eval_dataset, vocab_tokens, files, objective, config, plan, resume_from, previous_run)
+    if generator is not None:
+        files["config.json"] = config.to_json_string("ElectraForPreTraining").encode()
+        files[electra.GENERATOR_CONFIG] = generator.to_json_string("ElectraForMaskedLM").encode()
+    return _RunInputs(
+        dataset, eval_dataset, vocab_tokens, files, objective, config, generator, plan, resume_from, previous_run
+    )
+
+
+def _generator_config(args: PretrainArgs, config: BertConfig) -> BertConfig | None:
+    """ELECTRA's generator for the discriminator ``config`` (None for MLM), in a shape transformers' ELECTRA holds."""
+    if args.objective != "electra":
+        return None
+    try:
+        config.to_electra_dict()  # refuses what ElectraForPreTraining cannot hold: it is what the run exports to
+        return electra.generator_config(config, args.generator_size, args.generator_layers)
+    except ValueError as e:
+        raise TrainingSetupError(f"--objective electra with --model {args.model}: {e}") from e
+
+
+def _checkpoint_generator(source: Path, generator: BertConfig | None, config: BertConfig) -> BertConfig | None:
+    """The generator config of the checkpoint a run resumes or starts from: the run's, or none for both."""
+    path = source / electra.GENERATOR_CONFIG
+    if generator is None or not path.exists():
+        if generator is not None or path.exists():
+            saved, run = ("electra", "mlm") if path.exists() else ("mlm", "electra")
+            raise TrainingSetupError(f"{source}: a checkpoint of --objective {saved}, but this run is {run}")
+        return None
+    saved = BertConfig.from_json_file(path)
+    diff = sorted(k for k, v in asdict(saved).items() if getattr(generator, k) != v and k != "max_position_embeddings")
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs run {getattr(generator, k)!r}" for k in diff)
+        raise TrainingSetupError(f"{path}: the generator does not match this run ({detail})")
+    return saved.replace(max_position_embeddings=config.max_position_embeddings)
 
 
 def _eval_dataset(args: PretrainArgs, vocab_tokens: list[str], objective: str, seq_len: int) -> ShardDataset:
@@ -331,12 +394,16 @@ def _checkpoint_config(
     return saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
 
 
-def _build_engine(args: PretrainArgs, config: BertConfig):
-    """The model, fastbert's LAMB and the DeepSpeed engine around them; returns (engine, optimizer)."""
+def _build_engine(args: PretrainArgs, config: BertConfig, generator: BertConfig | None = None):
+    """The model (ELECTRA's pair when a ``generator`` is given), fastbert's LAMB and the DeepSpeed engine around
+    them; returns (engine, optimizer)."""
     import deepspeed
 
     torch.manual_seed(args.seed)
-    model = BertForPreTraining(config)
+    if generator is None:
+        model = BertForPreTraining(config)
+    else:
+        model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight)
     optimizer = Lamb(
         parameter_groups(model, args.weight_decay),
         lr=args.lr,
@@ -376,7 +443,7 @@ def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, device: tor
     """The micro-batches from ``start_step`` on, collated (and masked) in ``--loader-workers`` processes."""
     plan = inputs.plan
     return torch.utils.data.DataLoader(
-        MicroBatchDataset(inputs.dataset, plan, masking_collator(args, inputs.dataset, inputs.vocab_tokens)),
+        MicroBatchDataset(inputs.dataset, plan, _collator(args, inputs.dataset, inputs.vocab_tokens)),
         batch_size=None,
         num_workers=args.loader_workers,
         sampler=range(start_step * plan.accumulation, args.steps * plan.accumulation),
@@ -389,7 +456,7 @@ def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, device: tor
 def _eval_batches(args: PretrainArgs, inputs: _RunInputs, rank: int, world: int, device: torch.device):
     if inputs.eval_dataset is None:
         return None
-    collate = masking_collator(args, inputs.eval_dataset, inputs.vocab_tokens)
+    collate = _collator(args, inputs.eval_dataset, inputs.vocab_tokens)
     batches = held_out_batches(inputs.eval_dataset, collate, args.micro_batch, rank, world, args.eval_samples)
     return [pin(b) for b in batches] if device.type == "cuda" else batches
 
@@ -408,12 +475,15 @@ def _write_run_files(args: PretrainArgs, inputs: _RunInputs) -> None:
     write_atomic(run_dir / "args.json", (json.dumps(asdict(args), indent=2) + "\n").encode())
 
 
-def _step_row(step: int, values: dict, elapsed: float, lr: float, grad_norm, objective: str) -> dict:
-    """The metrics of an optimizer step from its summed ``values`` (timings and FLOPs are added by the caller)."""
+def _step_row(
+    step: int, values: dict, elapsed: float, lr: float, grad_norm, objective: str, discriminator_weight=None
+) -> dict:
+    """The metrics of an optimizer step from its summed ``values`` (timings and FLOPs are added by the caller);
+    ``discriminator_weight`` is ELECTRA's lambda (None for MLM)."""
     skipped = values["skipped"] > 0
     return {
         "step": step,
-        **step_metrics(values, objective != "none"),
+        **step_metrics(values, objective != "none", discriminator_weight),
         "lr": lr,
         "grad_norm": None if skipped or grad_norm is None else float(grad_norm),
         "skipped": skipped,
@@ -422,16 +492,20 @@ def _step_row(step: int, values: dict, elapsed: float, lr: float, grad_norm, obj
     }
 
 
-def _mfu(config: BertConfig, values: dict, elapsed: float, peak: float | None, world: int) -> float | None:
+def _mfu(
+    config: BertConfig, values: dict, elapsed: float, peak: float | None, world: int, generator: BertConfig | None
+) -> float | None:
     if peak is None:
         return None
-    flops = training_flops(
-        config,
-        tokens=int(values["tokens"]),
-        squared_lengths=int(values["squared_lengths"]),
-        sequences=int(values["sequences"]),
-        masked=int(values["masked"]),
+    shape = dict(
+        tokens=int(values["tokens"]), squared_lengths=int(values["squared_lengths"]), sequences=int(values["sequences"])
     )
+    if generator is None:
+        flops = training_flops(config, **shape, masked=int(values["masked"]))
+    else:  # ELECTRA: the generator predicts the masked tokens; the discriminator's small head is left out
+        flops = training_flops(generator, **shape, masked=int(values["masked"])) + training_flops(
+            config, **shape, masked=0
+        )
     return flops / elapsed / (peak * world)
 
 
@@ -448,7 +522,7 @@ def pretrain(args: PretrainArgs) -> dict:
     set_tf32(args.tf32)
     rank, world = dist.get_rank(), dist.get_world_size()
     inputs = _check_inputs(args, rank, world)
-    engine, optimizer = _build_engine(args, inputs.config)
+    engine, optimizer = _build_engine(args, inputs.config, inputs.generator)
     start_step = _restore(engine, args, inputs)
     batches = iter(_loader(args, inputs, start_step, engine.device))
     eval_batches = _eval_batches(args, inputs, rank, world, engine.device)
@@ -484,13 +558,14 @@ def pretrain(args: PretrainArgs) -> dict:
             step += 1
             elapsed, tick = time.perf_counter() - tick, time.perf_counter()
             grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
-            last = _step_row(step, values, elapsed, lr, grad_norm, inputs.objective)
+            lambda_ = args.discriminator_weight if inputs.generator is not None else None
+            last = _step_row(step, values, elapsed, lr, grad_norm, inputs.objective, lambda_)
             last.update(time=metrics_log.time_offset + (tick - started), wall=time.time())
             if engine.device.type == "cuda":
                 last["max_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
             if args.precision == "fp16":
                 last["loss_scale"] = float(engine.optimizer.loss_scale)
-            if (mfu := _mfu(inputs.config, values, elapsed, peak, world)) is not None:
+            if (mfu := _mfu(inputs.config, values, elapsed, peak, world, inputs.generator)) is not None:
                 last["mfu"] = mfu
             stopping = values["stop"] > 0 or values["out_of_time"] > 0
             evaluating = step == args.steps or stopping or (args.eval_every and step % args.eval_every == 0)

@@ -8,6 +8,9 @@ size never change the objective. (transformers and NVIDIA's recipe average per-m
 weights a token by how few masked tokens happen to share its micro-batch.) DeepSpeed divides each micro-batch's loss
 by the accumulation steps and averages gradients over the data-parallel ranks; the weights undo both.
 
+ELECTRA adds the discriminator's binary cross-entropy, a mean over the real tokens: it is reweighted by the global
+batch's count of real tokens the same way, times lambda.
+
 Device discipline: a batch crosses to ``engine.device`` here and nowhere else; the two collectives of a step (counts
 before, metric sums after) run on tensors on that device; nothing in the micro-step reads a value back to the host.
 """
@@ -30,9 +33,11 @@ MODEL_INPUTS = (
     "cu_seqlens",
     "max_seqlen",
     "masked_positions",
+    "replacement_keys",
 )
 # What a step sums over micro-batches and ranks (one all-reduce): loss sums and correct predictions weighted by
-# their counts, the counts, tokens and sequences for throughput and FLOPs, and two flags any rank may raise.
+# their counts, the counts, tokens and sequences for throughput and FLOPs, and two flags any rank may raise; then
+# ELECTRA's discriminator: its loss sum over real tokens and its counts (zero for MLM).
 SUMS = (
     "mlm_loss",
     "mlm_correct",
@@ -46,13 +51,19 @@ SUMS = (
     "skipped",
     "stop",
     "out_of_time",
+    "discriminator_loss",
+    "discriminator_correct",
+    "replaced_detected",
+    "predicted_replaced",
+    "replaced",
 )
 
 
-def counts(batch: dict) -> tuple[int, int]:
-    """(masked tokens, sentence labels) of a collated micro-batch, read from its host tensors."""
+def counts(batch: dict) -> tuple[int, int, int]:
+    """(masked tokens, sentence labels, real tokens) of a collated (unpadded) micro-batch, read from its host
+    tensors."""
     sentences = batch["next_sentence_label"].numel() if "next_sentence_label" in batch else 0
-    return batch["masked_positions"].numel(), sentences
+    return batch["masked_positions"].numel(), sentences, batch["input_ids"].numel()
 
 
 def optimizer_step(
@@ -73,19 +84,26 @@ def optimizer_step(
     """
     device = engine.device
     local = [counts(b) for b in micro_batches]
-    masked_here, sentences_here = sum(m for m, _ in local), sum(s for _, s in local)
-    totals = torch.tensor([masked_here, sentences_here], dtype=torch.float64).to(device)
+    masked_here, sentences_here, tokens_here = (sum(c[i] for c in local) for i in range(3))
+    totals = torch.tensor([masked_here, sentences_here, tokens_here], dtype=torch.float64).to(device)
     all_reduce(totals)
     # d(loss)/d(weights) summed by DeepSpeed over accumulation (each divided by it) and ranks (averaged).
     weight = totals.clamp(min=1).reciprocal().mul_(len(micro_batches) * world_size)
     found = torch.zeros(4, dtype=torch.float64, device=device)  # loss and correct sums, MLM then sentence
-    for batch, (masked, sentences) in zip(micro_batches, local, strict=True):
+    detection = torch.zeros(5, dtype=torch.float64, device=device)  # ELECTRA's discriminator (SUMS' last five)
+    for batch, (masked, sentences, tokens) in zip(micro_batches, local, strict=True):
         out = engine(**to_device(batch, device, MODEL_INPUTS))
         loss = out.mlm_loss * (weight[0] * masked).to(out.mlm_loss.dtype)
         found[:2] += torch.stack([out.mlm_loss.detach(), out.mlm_accuracy]).double() * masked
         if out.sentence_loss is not None:
             loss = loss + out.sentence_loss * (weight[1] * sentences).to(out.sentence_loss.dtype)
             found[2:] += torch.stack([out.sentence_loss.detach(), out.sentence_accuracy]).double() * sentences
+        discriminator_loss = getattr(out, "discriminator_loss", None)
+        if discriminator_loss is not None:  # a mean over real tokens, weighted by lambda
+            scale = weight[2] * (tokens * out.discriminator_weight)
+            loss = loss + discriminator_loss * scale.to(discriminator_loss.dtype)
+            detection[0] += discriminator_loss.detach().double() * tokens
+            detection[1:] += out.discriminator_counts
         engine.backward(loss)
         engine.step()
     lengths = [b["cu_seqlens"].diff() for b in micro_batches]
@@ -102,14 +120,17 @@ def optimizer_step(
         ],
         dtype=torch.float64,
     ).to(device)
-    sums = torch.cat([found[:2], host[:1], found[2:], host[1:]])
+    sums = torch.cat([found[:2], host[:1], found[2:], host[1:], detection])
     all_reduce(sums)
     return sums
 
 
-def step_metrics(s: dict[str, float], sentence_objective: bool) -> dict:
-    """Losses and accuracies of a step from its ``SUMS`` read back to the host (name -> value)."""
+def step_metrics(s: dict[str, float], sentence_objective: bool, discriminator_weight: float | None = None) -> dict:
+    """Losses and accuracies of a step from its ``SUMS`` read back to the host (name -> value); with
+    ``discriminator_weight`` (lambda) those of an ELECTRA step."""
     masked, sentences = max(s["masked"], 1.0), max(s["sentences"], 1.0)
+    if discriminator_weight is not None:
+        return electra_metrics(s, discriminator_weight)
     metrics = {
         "loss": s["mlm_loss"] / masked + (s["sentence_loss"] / sentences if sentence_objective else 0.0),
         "mlm_loss": s["mlm_loss"] / masked,
@@ -120,3 +141,21 @@ def step_metrics(s: dict[str, float], sentence_objective: bool) -> dict:
             sentence_loss=s["sentence_loss"] / sentences, sentence_accuracy=s["sentence_correct"] / sentences
         )
     return metrics
+
+
+def electra_metrics(s: dict[str, float], discriminator_weight: float) -> dict:
+    """An ELECTRA step's metrics: the generator's MLM loss and accuracy over masked tokens, the discriminator's loss
+    and accuracy over real tokens, and its precision and recall on the replaced ones (1 where nothing was predicted
+    replaced or nothing was replaced: no prediction was wrong)."""
+    masked, tokens = max(s["masked"], 1.0), max(s["tokens"], 1.0)
+    generator_loss, discriminator_loss = s["mlm_loss"] / masked, s["discriminator_loss"] / tokens
+    return {
+        "loss": generator_loss + discriminator_weight * discriminator_loss,
+        "generator_loss": generator_loss,
+        "generator_accuracy": s["mlm_correct"] / masked,
+        "discriminator_loss": discriminator_loss,
+        "discriminator_accuracy": s["discriminator_correct"] / tokens,
+        "discriminator_precision": s["replaced_detected"] / s["predicted_replaced"] if s["predicted_replaced"] else 1.0,
+        "discriminator_recall": s["replaced_detected"] / s["replaced"] if s["replaced"] else 1.0,
+        "replaced_fraction": s["replaced"] / tokens,
+    }
