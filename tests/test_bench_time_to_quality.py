@@ -1,0 +1,64 @@
+"""The time-to-quality benchmark's own evaluation: its fixed masks and its held-out loss against a hand computation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_time_to_quality as ttq  # noqa: E402
+
+CLS, SEP, MASK, VOCAB = 101, 102, 103, 500
+
+
+def stream(n: int) -> np.ndarray:
+    return np.random.default_rng(7).integers(200, VOCAB, n)
+
+
+def test_fixed_masks_are_fixed_and_follow_bert_rule():
+    ids = stream(126 * 300 + 17)
+    a = ttq.fixed_masks(ids, 128, CLS, SEP, MASK, VOCAB, seed=3)
+    b = ttq.fixed_masks(ids, 128, CLS, SEP, MASK, VOCAB, seed=3)
+    assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
+    assert a.input_ids.shape == (300, 128)  # the 17-token tail is dropped
+    assert (a.input_ids[:, 0] == CLS).all() and (a.input_ids[:, -1] == SEP).all()
+    assert (a.labels[:, [0, -1]] == -100).all()
+    chosen = a.labels != -100
+    content = ids[: 126 * 300].reshape(300, 126)
+    assert np.array_equal(a.labels[:, 1:-1][chosen[:, 1:-1]], content[chosen[:, 1:-1]])
+    assert np.array_equal(a.input_ids[:, 1:-1][~chosen[:, 1:-1]], content[~chosen[:, 1:-1]])  # unscored: as given
+    assert abs(chosen.sum() / content.size - 0.15) < 0.01
+    masked = (a.input_ids == MASK) & chosen
+    kept = (a.input_ids == a.labels) & chosen
+    assert abs(masked.sum() / chosen.sum() - 0.8) < 0.03
+    assert abs(kept.sum() / chosen.sum() - 0.1) < 0.03  # plus the rare random token equal to the original
+    other = ttq.fixed_masks(ids, 128, CLS, SEP, MASK, VOCAB, seed=4)
+    assert not np.array_equal(a.labels, other.labels)
+
+
+def test_held_out_loss_is_mean_cross_entropy_over_masked_positions():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
+    model = transformers.BertForMaskedLM(config).eval()
+    masks = ttq.fixed_masks(stream(126 * 5), 128, CLS, SEP, MASK, VOCAB, seed=1)
+    by_hand, count = 0.0, 0
+    with torch.no_grad():
+        for row, labels in zip(masks.input_ids, masks.labels, strict=True):
+            logits = model(input_ids=torch.tensor(row)[None]).logits[0].double()
+            for pos in np.flatnonzero(labels != -100):
+                by_hand -= torch.log_softmax(logits[pos], -1)[labels[pos]].item()
+                count += 1
+    assert ttq.held_out_loss(model, masks, batch_size=2) == pytest.approx(by_hand / count, rel=1e-5)
+
+
+def test_first_reach_takes_the_earliest_checkpoint_at_or_below_the_target():
+    curve = [(10.0, 7.0), (20.0, 6.1), (30.0, 5.9), (40.0, 6.2)]
+    assert ttq.first_reach(curve, 6.1) == 20.0
+    assert ttq.first_reach(curve, 5.0) is None
