@@ -61,3 +61,48 @@ def test_replace_directory_swaps_a_whole_directory(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+
+
+def _directory(path, content: bytes):
+    path.mkdir()
+    (path / "MANIFEST.json").write_bytes(content)
+    return path
+
+
+def test_replace_directory_with_aside_always_leaves_a_whole_copy_where_a_reader_looks(tmp_path, monkeypatch):
+    """With ``aside`` (finetune's OUT/.state-old): a crash between the two renames leaves the old directory whole
+    at ``aside``; a later swap that crashes before its rename keeps it there, and one that succeeds removes it.
+    ``finetune.find_state`` finds whichever copy is left."""
+    import fastbert.atomic
+    from fastbert.train.finetune import find_state
+
+    target, aside = tmp_path / "state", tmp_path / ".state-old"
+    _directory(target, b"old")
+    real_replace, calls = os.replace, []
+
+    def crash_at(n):
+        def replace(src, dst):
+            calls.append((src, dst))
+            if len(calls) == n:
+                raise OSError("crash")
+            real_replace(src, dst)
+
+        calls.clear()
+        monkeypatch.setattr(fastbert.atomic.os, "replace", replace)
+
+    crash_at(2)  # the old one has moved aside; the new one never arrives
+    with pytest.raises(OSError, match="crash"):
+        replace_directory(_directory(tmp_path / "new1", b"new1"), target, aside=aside)
+    assert not target.exists() and (aside / "MANIFEST.json").read_bytes() == b"old"
+    assert find_state(tmp_path) == aside
+    crash_at(1)  # nothing to move aside: the only whole copy stays where it is until the new one is in
+    with pytest.raises(OSError, match="crash"):
+        replace_directory(_directory(tmp_path / "new2", b"new2"), target, aside=aside)
+    assert (aside / "MANIFEST.json").read_bytes() == b"old" and find_state(tmp_path) == aside
+    monkeypatch.setattr(fastbert.atomic.os, "replace", real_replace)
+    replace_directory(_directory(tmp_path / "new3", b"new3"), target, aside=aside)
+    assert (target / "MANIFEST.json").read_bytes() == b"new3" and not aside.exists()
+    assert find_state(tmp_path) == target
+    replace_directory(_directory(tmp_path / "new4", b"new4"), target, aside=aside)  # the old one goes through aside
+    assert (target / "MANIFEST.json").read_bytes() == b"new4" and not aside.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new1", "new2", "state"]  # the two that never went in
