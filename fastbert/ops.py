@@ -1,12 +1,14 @@
-"""The model's fused operations, one function each: ``attention``, ``residual_layer_norm``, ``bias_gelu``,
-``mlm_loss``.
+"""The model's fused operations, one function each: ``attention`` (and ``attention_padded``),
+``residual_layer_norm``, ``bias_gelu``, ``mlm_loss`` (and ``mlm_loss_and_sample``), and ``lamb_kernel`` for the
+optimizer.
 
 Each function takes plain tensors and picks an implementation: the Triton kernel from ``fastbert.kernels`` for CUDA
 tensors when that kernel exists, the torch reference otherwise. ``FASTBERT_BACKEND=torch`` forces the reference;
 ``FASTBERT_BACKEND=triton`` forces the kernel (with ``TRITON_INTERPRET=1`` it then runs on CPU tensors) and is an
 error for an op whose kernel is not there. The references here are the definitions the kernels are tested against,
-and they are written to be fast on CPU: attention goes through SDPA, and ``mlm_loss`` walks the vocabulary in chunks
-so that no ``[M, V]`` float32 logits tensor is kept for backward.
+and they are written to be fast on CPU: attention goes through SDPA, and ``mlm_loss`` takes the masked rows in
+blocks so that no ``[M, V]`` logits tensor ever exists. That block loop is the MLM loss's only host loop: the
+Triton path runs it too, with the kernel's per-block function in place of the reference's.
 """
 
 from __future__ import annotations
@@ -87,6 +89,26 @@ def varlen_token_index(cu_seqlens: torch.Tensor, max_seqlen: int, total: int) ->
     return batch * max_seqlen + position
 
 
+def _masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor,
+    dropout_p: float,
+    softmax_scale: float | None,
+) -> torch.Tensor:
+    """SDPA over ``[B, heads, S, head_dim]`` with ``keep`` ``[B, S]`` True for the keys each sequence may see (every
+    row must keep at least one); dropout through ``dropout``, not SDPA's own."""
+    mask = keep[:, None, None, :]
+    if dropout_p == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=softmax_scale)
+    # SDPA's own dropout on CPU draws with bernoulli_, the slowest part of a training step
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
+    scores = scores.masked_fill_(~mask, float("-inf")).softmax(dim=-1)
+    return torch.matmul(dropout(scores, dropout_p), v)
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -108,14 +130,7 @@ def attention_reference(
     seqlens = cu_seqlens[1:] - cu_seqlens[:-1]
     # An empty sequence keeps its first key visible so that its (unused) row of the softmax is not 0/0.
     keep = torch.arange(max_seqlen, device=q.device)[None, :] < seqlens.clamp(min=1)[:, None]
-    q, k, v = pad(q), pad(k), pad(v)
-    if dropout_p == 0.0:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :], scale=softmax_scale)
-    else:  # SDPA's own dropout on CPU draws with bernoulli_, the slowest part of a training step
-        scale = softmax_scale if softmax_scale is not None else head_dim**-0.5
-        scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)
-        scores = scores.masked_fill_(~keep[:, None, None, :], float("-inf")).softmax(dim=-1)
-        out = torch.matmul(dropout(scores, dropout_p), v)
+    out = _masked_attention(pad(q), pad(k), pad(v), keep, dropout_p, softmax_scale)
     return out.transpose(1, 2).reshape(batch * max_seqlen, heads, head_dim).index_select(0, index)
 
 
@@ -138,6 +153,32 @@ def attention(
     if kernel is not None:
         return kernel.attention(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
     return attention_reference(q, k, v, cu_seqlens, max_seqlen, dropout_p, softmax_scale)
+
+
+def attention_padded(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """Bidirectional attention over a padded batch: q, k, v ``[batch, seq, heads, head_dim]``;
+    ``key_padding_mask`` ``[batch, seq]`` True (or 1) for real tokens, right-padded (the kernel checks), or None.
+    Queries at padding positions are computed too; a sequence with no real token gets a zero output. Returns
+    ``[batch, seq, heads, head_dim]``."""
+    kernel = _kernel_for("attention", q)
+    if kernel is not None:
+        return kernel.attention_padded(q, k, v, key_padding_mask, dropout_p, softmax_scale)
+    batch, seq = q.shape[:2]
+    if key_padding_mask is None:
+        keep = torch.ones(batch, seq, dtype=torch.bool, device=q.device)
+    else:
+        keep = key_padding_mask.bool()
+    has_key = keep.any(dim=1)
+    keep = keep | (~has_key[:, None] & (torch.arange(seq, device=q.device) == 0))  # no 0/0 softmax row
+    out = _masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep, dropout_p, softmax_scale)
+    return out.transpose(1, 2) * has_key[:, None, None, None].to(out.dtype)
 
 
 # Residual + LayerNorm -------------------------------------------------------------------------------------------
@@ -175,66 +216,163 @@ def bias_gelu(x: torch.Tensor, bias: torch.Tensor, approximate: str = "none") ->
     return F.gelu(x + bias, approximate=approximate)
 
 
+# LAMB -----------------------------------------------------------------------------------------------------------
+def lamb_kernel(param: torch.Tensor):
+    """The fused multi-tensor LAMB step (``fastbert.kernels.lamb``) for parameters like ``param``, or None when the
+    step should run on torch's foreach ops (the reference, in ``fastbert.optim.Lamb``). The step spans many tensors
+    and several launches with host work in between (ZeRO all-reduces), so the optimizer drives the kernel module
+    itself rather than calling one function here."""
+    return _kernel_for("lamb", param)
+
+
 # MLM loss -------------------------------------------------------------------------------------------------------
-_CHUNK_ELEMENTS = 1 << 22  # logits elements per block of rows: 16 MiB of float32
+_CHUNK_ELEMENTS = 1 << 22  # logits elements per block of rows on the reference path: 16 MiB of float32
+_MASK32 = 0xFFFFFFFF
 
 
-class _ChunkedMLMLoss(torch.autograd.Function):
-    """Cross-entropy of ``hidden @ weight.T + bias`` against labels, one block of rows at a time.
+def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
+    """``x * constant mod 2**32`` for int64 ``x`` in ``[0, 2**32)``, in two 16-bit halves of the constant so that
+    no int64 product overflows."""
+    low = x * (constant & 0xFFFF)
+    high = ((x * (constant >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
 
-    A block holds few enough rows that its ``[rows, V]`` float32 logits stay under ``_CHUNK_ELEMENTS``; within a
-    block the log-sum-exp is exact, so the gradient of the (linear in the loss) cross-entropy is computed in the
-    same pass and kept for backward, which only scales it. That is three matmuls per block and no recomputation;
-    no ``[M, V]`` tensor ever exists. (The Triton kernel walks the vocabulary instead; both give the same values.)
+
+def _lowbias32(x: torch.Tensor) -> torch.Tensor:
+    """The 32-bit finaliser (lowbias32) on int64 tensors holding uint32 values."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(row_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tensor:
+    """The standard Gumbel noise of ``mlm_loss_and_sample``: float32 ``[rows, ids]`` for int64 ``row_keys``
+    ``[rows]`` and int64 ``vocab_ids`` ``[ids]``, a pure function of each (key, id) pair.
+
+    With ``mix`` the lowbias32 finaliser on 32-bit words, ``lo``/``hi`` the halves of the key: ``seed =
+    mix(lo ^ mix(hi))``, ``bits = mix(seed ^ mix(id))``, ``u = ((bits >> 9) + 1/2) / 2**23`` and ``g =
+    -log(-log(u))``. The Triton kernel (``fastbert.kernels.mlm_loss``) computes the same integers; only float32
+    ``log`` may differ by an ulp. ``argmax(logits + g)`` is then a draw from ``softmax(logits)``.
+    """
+    seed = _lowbias32((row_keys & _MASK32) ^ _lowbias32((row_keys >> 32) & _MASK32))
+    bits = _lowbias32(seed[:, None] ^ _lowbias32(vocab_ids & _MASK32)[None, :])
+    u = (bits >> 9).to(torch.float32).mul_(2.0**-23).add_(2.0**-24)
+    return u.log_().neg_().log_().neg_()
+
+
+def _mlm_rows_reference(logits, labels, inv_denom, row_keys, loss, correct, samples, write_grad):
+    """The torch twin of ``fastbert.kernels.mlm_loss.loss_rows`` (same arguments and outputs) in ``inv_denom``'s
+    dtype; the gradient comes back as a new tensor in the logits' dtype (the logits are overwritten as scratch)."""
+    rows, vocab = logits.shape
+    z = logits.to(inv_denom.dtype)
+    valid = labels != IGNORE_INDEX
+    safe_labels = torch.where(valid, labels, 0)
+    if samples is not None:
+        vocab_ids = torch.arange(vocab, device=logits.device)
+        torch.argmax(z + gumbel_noise(row_keys, vocab_ids), dim=1, out=samples)
+    top, predicted = z.max(dim=1)  # the first maximum, as argmax picks it
+    target = z.gather(1, safe_labels[:, None]).squeeze(1)
+    # One exp pass serves both the log-sum-exp and the gradient: exp(logits - max), in place of the logits.
+    exp = z.sub_(top[:, None]).exp_()
+    total = exp.sum(dim=1)
+    torch.mul(top + total.log() - target, valid, out=loss)
+    torch.logical_and(predicted == safe_labels, valid, out=correct)
+    if not write_grad:
+        return None
+    weight_row = valid.to(z.dtype) * inv_denom
+    grad = exp.mul_((weight_row / total)[:, None])  # softmax, scaled by each row's share of the mean
+    grad[torch.arange(rows, device=grad.device), safe_labels] -= weight_row
+    return grad.to(logits.dtype)
+
+
+class _MLMLoss(torch.autograd.Function):
+    """Cross-entropy of ``hidden @ weight.T + bias`` against labels, one block of rows at a time: the one host loop
+    of the Triton path and the reference alike, which differ only in ``rows`` (the per-block function:
+    ``fastbert.kernels.mlm_loss.loss_rows`` or ``_mlm_rows_reference``) and the block size.
+
+    A block holds at most ``chunk_elements // V`` rows; its logits come from one matmul in the input dtype, and
+    ``rows`` leaves each row's loss, hit and draw and returns the gradient of the mean loss, which two matmuls turn
+    into ``d_hidden`` and ``d_weight`` (``d_bias`` is its float32 column sum). So the forward does all the work
+    (three matmuls, no recomputation), no ``[M, V]`` tensor ever exists, and the backward only scales the saved
+    gradients by the incoming ``grad_loss``. They are kept as a ctx attribute, not saved tensors, and scaled in
+    place, so autograd takes them as the ``.grad`` without copying ``d_weight`` (``V x E``, the largest tensor);
+    a second backward through the same graph is refused.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels):
-        rows, vocab = hidden.shape[0], weight.shape[0]
-        valid = labels != IGNORE_INDEX
-        safe_labels = torch.where(valid, labels, 0)
-        compute = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for a float64 model
-        denom = valid.sum().clamp(min=1).to(compute)
-        want_grad = any(ctx.needs_input_grad[:3])
-        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
-        grad_bias = torch.zeros_like(bias) if ctx.needs_input_grad[2] else None
-        loss = hidden.new_zeros((), dtype=compute)
-        correct = hidden.new_zeros((), dtype=compute)
-        block = max(1, _CHUNK_ELEMENTS // max(vocab, 1))
-        for start in range(0, rows, block):
-            stop = min(start + block, rows)
-            h, y, keep = hidden[start:stop], safe_labels[start:stop], valid[start:stop]
-            logits = torch.addmm(bias, h, weight.t()).to(compute)
-            top, predicted = logits.max(dim=1)  # the first maximum, as argmax picks it
-            target = logits.gather(1, y[:, None]).squeeze(1)
-            # One exp pass serves both the log-sum-exp and the gradient: exp(logits - max), in place of the logits.
-            exp = logits.sub_(top[:, None]).exp_()
-            total = exp.sum(dim=1)
-            loss += ((top + total.log() - target) * keep).sum()
-            correct += ((predicted == y) & keep).sum()
-            if not want_grad:
-                continue
-            weight_row = keep.to(compute) / denom
-            grad = exp.mul_((weight_row / total)[:, None])  # softmax, scaled by each row's share of the mean
-            grad[torch.arange(stop - start, device=grad.device), y] -= weight_row
-            grad = grad.to(hidden.dtype)
-            if grad_hidden is not None:
-                torch.mm(grad, weight, out=grad_hidden[start:stop])
-            if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad.sum(dim=0)
-        # Kept as a plain attribute: save_for_backward would hold a second copy of the [V, E] weight gradient.
-        ctx.grads = (grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(correct)
-        return loss / denom, correct / denom
+    def forward(ctx, hidden, weight, bias, labels, row_keys, rows, chunk_elements):
+        if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"mlm_loss: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [M, E] and [V, E]"
+            )
+        count, vocab = hidden.shape[0], weight.shape[0]
+        if bias.shape != (vocab,) or labels.shape != (count,):
+            raise ValueError(
+                f"mlm_loss: bias {tuple(bias.shape)} must be ({vocab},) and labels {tuple(labels.shape)} must be "
+                f"({count},)"
+            )
+        if row_keys is not None and (row_keys.shape != (count,) or row_keys.dtype != torch.int64):
+            raise ValueError(f"mlm_loss: row_keys {tuple(row_keys.shape)} {row_keys.dtype} must be int64 ({count},)")
+        device, dtype = hidden.device, hidden.dtype
+        labels = labels.contiguous()  # the kernel indexes labels, keys and draws by row
+        row_keys = None if row_keys is None else row_keys.contiguous()
+        compute = torch.promote_types(dtype, torch.float32)  # float32, or float64 for a float64 model
+        want = tuple(ctx.needs_input_grad[:3])
+        inv_denom = (labels != IGNORE_INDEX).sum().clamp(min=1).to(compute).reciprocal().reshape(1)
+        loss_rows = torch.empty(count, dtype=compute, device=device)
+        correct_rows = torch.empty(count, dtype=compute, device=device)
+        samples = None if row_keys is None else torch.empty(count, dtype=torch.int64, device=device)
+        d_hidden = torch.empty(hidden.shape, dtype=dtype, device=device) if want[0] else None
+        d_weight = torch.zeros_like(weight) if want[1] else None
+        d_bias = torch.zeros(vocab, dtype=compute, device=device) if want[2] else None
+        block = max(1, chunk_elements // max(vocab, 1))
+        for start in range(0, count, block):
+            stop = min(start + block, count)
+            h = hidden[start:stop]
+            logits = torch.addmm(bias, h, weight.t())
+            grad = rows(
+                logits,
+                labels[start:stop],
+                inv_denom,
+                None if row_keys is None else row_keys[start:stop],
+                loss_rows[start:stop],
+                correct_rows[start:stop],
+                None if samples is None else samples[start:stop],
+                any(want),
+            )
+            if d_hidden is not None:
+                torch.mm(grad, weight, out=d_hidden[start:stop])
+            if d_weight is not None:
+                d_weight.addmm_(grad.t(), h)
+            if d_bias is not None:
+                d_bias += grad.sum(dim=0, dtype=compute)
+        ctx.grads = (d_hidden, d_weight, None if d_bias is None else d_bias.to(bias.dtype))
+        loss = loss_rows.sum() * inv_denom[0]
+        accuracy = correct_rows.sum() * inv_denom[0]
+        ctx.mark_non_differentiable(accuracy)
+        if samples is None:
+            return loss, accuracy
+        ctx.mark_non_differentiable(samples)
+        return loss, accuracy, samples
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_correct):
-        grads = tuple(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in ctx.grads)
-        ctx.grads = None
-        return (*grads, None)
+    def backward(ctx, grad_loss, *_grad_accuracy_and_samples):
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            raise RuntimeError(
+                "mlm_loss: backward ran twice through the same graph; its gradients are computed in "
+                "the forward and handed over once (retain_graph=True is not supported)"
+            )
+        return (*(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None, None, None, None)
+
+
+def _mlm_loss(hidden, weight, bias, labels, row_keys):
+    kernel = _kernel_for("mlm_loss", hidden)
+    if kernel is not None:
+        return _MLMLoss.apply(hidden, weight, bias, labels, row_keys, kernel.loss_rows, kernel.CHUNK_ELEMENTS)
+    return _MLMLoss.apply(hidden, weight, bias, labels, row_keys, _mlm_rows_reference, _CHUNK_ELEMENTS)
 
 
 def mlm_loss(
@@ -246,7 +384,18 @@ def mlm_loss(
     (``-100`` is ignored). Returns ``(mean loss over labelled rows, top-1 accuracy)``; the accuracy is detached.
     Zero labelled rows give a loss of 0 with zero gradients, not NaN.
     """
-    kernel = _kernel_for("mlm_loss", hidden)
-    if kernel is not None:
-        return kernel.mlm_loss(hidden, weight, bias, labels)
-    return _ChunkedMLMLoss.apply(hidden, weight, bias, labels)
+    return _mlm_loss(hidden, weight, bias, labels, None)
+
+
+def mlm_loss_and_sample(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, row_keys: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``mlm_loss`` (the same two results, the same gradients) plus, for each row, a token drawn from the softmax
+    of its logits: ELECTRA's generator loss and its replacements in one pass over the vocabulary.
+
+    ``row_keys`` int64 ``[M]``: one key per row (the caller derives it, e.g. with SplitMix64 from seed, epoch,
+    sample and position); the draw is the Gumbel-max ``argmax(logits + gumbel_noise(key, vocab ids))``, so the
+    same keys give the same tokens. Returns ``(loss, accuracy, samples)``, ``samples`` int64 ``[M]`` with no
+    gradient; an ignored row (``-100``) still gets a draw.
+    """
+    return _mlm_loss(hidden, weight, bias, labels, row_keys)

@@ -44,6 +44,7 @@ def _bias_gelu(dtype):
 def _mlm_loss(dtype):
     for case in test_mlm_loss.CASES:
         yield str(case), test_mlm_loss.comparisons(case, dtype)
+        yield f"{case} sampling", test_mlm_loss.comparisons(case, dtype, sample=True)
 
 
 def _lamb(dtype):
@@ -67,7 +68,11 @@ NO_LABEL = str(test_mlm_loss.CASES[3])
 ZERO = {
     ("attention", "varlen [1] head_dim 128", "dq"),  # one key: the softmax is constant, so dS = 0
     ("attention", "varlen [1] head_dim 128", "dk"),
-    *(("mlm_loss", NO_LABEL, name) for name in ("loss", "d_hidden", "d_weight", "d_bias")),  # no labelled row
+    *(  # no labelled row
+        ("mlm_loss", case, name)
+        for case in (NO_LABEL, f"{NO_LABEL} sampling")
+        for name in ("loss", "d_hidden", "d_weight", "d_bias")
+    ),
 }
 
 
