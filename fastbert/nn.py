@@ -13,7 +13,6 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
@@ -103,14 +102,7 @@ class FusedSelfAttention(nn.Module):
         )
         keep = key_padding_mask(attention_mask)
         p = self.dropout_p if self.training else 0.0
-        kernel = ops._kernel_for("attention", q)
-        if kernel is not None:
-            out = kernel.attention_padded(q, k, v, keep, p)
-        else:
-            mask = None if keep is None else keep[:, None, None, :]
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, dropout_p=p
-            ).transpose(1, 2)
+        out = ops.attention_padded(q, k, v, keep, p)
         return out.reshape(batch, seq, -1), None
 
 

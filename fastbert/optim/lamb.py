@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastbert.ops import _kernel_for
+from fastbert.ops import lamb_kernel
 
 _ROW = 2048  # elements per row of a squared-norm sum: short enough that fp32 accumulation within a row is exact
 
@@ -196,7 +196,7 @@ class Lamb(torch.optim.Optimizer):
         params = [p for _, ps in groups for p in ps]
         if not params:
             return loss
-        kernel = _kernel_for("lamb", params[0])
+        kernel = lamb_kernel(params[0])
         if kernel is not None and all(p.is_contiguous() for p in params):
             self._fused_step(kernel, groups, fragments, num_params)
         else:
