@@ -13,7 +13,7 @@ import torch
 
 import fastbert.train.finetune as finetune_module
 from fastbert import BertConfig, BertForPreTraining, BertForSequenceClassification
-from fastbert.data.corpus import stdlib_comment_or_docstring
+from fastbert.data.corpus import stdlib_documents
 from fastbert.model import BertPreTrainedModel
 from fastbert.tasks import TASKS, Task, formats, metrics
 from fastbert.tokenizer import WordPieceTokenizer
@@ -109,7 +109,9 @@ def test_a_task_added_in_one_place_runs_end_to_end(monkeypatch, small_model, tmp
     from fastbert import cli
 
     monkeypatch.setitem(TASKS, WordCountTask.name, WordCountTask)
-    texts = [text for text, _ in stdlib_comment_or_docstring(120, seed=3)]
+    paragraphs = [p for doc in stdlib_documents(limit_bytes=60_000) for p in doc]
+    texts = [" ".join(p.split()[: 4 + k % 12]) for k, p in enumerate(paragraphs[:120])]
+    assert len(texts) == 120
     (tmp_path / "train.txt").write_text("\n".join(texts[:80]) + "\n")
     (tmp_path / "eval.txt").write_text("\n".join(texts[80:]) + "\n")
     out = tmp_path / "out"
