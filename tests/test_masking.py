@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastbert.data.masking import MaskingCollator
+from fastbert.data.masking import MASKING_SCHEMES, MaskingCollator
 from fastbert.data.shards import Sample
 
 VOCAB, PAD, UNK, CLS, SEP, MASK = 30522, 0, 100, 101, 102, 103
@@ -111,7 +111,7 @@ def test_whole_word_masking_takes_words_whole():
         ]
         body = np.concatenate(words)
         samples.append(Sample(np.concatenate([[CLS], body, [SEP]]), np.zeros(len(body) + 2, dtype=np.int64)))
-    c = collator(padded=True, whole_word=True, continuation_ids=cont)
+    c = collator(padded=True, masking="whole-word", continuation_ids=cont)
     batch = c(samples, np.arange(400), np.zeros(400, dtype=np.int64))
     sel = (batch["labels"] != -100).numpy()
     total = 0
@@ -139,9 +139,9 @@ def test_works_in_a_dataloader_with_workers(workers):
         assert torch.equal(ids, data[position]["input_ids"])
 
 
-@pytest.mark.parametrize("whole_word", [False, True])
+@pytest.mark.parametrize("masking", MASKING_SCHEMES)
 @pytest.mark.parametrize("probability,max_predictions", [(0.15, None), (0.5, None), (0.4, 3)])
-def test_cpp_masking_is_the_numpy_reference(whole_word, probability, max_predictions):
+def test_cpp_masking_is_the_numpy_reference(masking, probability, max_predictions):
     cont = list(range(5000, 6000))
     rng = np.random.default_rng(2)
     c = MaskingCollator(
@@ -151,7 +151,7 @@ def test_cpp_masking_is_the_numpy_reference(whole_word, probability, max_predict
         seed=11,
         mlm_probability=probability,
         max_predictions=max_predictions,
-        whole_word=whole_word,
+        masking=masking,
         continuation_ids=cont,
     )
     for trial in range(20):

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from fastbert import electra
 from fastbert.atomic import write_atomic
 from fastbert.config import PRESETS, BertConfig
-from fastbert.data.masking import MaskingCollator
+from fastbert.data.masking import MASKING_SCHEMES, MaskingCollator
 from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
 from fastbert.data.shards import ShardDataset, vocab_sha256
 from fastbert.model import BertForPreTraining
@@ -103,6 +103,11 @@ class PretrainArgs:
     seed: int = option(0, help="seed of initialisation, data order and masking")
     loader_workers: int = option(0, help="data loader processes (0: in the training process)")
     whole_word: bool = option(False, help="mask whole words: a word's ## continuation pieces (from the vocab) with it")
+    masking: str = option(
+        "token",
+        help="what is masked: tokens (BERT), whole words (as --whole-word) or span (SpanBERT: spans of whole words)",
+        choices=MASKING_SCHEMES,
+    )
     dist_timeout: float = option(120.0, help="seconds a collective may wait for another rank before the run fails")
     max_skipped_steps: int = option(10, help="stop with an error after this many non-finite steps in a row (0: never)")
     tf32: bool = option(True, help="on GPUs: fp32 matmuls and attention on TF32 tensor cores (Ampere and newer)")
@@ -184,17 +189,22 @@ def _ds_config(args: PretrainArgs) -> dict:
 
 
 def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]) -> MaskingCollator:
-    """The run's masking: BERT's 15% with 80/10/10, whole words (a word's ``##`` pieces with it) when asked by
-    ``--whole-word`` or by the shards' meta.json (``prepare-data --whole-word``)."""
-    whole_word = args.whole_word or bool(dataset.meta.get("whole_word", False))
-    continuation_ids = [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if whole_word else []
+    """The run's masking: BERT's 15% with 80/10/10 over ``--masking`` tokens or SpanBERT's spans; whole words (a
+    word's ``##`` pieces with it) instead of tokens when asked by ``--whole-word`` or by the shards' meta.json
+    (``prepare-data --whole-word``)."""
+    masking = args.masking
+    if masking == "token" and (args.whole_word or bool(dataset.meta.get("whole_word", False))):
+        masking = "whole-word"
+    continuation_ids = (
+        [i for i, token in enumerate(vocab_tokens) if token.startswith("##")] if masking != "token" else []
+    )
     return MaskingCollator(
         len(vocab_tokens),
         list(dataset.special_ids.values()),
         dataset.special_ids["mask"],
         seed=args.seed,
         pad_id=dataset.special_ids["pad"],
-        whole_word=whole_word,
+        masking=masking,
         continuation_ids=continuation_ids,
     )
 
