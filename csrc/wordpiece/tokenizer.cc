@@ -150,33 +150,42 @@ void Tokenizer::walk(std::string_view text, bool with_origins, WordSink&& on_wor
       continue;
     }
     size_t len;
-    const uint32_t cp = decode_utf8(p + i, &len);
-    const uint8_t flags = char_flags(cp);
-    if (flags & unicode::kSpace) {
-      flush();
-    } else if (!(flags & unicode::kRemove)) {
-      const bool cjk = flags & unicode::kCjk;
-      if (cjk) flush();
-      const uint16_t entry = lowercase_ ? uncased_entry(cp) : 0;
-      if (entry == 0) {
-        visit(cp, p + i, len, ci);
-      } else {
-        const uint32_t packed = unicode::kMapEntries[entry];
-        const uint8_t* m = unicode::kMapPool + (packed >> 8);
-        const uint8_t* end = m + (packed & 255u);
-        while (m < end) {
-          size_t mlen;
-          const uint32_t mcp = decode_utf8(m, &mlen);
-          visit(mcp, m, mlen, ci);
-          m += mlen;
-        }
-      }
-      if (cjk) flush();
-    }
+    const uint32_t cp = decode_utf8(p + i, &len);  // before the call: it sets len
+    walk_non_ascii(cp, p + i, len, ci, flush, visit);
     i += len;
     ++ci;
   }
   flush();
+}
+
+// One non-ASCII character, source character `origin`, of walk's pass: whitespace ends the word, control characters
+// are dropped, CJK characters are words of their own, and (uncased) the character's mapping goes to visit.
+template <typename Flush, typename Visit>
+inline void Tokenizer::walk_non_ascii(uint32_t cp, const uint8_t* bytes, size_t len, int32_t origin, Flush& flush,
+                                      Visit& visit) const {
+  const uint8_t flags = char_flags(cp);
+  if (flags & unicode::kSpace) {
+    flush();
+    return;
+  }
+  if (flags & unicode::kRemove) return;
+  const bool cjk = flags & unicode::kCjk;
+  if (cjk) flush();
+  const uint16_t entry = lowercase_ ? uncased_entry(cp) : 0;
+  if (entry == 0) {
+    visit(cp, bytes, len, origin);
+  } else {
+    const uint32_t packed = unicode::kMapEntries[entry];
+    const uint8_t* m = unicode::kMapPool + (packed >> 8);
+    const uint8_t* end = m + (packed & 255u);
+    while (m < end) {
+      size_t mlen;
+      const uint32_t mcp = decode_utf8(m, &mlen);
+      visit(mcp, m, mlen, origin);
+      m += mlen;
+    }
+  }
+  if (cjk) flush();
 }
 
 void Tokenizer::encode(std::string_view text, Encoding& out, bool with_offsets) const {

@@ -53,6 +53,9 @@ class Tokenizer {
  private:
   template <typename WordSink, typename SpecialSink>
   void walk(std::string_view text, bool with_origins, WordSink&& on_word, SpecialSink&& on_special) const;
+  template <typename Flush, typename Visit>
+  void walk_non_ascii(uint32_t cp, const uint8_t* bytes, size_t len, int32_t origin, Flush& flush,
+                      Visit& visit) const;
   int32_t match_special(const uint8_t* p, size_t n, size_t* len) const;
 
   Vocab vocab_;

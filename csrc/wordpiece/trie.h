@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "matcher.h"
@@ -13,6 +14,9 @@ namespace fastbert {
 // Nodes with more edges than this get a 256-entry child table instead of a scan (the root, the "##" node and
 // the first bytes of common prefixes: a few hundred nodes in BERT's vocabulary).
 inline constexpr size_t kDenseFanout = 8;
+
+// Each node's edges (byte, child), as the trie is built before it is flattened.
+using TrieEdgeLists = std::vector<std::vector<std::pair<uint8_t, int32_t>>>;
 
 class Trie {
  public:
@@ -42,6 +46,11 @@ class Trie {
   const std::string& marker() const { return marker_; }
 
  private:
+  // The construction's steps that fill members; trie.cc has the others.
+  void flatten_edges(const TrieEdgeLists& children);
+  void build_dense_tables(const TrieEdgeLists& children);
+  uint32_t build_word_table(const Vocab& vocab);  // returns the slot mask
+
   std::string marker_;
   std::vector<int32_t> edge_begin_, edge_child_, dense_slot_, dense_, node_token_, fail_, pops_begin_, pops_,
       token_bytes_, word_slots_;
