@@ -81,8 +81,8 @@ def test_a_prepare_data_worker_starts_without_torch(vocab_path, text_file, tmp_p
     afresh): the initializer, then encode_documents."""
     result = python(
         f"""
-from fastbert.data.prepare import _init_worker, encode_documents
-_init_worker({str(vocab_path)!r}, True)
+from fastbert.data.encoding import encode_documents, init_worker
+init_worker({str(vocab_path)!r}, True)
 documents = encode_documents(open({str(text_file)!r}).read().split("\\n\\n"))
 assert len(documents) > 0 and documents.num_sentences > len(documents)
 {NO_TORCH}""",

@@ -10,20 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pairing_reference import document_pairs, nested_lists
 
 from fastbert import _wordpiece
 from fastbert.config import OBJECTIVES
 from fastbert.data.corpus import stdlib_documents
-from fastbert.data.prepare import (
-    InputError,
-    PrepareOptions,
-    PrepareStats,
-    document_pairs,
-    encode_documents,
-    prepare,
-    read_documents,
-    split_sentences,
-)
+from fastbert.data.encoding import encode_documents, split_sentences
+from fastbert.data.prepare import PrepareOptions, PrepareStats, prepare
+from fastbert.data.readers import InputError, read_documents
 from fastbert.data.shards import ShardDataset, ShardError, ShardWriter
 from fastbert.tokenizer import WordPieceTokenizer
 
@@ -132,7 +126,7 @@ def test_encoded_documents_are_the_tokenizer_on_each_sentence(encoded):
     expected = [
         [ids for ids in (tok.encode(s, add_special_tokens=False) for s in split_sentences(d)) if ids] for d in docs
     ]
-    assert documents.to_lists() == [d for d in expected if d]
+    assert nested_lists(documents) == [d for d in expected if d]
     assert len(documents) == len(docs) - 1
 
 
@@ -140,7 +134,7 @@ def test_encoded_documents_are_the_tokenizer_on_each_sentence(encoded):
 @pytest.mark.parametrize("seq_len", [32, 128])
 def test_cpp_pairs_are_the_python_recipe(encoded, objective, seq_len, vocab_path):
     _, _, documents = encoded
-    lists = documents.to_lists()
+    lists = nested_lists(documents)
     opts, stats = options(vocab_path, objective=objective, seq_len=seq_len, seed=11), PrepareStats()
     expected = [(p.a, p.b, p.label) for i in range(len(lists)) for p in document_pairs(i, lists, opts, stats)]
     got, truncated, dropped = [], 0, 0

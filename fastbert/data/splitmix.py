@@ -1,5 +1,6 @@
-"""SplitMix64, the hash behind every random draw of the data pipeline (segment pairs in ``fastbert.data.prepare``,
-masking in ``fastbert.data.masking``): a draw depends only on what it is for, never on a generator's position.
+"""SplitMix64, the hash behind every random draw of the data pipeline (segment pairs, defined in
+tests/pairing_reference.py; masking in ``fastbert.data.masking``): a draw depends only on what it is for, never
+on a generator's position.
 
 The Python twin of csrc/wordpiece/splitmix.h; the tests hold the C++ pair cutter and masker to the Python
 definitions that use this module, so the two compute the same values.
