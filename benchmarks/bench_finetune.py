@@ -1,7 +1,7 @@
 """Fine-tuning all-MiniLM-L6-v2 on a real-text classification task: fastbert finetune vs the HF Trainer, CPU.
 
 The task: is a line of the installed Python's standard library a ``# comment`` or the first sentence of a
-docstring (``fastbert.data.corpus.stdlib_comment_or_docstring``; balanced; lengths from 4 to 40 words, so batches
+docstring (``comment_or_docstring.py`` beside this script; balanced; lengths from 4 to 40 words, so batches
 mix padded lengths). Same split, same recipe for both (the seeds': whole model, AdamW, lr 5e-5, batch 32, 10%
 warmup then linear decay, max length 128, dropout as in the checkpoint), each with its own shuffling and head
 initialisation. Reported: training examples/s (evaluation excluded), the ratio, and both accuracies on the eval
@@ -26,8 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import transformers  # noqa: E402
+from comment_or_docstring import stdlib_comment_or_docstring  # noqa: E402
 
-from fastbert.data.corpus import stdlib_comment_or_docstring  # noqa: E402
 from fastbert.train.finetune import FinetuneArgs, finetune  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "finetune_cpu.json"

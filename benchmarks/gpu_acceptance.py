@@ -575,10 +575,11 @@ def section_pretrain(ctx: dict) -> dict:
 def section_finetune(ctx: dict) -> dict:
     """``fastbert finetune`` for the profile's steps (one epoch) on a randomly initialised model of the pretraining
     size with the trained vocab: the task is whether a stdlib line is a ``# comment`` or a docstring's sentence."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     import torch
+    from comment_or_docstring import stdlib_comment_or_docstring
 
     from fastbert import BertConfig, BertForPreTraining
-    from fastbert.data.corpus import stdlib_comment_or_docstring
 
     data = ensure_data(ctx)
     profile, work = ctx["profile"], Path(ctx["work"])

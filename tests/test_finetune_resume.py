@@ -19,10 +19,12 @@ from ports import torchrun
 from safetensors.torch import load_file
 
 from fastbert import BertConfig, BertForPreTraining
-from fastbert.data.corpus import stdlib_comment_or_docstring
 from fastbert.tokenizer import WordPieceTokenizer
 from fastbert.train import checkpoint
 from fastbert.train.finetune import FinetuneArgs, FinetuneInterrupted, ResumeError, RunExistsError, finetune
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # the fine-tuning task
+from comment_or_docstring import stdlib_comment_or_docstring  # noqa: E402
 
 TIMING = ("train_seconds", "train_examples_per_s")  # the only fields of a metrics row that may differ
 FREE = ("resume", "overwrite", "progress")  # arguments a resumed run may give otherwise

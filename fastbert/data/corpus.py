@@ -1,8 +1,9 @@
 """A real English corpus that every machine has: the docstrings of the installed Python's standard library.
 
-Used by the demo and the benchmarks when no data is given. Each module's docstrings form one document; paragraphs
-are reflowed onto single lines and code-like lines (doctest prompts, indented blocks) are dropped, so what remains
-is prose. The order is deterministic (sorted paths), so the corpus is the same on every run of one Python.
+Used by ``fastbert demo``, and by the tests and benchmarks that need real text. Each module's docstrings form one
+document; paragraphs are reflowed onto single lines and code-like lines (doctest prompts, indented blocks) are
+dropped, so what remains is prose. The order is deterministic (sorted paths), so the corpus is the same on every
+run of one Python.
 """
 
 from __future__ import annotations
@@ -55,45 +56,3 @@ def stdlib_documents(limit_bytes: int | None = None) -> Iterator[list[str]]:
             total += sum(len(p) for p in paragraphs)
             if limit_bytes is not None and total >= limit_bytes:
                 return
-
-
-def stdlib_comment_or_docstring(count: int, seed: int = 0) -> list[tuple[str, str]]:
-    """A real-text classification task: is this line of the standard library a ``# comment`` or the first sentence
-    of a docstring? Returns ``count`` (text, label) pairs, balanced, in a seeded random order."""
-    import io
-    import random
-    import tokenize
-
-    docs, comments = [], []
-    for path in sorted(stdlib_root().glob("*.py")):
-        source = path.read_bytes()
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tree = ast.parse(source)
-            tokens = list(tokenize.tokenize(io.BytesIO(source).readline))
-        except (SyntaxError, ValueError, tokenize.TokenError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc:
-                    first = " ".join(doc.split("\n\n")[0].split())
-                    if 4 <= len(first.split()) <= 40:
-                        docs.append(first)
-        for tok in tokens:
-            if tok.type == tokenize.COMMENT:
-                text = tok.string.lstrip("#").strip()
-                if 4 <= len(text.split()) <= 40 and not text.startswith(("!", "-*-")):
-                    comments.append(text)
-    rng = random.Random(seed)
-    rng.shuffle(docs)
-    rng.shuffle(comments)
-    half = count // 2
-    if len(docs) < half or len(comments) < count - half:
-        raise ValueError(
-            f"the standard library has {len(docs)} docstrings and {len(comments)} comments; {count} examples asked for"
-        )
-    rows = [(t, "docstring") for t in docs[:half]] + [(t, "comment") for t in comments[: count - half]]
-    rng.shuffle(rows)
-    return rows
