@@ -256,7 +256,8 @@ class ElectraForPreTraining(nn.Module):
             layout.max_seqlen if layout.index is None else None,
         )
         logits = self.discriminator_head(hidden)
-        discriminator_loss = F.binary_cross_entropy_with_logits(logits.float(), replaced.float())
+        compute = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for a float64 model
+        discriminator_loss = F.binary_cross_entropy_with_logits(logits.to(compute), replaced.to(compute))
         with torch.no_grad():
             predicted = logits > 0
             counts = torch.stack(
