@@ -9,9 +9,10 @@ bias; the discriminator's head is ``ElectraDiscriminatorPredictions`` (dense, ac
 model here exports 1:1 to transformers' ``ElectraForPreTraining`` and ``ElectraForMaskedLM`` (``save_pretrained``).
 
 Replacements are drawn from the generator's distribution at the masked positions only and carry no gradient; each
-draw is keyed by a hash of (seed, epoch, sample index, position), which ``ReplacementKeys`` adds to a collated batch,
-so the draws do not depend on world size, micro-batch or loader workers. A replacement equal to the original token
-counts as original. This module does not mask (``fastbert.data.masking``) or train (``fastbert.train``).
+draw (``ops.mlm_loss_and_sample``, Gumbel-max in the fused MLM loss) is keyed by a hash of (seed, epoch, sample index,
+position), which ``ReplacementKeys`` adds to a collated batch, so the draws do not depend on world size, micro-batch or
+loader workers. A replacement equal to the original token counts as original. This module does not mask
+(``fastbert.data.masking``) or train (``fastbert.train``).
 """
 
 from __future__ import annotations
@@ -92,44 +93,6 @@ class ReplacementKeys:
         )
         batch["replacement_keys"] = torch.from_numpy(keys)
         return batch
-
-
-# The sampled MLM loss ---------------------------------------------------------------------------------------------
-def _mix64_torch(x: torch.Tensor) -> torch.Tensor:
-    """SplitMix64's finaliser on int64 tensors (the bits of uint64): logical shifts by masking arithmetic ones."""
-
-    def shift(v: torch.Tensor, s: int) -> torch.Tensor:
-        return (v >> s) & ((1 << (64 - s)) - 1)
-
-    x = x ^ shift(x, 30)
-    x = x * (0xBF58476D1CE4E5B9 - (1 << 64))
-    x = x ^ shift(x, 27)
-    x = x * (0x94D049BB133111EB - (1 << 64))
-    return x ^ shift(x, 31)
-
-
-def _mlm_loss_and_sample_stand_in(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, row_keys: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ops.mlm_loss`` plus one token per row drawn from the softmax of its logits by Gumbel-max, the noise of
-    vocabulary entry v in row m a hash of (row_keys[m], v). Full [M, V] logits: a stand-in for the fused op."""
-    loss, accuracy = ops.mlm_loss(hidden, weight, bias, labels)
-    with torch.no_grad():
-        logits = torch.addmm(bias, hidden, weight.t()).float()
-        vocab = torch.arange(weight.shape[0], device=hidden.device, dtype=torch.int64)
-        bits = _mix64_torch(row_keys[:, None] ^ _mix64_torch(vocab * (GOLDEN - (1 << 64)))[None, :])
-        uniform = ((bits >> 11) & ((1 << 53) - 1)).double().add_(0.5).mul_(2.0**-53)  # in (0, 1)
-        gumbel = uniform.log_().neg_().log_().neg_().float()
-        samples = (logits + gumbel).argmax(dim=1)
-    return loss, accuracy, samples
-
-
-def mlm_loss_and_sample(hidden, weight, bias, labels, row_keys):
-    """``fastbert.ops.mlm_loss_and_sample`` where it exists, the stand-in above until then."""
-    fused = getattr(ops, "mlm_loss_and_sample", None)
-    if fused is not None:
-        return fused(hidden, weight, bias, labels, row_keys)
-    return _mlm_loss_and_sample_stand_in(hidden, weight, bias, labels, row_keys)
 
 
 # Model ------------------------------------------------------------------------------------------------------------
@@ -236,7 +199,7 @@ class ElectraForPreTraining(nn.Module):
         if masked is None:
             masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
         targets = flat_labels.index_select(0, masked)
-        mlm_loss, mlm_accuracy, samples = mlm_loss_and_sample(
+        mlm_loss, mlm_accuracy, samples = ops.mlm_loss_and_sample(
             self.generator_head(hidden.index_select(0, masked)),
             self.decoder_weight,
             self.generator_head.bias,

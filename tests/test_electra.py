@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from ports import torchrun
 
-from fastbert import electra, hf
+from fastbert import hf, ops
 from fastbert.config import IGNORE_INDEX, BertConfig
 from fastbert.data.masking import MaskingCollator
 from fastbert.data.sampler import MicroBatchPlan
@@ -110,7 +110,7 @@ def test_loss_and_every_gradient_equal_transformers_on_the_same_draws(tmp_path):
     chosen = labels != IGNORE_INDEX
     with torch.no_grad():
         head = hg.generator_predictions(hg.electra(masked_ids, attention_mask=attention).last_hidden_state)[chosen]
-        _, _, draws = electra.mlm_loss_and_sample(
+        _, _, draws = ops.mlm_loss_and_sample(
             head, hg.generator_lm_head.weight, hg.generator_lm_head.bias, labels[chosen], batch["replacement_keys"]
         )
     assert torch.equal(corrupted[chosen], draws)
