@@ -128,35 +128,52 @@ def _stage_done(out: Path, state: dict, stage: str) -> None:
 
 
 def run_demo(args: DemoArgs) -> dict:
-    from fastbert.data.prepare import PrepareOptions, prepare
-    from fastbert.train.export import export
-    from fastbert.train.plot import plot
-    from fastbert.train.pretrain import PretrainArgs, pretrain
-    from fastbert.vocab_cli import train_vocab
-
     out = Path(args.out)
     state = _load_state(out, args)
     out.mkdir(parents=True, exist_ok=True)
+    corpus, held_out = _corpus_stage(out, args, state)
+    vocab = _vocab_stage(out, args, state, corpus)
+    _shards_stage(out, args, state, vocab, corpus, held_out)
+    final = _pretrain_stage(out, args, vocab, corpus)
+    hf_dir = _export_stage(out)
+    _fill_mask_stage(hf_dir, held_out)
+    return final
 
-    def kept(stage: str) -> str:
-        return " (done in an earlier run: kept)" if stage in state["done"] else ""
 
+def _kept(state: dict, stage: str) -> str:
+    return " (done in an earlier run: kept)" if stage in state["done"] else ""
+
+
+def _corpus_stage(out: Path, args: DemoArgs, state: dict) -> tuple[Path, list[str]]:
     print(f"[1/6] corpus: docstrings of the Python standard library in {os.path.dirname(os.__file__)}")
     corpus, held_out = _write_corpus(out, args.corpus_bytes, write="corpus" not in state["done"])
     if "corpus" not in state["done"]:
         _stage_done(out, state, "corpus")
     print(f"      {corpus.stat().st_size / 1e6:.1f} MB of text, {len(held_out)} paragraphs held back")
-    print(f"[2/6] vocabulary: fastbert train-vocab, {args.vocab_size} tokens{kept('vocab')}")
+    return corpus, held_out
+
+
+def _vocab_stage(out: Path, args: DemoArgs, state: dict, corpus: Path) -> Path:
+    from fastbert.vocab_cli import train_vocab
+
+    print(f"[2/6] vocabulary: fastbert train-vocab, {args.vocab_size} tokens{_kept(state, 'vocab')}")
     vocab = out / "vocab.txt"
     if "vocab" not in state["done"]:
         train_vocab([corpus], out, vocab_size=args.vocab_size, lowercase=True, min_frequency=2)
         _stage_done(out, state, "vocab")
-    print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){kept('data')}")
+    return vocab
+
+
+def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: Path, held_out: list[str]) -> None:
+    """The training shards, and the held-back paragraphs as held-out shards scored during training."""
+    from fastbert.data.prepare import PrepareOptions, prepare
+
+    print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){_kept(state, 'data')}")
     options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len)
     if "data" not in state["done"]:
         prepare([str(corpus)], out / "data", options, overwrite=True)  # a partial one from an interrupted run
         _stage_done(out, state, "data")
-    if "held_out" not in state["done"]:  # the held-back paragraphs, as held-out shards scored during training
+    if "held_out" not in state["done"]:
         from fastbert.atomic import write_atomic
 
         write_atomic(out / "held_out.txt", ("\n\n".join(held_out) + "\n").encode("utf-8"))
@@ -164,6 +181,12 @@ def run_demo(args: DemoArgs) -> dict:
         _stage_done(out, state, "held_out")
     meta = json.loads((out / "data" / "meta.json").read_text())
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")
+
+
+def _pretrain_stage(out: Path, args: DemoArgs, vocab: Path, corpus: Path) -> dict:
+    """Pretraining (resumed from the run's last checkpoint, if any); its held-out loss against the unigram one."""
+    from fastbert.train.pretrain import PretrainArgs, pretrain
+
     print(f"[4/6] pretraining the tiny model for {args.steps} steps (LAMB, global batch {args.global_batch})")
     final = pretrain(
         PretrainArgs(
@@ -186,12 +209,22 @@ def run_demo(args: DemoArgs) -> dict:
         f"      held-out masked-word loss {final['eval_mlm_loss']:.2f} (accuracy {final['eval_mlm_accuracy']:.1%}) on "
         f"text never trained on; a model that knows only how often each token occurs scores {baseline:.2f}"
     )
+    return final
+
+
+def _export_stage(out: Path) -> Path:
+    from fastbert.train.export import export
+    from fastbert.train.plot import plot
+
     print("[5/6] export to HF format and plot the curves")
     hf_dir = export(out / "run", out / "hf")
     png = plot(out / "run")
     print(f"      {hf_dir} (loads with transformers.BertForPreTraining.from_pretrained), {png}")
+    return hf_dir
+
+
+def _fill_mask_stage(hf_dir: Path, held_out: list[str]) -> None:
     print("[6/6] filling a [MASK] in held-back sentences")
     sentences = [p.split(". ")[0] for p in held_out if 6 <= len(p.split(". ")[0].split()) <= 30][:5]
     for masked, answer, guesses in guess_masked_words(hf_dir, sentences):
         print(f"      {masked}\n        answer: {answer!r}; model's top 5: {guesses}")
-    return final

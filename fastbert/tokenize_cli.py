@@ -40,9 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[list[str], int]]:
     """Yields (lines, bytes consumed) in chunks of whole lines; invalid UTF-8 raises
-    ``fastbert.data.prepare.InputError`` naming the line."""
+    ``fastbert.data.readers.InputError`` naming the line."""
     from fastbert import _wordpiece
-    from fastbert.data.prepare import InputError
+    from fastbert.data.readers import InputError
 
     line_no = 0
     with open(path, "rb") as f:
@@ -73,60 +73,74 @@ def read_lines(path: Path, chunk_bytes: int = CHUNK_BYTES) -> Iterator[tuple[lis
 
 def run(args: argparse.Namespace) -> int:
     """Handler of ``fastbert tokenize``; returns the exit status."""
-    from tqdm import tqdm
-
-    from fastbert.data.prepare import InputError
-    from fastbert.tokenizer import VocabError, WordPieceTokenizer
+    from fastbert.data.readers import InputError
+    from fastbert.tokenizer import VocabError
 
     try:
-        if args.vocab.is_dir():
-            tokenizer = WordPieceTokenizer.from_pretrained(args.vocab)
-            if args.cased:
-                tokenizer = WordPieceTokenizer(
-                    tokenizer.vocab, False, source=str(args.vocab), **tokenizer.special_tokens
-                )
-        else:
-            tokenizer = WordPieceTokenizer.from_vocab(args.vocab, do_lower_case=not args.cased)
+        tokenizer = _tokenizer(args.vocab, args.cased)
     except (VocabError, ValueError, OSError) as e:
         print(f"fastbert tokenize: error: {e}", file=sys.stderr)
         return 2
-    missing = [str(p) for p in args.files if not p.is_file()]
-    if missing:
-        print(f"fastbert tokenize: error: no such file: {', '.join(missing)}", file=sys.stderr)
+    problem = _argument_problem(args)
+    if problem is not None:
+        print(f"fastbert tokenize: error: {problem}", file=sys.stderr)
         return 2
-
-    if args.output is not None and not args.output.parent.is_dir():
-        print(
-            f"fastbert tokenize: error: -o {args.output}: the directory {args.output.parent} does not exist",
-            file=sys.stderr,
-        )
-        return 2
-    total = sum(p.stat().st_size for p in args.files)
-    # The output appears whole under its name at the end, or not at all.
-    sink = (
-        contextlib.nullcontext(sys.stdout) if args.output is None else open_atomic(args.output, "w", encoding="utf-8")
-    )
+    total_bytes = sum(p.stat().st_size for p in args.files)
     try:
-        with (
-            sink as out,
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc="tokenize",
-                disable=args.no_progress or None,
-                file=sys.stderr,
-            ) as bar,
-        ):
-            for path in args.files:
-                for lines, size in read_lines(path):
-                    ids = tokenizer.encode_batch(
-                        lines, add_special_tokens=args.add_special_tokens, num_threads=args.threads
-                    )
-                    out.write("".join(" ".join(map(str, row)) + "\n" for row in ids))
-                    bar.update(size)
-            out.flush()
+        _write_ids(args, tokenizer, total_bytes)
     except (InputError, OSError) as e:
         print(f"fastbert tokenize: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tokenizer(vocab: Path, cased: bool):
+    """The tokenizer of a vocab.txt, or of a directory with vocab.txt and tokenizer_config.json (``cased``
+    overrides the directory's casing)."""
+    from fastbert.tokenizer import WordPieceTokenizer
+
+    if not vocab.is_dir():
+        return WordPieceTokenizer.from_vocab(vocab, do_lower_case=not cased)
+    tokenizer = WordPieceTokenizer.from_pretrained(vocab)
+    if cased:
+        tokenizer = WordPieceTokenizer(tokenizer.vocab, False, source=str(vocab), **tokenizer.special_tokens)
+    return tokenizer
+
+
+def _argument_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the input files or ``-o`` before anything is read, or None."""
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        return f"no such file: {', '.join(missing)}"
+    if args.output is not None and not args.output.parent.is_dir():
+        return f"-o {args.output}: the directory {args.output.parent} does not exist"
+    return None
+
+
+def _write_ids(args: argparse.Namespace, tokenizer, total_bytes: int) -> None:
+    """Every input line's ids, to standard output or to ``-o`` (which appears whole under its name at the end, or
+    not at all); the progress bar counts input bytes up to ``total_bytes``."""
+    from tqdm import tqdm
+
+    sink = (
+        contextlib.nullcontext(sys.stdout) if args.output is None else open_atomic(args.output, "w", encoding="utf-8")
+    )
+    with (
+        sink as out,
+        tqdm(
+            total=total_bytes,
+            unit="B",
+            unit_scale=True,
+            desc="tokenize",
+            disable=args.no_progress or None,
+            file=sys.stderr,
+        ) as bar,
+    ):
+        for path in args.files:
+            for lines, size in read_lines(path):
+                ids = tokenizer.encode_batch(
+                    lines, add_special_tokens=args.add_special_tokens, num_threads=args.threads
+                )
+                out.write("".join(" ".join(map(str, row)) + "\n" for row in ids))
+                bar.update(size)
+        out.flush()

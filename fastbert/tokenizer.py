@@ -263,18 +263,27 @@ class WordPieceTokenizer:
         (default model_max_length). padding: False, True (= "longest"), "longest" or "max_length", optionally
         rounded up to pad_to_multiple_of. return_tensors: None (lists), "np" or "pt" (int64).
         """
-        single = isinstance(texts, str)
-        if single:
-            texts = [texts]
-            if pairs is not None and not isinstance(pairs, str):
-                raise TypeError(f"pairs must be a str when texts is a str, not {type(pairs).__name__}")
-            pairs = None if pairs is None else [pairs]
-        texts = _as_list(texts, "texts")
-        pairs = None if pairs is None else _as_list(pairs, "pairs")
-        if pairs is not None and len(pairs) != len(texts):
-            raise ValueError(f"pairs has {len(pairs)} items but texts has {len(texts)}")
+        texts, pairs, single = _as_batch(texts, pairs)
         strategy = _truncation_strategy(truncation)
         pad = _padding_strategy(padding)
+        max_length = self._resolved_max_length(strategy, pad, max_length, pad_to_multiple_of)
+        if return_tensors not in (None, "np", "pt"):
+            raise ValueError(f"return_tensors must be None, 'np' or 'pt', not {return_tensors!r}")
+        batch = self._encode_truncated(
+            texts, pairs, add_special_tokens, strategy, max_length, return_offsets_mapping, num_threads or 0
+        )
+        if pad:
+            self._pad(batch, pad, max_length, pad_to_multiple_of)
+        if return_tensors is not None:
+            return _to_tensors(batch, return_tensors)
+        if single:
+            return {key: value[0] for key, value in batch.items()}
+        return batch
+
+    def _resolved_max_length(
+        self, strategy: str | None, pad: str | None, max_length: int | None, pad_to_multiple_of: int | None
+    ) -> int | None:
+        """``max_length``, defaulting to ``model_max_length`` where truncation or padding to it needs one."""
         if strategy and max_length is None:
             max_length = self.model_max_length
         if pad == "max_length" and max_length is None:
@@ -284,10 +293,19 @@ class WordPieceTokenizer:
                 f"truncation to max_length={max_length} would be padded past it to a multiple of "
                 f"pad_to_multiple_of={pad_to_multiple_of}; make max_length a multiple of it"
             )
-        if return_tensors not in (None, "np", "pt"):
-            raise ValueError(f"return_tensors must be None, 'np' or 'pt', not {return_tensors!r}")
+        return max_length
 
-        threads = num_threads or 0
+    def _encode_truncated(
+        self,
+        texts: list[str],
+        pairs: list[str] | None,
+        add_special_tokens: bool,
+        strategy: str | None,
+        max_length: int | None,
+        return_offsets_mapping: bool,
+        threads: int,
+    ) -> dict[str, list]:
+        """The unpadded batch: every text (and pair) encoded, truncated and wrapped in its special tokens."""
         firsts = self._core.encode_batch_offsets(texts, return_offsets_mapping, threads)
         seconds = self._core.encode_batch_offsets(pairs, return_offsets_mapping, threads, "pairs") if pairs else None
         added = (3 if pairs is not None else 2) if add_special_tokens else 0
@@ -310,13 +328,6 @@ class WordPieceTokenizer:
             batch["attention_mask"].append([1] * len(ids))
             if return_offsets_mapping:
                 batch["offset_mapping"].append(offsets)
-
-        if pad:
-            self._pad(batch, pad, max_length, pad_to_multiple_of)
-        if return_tensors is not None:
-            return _to_tensors(batch, return_tensors)
-        if single:
-            return {key: value[0] for key, value in batch.items()}
         return batch
 
     def _assemble(
@@ -394,6 +405,23 @@ def _clean_up(token: str) -> str:
     ):
         token = token.replace(dirty, clean)
     return token
+
+
+def _as_batch(
+    texts: str | Sequence[str], pairs: str | Sequence[str] | None
+) -> tuple[list[str], list[str] | None, bool]:
+    """Texts and pairs as lists of the same length, and whether a single text (a str) was given."""
+    single = isinstance(texts, str)
+    if single:
+        texts = [texts]
+        if pairs is not None and not isinstance(pairs, str):
+            raise TypeError(f"pairs must be a str when texts is a str, not {type(pairs).__name__}")
+        pairs = None if pairs is None else [pairs]
+    texts = _as_list(texts, "texts")
+    pairs = None if pairs is None else _as_list(pairs, "pairs")
+    if pairs is not None and len(pairs) != len(texts):
+        raise ValueError(f"pairs has {len(pairs)} items but texts has {len(texts)}")
+    return texts, pairs, single
 
 
 def _as_list(items: Sequence[str], name: str) -> list[str]:

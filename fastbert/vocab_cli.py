@@ -44,10 +44,8 @@ def train_vocab(
 ) -> Path:
     """Train a WordPiece vocabulary on ``files`` and write ``out/vocab.txt`` and ``out/tokenizer_config.json``
     (atomically); returns the path of vocab.txt. ``files`` may hold directories and globs, as for prepare-data."""
-    from tqdm import tqdm
-
     from fastbert import _wordpiece
-    from fastbert.data.prepare import input_files, read_documents
+    from fastbert.data.readers import input_files
     from fastbert.tokenizer import WordPieceTokenizer
 
     if vocab_size < len(SPECIAL_TOKENS) + 1:
@@ -58,6 +56,24 @@ def train_vocab(
         raise VocabTrainingError("no input files")
     paths = input_files([os.fspath(f) for f in files])
     tokenizer, normalizer, pre_tokenizer = _bert_pipeline(lowercase)
+    documents, continuation = _read_documents(paths, normalizer, pre_tokenizer, text_field, errors, progress)
+    if not any(doc.strip() for doc in documents):
+        raise VocabTrainingError(f"no text in {', '.join(map(str, paths))} (empty files, or only blank lines)")
+    tokens = _trained_tokens(tokenizer, documents, continuation, vocab_size, min_frequency, progress)
+    vocab = _wordpiece.Vocab.from_text("".join(t + "\n" for t in tokens).encode("utf-8"), "<trained vocab>")
+    out = Path(out)
+    WordPieceTokenizer(vocab, lowercase, source=str(out / "vocab.txt")).save_pretrained(out)
+    return out / "vocab.txt"
+
+
+def _read_documents(
+    paths: list[Path], normalizer, pre_tokenizer, text_field: str, errors: str, progress: bool
+) -> tuple[list[str], set[str]]:
+    """Every document of ``paths``, and every character that follows another inside a pre-tokenized word (the
+    ``##`` continuations the trainer is seeded with; see the module docstring)."""
+    from tqdm import tqdm
+
+    from fastbert.data.readers import read_documents
 
     documents: list[str] = []
     continuation: set[str] = set()
@@ -70,9 +86,13 @@ def train_vocab(
                     continuation.update(word[1:])
             documents += docs
             bar.update(size)
-    if not any(doc.strip() for doc in documents):
-        raise VocabTrainingError(f"no text in {', '.join(map(str, paths))} (empty files, or only blank lines)")
+    return documents, continuation
 
+
+def _trained_tokens(
+    tokenizer, documents: list[str], continuation: set[str], vocab_size: int, min_frequency: int, progress: bool
+) -> list[str]:
+    """The trained vocabulary in id order, special tokens first."""
     from tokenizers import trainers
 
     initial = [*SPECIAL_TOKENS, *(CONTINUATION + c for c in sorted(continuation))]
@@ -88,10 +108,7 @@ def train_vocab(
     tokens = [token for token, _ in by_id]
     if tokens[: len(SPECIAL_TOKENS)] != list(SPECIAL_TOKENS):  # the trainer puts its special tokens first
         raise RuntimeError(f"the WordPiece trainer moved the special tokens: {tokens[: len(SPECIAL_TOKENS)]}")
-    vocab = _wordpiece.Vocab.from_text("".join(t + "\n" for t in tokens).encode("utf-8"), "<trained vocab>")
-    out = Path(out)
-    WordPieceTokenizer(vocab, lowercase, source=str(out / "vocab.txt")).save_pretrained(out)
-    return out / "vocab.txt"
+    return tokens
 
 
 def _bert_pipeline(lowercase: bool):
