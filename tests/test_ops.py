@@ -54,6 +54,46 @@ def test_varlen_attention_matches_per_sequence_softmax():
         torch.testing.assert_close(out[s], ref)
 
 
+def _padded_attention_by_hand(q, k, v, keep, scale, dropout_keep=None):
+    """Per-sequence softmax over the kept keys of ``[batch, seq, heads, head_dim]`` inputs; zero for a sequence
+    with no key."""
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    probs = scores.masked_fill(~keep[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    if dropout_keep is not None:
+        probs = probs * dropout_keep
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def test_padded_attention_matches_per_sequence_softmax(monkeypatch):
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 6, 2, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = torch.arange(6)[None, :] < torch.tensor([6, 2, 0])[:, None]  # full, right-padded, no key at all
+    out = ops.attention_padded(q, k, v, keep.long(), softmax_scale=0.3)
+    torch.testing.assert_close(out, _padded_attention_by_hand(q, k, v, keep, 0.3))
+    assert bool((out[2] == 0).all())
+    everything = torch.ones(3, 6, dtype=torch.bool)
+    torch.testing.assert_close(ops.attention_padded(q, k, v), _padded_attention_by_hand(q, k, v, everything, 0.25))
+    torch.manual_seed(5)
+    dropped = ops.attention_padded(q, k, v, keep, dropout_p=0.25, softmax_scale=0.3)
+    torch.manual_seed(5)  # the same draws: one mask over [batch, heads, queries, keys]
+    mask = ops.dropout_mask((3, 2, 6, 6), 0.25, q.device, q.dtype)
+    torch.testing.assert_close(dropped, _padded_attention_by_hand(q, k, v, keep, 0.3, mask))
+
+
+def test_fused_self_attention_uses_the_padded_op(monkeypatch):
+    from fastbert import nn as fnn
+
+    monkeypatch.setenv("FASTBERT_BACKEND", "torch")
+    torch.manual_seed(0)
+    attention = fnn.FusedSelfAttention(32, 2).double().eval()
+    x = torch.randn(2, 5, 32, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    out, _ = attention(x, mask)
+    q, k, v = (proj(x).view(2, 5, 2, 16) for proj in (attention.query, attention.key, attention.value))
+    torch.testing.assert_close(out, _padded_attention_by_hand(q, k, v, mask.bool(), 16**-0.5).reshape(2, 5, 32))
+
+
 def test_residual_layer_norm_and_bias_gelu():
     g = torch.Generator().manual_seed(0)
     x, r, b = torch.randn(7, 384, generator=g), torch.randn(7, 384, generator=g), torch.randn(384, generator=g)
