@@ -445,3 +445,10 @@ def test_electra_on_sentence_pair_shards_is_refused(kjv, tmp_path):
     assert result.returncode == 1
     assert "--objective electra needs shards without a sentence objective" in result.stderr
     assert "'nsp'" in result.stderr
+
+
+def test_plot_draws_an_electra_run(electra_run):
+    """``fastbert plot`` reads ELECTRA's rows (generator and discriminator accuracy, no MLM accuracy)."""
+    out = electra_run / "electra-curves.png"
+    _cli(sys.executable, "-m", "fastbert", "plot", str(electra_run), "--out", str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

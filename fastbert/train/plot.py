@@ -25,6 +25,15 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
     return rows
 
 
+# The accuracy series a run's rows may carry (an MLM run the first and maybe the second, ELECTRA the last two).
+ACCURACIES = {
+    "mlm_accuracy": "MLM",
+    "sentence_accuracy": "NSP/SOP",
+    "generator_accuracy": "generator (MLM)",
+    "discriminator_accuracy": "discriminator (replaced token)",
+}
+
+
 def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
     import matplotlib
 
@@ -43,9 +52,9 @@ def plot(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -> Pa
         axes[0].plot([s for s, _ in held_out], [v for _, v in held_out], "o-", label="held-out MLM")
         axes[0].legend()
     axes[0].set(title="loss", xlabel="step")
-    axes[1].plot(steps, [r["mlm_accuracy"] for r in rows], label="MLM")
-    if "sentence_accuracy" in rows[0]:
-        axes[1].plot(steps, [r["sentence_accuracy"] for r in rows], label="NSP/SOP")
+    for key, label in ACCURACIES.items():
+        if key in rows[0]:
+            axes[1].plot(steps, [r[key] for r in rows], label=label)
     axes[1].set(title="accuracy", xlabel="step")
     axes[1].legend()
     axes[2].plot(steps, [r["lr"] for r in rows])
