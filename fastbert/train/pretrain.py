@@ -530,83 +530,133 @@ def pretrain(args: PretrainArgs) -> dict:
         )
     init_distributed(args.dist_timeout)
     set_tf32(args.tf32)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    inputs = _check_inputs(args, rank, world)
-    engine, optimizer = _build_engine(args, inputs.config, inputs.generator)
-    start_step = _restore(engine, args, inputs)
-    batches = iter(_loader(args, inputs, start_step, engine.device))
-    eval_batches = _eval_batches(args, inputs, rank, world, engine.device)
-    if rank == 0:
-        _write_run_files(args, inputs)
-    peak = peak_flops(engine.device, args.precision, tf32=args.tf32)
-    if peak is None and engine.device.type == "cuda" and rank == 0:
-        log.warning("%s: peak FLOP/s unknown, so MFU is not logged", torch.cuda.get_device_name(engine.device))
-    metrics_log = MetricsLog(
-        Path(args.out), start_step=start_step, total_steps=args.steps, enabled=rank == 0, progress=args.progress
-    )
-    stop = StopRequest("pretrain", "a checkpoint", announce=rank == 0)
-    budget = None if args.max_minutes is None else args.max_minutes * 60
-    last: dict = {}
-    step, skipped_in_a_row = start_step, 0
-    if inputs.resume_from is not None:
-        checkpoint.restore_rng(inputs.resume_from)  # last: building models and loaders draws random numbers
-    tick = time.perf_counter()
+    run = _Run(args, started, warmup)
     try:
-        while step < args.steps:
-            lr = warmup_poly_lr(step, args.lr, warmup, args.steps, args.decay_power)
-            for group in engine.optimizer.param_groups:
-                group["lr"] = lr
-            sums = optimizer_step(
-                engine,
-                [next(batches) for _ in range(inputs.plan.accumulation)],
-                world,
-                skipped=lambda: optimizer.last_step_skipped or not engine.was_step_applied(),
-                stop=stop.requested,
-                out_of_time=lambda: budget is not None and time.perf_counter() - started >= budget,
-            )
-            values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
-            step += 1
-            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
-            grad_norm = engine.get_global_grad_norm() if optimizer.partitioned else optimizer.grad_norm
-            lambda_ = args.discriminator_weight if inputs.generator is not None else None
-            last = _step_row(step, values, elapsed, lr, grad_norm, inputs.objective, lambda_)
-            last.update(time=metrics_log.time_offset + (tick - started), wall=time.time())
-            if engine.device.type == "cuda":
-                last["max_memory_gb"] = torch.cuda.max_memory_allocated(engine.device) / 2**30
-            if args.precision == "fp16":
-                last["loss_scale"] = float(engine.optimizer.loss_scale)
-            if (mfu := _mfu(inputs.config, values, elapsed, peak, world, inputs.generator)) is not None:
-                last["mfu"] = mfu
-            stopping = values["stop"] > 0 or values["out_of_time"] > 0
-            evaluating = step == args.steps or stopping or (args.eval_every and step % args.eval_every == 0)
-            if eval_batches is not None and evaluating:
-                last.update(evaluate(engine.module, eval_batches, engine.device))
-                tick = time.perf_counter()  # the evaluation is not the next step's time
-            skipped_in_a_row = skipped_in_a_row + 1 if last["skipped"] else 0
-            if last["skipped"]:
-                log.warning(
-                    "step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)", step
-                )
-            metrics_log.write(last)
-            if args.max_skipped_steps and skipped_in_a_row >= args.max_skipped_steps:
-                raise TrainingDivergedError(
-                    f"{skipped_in_a_row} steps in a row (up to step {step}) had a non-finite loss or gradient, so "
-                    f"nothing was learnt; stopping without saving (the weights are those of the last checkpoint, if "
-                    f"any; --max-skipped-steps 0 never stops)"
-                )
-            if step == args.steps or stopping or (args.save_every and step % args.save_every == 0):
-                state = {"step": step, "data": inputs.plan.state_dict(step * inputs.plan.accumulation)}
-                path = checkpoint.save(
-                    engine, Path(args.out), step, {**state, "args": asdict(args)}, inputs.files, args.keep
-                )
-                if rank == 0:
-                    log.info("saved %s", path)
-            if stopping and step < args.steps:
-                # A signal on any rank wins over the time budget; ranks agree through the step's sums.
-                by = "max-minutes" if values["stop"] == 0 else stop.signal or "a signal on another rank"
-                last = {**last, "stopped": by}
-                break
+        while run.step < args.steps:
+            values = run.train_step()
+            if _stop_requested(values) and run.step < args.steps:
+                return {**run.last, "stopped": run.stopped_by(values)}
+        return run.last
     finally:
-        stop.restore()
-        metrics_log.close()
-    return last
+        run.close()
+
+
+class _Run:
+    """One rank's pretraining run: its inputs, engine, data, metrics log and position, and one optimizer step at a
+    time (the step, its metrics row, evaluation, the divergence check and checkpointing, in that order)."""
+
+    def __init__(self, args: PretrainArgs, started: float, warmup: int):
+        self.args, self.started, self.warmup = args, started, warmup
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.inputs = _check_inputs(args, self.rank, self.world)
+        self.engine, self.optimizer = _build_engine(args, self.inputs.config, self.inputs.generator)
+        self.step = _restore(self.engine, args, self.inputs)
+        self.batches = iter(_loader(args, self.inputs, self.step, self.engine.device))
+        self.eval_batches = _eval_batches(args, self.inputs, self.rank, self.world, self.engine.device)
+        if self.rank == 0:
+            _write_run_files(args, self.inputs)
+        self.peak = peak_flops(self.engine.device, args.precision, tf32=args.tf32)
+        if self.peak is None and self.engine.device.type == "cuda" and self.rank == 0:
+            log.warning("%s: peak FLOP/s unknown, so MFU is not logged", torch.cuda.get_device_name(self.engine.device))
+        self.metrics_log = MetricsLog(
+            Path(args.out), start_step=self.step, total_steps=args.steps, enabled=self.rank == 0, progress=args.progress
+        )
+        self.stop = StopRequest("pretrain", "a checkpoint", announce=self.rank == 0)
+        self.budget = None if args.max_minutes is None else args.max_minutes * 60
+        self.last: dict = {}
+        self.skipped_in_a_row = 0
+        if self.inputs.resume_from is not None:
+            checkpoint.restore_rng(self.inputs.resume_from)  # last: building models and loaders draws random numbers
+        self.tick = time.perf_counter()
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step, then its row (``self.last``) logged, with a held-out evaluation and a checkpoint when
+        due; returns the step's sums (``SUMS``) as every rank has them."""
+        args = self.args
+        lr = warmup_poly_lr(self.step, args.lr, self.warmup, args.steps, args.decay_power)
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        sums = optimizer_step(
+            self.engine,
+            [next(self.batches) for _ in range(self.inputs.plan.accumulation)],
+            self.world,
+            skipped=lambda: self.optimizer.last_step_skipped or not self.engine.was_step_applied(),
+            stop=self.stop.requested,
+            out_of_time=lambda: self.budget is not None and time.perf_counter() - self.started >= self.budget,
+        )
+        values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
+        self.step += 1
+        self.last = self._row(values, lr)
+        if self.eval_batches is not None and self._evaluating(values):
+            self.last.update(evaluate(self.engine.module, self.eval_batches, self.engine.device))
+            self.tick = time.perf_counter()  # the evaluation is not the next step's time
+        self._count_skipped()
+        self.metrics_log.write(self.last)
+        self._check_divergence()
+        if self.step == args.steps or _stop_requested(values) or _every(args.save_every, self.step):
+            self._save()
+        return values
+
+    def _row(self, values: dict, lr: float) -> dict:
+        elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
+        grad_norm = self.engine.get_global_grad_norm() if self.optimizer.partitioned else self.optimizer.grad_norm
+        lambda_ = self.args.discriminator_weight if self.inputs.generator is not None else None
+        row = _step_row(self.step, values, elapsed, lr, grad_norm, self.inputs.objective, lambda_)
+        row.update(time=self.metrics_log.time_offset + (self.tick - self.started), wall=time.time())
+        if self.engine.device.type == "cuda":
+            row["max_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
+        if self.args.precision == "fp16":
+            row["loss_scale"] = float(self.engine.optimizer.loss_scale)
+        mfu = _mfu(self.inputs.config, values, elapsed, self.peak, self.world, self.inputs.generator)
+        if mfu is not None:
+            row["mfu"] = mfu
+        return row
+
+    def _evaluating(self, values: dict) -> bool:
+        return self.step == self.args.steps or _stop_requested(values) or _every(self.args.eval_every, self.step)
+
+    def _count_skipped(self) -> None:
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.last["skipped"] else 0
+        if self.last["skipped"]:
+            log.warning(
+                "step %d skipped: non-finite loss or gradient (weights and optimizer state unchanged)", self.step
+            )
+
+    def _check_divergence(self) -> None:
+        if self.args.max_skipped_steps and self.skipped_in_a_row >= self.args.max_skipped_steps:
+            raise TrainingDivergedError(
+                f"{self.skipped_in_a_row} steps in a row (up to step {self.step}) had a non-finite loss or gradient, "
+                f"so nothing was learnt; stopping without saving (the weights are those of the last checkpoint, if "
+                f"any; --max-skipped-steps 0 never stops)"
+            )
+
+    def _save(self) -> None:
+        state = {"step": self.step, "data": self.inputs.plan.state_dict(self.step * self.inputs.plan.accumulation)}
+        path = checkpoint.save(
+            self.engine,
+            Path(self.args.out),
+            self.step,
+            {**state, "args": asdict(self.args)},
+            self.inputs.files,
+            self.args.keep,
+        )
+        if self.rank == 0:
+            log.info("saved %s", path)
+
+    def stopped_by(self, values: dict) -> str:
+        """Why a run stops before its last step. A signal on any rank wins over the time budget; ranks agree on both
+        through the step's sums."""
+        return "max-minutes" if values["stop"] == 0 else self.stop.signal or "a signal on another rank"
+
+    def close(self) -> None:
+        self.stop.restore()
+        self.metrics_log.close()
+
+
+def _stop_requested(values: dict) -> bool:
+    """A signal on some rank, or the time budget spent (the step's sums carry both)."""
+    return values["stop"] > 0 or values["out_of_time"] > 0
+
+
+def _every(n: int, step: int) -> bool:
+    return bool(n) and step % n == 0
