@@ -687,7 +687,7 @@ void bind_data_functions(py::module_& m) {
         py::arg("begin"), py::arg("end"), py::arg("seq_len"), py::arg("objective"), py::arg("short_seq_prob"),
         py::arg("seed"),
         "Samples of documents [begin, end): (tokens int32, offsets int64, split int32, labels int8, truncated "
-        "tokens, dropped segments); see fastbert.data.prepare.document_pairs for the recipe.");
+        "tokens, dropped segments); see document_pairs in tests/pairing_reference.py for the recipe.");
   m.def("mask_batch", &mask_batch, py::arg("ids"), py::arg("lengths"), py::arg("samples"), py::arg("epochs"),
         py::arg("caps"), py::arg("is_special"), py::arg("is_continuation"), py::arg("random_ids"), py::arg("mask_id"),
         py::arg("seed"), py::arg("mlm_probability"), py::arg("mask_fraction"), py::arg("random_fraction"),

@@ -1,8 +1,8 @@
 // BERT's pretraining samples cut from tokenized documents: segment pairs for NSP or SOP as in the original recipe,
 // or whole sentences packed up to the length (RoBERTa-style) when there is no sentence objective.
 //
-// The readable definition is fastbert.data.prepare.document_pairs (Python); this is the same algorithm over flat
-// arrays, with the same random stream per document, and a test holds the two to identical output.
+// The readable definition is document_pairs in tests/pairing_reference.py (Python); this is the same algorithm
+// over flat arrays, with the same random stream per document, and a test holds the two to identical output.
 #pragma once
 
 #include <cstdint>
