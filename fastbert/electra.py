@@ -30,7 +30,7 @@ from torch import nn
 from fastbert import ops
 from fastbert.config import IGNORE_INDEX, BertConfig
 from fastbert.data.splitmix import GOLDEN, mix64
-from fastbert.model import BertModel
+from fastbert.model import BertModel, init_modules
 
 GENERATOR_SIZE = 0.25  # the generator's share of the discriminator's width, heads and FFN (Clark et al. 2020)
 DISCRIMINATOR_WEIGHT = 50.0  # lambda, the discriminator loss's weight against the generator's (Clark et al. 2020)
@@ -167,10 +167,7 @@ class ElectraForPreTraining(nn.Module):
         own.token_type_embeddings, own.norm = shared.token_type_embeddings, shared.norm
         self.generator_head = GeneratorHead(generator)
         self.discriminator_head = DiscriminatorHead(config)
-        for module in (*self.generator_head.modules(), *self.discriminator_head.modules()):
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=config.initializer_range)
-                nn.init.zeros_(module.bias)
+        init_modules([*self.generator_head.modules(), *self.discriminator_head.modules()], config.initializer_range)
 
     @property
     def decoder_weight(self) -> torch.Tensor:
@@ -209,15 +206,8 @@ class ElectraForPreTraining(nn.Module):
         corrupted = flat_ids.index_copy(0, masked, samples.to(flat_ids.dtype))
         original = flat_ids.index_copy(0, masked, targets)
         replaced = corrupted != original  # a draw of the original token counts as original
-        padded_corrupted = layout.pad(corrupted) if layout.index is not None else corrupted
-        hidden, _ = self.discriminator.encode(
-            padded_corrupted,
-            layout if layout.index is not None else None,
-            token_type_ids,
-            position_ids,
-            cu_seqlens if layout.index is None else None,
-            layout.max_seqlen if layout.index is None else None,
-        )
+        corrupted_ids, mask, cu_seqlens, max_seqlen = layout.encoder_inputs(corrupted)
+        hidden, _ = self.discriminator.encode(corrupted_ids, mask, token_type_ids, position_ids, cu_seqlens, max_seqlen)
         logits = self.discriminator_head(hidden)
         compute = torch.promote_types(logits.dtype, torch.float32)  # float32, or float64 for a float64 model
         discriminator_loss = F.binary_cross_entropy_with_logits(logits.to(compute), replaced.to(compute))
@@ -234,7 +224,7 @@ class ElectraForPreTraining(nn.Module):
             discriminator_weight=self.discriminator_weight,
             discriminator_counts=counts,
             discriminator_logits=layout.pad(logits),
-            corrupted_ids=padded_corrupted,
+            corrupted_ids=corrupted_ids,
             replaced=layout.pad(replaced.long()),
         )
 

@@ -78,6 +78,14 @@ class Layout:
         out = x.new_full((batch * seq, *x.shape[1:]), fill)
         return out.index_copy(0, self.index, x).view(batch, seq, *x.shape[1:])
 
+    def encoder_inputs(self, flat_ids: torch.Tensor) -> tuple:
+        """``(input_ids, attention_mask, cu_seqlens, max_seqlen)`` that give ``BertModel.encode`` this layout again
+        for new ``flat_ids [total_tokens]``: padded to ``[B, S]`` with the layout as the mask, or flat with the
+        sequence bounds."""
+        if self.index is None:
+            return flat_ids, None, self.cu_seqlens, self.max_seqlen
+        return self.pad(flat_ids), self, None, None
+
     def positions(self, total: int) -> torch.Tensor:
         """Position ids of the ``total`` real tokens: the column in a padded input, the offset in its sequence
         otherwise."""
@@ -257,6 +265,26 @@ class BertPooler(nn.Module):
         return torch.tanh(self.dense(first)) * nonempty
 
 
+def init_modules(modules, std: float) -> None:
+    """BERT's initialisation of ``modules``, in order: linear and embedding weights from N(0, std), biases zero
+    (an embedding's padding row too), LayerNorms the identity, the tied decoder's bias zero."""
+    for module in modules:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+            if module.padding_idx is not None:
+                with torch.no_grad():
+                    module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, BertPreTrainingHeads):
+            nn.init.zeros_(module.bias)
+
+
 class BertPreTrainedModel(nn.Module):
     """Shared by every model class: weight init and HF-compatible ``from_pretrained`` / ``save_pretrained``."""
 
@@ -266,26 +294,9 @@ class BertPreTrainedModel(nn.Module):
         """BERT's initialisation: linear and embedding weights from N(0, initializer_range), biases zero, LayerNorms
         the identity. A head model's encoder (``self.bert``) was initialised by its own constructor, so here only
         the head's modules are drawn: every weight is initialised once."""
-        std = self.config.initializer_range
         encoder = getattr(self, "bert", None)
         done = set(encoder.modules()) if isinstance(encoder, BertModel) else set()
-        for module in self.modules():
-            if module in done:
-                continue
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, std=std)
-                if module.padding_idx is not None:
-                    with torch.no_grad():
-                        module.weight[module.padding_idx].zero_()
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-            elif isinstance(module, BertPreTrainingHeads):
-                nn.init.zeros_(module.bias)  # the tied decoder's bias
+        init_modules([m for m in self.modules() if m not in done], self.config.initializer_range)
 
     @classmethod
     def from_pretrained(
