@@ -287,18 +287,26 @@ def _mlm_rows_reference(logits, labels, inv_denom, row_keys, loss, correct, samp
     return grad.to(logits.dtype)
 
 
+def _row_block(chunk_elements: int, vocab: int) -> int:
+    """Rows per block of ``_MLMLoss``: as many as ``chunk_elements`` logits hold, rounded down to a multiple of 4
+    once 4 fit, so that every block's float32 row outputs start 16-byte aligned, the alignment the Triton kernel is
+    specialised and compiled ahead of time for (an unaligned start would make Triton build another variant)."""
+    block = max(1, chunk_elements // max(vocab, 1))
+    return block - block % 4 if block >= 4 else block
+
+
 class _MLMLoss(torch.autograd.Function):
     """Cross-entropy of ``hidden @ weight.T + bias`` against labels, one block of rows at a time: the one host loop
     of the Triton path and the reference alike, which differ only in ``rows`` (the per-block function:
     ``fastbert.kernels.mlm_loss.loss_rows`` or ``_mlm_rows_reference``) and the block size.
 
-    A block holds at most ``chunk_elements // V`` rows; its logits come from one matmul in the input dtype, and
-    ``rows`` leaves each row's loss, hit and draw and returns the gradient of the mean loss, which two matmuls turn
-    into ``d_hidden`` and ``d_weight`` (``d_bias`` is its float32 column sum). So the forward does all the work
-    (three matmuls, no recomputation), no ``[M, V]`` tensor ever exists, and the backward only scales the saved
-    gradients by the incoming ``grad_loss``. They are kept as a ctx attribute, not saved tensors, and scaled in
-    place, so autograd takes them as the ``.grad`` without copying ``d_weight`` (``V x E``, the largest tensor);
-    a second backward through the same graph is refused.
+    A block holds at most ``chunk_elements // V`` rows (``_row_block``); its logits come from one matmul in the
+    input dtype, and ``rows`` leaves each row's loss, hit and draw and returns the gradient of the mean loss, which
+    two matmuls turn into ``d_hidden`` and ``d_weight`` (``d_bias`` is its float32 column sum). So the forward does
+    all the work (three matmuls, no recomputation), no ``[M, V]`` tensor ever exists, and the backward only scales
+    the saved gradients by the incoming ``grad_loss``. They are kept as a ctx attribute, not saved tensors, and
+    scaled in place, so autograd takes them as the ``.grad`` without copying ``d_weight`` (``V x E``, the largest
+    tensor); a second backward through the same graph is refused.
     """
 
     @staticmethod
@@ -327,7 +335,7 @@ class _MLMLoss(torch.autograd.Function):
         d_hidden = torch.empty(hidden.shape, dtype=dtype, device=device) if want[0] else None
         d_weight = torch.zeros_like(weight) if want[1] else None
         d_bias = torch.zeros(vocab, dtype=compute, device=device) if want[2] else None
-        block = max(1, chunk_elements // max(vocab, 1))
+        block = _row_block(chunk_elements, vocab)
         for start in range(0, count, block):
             stop = min(start + block, count)
             h = hidden[start:stop]

@@ -32,6 +32,32 @@ def test_mlm_loss_matches_cross_entropy(monkeypatch, chunk_elements, rows):
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize(("chunk_elements", "vocab"), [(20000, 3001), (9 * 3001 + 5, 3001), (2 * 3001, 3001)])
+def test_every_mlm_block_starts_its_row_outputs_16_byte_aligned(chunk_elements, vocab):
+    """The host loop hands the per-block function views of its float32 row outputs; the Triton kernel is compiled
+    ahead of time for 16-byte aligned pointers, so a block of 6 or 9 rows must be cut to 4 or 8 (and 2 kept)."""
+    starts = []
+
+    def rows(logits, labels, inv_denom, keys, loss_out, correct_out, samples_out, want_grad):
+        starts.append((loss_out.data_ptr() % 16, correct_out.data_ptr() % 16, samples_out.data_ptr() % 16, len(labels)))
+        return ops._mlm_rows_reference(logits, labels, inv_denom, keys, loss_out, correct_out, samples_out, want_grad)
+
+    g = torch.Generator().manual_seed(0)
+    count = 37
+    hidden = torch.randn(count, 16, generator=g, requires_grad=True)
+    weight = torch.randn(vocab, 16, generator=g)
+    labels = torch.randint(0, vocab, (count,), generator=g)
+    keys = torch.arange(count, dtype=torch.int64)
+    loss, _, _ = ops._MLMLoss.apply(hidden, weight, torch.zeros(vocab), labels, keys, rows, chunk_elements)
+    block = chunk_elements // vocab
+    want = block - block % 4 if block >= 4 else block
+    assert [n for *_, n in starts] == [min(want, count - i) for i in range(0, count, want)]
+    if block >= 4:
+        assert all(a == b == c == 0 for a, b, c, _ in starts)
+    ref = F.cross_entropy(hidden @ weight.T, labels)
+    torch.testing.assert_close(loss, ref)
+
+
 def test_mlm_loss_with_no_labelled_rows_is_zero_not_nan():
     hidden = torch.randn(4, 8, requires_grad=True)
     weight = torch.randn(50, 8, requires_grad=True)
