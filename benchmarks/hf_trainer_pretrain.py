@@ -179,7 +179,7 @@ def run_text(args: argparse.Namespace) -> None:
         args.batch,
         steps,
         args.lr,
-        int(args.warmup * steps),
+        int(args.warmup * steps) if args.warmup < 1 else int(args.warmup),
         weight_decay=0.01,
         lr_scheduler_type="linear",
         seed=args.seed,
@@ -220,7 +220,7 @@ def main() -> None:
     t.add_argument("--seq-len", type=int, default=128)
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--lr", type=float, default=5e-4)
-    t.add_argument("--warmup", type=float, default=0.05, help="share of the steps")
+    t.add_argument("--warmup", type=float, default=0.05, help="steps, or a share of them below 1")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--steps", type=int, help="fixed step count (otherwise planned from the budget)")
     t.add_argument("--budget-s", type=float, help="stop at the first step that ends this long after --start-wall")
