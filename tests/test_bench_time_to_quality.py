@@ -62,3 +62,17 @@ def test_first_reach_takes_the_earliest_checkpoint_at_or_below_the_target():
     curve = [(10.0, 7.0), (20.0, 6.1), (30.0, 5.9), (40.0, 6.2)]
     assert ttq.first_reach(curve, 6.1) == 20.0
     assert ttq.first_reach(curve, 5.0) is None
+
+
+def test_testament_task_trains_on_training_books_and_tests_balanced_on_held_out_ones():
+    held_ot, held_nt = ttq.HELD_OUT_BOOKS[0], ttq.HELD_OUT_BOOKS[-1]
+    assert held_ot == "Ruth" and held_nt == "Jas"
+    chapters = [("Gen", "\n".join(f"gen {i}" for i in range(30))), (held_ot, "ruth 1\nruth 2\n\nruth 3")]
+    chapters += [(ttq.NEW_TESTAMENT_FIRST_BOOK, "\n".join(f"mat {i}" for i in range(25)))]
+    chapters += [("Rom", "rom 1\nrom 2"), (held_nt, "\n".join(f"jas {i}" for i in range(9)))]
+    train, test = ttq.testament_task(chapters, per_class=20)
+    assert sorted(label for _, label in train) == [0] * 20 + [1] * 20
+    assert all(text.startswith("gen" if label == 0 else ("mat", "rom")) for text, label in train)
+    assert sorted(t for t, label in test if label == 0) == ["ruth 1", "ruth 2", "ruth 3"]  # the blank line: no verse
+    assert len([t for t, label in test if label == 1]) == 3 and all(t.startswith("jas") for t, label in test if label)
+    assert ttq.testament_task(chapters, per_class=20) == (train, test)  # seeded
