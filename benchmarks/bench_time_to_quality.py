@@ -15,9 +15,10 @@ corpus is Debian's King James Bible, one chapter a document, less six books held
 Mark, Philippians, James) that no system trains on.
 
 Each system decays its learning rate to zero over the steps that fit its budget. Those are planned from a short
-calibration run of each system before the budgets (not counted; it measures seconds per step and the start-up
-before the first step), and the budget is enforced as well: the Trainer stops at the first step that ends past
-it, fastbert by ``--max-minutes`` (which saves a checkpoint at that step boundary).
+calibration run of each system before the budgets (not counted; it measures seconds per step, the start-up before
+the first step and, for a system that saves checkpoints in its budget, the seconds a save adds), and the budget is
+enforced as well: the Trainer stops at the first step that ends past it, fastbert by ``--max-minutes`` (which saves
+a checkpoint at that step boundary).
 
 Quality is measured afterwards, by this script alone, on transformers models loaded from the saved (Trainer) and
 exported (``fastbert export``) directories; evaluation time is not counted:
@@ -42,6 +43,10 @@ exported (``fastbert export``) directories; evaluation time is not counted:
   pretraining domain: on fortunes, modern English, a random initialisation beat all three pretrained models at 6
   and at 10 minutes, so that task cannot rank pretraining (the JSON records, for each task, whether any pretrained
   model beats the floor).
+
+ELECTRA's discriminator is also reported from its own training rows: its loss beside that of predicting only the
+share of replaced tokens (the loss of a discriminator that learnt nothing about the tokens), and its recall of
+replaced tokens, through the run and over its last tenth.
 
 Goals (booleans in the JSON): (a) fastbert MLM reaches the Trainer's final held-out loss within a third of the
 budget (at a checkpoint: the time is an upper bound); (b) ELECTRA's ``testament`` accuracy is at least
@@ -75,6 +80,10 @@ RESULTS = HERE / "results"
 SEQ_LEN = 128
 GLOBAL_BATCH = 32
 WARMUP = 10  # steps, for every system
+# Each system plans the steps that fill this share of its budget left after start-up and checkpoint saves (both
+# measured by its calibration run), so that a step slower than calibrated still ends the run by its schedule.
+PLAN_MARGIN = 0.97
+CALIBRATION_SAVES = 4  # checkpoint saves in a calibration run of a system that saves checkpoints in its budget
 # Settings from sweeps scored by this script's held-out loss (2 CPU cores). AdamW 5e-4 and 1e-3 after 60 Trainer
 # steps on the first 200 chapters: 6.54 and 6.53 (kept 5e-4, the usual rate for a small BERT). Full 10-minute
 # Trainer runs, warmup 5% and 10 steps: final loss 5.919 (260 steps) and 5.861 (304 steps). fastbert MLM planned
@@ -349,21 +358,28 @@ def metrics_rows(run_dir: Path) -> list[dict]:
 
 @dataclass
 class Pace:
-    """A system's speed from its calibration run: seconds per optimizer step and seconds before the first step."""
+    """A system's speed from its calibration run: seconds per optimizer step, seconds before the first step, and
+    seconds one checkpoint save adds to the step after it."""
 
     step_s: float
     overhead_s: float
+    save_s: float = 0.0
 
 
-def pace_from(launch: float, ends: list[float]) -> Pace:
+def pace_from(launch: float, ends: list[float], save_every: int = 0) -> Pace:
+    """``ends``: the wall-clock end of each step; with ``save_every``, a checkpoint was saved after every
+    ``save_every``-th step, and its time shows in the gap to the next step's end."""
     gaps = np.diff(np.asarray(ends))
-    step_s = float(np.median(gaps[1:] if len(gaps) > 1 else gaps))
-    return Pace(step_s=step_s, overhead_s=max(0.0, ends[0] - launch - step_s))
+    after_save = {s - 1 for s in range(save_every, len(ends), save_every)} if save_every else set()
+    plain = [g for i, g in enumerate(gaps) if i > 0 and i not in after_save]
+    step_s = float(np.median(plain if plain else gaps))
+    save_s = max(0.0, float(np.median([gaps[i] for i in after_save])) - step_s) if after_save else 0.0
+    return Pace(step_s=step_s, overhead_s=max(0.0, ends[0] - launch - step_s), save_s=save_s)
 
 
-def plan_steps(budget_s: float, start: float, pace: Pace) -> int:
-    left = budget_s - (time.time() - start) - pace.overhead_s
-    return max(1, int(0.97 * left / pace.step_s))
+def plan_steps(budget_s: float, start: float, pace: Pace, saves: int = 0) -> int:
+    left = budget_s - (time.time() - start) - pace.overhead_s - saves * pace.save_s
+    return max(1, int(PLAN_MARGIN * left / pace.step_s))
 
 
 class FastbertSystem:
@@ -421,19 +437,19 @@ class FastbertSystem:
             log=log,
         )
 
-    def calibrate(self, corpus: Path, work: Path, steps: int) -> Pace:
+    def calibrate(self, corpus: Path, work: Path, steps: int, save_every: int) -> Pace:
         data, run, log = work / f"{self.objective}-cal-data", work / f"{self.objective}-cal-run", work / "cal.log"
         self.prepare(corpus, data, log)
         launch = time.time()
-        self.pretrain(data, run, steps, 0, None, log)
-        return pace_from(launch, [r["wall"] for r in metrics_rows(run)])
+        self.pretrain(data, run, steps, save_every, None, log)
+        return pace_from(launch, [r["wall"] for r in metrics_rows(run)], save_every)
 
     def run(self, corpus: Path, work: Path, budget_s: float, pace: Pace, checkpoints: int) -> dict:
         data, run, log = work / f"{self.objective}-data", work / f"{self.objective}-run", work / f"{self.objective}.log"
         start = time.time()
         self.prepare(corpus, data, log)
         prepared = time.time()
-        steps = plan_steps(budget_s, start, pace)
+        steps = plan_steps(budget_s, start, pace, checkpoints)
         save_every = max(1, steps // checkpoints) if checkpoints else 0
         # --max-minutes counts from inside the process, so the start-up before it is taken off the budget left
         left_min = max(0.05, (budget_s - (time.time() - start) - pace.overhead_s) / 60)
@@ -452,6 +468,7 @@ class FastbertSystem:
             "wall_s": end - start,
             "checkpoints": [(s, step_end[s]) for s in saved],
             "final_train_loss": rows[-1].get("loss"),
+            "metrics": rows,
         }
 
 
@@ -482,11 +499,13 @@ class TrainerSystem:
         with log.open("a") as f:
             subprocess.run(cmd, check=True, env=subprocess_env(), stdout=f, stderr=subprocess.STDOUT)
 
-    def calibrate(self, corpus: Path, work: Path, steps: int) -> Pace:
+    def calibrate(self, corpus: Path, work: Path, steps: int, save_every: int) -> Pace:
         run = work / "trainer-cal-run"
         launch = time.time()
-        self.launch(self.command(corpus, run, "--steps", str(steps)), work / "cal.log")
-        return pace_from(launch, json.loads((run / "log.json").read_text())["step_ends"])
+        saves = ["--checkpoints", str(steps // save_every)] if save_every else []
+        self.launch(self.command(corpus, run, "--steps", str(steps), *saves), work / "cal.log")
+        log = json.loads((run / "log.json").read_text())
+        return pace_from(launch, log["step_ends"], log["save_every"])
 
     def run(self, corpus: Path, work: Path, budget_s: float, pace: Pace, checkpoints: int) -> dict:
         run = work / "trainer-run"
@@ -503,6 +522,10 @@ class TrainerSystem:
                 str(pace.step_s),
                 "--overhead-s",
                 str(pace.overhead_s),
+                "--save-s",
+                str(pace.save_s),
+                "--plan-margin",
+                str(PLAN_MARGIN),
                 "--checkpoints",
                 str(checkpoints),
             ),
@@ -524,6 +547,40 @@ class TrainerSystem:
 
 
 # Report ---------------------------------------------------------------------------------------------------------------
+def binary_entropy(p: float) -> float:
+    """Nats: the cross-entropy of always predicting the rate ``p`` on labels that are 1 at rate ``p``."""
+    return 0.0 if p <= 0.0 or p >= 1.0 else float(-(p * np.log(p) + (1 - p) * np.log(1 - p)))
+
+
+def discriminator_summary(rows: list[dict], start: float, points: int = 16) -> dict:
+    """What ELECTRA's discriminator learnt, from its training rows (``metrics.jsonl``): its loss beside the loss of
+    predicting only the share of replaced tokens (``prior_loss``, the loss of a discriminator that learnt nothing about
+    the tokens), and its recall of replaced tokens, at about ``points`` steps and over the last tenth of the steps."""
+
+    def at(r: dict) -> dict:
+        return {
+            "step": r["step"],
+            "time_s": r["wall"] - start,
+            "generator_loss": r["generator_loss"],
+            "loss": r["discriminator_loss"],
+            "prior_loss": binary_entropy(r["replaced_fraction"]),
+            "recall": r["discriminator_recall"],
+            "precision": r["discriminator_precision"],
+        }
+
+    stride = max(1, len(rows) // points)
+    last = rows[-max(1, len(rows) // 10) :]
+    return {
+        "curve": [at(r) for r in rows[stride - 1 :: stride]],
+        "last_tenth": {
+            "steps": [last[0]["step"], last[-1]["step"]],
+            "loss": float(np.mean([r["discriminator_loss"] for r in last])),
+            "prior_loss": float(np.mean([binary_entropy(r["replaced_fraction"]) for r in last])),
+            "recall": float(np.mean([r["discriminator_recall"] for r in last])),
+        },
+    }
+
+
 def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
     """The earliest time on ``curve`` ((time, loss) in time order) whose loss is at or below ``target``."""
     return next((t for t, loss in curve if loss <= target), None)
@@ -649,21 +706,21 @@ def main() -> None:
         cal_corpus = work_root / "kjv-calibration.txt"
         write_corpus(cal_corpus, train_chapters[:120])
 
-        paces = {}
+        paces, checkpoints = {}, {}
         for key, system in systems.items():
-            paces[key] = system.calibrate(cal_corpus, work_root, args.calibration_steps)
+            checkpoints[key] = args.checkpoints if key != "fastbert_electra" else 0
+            save_every = max(1, args.calibration_steps // CALIBRATION_SAVES) if checkpoints[key] else 0
+            paces[key] = system.calibrate(cal_corpus, work_root, args.calibration_steps, save_every)
             print(
                 f"calibration {system.name}: {paces[key].step_s:.3f} s/step, "
-                f"{paces[key].overhead_s:.1f} s before the first step",
+                f"{paces[key].overhead_s:.1f} s before the first step, {paces[key].save_s:.2f} s a checkpoint",
                 flush=True,
             )
 
         runs = {}
         for key, system in systems.items():
             print(f"{system.name}: {args.budget_minutes:g} minutes ...", flush=True)
-            runs[key] = system.run(
-                corpus, work_root, budget_s, paces[key], args.checkpoints if key != "fastbert_electra" else 0
-            )
+            runs[key] = system.run(corpus, work_root, budget_s, paces[key], checkpoints[key])
             print(f"{system.name}: {runs[key]['steps']} steps in {runs[key]['time_s']:.1f} s", flush=True)
 
         # Evaluation, after every budget -----------------------------------------------------------------------------
@@ -682,6 +739,7 @@ def main() -> None:
                 "wall_s": r["wall_s"],
                 "step_s_calibrated": paces[key].step_s,
                 "overhead_s_calibrated": paces[key].overhead_s,
+                "save_s_calibrated": paces[key].save_s,
             }
             if "prepare_s" in r:
                 entry["prepare_s"] = r["prepare_s"]
@@ -703,6 +761,14 @@ def main() -> None:
             if key == "fastbert_electra":
                 generator = finals[key] / "generator"
                 entry["final_held_out_loss"] = held_out_loss(load_masked_lm(generator), masks)
+                entry["discriminator"] = discriminator_summary(r["metrics"], r["start"])
+                tail = entry["discriminator"]["last_tenth"]
+                print(
+                    f"{entry['system']}: discriminator loss {tail['loss']:.3f} (predicting the replaced share alone: "
+                    f"{tail['prior_loss']:.3f}), recall {tail['recall']:.3f} over steps {tail['steps'][0]}-"
+                    f"{tail['steps'][1]}",
+                    flush=True,
+                )
             else:
                 final_loss = held_out_loss(load_masked_lm(finals[key]), masks)
                 if not curve or curve[-1][0] < r["time_s"]:

@@ -29,8 +29,8 @@ import transformers
 from fastbert.config import BertConfig
 from fastbert.data.shards import ShardDataset
 
-# The planned step count leaves this share of the remaining budget unused, so that checkpoint saves and a slower
-# step than the calibration measured end the run by its schedule rather than by the budget.
+# By default the planned steps fill this share of the budget left after start-up and checkpoint saves, so that a
+# step slower than the calibration measured ends the run by its schedule rather than by the budget.
 PLAN_MARGIN = 0.95
 
 
@@ -165,8 +165,8 @@ def run_text(args: argparse.Namespace) -> None:
     else:
         if args.budget_s is None or args.step_s is None:
             raise SystemExit("text: give --steps, or --budget-s with --step-s to plan the steps from the budget")
-        left = args.budget_s - (time.time() - start) - args.overhead_s
-        steps = max(1, int(PLAN_MARGIN * left / args.step_s))
+        left = args.budget_s - (time.time() - start) - args.overhead_s - args.checkpoints * args.save_s
+        steps = max(1, int(args.plan_margin * left / args.step_s))
     save_every = max(1, steps // args.checkpoints) if args.checkpoints else 0
     torch.manual_seed(args.seed)
     model = transformers.BertForMaskedLM(tiny_hf_config(tok.vocab_size))
@@ -228,6 +228,8 @@ def main() -> None:
     t.add_argument("--step-s", type=float, help="seconds per step, measured beforehand, to plan the steps")
     t.add_argument("--overhead-s", type=float, default=0.0, help="seconds before the first step, measured beforehand")
     t.add_argument("--checkpoints", type=int, default=0, help="about this many evenly spaced checkpoints")
+    t.add_argument("--save-s", type=float, default=0.0, help="seconds a checkpoint save takes, measured beforehand")
+    t.add_argument("--plan-margin", type=float, default=PLAN_MARGIN, help="share of the budget left to plan steps in")
     args = parser.parse_args()
     run_samples(args) if args.mode == "samples" else run_text(args)
 

@@ -76,3 +76,48 @@ def test_testament_task_trains_on_training_books_and_tests_balanced_on_held_out_
     assert sorted(t for t, label in test if label == 0) == ["ruth 1", "ruth 2", "ruth 3"]  # the blank line: no verse
     assert len([t for t, label in test if label == 1]) == 3 and all(t.startswith("jas") for t, label in test if label)
     assert ttq.testament_task(chapters, per_class=20) == (train, test)  # seeded
+
+
+def test_pace_from_separates_the_step_time_from_the_checkpoint_saves():
+    # 12 steps of 2 s after a 5 s start-up; a save after steps 4 and 8 (and 12, after the last end) adds 3 s
+    ends, t = [], 100.0 + 5.0
+    for step in range(1, 13):
+        t += 2.0 + (3.0 if step - 1 in (4, 8) else 0.0)
+        ends.append(t)
+    pace = ttq.pace_from(100.0, ends, save_every=4)
+    assert pace.step_s == pytest.approx(2.0)
+    assert pace.save_s == pytest.approx(3.0)
+    assert pace.overhead_s == pytest.approx(5.0)
+    assert ttq.pace_from(100.0, ends).save_s == 0.0  # no saves declared: nothing is taken for them
+
+
+def test_plan_steps_leaves_room_for_the_saves():
+    pace = ttq.Pace(step_s=1.0, overhead_s=10.0, save_s=2.0)
+    start = ttq.time.time()
+    plain, saving = ttq.plan_steps(1000.0, start, pace), ttq.plan_steps(1000.0, start, pace, saves=32)
+    assert plain == int(ttq.PLAN_MARGIN * 990.0)
+    assert saving == int(ttq.PLAN_MARGIN * (990.0 - 64.0))
+
+
+def test_discriminator_summary_compares_the_loss_with_predicting_the_replaced_share():
+    rows = [
+        {
+            "step": s,
+            "wall": 10.0 + s,
+            "generator_loss": 6.0,
+            "discriminator_loss": 0.3 if s <= 90 else 0.41,
+            "replaced_fraction": 0.15,
+            "discriminator_recall": 0.5 if s <= 90 else 0.0,
+            "discriminator_precision": 0.7,
+        }
+        for s in range(1, 101)
+    ]
+    summary = ttq.discriminator_summary(rows, start=10.0, points=10)
+    prior = -(0.15 * np.log(0.15) + 0.85 * np.log(0.85))
+    assert [p["step"] for p in summary["curve"]] == list(range(10, 101, 10))
+    assert summary["curve"][0]["prior_loss"] == pytest.approx(prior)
+    assert summary["curve"][-1]["time_s"] == pytest.approx(100.0)
+    tail = summary["last_tenth"]
+    assert tail["steps"] == [91, 100]
+    assert tail["loss"] == pytest.approx(0.41) and tail["recall"] == 0.0
+    assert tail["prior_loss"] == pytest.approx(prior)
