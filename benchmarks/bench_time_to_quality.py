@@ -90,7 +90,10 @@ CALIBRATION_SAVES = 4  # checkpoint saves in a calibration run of a system that 
 # for 800 steps, 10 warmup steps, loss after about 205 s (a third of the budget): LAMB 3e-3, 4e-3 and 6e-3 gave
 # 5.87, 5.80 and 6.10 (6e-3 sat on the unigram plateau near 6.2 for 150 steps; 1.5e-2 with 5% warmup stayed on it).
 # LAMB scales each layer's update by that layer's weight norm, hence a larger nominal rate than AdamW's. ELECTRA
-# takes the MLM's rate unswept.
+# takes the MLM's rate unswept; at half of it (2e-3, 262 steps) its discriminator went the way it goes at 4e-3, only
+# later: its recall of replaced tokens peaked at 0.69 (steps 101-120) and fell to 0.20 (steps 261-262) as the
+# generator's loss fell from 7.9 towards the unigram level (6.3), where a replaced token is no longer rarer than the
+# original and only the context can give it away.
 TRAINER_LR = 5e-4
 LAMB_LR = 4e-3
 ELECTRA_LR = 4e-3
@@ -555,30 +558,30 @@ def binary_entropy(p: float) -> float:
 def discriminator_summary(rows: list[dict], start: float, points: int = 16) -> dict:
     """What ELECTRA's discriminator learnt, from its training rows (``metrics.jsonl``): its loss beside the loss of
     predicting only the share of replaced tokens (``prior_loss``, the loss of a discriminator that learnt nothing about
-    the tokens), and its recall of replaced tokens, at about ``points`` steps and over the last tenth of the steps."""
+    the tokens), and its recall of replaced tokens; as means over about ``points`` consecutive windows of steps (each
+    at its last step) and over the last tenth of the steps."""
 
-    def at(r: dict) -> dict:
+    def mean(window: list[dict]) -> dict:
         return {
-            "step": r["step"],
-            "time_s": r["wall"] - start,
-            "generator_loss": r["generator_loss"],
-            "loss": r["discriminator_loss"],
-            "prior_loss": binary_entropy(r["replaced_fraction"]),
-            "recall": r["discriminator_recall"],
-            "precision": r["discriminator_precision"],
+            "steps": [window[0]["step"], window[-1]["step"]],
+            "loss": float(np.mean([r["discriminator_loss"] for r in window])),
+            "prior_loss": float(np.mean([binary_entropy(r["replaced_fraction"]) for r in window])),
+            "recall": float(np.mean([r["discriminator_recall"] for r in window])),
         }
 
     stride = max(1, len(rows) // points)
-    last = rows[-max(1, len(rows) // 10) :]
-    return {
-        "curve": [at(r) for r in rows[stride - 1 :: stride]],
-        "last_tenth": {
-            "steps": [last[0]["step"], last[-1]["step"]],
-            "loss": float(np.mean([r["discriminator_loss"] for r in last])),
-            "prior_loss": float(np.mean([binary_entropy(r["replaced_fraction"]) for r in last])),
-            "recall": float(np.mean([r["discriminator_recall"] for r in last])),
-        },
-    }
+    curve = []
+    for end in range(stride, len(rows) + 1, stride):
+        window = rows[end - stride : end]
+        curve.append(
+            {
+                "step": window[-1]["step"],
+                "time_s": window[-1]["wall"] - start,
+                "generator_loss": float(np.mean([r["generator_loss"] for r in window])),
+                **{k: v for k, v in mean(window).items() if k != "steps"},
+            }
+        )
+    return {"curve": curve, "last_tenth": mean(rows[-max(1, len(rows) // 10) :])}
 
 
 def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -594,12 +597,16 @@ def plot(result: dict, out: Path) -> None:
 
     from fastbert.atomic import write_atomic
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    electra = result["systems"].get("fastbert_electra", {})
+    discriminator = electra.get("discriminator")
+    if discriminator:
+        fig, (ax, dax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    else:
+        fig, ax = plt.subplots(figsize=(8, 5))
     for key, style in (("transformers", "o-"), ("fastbert_mlm", "s-")):
         curve = result["systems"][key].get("curve") or []
         if curve:
             ax.plot([t / 60 for t, _ in curve], [v for _, v in curve], style, label=result["systems"][key]["system"])
-    electra = result["systems"].get("fastbert_electra", {})
     if electra.get("final_held_out_loss") is not None:
         ax.plot(
             [electra["time_s"] / 60], [electra["final_held_out_loss"]], "^", label="fastbert ELECTRA generator (final)"
@@ -612,6 +619,19 @@ def plot(result: dict, out: Path) -> None:
     ax.set_title(f"tiny BERT on KJV, {result['budget_minutes']:g} min a system, CPU")
     ax.grid(alpha=0.3)
     ax.legend()
+    if discriminator:
+        minutes = [p["time_s"] / 60 for p in discriminator["curve"]]
+        dax.plot(minutes, [p["loss"] for p in discriminator["curve"]], "^-", label="discriminator loss")
+        dax.plot(minutes, [p["prior_loss"] for p in discriminator["curve"]], "k--", lw=1, label="replaced share alone")
+        rax = dax.twinx()
+        rax.plot(minutes, [p["recall"] for p in discriminator["curve"]], "r.:", label="recall of replaced tokens")
+        rax.set(ylabel="recall", ylim=(0, 1))
+        dax.set(xlabel="wall-clock minutes since the system started", ylabel="training-batch loss (nats)")
+        dax.set_title("fastbert ELECTRA's discriminator")
+        dax.grid(alpha=0.3)
+        lines = dax.get_legend_handles_labels()
+        more = rax.get_legend_handles_labels()
+        dax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right")
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

@@ -105,7 +105,7 @@ def test_discriminator_summary_compares_the_loss_with_predicting_the_replaced_sh
             "step": s,
             "wall": 10.0 + s,
             "generator_loss": 6.0,
-            "discriminator_loss": 0.3 if s <= 90 else 0.41,
+            "discriminator_loss": (0.2 if s % 2 else 0.4) if s <= 90 else 0.41,  # a mean of 0.3 up to step 90
             "replaced_fraction": 0.15,
             "discriminator_recall": 0.5 if s <= 90 else 0.0,
             "discriminator_precision": 0.7,
@@ -116,6 +116,8 @@ def test_discriminator_summary_compares_the_loss_with_predicting_the_replaced_sh
     prior = -(0.15 * np.log(0.15) + 0.85 * np.log(0.85))
     assert [p["step"] for p in summary["curve"]] == list(range(10, 101, 10))
     assert summary["curve"][0]["prior_loss"] == pytest.approx(prior)
+    assert [p["loss"] for p in summary["curve"]] == pytest.approx([0.3] * 9 + [0.41])  # window means, not samples
+    assert summary["curve"][0]["recall"] == 0.5
     assert summary["curve"][-1]["time_s"] == pytest.approx(100.0)
     tail = summary["last_tenth"]
     assert tail["steps"] == [91, 100]
