@@ -52,7 +52,7 @@ Goals (booleans in the JSON): (a) fastbert MLM reaches the Trainer's final held-
 budget (at a checkpoint: the time is an upper bound); (b) ELECTRA's ``testament`` accuracy is at least
 fastbert MLM's. Output: a table on stdout, benchmarks/results/time_to_quality.json and time_to_quality.png.
 
-    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 50 minutes)
+    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 60 minutes)
     python benchmarks/bench_time_to_quality.py --quick               # 0.5 minutes a system, small evaluations
 """
 
