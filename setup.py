@@ -6,8 +6,9 @@ translation unit; ninja compiles them in parallel and only recompiles what chang
 (``csrc/wordpiece/*.cu``) are compiled with nvcc when it is found or when ``FASTBERT_CUDA=1`` asks for it, and
 are skipped otherwise; ``FASTBERT_CUDA=0`` turns them off.
 
-The packages are every ``fastbert.*`` package found under ``fastbert/`` plus ``kernels/`` installed as
-``fastbert.kernels`` (pyproject.toml cannot say both: its ``find`` does not follow a ``package-dir`` mapping).
+The packages are every ``fastbert.*`` package found under ``fastbert/`` plus ``fastbert.kernels``: the symlink
+``fastbert/kernels -> ../kernels`` to the top-level ``kernels/`` folder, a namespace package with no ``__init__.py``
+so that it never shadows Hugging Face's ``kernels`` from the repository root (kernels/README.md says why).
 MANIFEST.in puts all of ``csrc/`` (headers, tables, CUDA sources, the table generator) in the sdist.
 """
 
@@ -140,15 +141,10 @@ class NinjaBuildExt(build_ext):
         subprocess.run([_ninja_binary(), "-C", str(build_dir), "-j", jobs], check=True)
 
 
-PACKAGES = [
-    *find_packages(str(ROOT), include=["fastbert", "fastbert.*"]),
-    "fastbert.kernels",
-    *(f"fastbert.kernels.{p}" for p in find_packages(str(ROOT / "kernels"))),
-]
+PACKAGES = [*find_packages(str(ROOT), include=["fastbert", "fastbert.*"]), "fastbert.kernels"]
 
 setup(
     packages=PACKAGES,
-    package_dir={"fastbert.kernels": "kernels"},
     ext_modules=[Extension("fastbert._wordpiece", sources=[str(p.relative_to(ROOT)) for p in SRC.glob("*.cc")])],
     cmdclass={"build_ext": NinjaBuildExt},
 )

@@ -77,7 +77,9 @@ from fastbert.tokenizer import WordPieceTokenizer
 here = Path(fastbert.__file__).resolve()
 assert here.is_relative_to(venv), f"fastbert imported from {here}, not from the venv {venv}"
 for name in ("fastbert.data", "fastbert.optim", "fastbert.train", "fastbert.tasks", "fastbert.kernels"):
-    assert Path(importlib.import_module(name).__file__).resolve().is_relative_to(venv), name
+    (where,) = importlib.import_module(name).__path__  # fastbert.kernels is a namespace package: no __file__
+    assert Path(where).resolve().is_relative_to(venv), (name, where)
+assert Path(importlib.import_module("fastbert.kernels.attention").__file__).resolve().is_relative_to(venv)
 
 import torch
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from fastbert.kernels import attention as kernel
 from kernel_checks import (
     DEVICE,
     Comparison,
@@ -26,6 +25,7 @@ from kernel_checks import (
 )
 
 from fastbert import ops
+from fastbert.kernels import attention as kernel
 
 HEADS = 2
 

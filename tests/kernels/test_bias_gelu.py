@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from fastbert.kernels import bias_gelu as kernel
 from kernel_checks import (
     DEVICE,
     Comparison,
@@ -22,6 +21,7 @@ from kernel_checks import (
 )
 
 from fastbert import ops
+from fastbert.kernels import bias_gelu as kernel
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 384), (100, 1000), (3, 43, 129), (37, 4096), (5, 7)]

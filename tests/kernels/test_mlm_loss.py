@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-from fastbert.kernels import mlm_loss as kernel
 from kernel_checks import (
     DEVICE,
     Comparison,
@@ -26,6 +25,7 @@ from kernel_checks import (
 )
 
 from fastbert import ops
+from fastbert.kernels import mlm_loss as kernel
 
 
 def _inputs(rows, vocab, width, dtype, ignored, seed):

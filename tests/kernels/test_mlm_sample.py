@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-from fastbert.kernels import mlm_loss as kernel
 from kernel_checks import host, to_device
 from test_mlm_loss import _inputs, row_keys
 
 from fastbert import ops
 from fastbert.data.splitmix import GOLDEN, mix64
+from fastbert.kernels import mlm_loss as kernel
 
 MASK32 = 0xFFFFFFFF
 SIGNIFICANCE = 1e-6  # a correct sampler fails a chi-square test this rarely; the inputs are fixed, so it never flakes

@@ -8,10 +8,10 @@ import collections
 
 import pytest
 import torch
-from fastbert.kernels import attention, bias_gelu, mlm_loss, residual_layer_norm
 from kernel_checks import DEVICE, assert_close
 
 from fastbert import BertConfig, BertForPreTraining
+from fastbert.kernels import attention, bias_gelu, mlm_loss, residual_layer_norm
 
 
 def _loss_and_grads(model, batch, backend, monkeypatch):

@@ -9,11 +9,11 @@ import copy
 
 import pytest
 import torch
-from fastbert.kernels import attention, mlm_loss, residual_layer_norm
 from kernel_checks import DEVICE, assert_close, to_device
 from torch import nn
 
 from fastbert import nn as fnn
+from fastbert.kernels import attention, mlm_loss, residual_layer_norm
 
 transformers = pytest.importorskip("transformers")
 

@@ -8,7 +8,6 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from fastbert.kernels import residual_layer_norm as kernel
 from kernel_checks import (
     DEVICE,
     Comparison,
@@ -24,6 +23,7 @@ from kernel_checks import (
 )
 
 from fastbert import ops
+from fastbert.kernels import residual_layer_norm as kernel
 
 EPS = 1e-12  # BERT's
 
