@@ -8,18 +8,27 @@ shared memory from the compiled metadata. It catches what the interpreter accept
 below 16 wide, loop-carried type changes, register spills, shared memory beyond the device's limit, which is
 otherwise only checked at launch). It does not launch anything.
 
+Each row also records how often the cubin's SASS holds the opcodes the machine-code checks look for (tensor-core
+MMA, global loads by width; ``cuobjdump`` from the triton wheel), and the hash of the sources it was compiled from
+(``source_hash``: the kernel's module, the helpers every module shares, this file, the triton version). A row is
+fresh while its spec is still one the launchers make and its hash still matches: the committed table
+(``TABLE``) is checked that way by the tests, which compile nothing unless ``FASTBERT_AOT_FULL=1`` asks them to
+compile everything; ``REFRESH`` brings a stale table up to date, recompiling only the stale rows.
+
 Run ``python -m fastbert.kernels.aot --out FILE`` with ``TRITON_INTERPRET`` unset (under the interpreter
 ``triton.jit`` gives functions that cannot be compiled). Triton's cache is pointed at a fresh directory so that
-ptxas really runs and its log is there to read. Compiles run in ``--jobs`` processes. With ``--modules`` naming
-some modules, their rows replace those of the same modules in an existing ``FILE`` built by the same triton
-version, and the other rows stay; ``--select`` compiles only the named specs (``spec_id``); ``--cubins DIR``
-keeps each cubin as ``DIR/<spec_id>.<arch>.cubin`` for the machine-code checks.
+ptxas really runs and its log is there to read. Compiles run in ``--jobs`` processes. ``--update`` compiles only
+the rows of ``FILE`` that are missing or stale, keeps the fresh ones and drops those of specs no launch makes any
+more. With ``--modules`` naming some modules, their rows replace those of the same modules in an existing
+``FILE`` and the other modules' fresh rows stay; ``--select`` compiles only the named specs (``spec_id``);
+``--cubins DIR`` keeps each cubin as ``DIR/<spec_id>.<variant>.sm_<arch>.cubin``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import hashlib
 import importlib
 import io
@@ -41,6 +50,14 @@ REGISTER_GRANULE = 8  # registers are allocated per thread in multiples of this 
 
 _USED = re.compile(r"Used (\d+) registers")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+# One SASS instruction line of ``cuobjdump -sass``: its opcode, past an optional predicate.
+_OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
+OPCODE_FAMILIES = ("HMMA", "HGMMA", "LDG")  # what the table records of each cubin's SASS, for the machine-code checks
+
+HERE = Path(__file__).resolve().parent
+SHARED_SOURCES = ("_common.py", "downcast.py", "aot.py")  # what every module's compiles depend on besides its own
+TABLE = HERE.parent / "benchmarks" / "results" / "kernel_resources.json"  # the committed table, in a source checkout
+REFRESH = "python -m fastbert.kernels.aot --update --out benchmarks/results/kernel_resources.json"
 
 
 def register_cap(num_warps: int) -> int:
@@ -49,6 +66,7 @@ def register_cap(num_warps: int) -> int:
     return min(MAX_REGISTERS, per_thread - per_thread % REGISTER_GRANULE)
 
 
+@functools.cache
 def specs(module: str) -> list[dict]:
     return importlib.import_module(f"fastbert.kernels.{module}").aot_specs()
 
@@ -62,6 +80,43 @@ def spec_id(spec: dict) -> str:
 
 def cubin_name(spec: str, arch: int, variant: str = "aligned") -> str:
     return f"{spec}.{variant}.sm_{arch}.cubin"
+
+
+def source_hash(module: str) -> str:
+    """The hash a fresh row of ``module`` carries: its source file, the shared sources and the triton version."""
+    digest = hashlib.sha256(triton_version().encode())
+    for name in (f"{module}.py", *SHARED_SOURCES):
+        digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def cuobjdump() -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def sass_opcodes(cubin: bytes) -> dict[str, int]:
+    """How often each opcode of ``OPCODE_FAMILIES`` (``HMMA.16816.F32``, ``LDG.E.128``, ...) occurs in the SASS of
+    ``cubin``, disassembled with the cuobjdump bundled in the triton wheel."""
+    import collections
+    import subprocess
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([str(cuobjdump()), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+    opcodes = _OPCODE.findall(sass)
+    if not opcodes:
+        raise RuntimeError("aot: no instructions parsed from cuobjdump -sass")
+    counts = collections.Counter(op for op in opcodes if op.split(".")[0] in OPCODE_FAMILIES)
+    return dict(sorted(counts.items()))
+
+
+def count(opcodes: dict[str, int], family: str) -> int:
+    """Instructions of ``family`` (an opcode, with or without modifiers: ``HMMA``, ``LDG.E.128``) in a row's
+    ``opcodes``; ``LDG.E.128`` counts ``LDG.E.128`` and ``LDG.E.128.CONSTANT``, not ``LDG.E.64``."""
+    return sum(n for op, n in opcodes.items() if op == family or op.startswith(family + "."))
 
 
 def compile_spec(spec: dict, arch: int, variant: str = "aligned") -> tuple[dict, bytes]:
@@ -97,6 +152,7 @@ def compile_spec(spec: dict, arch: int, variant: str = "aligned") -> tuple[dict,
     used, spills = _USED.findall(text), _SPILLS.findall(text)
     if not used or not spills:
         raise RuntimeError(f"aot: no ptxas resource line for {fn.__name__} (is the triton cache warm?):\n{text}")
+    cubin = compiled.asm["cubin"]
     row = {
         "kernel": fn.__name__,
         "config": spec["config"],
@@ -107,8 +163,9 @@ def compile_spec(spec: dict, arch: int, variant: str = "aligned") -> tuple[dict,
         "spill_stores": int(spills[-1][0]),
         "spill_loads": int(spills[-1][1]),
         "shared": int(compiled.metadata.shared),
+        "opcodes": sass_opcodes(cubin),
     }
-    return row, compiled.asm["cubin"]
+    return row, cubin
 
 
 def problems(row: dict) -> list[str]:
@@ -140,6 +197,7 @@ def _compile_job(job: tuple[str, int, str, str]) -> dict:
     row, cubin = compile_spec(spec, arch, variant)
     shared_limit = TARGETS[target][1]
     row.update(module=module, target=target, shared_limit=shared_limit, spec=spec_id(spec))
+    row["source"] = source_hash(module)
     if _cubin_dir is not None:
         (_cubin_dir / cubin_name(row["spec"], arch, variant)).write_bytes(cubin)
     return row
@@ -153,12 +211,10 @@ def _init_worker(cubin_dir: Path | None) -> None:
     knobs.nvidia.dump_ptxas_log = True
 
 
-def resource_table(
-    modules: tuple[str, ...] = MODULES, jobs: int = 2, select: set[str] | None = None, cubins: Path | None = None
-) -> list[dict]:
-    """Every spec of every kernel module (or those named in ``select``), compiled for every target, in ``jobs``
-    processes; rows in spec order."""
-    work = [
+def all_jobs(modules: tuple[str, ...] = MODULES, select: set[str] | None = None) -> list[tuple[str, int, str, str]]:
+    """``(module, index of the spec, target, variant)`` of every row of ``modules`` (or of the specs in
+    ``select``), in spec order."""
+    return [
         (module, index, target, variant)
         for module in modules
         for index, spec in enumerate(specs(module))
@@ -166,6 +222,45 @@ def resource_table(
         for variant in spec["variants"]
         for target in TARGETS
     ]
+
+
+def _row_key(row: dict) -> tuple[str, str, str]:
+    return row["spec"], row["variant"], row["target"]
+
+
+def fresh_rows(table: dict, modules: tuple[str, ...] = MODULES) -> tuple[list[dict], list[tuple]]:
+    """The rows of ``table`` that are fresh for ``modules`` (a spec the launchers make, compiled from today's
+    sources by today's triton), in spec order, and the jobs of the rows it lacks or holds stale."""
+    rows = {_row_key(row): row for row in table.get("kernels", [])}
+    hashes = {module: source_hash(module) for module in modules}
+    fresh, stale = [], []
+    for job in all_jobs(modules):
+        module, index, target, variant = job
+        row = rows.get((spec_id(specs(module)[index]), variant, target))
+        if row is not None and row.get("source") == hashes[module]:
+            fresh.append(row)
+        else:
+            stale.append(job)
+    return fresh, stale
+
+
+def load_table(path: Path = TABLE) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {"kernels": []}
+
+
+def resource_table(
+    modules: tuple[str, ...] = MODULES,
+    jobs: int = 2,
+    select: set[str] | None = None,
+    cubins: Path | None = None,
+    work: list[tuple[str, int, str, str]] | None = None,
+) -> list[dict]:
+    """Every spec of every kernel module (or those named in ``select``, or the jobs in ``work``), compiled for
+    every target, in ``jobs`` processes; rows in job order."""
+    if work is None:
+        work = all_jobs(modules, select)
+    if not work:
+        return []
     if jobs <= 1:
         _init_worker(cubins)
         return [_compile_job(job) for job in work]
@@ -185,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modules", nargs="+", default=list(MODULES), choices=MODULES, help="kernel modules")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--select", nargs="+", help="compile only these spec ids")
+    parser.add_argument("--update", action="store_true", help="compile only the missing or stale rows of --out")
     parser.add_argument("--cubins", type=Path, help="directory to keep the cubins in")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
@@ -192,25 +288,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.cubins is not None:
         args.cubins.mkdir(parents=True, exist_ok=True)
+    modules, select = tuple(args.modules), None if args.select is None else set(args.select)
+    merge = args.update or set(modules) != set(MODULES) or select is not None
+    kept, stale = fresh_rows(load_table(args.out)) if merge else ([], [])  # fresh rows of every module
+    work = [job for job in stale if job[0] in modules] if args.update else all_jobs(modules, select)
     started = time.perf_counter()
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton's default today, stated so that it does not warn
     with tempfile.TemporaryDirectory(prefix="fastbert-aot-cache-") as cache:
         os.environ["TRITON_CACHE_DIR"] = cache
-        select = None if args.select is None else set(args.select)
-        rows = resource_table(tuple(args.modules), args.jobs, select, args.cubins)
+        rows = resource_table(jobs=args.jobs, cubins=args.cubins, work=work)
     seconds = time.perf_counter() - started
     print(f"aot: {len(rows)} compiles in {seconds:.0f} s ({args.jobs} processes)", file=sys.stderr)
-    if (set(args.modules) != set(MODULES) or select is not None) and args.out.exists():
-        previous = json.loads(args.out.read_text())
-        if previous.get("triton") == triton_version():
-            fresh = {(row["spec"], row["arch"], row["variant"]) for row in rows}
-            keep = set(MODULES) - set(args.modules) if select is None else set(MODULES)
-            current = {spec_id(spec) for module in MODULES for spec in specs(module)}  # no stale specs
-            rows += [
-                r
-                for r in previous["kernels"]
-                if r["module"] in keep and r["spec"] in current and (r["spec"], r["arch"], r["variant"]) not in fresh
-            ]
-    rows.sort(key=lambda row: MODULES.index(row["module"]))  # stable: each module's rows keep their order
+    compiled = {_row_key(row) for row in rows}
+    rows += [row for row in kept if _row_key(row) not in compiled]
+    order = {(spec_id(specs(m)[i]), v, t): n for n, (m, i, t, v) in enumerate(all_jobs())}
+    rows.sort(key=lambda row: order[_row_key(row)])
     bad = [f"{row['kernel']} {row['config']} on {row['arch']}: {'; '.join(problems(row))}" for row in rows]
     bad = [line for line, row in zip(bad, rows, strict=True) if problems(row)]
     table = {"triton": triton_version(), "compiles": len(rows), "seconds": round(seconds), "problems": bad}

@@ -36,3 +36,55 @@ else:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+
+# The ahead-of-time resource table -------------------------------------------------------------------------------
+import pytest  # noqa: E402 - after TRITON_INTERPRET is settled
+
+AOT_FULL = os.environ.get("FASTBERT_AOT_FULL") == "1"
+
+
+@pytest.fixture(scope="session")
+def resource_rows(tmp_path_factory):
+    """``rows(module)``: the rows of ``module`` in the committed resource table (benchmarks/results/
+    kernel_resources.json), every one required fresh (its spec still made by the launchers, compiled from today's
+    kernel sources by today's triton; a stale table fails with the command that refreshes it). Under
+    ``FASTBERT_AOT_FULL=1`` the module is compiled now instead (once per session), ignoring the table."""
+    from fastbert.kernels import aot
+
+    compiled: dict[str, list[dict]] = {}
+
+    def rows(module: str) -> list[dict]:
+        if AOT_FULL:
+            if module not in compiled:
+                out = tmp_path_factory.mktemp(f"aot-{module}") / "kernel_resources.json"
+                compiled[module] = run_aot(out, "--modules", module)["kernels"]
+            return compiled[module]
+        fresh, stale = aot.fresh_rows(aot.load_table(), (module,))
+        if stale:
+            pytest.fail(
+                f"{aot.TABLE} is stale for {module}: {len(stale)} of {len(fresh) + len(stale)} rows missing or "
+                f"compiled from other kernel sources, launch specs or triton; refresh it with `{aot.REFRESH}` "
+                "(compiles only those rows), or set FASTBERT_AOT_FULL=1 to compile every configuration now",
+                pytrace=False,
+            )
+        return fresh
+
+    return rows
+
+
+def run_aot(out, *args: str) -> dict:
+    """``python -m fastbert.kernels.aot --out OUT ARGS`` in a process without the interpreter; its table."""
+    import json
+    import subprocess
+
+    import triton
+
+    from fastbert.kernels import aot
+
+    if not (aot.cuobjdump().parent / "ptxas").exists():
+        pytest.skip(f"no ptxas in the triton wheel {triton.__file__}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # jit functions must be compilable
+    command = [sys.executable, "-m", "fastbert.kernels.aot", "--out", str(out), *args]
+    subprocess.run(command, env=env, check=True, timeout=1800)
+    return json.loads(out.read_text())

@@ -4,24 +4,20 @@ spills, registers below the cap ptxas gives a block of that many warps, shared m
 The specs come from each module's ``launch_meta`` (the function its launchers build their constexprs with);
 ``test_specs_are_exactly_the_launches_the_launchers_make`` runs the real launchers over many shapes, dtypes and
 flags with every kernel replaced by a recorder, types each recorded argument as triton's JIT does, and requires the
-set of launches to equal the set of specs. The table is written under pytest's temporary directory (never into
-the repository: ``benchmarks/results/kernel_resources.json`` is written by ``python -m fastbert.kernels.aot``), and
-the cubins are kept there for ``test_machine_code.py``."""
+set of launches to equal the set of specs. The rows checked are the committed table's
+(``benchmarks/results/kernel_resources.json``, written by ``python -m fastbert.kernels.aot``), each required fresh
+for today's kernel sources, specs and triton (conftest.py's ``resource_rows``); ``FASTBERT_AOT_FULL=1`` compiles
+every configuration instead (several minutes)."""
 
 from __future__ import annotations
 
 import functools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from fastbert.kernels import _common, aot, attention, bias_gelu, lamb, mlm_loss, residual_layer_norm
 
 from fastbert import ops
+from fastbert.kernels import _common, aot, attention, bias_gelu, lamb, mlm_loss, residual_layer_norm
 
 MODULES = {
     "attention": attention,
@@ -33,34 +29,10 @@ MODULES = {
 assert set(MODULES) == set(aot.MODULES)
 
 
-def ptxas_or_skip() -> None:
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists():
-        pytest.skip(f"no ptxas in the triton wheel at {ptxas}")
-
-
-def cubin_dir(tmp_path_factory) -> Path:
-    """One directory per pytest session, shared with test_machine_code.py, so that its cubins are not compiled
-    twice."""
-    return tmp_path_factory.getbasetemp() / "fastbert-aot-cubins"
-
-
-def run_aot(out: Path, cubins: Path, *args: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # jit functions must be compilable
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the default today, stated so that triton does not warn about it
-    command = [sys.executable, "-m", "fastbert.kernels.aot", "--out", str(out), "--cubins", str(cubins), *args]
-    subprocess.run(command, env=env, check=True, timeout=900)
-    return json.loads(out.read_text())
-
-
 @pytest.mark.parametrize("module", aot.MODULES)
-def test_every_configuration_compiles_without_spills_within_shared_memory(module, tmp_path, tmp_path_factory):
-    """One module at a time (``-k lamb`` compiles only LAMB)."""
-    ptxas_or_skip()
-    table = run_aot(tmp_path / "kernel_resources.json", cubin_dir(tmp_path_factory), "--modules", module)
-    rows = table["kernels"]
+def test_every_configuration_compiles_without_spills_within_shared_memory(module, resource_rows):
+    """One module at a time (``-k lamb`` checks, or with FASTBERT_AOT_FULL=1 compiles, only LAMB)."""
+    rows = resource_rows(module)
     specs = aot.specs(module)
     assert {row["module"] for row in rows} == {module}
     expected = {
@@ -74,8 +46,30 @@ def test_every_configuration_compiles_without_spills_within_shared_memory(module
         if aot.problems(row)
     ]
     assert not problems, "\n".join(problems)
-    assert table["problems"] == []
-    print(f"{module}: {len(specs)} specs, {len(rows)} compiles in {table['seconds']} s")
+    print(f"{module}: {len(specs)} specs, {len(rows)} compiles")
+
+
+def test_a_changed_source_or_spec_makes_rows_stale(monkeypatch):
+    """The freshness check behind ``resource_rows``: rows compiled from another source of their module, or for a
+    spec the launchers no longer make, are stale; the other modules' rows stay fresh."""
+    table = {"kernels": [dict(row) for row in aot.load_table()["kernels"]]}
+    fresh, stale = aot.fresh_rows(table)
+    assert fresh and not stale, f"the committed table is stale; refresh it with `{aot.REFRESH}`"
+    source_hash = aot.source_hash
+    monkeypatch.setattr(aot, "source_hash", lambda m: "edited" if m == "bias_gelu" else source_hash(m))
+    fresh, stale = aot.fresh_rows(table)
+    assert {job[0] for job in stale} == {"bias_gelu"} and "bias_gelu" not in {row["module"] for row in fresh}
+    assert len(fresh) + len(stale) == len(table["kernels"])
+    monkeypatch.setattr(aot, "source_hash", source_hash)
+    table["kernels"][0]["spec"] = "renamed"
+    fresh, stale = aot.fresh_rows(table)
+    assert len(stale) == 1 and len(fresh) == len(table["kernels"]) - 1
+
+
+def test_opcode_families_count_modifiers_not_wider_loads():
+    opcodes = {"HMMA.16816.F32": 8, "LDG.E": 2, "LDG.E.128": 4, "LDG.E.128.CONSTANT": 1, "LDG.E.64": 3}
+    assert aot.count(opcodes, "HMMA") == 8 and aot.count(opcodes, "HGMMA") == 0
+    assert aot.count(opcodes, "LDG.E.128") == 5 and aot.count(opcodes, "LDG") == 10
 
 
 def test_the_resource_checks_can_fail():

@@ -5,23 +5,19 @@ strides and lengths multiples of 16), disassembled with the cuobjdump bundled in
   HGMMA (wgmma) or HMMA, whichever triton picked (printed, and asserted to be one of them);
 - LayerNorm, bias+GELU, the MLM loss and LAMB read their rows with 128-bit global loads (LDG.E.128).
 
-So a change that silently falls back to CUDA-core dots or scalar loads fails here. The cubins come from the
-session's ahead-of-time compile (test_aot_compile.py keeps them) when it ran first; otherwise only the specs
-checked here are compiled."""
+So a change that silently falls back to CUDA-core dots or scalar loads fails here. The opcode counts are those each
+row of the resource table records (conftest.py's ``resource_rows``: the committed table, required fresh for
+today's kernel sources, or with ``FASTBERT_AOT_FULL=1`` a compile now)."""
 
 from __future__ import annotations
 
 import collections
-import re
-import subprocess
-from pathlib import Path
 
 import pytest
+
 from fastbert.kernels import aot
-from test_aot_compile import cubin_dir, ptxas_or_skip, run_aot
 
 ARCHS = (80, 90)
-_OPCODE = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)", re.MULTILINE)
 
 
 def _attention(spec: dict) -> bool:
@@ -52,35 +48,17 @@ CHECKED = {
 }
 
 
-def _cuobjdump() -> Path:
-    import triton
-
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-
 @pytest.fixture(scope="module")
-def opcodes(tmp_path_factory) -> dict[tuple[str, int], collections.Counter]:
-    """``(spec id, arch)`` -> how often each SASS opcode occurs, for every spec in ``CHECKED``."""
-    ptxas_or_skip()
-    directory = cubin_dir(tmp_path_factory)
-    wanted = {aot.spec_id(spec) for module, keep in CHECKED.items() for spec in aot.specs(module) if keep(spec)}
-    missing = sorted(
-        spec for spec in wanted if not all((directory / aot.cubin_name(spec, arch)).exists() for arch in ARCHS)
-    )
-    if missing:
-        out = tmp_path_factory.mktemp("machine-code") / "kernel_resources.json"
-        run_aot(out, directory, "--modules", *CHECKED, "--select", *missing)
+def opcodes(resource_rows) -> dict[tuple[str, int], dict[str, int]]:
+    """``(spec id, arch)`` -> the recorded SASS opcode counts of its aligned variant, for every spec in ``CHECKED``."""
     counts = {}
-    for spec in wanted:
-        for arch in ARCHS:
-            sass = subprocess.run(
-                [str(_cuobjdump()), "-sass", str(directory / aot.cubin_name(spec, arch))],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            counts[spec, arch] = collections.Counter(_OPCODE.findall(sass))
-            assert counts[spec, arch], f"no instructions parsed from {spec} sm_{arch}"
+    for module, keep in CHECKED.items():
+        wanted = {aot.spec_id(spec) for spec in aot.specs(module) if keep(spec)}
+        for row in resource_rows(module):
+            if row["spec"] in wanted and row["variant"] == "aligned":
+                counts[row["spec"], int(row["arch"].removeprefix("sm_"))] = row["opcodes"]
+        missing = [(spec, arch) for spec in wanted for arch in ARCHS if (spec, arch) not in counts]
+        assert not missing, f"{module}: no aligned row for {missing}"
     return counts
 
 
@@ -88,10 +66,6 @@ def _checked_specs(module: str) -> list[dict]:
     specs = [spec for spec in aot.specs(module) if CHECKED[module](spec)]
     assert specs, module
     return specs
-
-
-def _count(counter: collections.Counter, prefix: str) -> int:
-    return sum(n for opcode, n in counter.items() if opcode == prefix or opcode.startswith(prefix + "."))
 
 
 def test_low_precision_attention_uses_tensor_cores(opcodes):
@@ -102,10 +76,10 @@ def test_low_precision_attention_uses_tensor_cores(opcodes):
         c = spec["config"]
         name = f"{c['kernel']} {c['dtype']} d={c['head_dim']} dropout={c['dropout']}"
         sm80 = opcodes[aot.spec_id(spec), 80]
-        if not _count(sm80, "HMMA"):
+        if not aot.count(sm80, "HMMA"):
             failures.append(f"sm_80 {name}: no HMMA")
         sm90 = opcodes[aot.spec_id(spec), 90]
-        hgmma, hmma = _count(sm90, "HGMMA"), _count(sm90, "HMMA")
+        hgmma, hmma = aot.count(sm90, "HGMMA"), aot.count(sm90, "HMMA")
         family = "HGMMA (wgmma)" if hgmma else "HMMA (mma.sync)" if hmma else "none"
         families[f"{c['kernel']} d={c['head_dim']}: {family}"] += 1
         if not hgmma + hmma:
@@ -121,7 +95,7 @@ def test_row_kernels_use_128_bit_global_loads(opcodes, module):
     for spec in _checked_specs(module):
         for arch in ARCHS:
             counter = opcodes[aot.spec_id(spec), arch]
-            wide = counter["LDG.E.128"] + counter["LDG.E.128.CONSTANT"]
+            wide = aot.count(counter, "LDG.E.128")
             print(f"{spec['fn'].__name__} {spec['config']} sm_{arch}: {wide} LDG.E.128")
             if not wide:
                 loads = {op: n for op, n in counter.items() if op.startswith("LDG")}
