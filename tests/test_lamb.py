@@ -79,33 +79,44 @@ def test_warmup_then_polynomial_decay(power):
     assert warmup_poly_lr(110, 1.0, 10, 110, power) == 0.0
 
 
-def _run(tmp_path: Path, world: int, stage: int, mode: str, vocab: int) -> dict[str, torch.Tensor]:
-    out = tmp_path / f"w{world}-z{stage}-{mode}-v{vocab}.pt"
+# Every ZeRO configuration compared, (stage, mode, vocab); the no-ZeRO references run on one rank.
+REFERENCES = [(0, "aware", 300), (0, "aware", 30522)]
+TWO_RANKS = [(stage, "aware", vocab) for vocab in (300, 30522) for stage in (1, 2)]
+TWO_RANKS += [(stage, "naive", 300) for stage in (1, 2)]  # the naive comparison needs one vocabulary only
+
+
+def _launch(out: Path, world: int, jobs: list[tuple[int, str, int]]) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = torchrun(world, str(WORKER), str(stage), mode, str(out), str(vocab))
+    cmd = torchrun(world, str(WORKER), str(out), *(f"{stage}:{mode}:{vocab}" for stage, mode, vocab in jobs))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
-    return torch.load(out, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``(world, stage, mode, vocab)`` -> the final parameters: two launches, one per world size."""
+    out = tmp_path_factory.mktemp("lamb")
+    _launch(out, 1, REFERENCES)
+    _launch(out, 2, TWO_RANKS)
+
+    def load(world: int, stage: int, mode: str, vocab: int) -> dict[str, torch.Tensor]:
+        return torch.load(out / f"w{world}-z{stage}-{mode}-v{vocab}.pt", weights_only=True)
+
+    return load
 
 
 def _max_relative_difference(a: dict, b: dict) -> float:
     return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp(min=1e-12)).item() for k in b)
 
 
-@pytest.fixture(scope="module", params=[300, 30522], ids=["vocab300", "vocab30522"])
-def reference(request, tmp_path_factory):
-    return request.param, _run(tmp_path_factory.mktemp("lamb"), world=1, stage=0, mode="aware", vocab=request.param)
-
-
+@pytest.mark.parametrize("vocab", [300, 30522], ids=["vocab300", "vocab30522"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_zero_lamb_matches_no_zero_on_two_ranks(stage, reference, tmp_path):
-    vocab, reference = reference
-    aware = _run(tmp_path, world=2, stage=stage, mode="aware", vocab=vocab)
-    assert _max_relative_difference(aware, reference) <= 1e-5
+def test_zero_lamb_matches_no_zero_on_two_ranks(stage, vocab, runs):
+    reference = runs(1, 0, "aware", vocab)
+    assert _max_relative_difference(runs(2, stage, "aware", vocab), reference) <= 1e-5
     if vocab != 300:
-        return  # the naive comparison needs one vocabulary only
-    naive = _run(tmp_path, world=2, stage=stage, mode="naive", vocab=vocab)
-    gap = _max_relative_difference(naive, reference)
+        return
+    gap = _max_relative_difference(runs(2, stage, "naive", vocab), reference)
     assert gap > 1e-3, f"the naive client LAMB should visibly differ (gap {gap:.2e})"
 
 

@@ -13,12 +13,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fastbert.kernels import lamb as kernel
 from kernel_checks import DEVICE, Comparison, GuardedBuffers, assert_no_nan, host, rounding_tolerance
 
+from fastbert.kernels import lamb as kernel
 from fastbert.optim import Lamb
 
-SHAPES = [(384, 1000), (17, 1001), (7,), (1,), (1000,), (33,), (2 * kernel.CHUNK,)]
+# (48, 1000) spans three chunks, the last one partial; (2 * CHUNK,) ends exactly on a chunk boundary.
+SHAPES = [(48, 1000), (17, 1001), (7,), (1,), (1000,), (33,), (2 * kernel.CHUNK,)]
 ZERO = 5  # SHAPES[5] starts at zero: its weight norm is 0, so its trust ratio is 1
 NO_DECAY = {2, 3, 4}
 

@@ -1,9 +1,11 @@
-"""Trains a small BERT for a few LAMB steps under DeepSpeed and saves the final parameters (rank 0).
+"""Trains a small BERT for a few LAMB steps under DeepSpeed and saves the final parameters (rank 0), once per job.
 
-    torchrun --nproc_per_node N tests/workers/lamb_zero.py STAGE aware|naive OUT.pt [vocab]
+    torchrun --nproc_per_node N tests/workers/lamb_zero.py OUT_DIR STAGE:aware|naive:VOCAB [...]
 
-Global batch 8 in micro-batches of 2 on every world size, so the optimizer steps see the same samples; dropout 0,
-fp32. Used by tests/test_lamb.py to compare ZeRO-1/2 against no ZeRO.
+Each job starts from the same seed with a model and engine of its own and writes
+``OUT_DIR/w{N}-z{STAGE}-{mode}-v{VOCAB}.pt``; one launch runs them all, so the process group and the imports are
+paid once. Global batch 8 in micro-batches of 2 on every world size, so the optimizer steps see the same samples;
+dropout 0, fp32. Used by tests/test_lamb.py to compare ZeRO-1/2 against no ZeRO.
 """
 
 import os
@@ -27,10 +29,16 @@ STEPS, GLOBAL, MICRO = 10, 8, 2
 
 
 def main() -> None:
-    stage, mode, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    vocab = int(sys.argv[4]) if len(sys.argv) > 4 else 300
+    out_dir, jobs = sys.argv[1], sys.argv[2:]
     deepspeed.init_distributed(dist_backend="gloo")
+    for job in jobs:
+        stage, mode, vocab = job.split(":")
+        train(int(stage), mode, int(vocab), out_dir)
+
+
+def train(stage: int, mode: str, vocab: int, out_dir: str) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
+    out = os.path.join(out_dir, f"w{world}-z{stage}-{mode}-v{vocab}.pt")
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=vocab,
