@@ -223,7 +223,13 @@ def test_threaded_batches_equal_one_text_at_a_time(ours, real_sentences, threads
 
 
 def test_gil_is_released_during_batch_encoding(ours, real_sentences):
-    texts = real_sentences * 300  # seconds of work on one C++ thread
+    texts = real_sentences * 100
+    while True:  # a batch long enough to tell on this machine, however busy: at least 0.1 s on one C++ thread
+        started = time.perf_counter()
+        ours.encode_batch(texts, num_threads=1)
+        if time.perf_counter() - started >= 0.1:
+            break
+        texts = texts * 2
     inside = threading.Event()
     done = threading.Event()
 
