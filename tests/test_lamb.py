@@ -11,13 +11,15 @@ import pytest
 import torch
 from ports import torchrun
 
-from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
+from fastbert.optim import AdamW, Lamb, parameter_groups, warmup_poly_lr
 
 WORKER = Path(__file__).parent / "workers" / "lamb_zero.py"
 
 
-def textbook_lamb(params, grads, states, lr, b1, b2, eps, wd, step, max_trust):
-    """One LAMB step written out per parameter, as in You et al. (2019), with the global clip done by the caller."""
+def textbook_lamb(params, grads, states, lr, b1, b2, eps, wd, step, max_trust, adaptation="decay"):
+    """One LAMB step written out per parameter, as in You et al. (2019), with the global clip done by the caller;
+    the trust ratio only where weight decay applies (NVIDIA's LAMB), everywhere (``"all"``: the paper's Algorithm 2)
+    or nowhere (``"none"``: AdamW)."""
     out = []
     for w, g, (m, v), decay in zip(params, grads, states, wd, strict=True):
         m = b1 * m + (1 - b1) * g
@@ -25,18 +27,21 @@ def textbook_lamb(params, grads, states, lr, b1, b2, eps, wd, step, max_trust):
         r = (m / (1 - b1**step)) / ((v / (1 - b2**step)).sqrt() + eps) + decay * w
         wn, rn = w.norm(), r.norm()
         trust = (wn / rn).clamp(max=max_trust) if wn > 0 and rn > 0 else torch.tensor(1.0)
+        if adaptation == "none" or (adaptation == "decay" and not decay):
+            trust = torch.tensor(1.0)
         out.append((w - lr * trust * r, m, v))
     return out
 
 
-def test_lamb_matches_textbook_with_clipping_and_decay_groups():
+@pytest.mark.parametrize("adaptation", ["decay", "all", "none"])
+def test_lamb_matches_textbook_with_clipping_and_decay_groups(adaptation):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3))
     groups = parameter_groups(model, 0.01)
     params = [p for g in groups for p in g["params"]]
     decays = [g["weight_decay"] for g in groups for _ in g["params"]]
     assert decays.count(0.0) == 4  # two biases and the LayerNorm's weight and bias
-    opt = Lamb(groups, lr=0.1, max_grad_norm=0.5, max_trust_ratio=10.0)
+    opt = Lamb(groups, lr=0.1, max_grad_norm=0.5, max_trust_ratio=10.0, layer_adaptation=adaptation)
     ref = [p.detach().clone() for p in params]
     states = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
     for step in range(1, 4):
@@ -46,13 +51,72 @@ def test_lamb_matches_textbook_with_clipping_and_decay_groups():
         grads = [p.grad.clone() for p in params]
         norm = torch.sqrt(sum(g.square().sum() for g in grads))
         clip = min(1.0, 0.5 / (norm.item() + 1e-6))
-        result = textbook_lamb(ref, [g * clip for g in grads], states, 0.1, 0.9, 0.999, 1e-6, decays, step, 10.0)
+        clipped = [g * clip for g in grads]
+        result = textbook_lamb(ref, clipped, states, 0.1, 0.9, 0.999, 1e-6, decays, step, 10.0, adaptation)
         opt.step()
         ref = [w for w, _, _ in result]
         states = [(m, v) for _, m, v in result]
         for p, r in zip(params, ref, strict=True):
             torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-7)
             p.data.copy_(r)  # keep the two in lockstep for the next step
+
+
+def test_zero_initialised_bias_takes_the_adam_step():
+    """A bias that starts at zero moves as under Adam (Kingma and Ba, Algorithm 1, bias-corrected), in float64:
+    LAMB scales only the weight-decay group. With ``layer_adaptation="all"`` the same bias is throttled to a norm
+    growth of at most ``1 + lr`` a step."""
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(6, 5, dtype=torch.float64))
+    bias = torch.nn.Parameter(torch.zeros(6, dtype=torch.float64))
+    lr, b1, b2, eps = 0.01, 0.9, 0.999, 1e-6
+    groups = [{"params": [weight], "weight_decay": 0.01}, {"params": [bias], "weight_decay": 0.0}]
+    opt = Lamb(groups, lr=lr, betas=(b1, b2), eps=eps, max_grad_norm=None)
+    adapt_all = Lamb(
+        [{"params": [w := weight.detach().clone().requires_grad_()], "weight_decay": 0.01},
+         {"params": [b := bias.detach().clone().requires_grad_()], "weight_decay": 0.0}],
+        lr=lr, betas=(b1, b2), eps=eps, max_grad_norm=None, layer_adaptation="all",
+    )  # fmt: skip
+    m, v, expected = torch.zeros(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64), bias.detach().clone()
+    for t in range(1, 6):
+        g = torch.randn(6, dtype=torch.float64)
+        weight.grad, bias.grad = torch.randn(6, 5, dtype=torch.float64), g.clone()
+        w.grad, b.grad = weight.grad.clone(), g.clone()
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g**2
+        expected = expected - lr * (m / (1 - b1**t)) / ((v / (1 - b2**t)).sqrt() + eps)
+        opt.step()
+        adapt_all.step()
+        torch.testing.assert_close(bias.detach(), expected, rtol=1e-14, atol=1e-16)
+    # The paper's rule: the first step is Adam's (||b|| = 0: ratio 1 by convention, a norm of at most lr * sqrt(6)),
+    # every later one is scaled to ||b|| / ||u||, a growth of at most (1 + lr) a step.
+    assert b.detach().norm() <= lr * 6**0.5 * (1 + lr) ** 4 * (1 + 1e-12)
+    assert expected.norm() > 2 * b.detach().norm()
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["unclipped", "clipped"])
+def test_adamw_matches_torch(max_grad_norm):
+    """fastbert's AdamW (LAMB without layer adaptation) against ``torch.optim.AdamW`` on the same parameter groups
+    (clipped by ``clip_grad_norm_`` on torch's side), five steps in float64."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)).double()
+    twin = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)).double()
+    twin.load_state_dict(model.state_dict())
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    ours = AdamW(parameter_groups(model, 0.1), lr=0.05, max_grad_norm=max_grad_norm)
+    reference = torch.optim.AdamW(parameter_groups(twin, 0.1), lr=0.05, eps=1e-8, foreach=False)
+    for _ in range(5):
+        x = torch.randn(11, 7, dtype=torch.float64)
+        for net in (model, twin):
+            net.zero_grad()
+            (net(x) ** 2).mean().backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(twin.parameters(), max_grad_norm)
+        ours.step()
+        reference.step()
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    moved = [(a - b).abs().max() for a, b in zip(model.parameters(), start.values(), strict=True)]
+    assert min(moved) > 0.05  # five steps of about lr each, decay and no-decay groups alike
 
 
 def test_non_finite_gradient_skips_the_step():

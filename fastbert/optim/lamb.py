@@ -5,6 +5,15 @@ Per parameter ``w`` with gradient ``g`` (after global gradient-norm clipping): A
 biases and LayerNorm), trust ratio ``||w|| / ||update||`` (1 when either norm is 0, optionally clamped to
 ``max_trust_ratio``), then ``w -= lr * trust * update``.
 
+Layer adaptation (the trust ratio) applies only to groups with weight decay, as in NVIDIA's LAMB (apex
+``FusedLAMB``, ``use_nvlamb=False``, the optimizer of NVIDIA's BERT recipe), timm's (``always_adapt=False``) and
+TensorFlow's (``exclude_from_layer_adaptation``): biases and LayerNorm take the plain Adam step. Scaled by
+``||w|| / ||update||``, a tensor's norm can grow by at most a factor ``1 + lr`` a step, so a bias that starts at
+zero would stay near zero through a short run. ``layer_adaptation="all"`` applies the ratio to every group (the LAMB
+paper's algorithm as written, and fastbert's behaviour before), for comparison; ``"none"`` to no group, which is
+AdamW (decoupled weight decay, Loshchilov and Hutter): ``AdamW`` below, with every guarantee of this class (ZeRO
+fragments, clipping, skipped steps, the fused kernels).
+
 Under ZeRO-1/2 DeepSpeed hands a client optimizer one flat fp32 partition per parameter group and rank, so a naive
 LAMB computes one trust ratio per rank-sized slab of unrelated parameters. ``attach_to_engine`` looks at the
 optimizer wrapper DeepSpeed built and, for the partitioned ones, reads where each model parameter's fragment lies in
@@ -63,6 +72,10 @@ def _master_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Which parameter groups take the trust ratio: those with weight decay (NVIDIA's LAMB), all (the paper), none (AdamW).
+LAYER_ADAPTATION = ("decay", "all", "none")
+
+
 class LambSetupError(ValueError):
     """DeepSpeed built an optimizer wrapper whose tensors LAMB cannot map back to whole parameters."""
 
@@ -84,12 +97,16 @@ class Lamb(torch.optim.Optimizer):
         weight_decay: float = 0.01,
         max_grad_norm: float | None = 1.0,
         max_trust_ratio: float | None = 10.0,
+        layer_adaptation: str = "decay",
     ):
+        if layer_adaptation not in LAYER_ADAPTATION:
+            raise ValueError(f"layer_adaptation must be one of {', '.join(LAYER_ADAPTATION)}, got {layer_adaptation!r}")
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid LAMB hyperparameters: lr={lr}, betas={betas}, eps={eps}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
+        self.layer_adaptation = layer_adaptation  # which groups take the trust ratio (see the module docstring)
         self._fragments: dict[int, list[Fragment]] | None = None  # id(flat tensor) -> its fragments
         self._num_params = 0
         self._group = None
@@ -181,6 +198,24 @@ class Lamb(torch.optim.Optimizer):
                 index += 1
         return fragments, index
 
+    def _adapts(self, group: dict) -> bool:
+        """Whether ``group``'s updates are scaled by their parameters' trust ratios."""
+        if self.layer_adaptation == "decay":
+            return group["weight_decay"] != 0
+        return self.layer_adaptation == "all"
+
+    def _exempt(
+        self, groups: list[tuple[dict, list[torch.Tensor]]], fragments: dict[int, list[Fragment]], num_params: int
+    ) -> torch.Tensor:
+        """``[num_params]`` bool: the parameters this rank holds that take no trust ratio."""
+        exempt = torch.zeros(num_params, dtype=torch.bool)
+        for group, ps in groups:
+            if not self._adapts(group):
+                for p in ps:
+                    for f in fragments[id(p)]:
+                        exempt[f.param_index] = True
+        return exempt
+
     @property
     def grad_norm(self) -> float | None:
         """The global gradient norm before clipping of the last step; None before the first step, when it was not
@@ -241,10 +276,12 @@ class Lamb(torch.optim.Optimizer):
             )
             for p, g in zip(params, grads, strict=True)
         )
-        key = (layouts, num_params, device)
+        adapts = tuple(self._adapts(group) for group, _ in groups)
+        key = (layouts, num_params, device, adapts)
         if self._plan is None or self._plan[0] != key:  # the chunk tables depend on the layout only
-            self._plan = (key, kernel.plan_chunks(layouts, num_params, device))
-        plan = self._plan[1]
+            exempt = self._exempt(groups, fragments, num_params).to(device)
+            self._plan = (key, kernel.plan_chunks(layouts, num_params, device), exempt)
+        _, plan, exempt = self._plan
         norm = self._global_norm(kernel.grad_square_sum(plan, grads))
         self.last_step_skipped = norm is None
         if self.last_step_skipped:  # weights, moments and step counts stay as they were
@@ -262,13 +299,15 @@ class Lamb(torch.optim.Optimizer):
                         group["eps"],
                         group["weight_decay"],
                         state["step"],
-                        group["max_trust_ratio"],
+                        group["max_trust_ratio"] if self._adapts(group) else None,
                     )
                 )
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper, clip)
         self._all_reduce_sums(sums)
+        # A zero weight norm is a trust ratio of 1 to the kernel: the plain Adam step for the exempt parameters.
+        sums[:, 0].masked_fill_(exempt, 0.0)
         kernel.apply_update(plan, params, exp_avgs, exp_avg_sqs, hyper, sums)
 
     def _state_for(self, p: torch.Tensor) -> dict:
@@ -354,19 +393,36 @@ class Lamb(torch.optim.Optimizer):
         fragments: dict[int, list[Fragment]],
         num_params: int,
     ) -> None:
-        """``w -= lr * trust * update``, each fragment scaled by its parameter's trust ratio from the all-reduced
-        ``sums``."""
+        """``w -= lr * trust * update``, each fragment of an adapting group scaled by its parameter's trust ratio from
+        the all-reduced ``sums``. The ratios stay on the device: no host read."""
         norms = sums.view(num_params, 2).sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
         trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp(min=1e-30), torch.ones_like(w_norm))
         for (group, ps), u in zip(groups, updates, strict=True):
-            cap = group["max_trust_ratio"]
-            group_trust = (trust if cap is None else trust.clamp(max=cap)).tolist()
-            if self._fragments is None:
-                torch._foreach_mul_(u, [group_trust[fragments[id(p)][0].param_index] for p in ps])
-            else:
+            if self._adapts(group):
+                cap = group["max_trust_ratio"]
+                group_trust = (trust if cap is None else trust.clamp(max=cap)).to(u[0].dtype if u else trust.dtype)
                 for p, up in zip(ps, u, strict=True):
-                    u_flat = up.view(-1)
+                    if self._fragments is None:  # whole parameters (contiguous or not): one ratio each
+                        up.mul_(group_trust[fragments[id(p)][0].param_index])
+                        continue
+                    u_flat = up.view(-1)  # a flat ZeRO partition
                     for f in fragments[id(p)]:
                         u_flat.narrow(0, f.start, f.numel).mul_(group_trust[f.param_index])
             torch._foreach_add_(ps, [x.to(p.dtype) for x, p in zip(u, ps, strict=True)], alpha=-group["lr"])
+
+
+class AdamW(Lamb):
+    """AdamW (decoupled weight decay) as LAMB without layer adaptation: ``w -= lr * (m_hat / (sqrt(v_hat) + eps) +
+    weight_decay * w)``, the update ``torch.optim.AdamW`` makes, with LAMB's ZeRO mapping, clipping and skipping."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        max_grad_norm: float | None = 1.0,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, max_grad_norm, None, layer_adaptation="none")

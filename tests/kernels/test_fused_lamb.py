@@ -118,7 +118,15 @@ def _compare_and_sync(
     return weights
 
 
-FP32_CONFIGS = {"clipped-cap10": (0.5, 10.0), "unclipped-cap0.3": (None, 0.3), "clipped-nocap": (0.5, None)}
+# (max_grad_norm, max_trust_ratio, layer_adaptation): the no-decay group takes the plain Adam step unless "all";
+# "none" is AdamW.
+FP32_CONFIGS = {
+    "clipped-cap10": (0.5, 10.0, "decay"),
+    "unclipped-cap0.3": (None, 0.3, "decay"),
+    "clipped-nocap": (0.5, None, "decay"),
+    "clipped-cap0.3-adapt-all": (0.5, 0.3, "all"),
+    "clipped-adamw": (0.5, 10.0, "none"),
+}
 
 
 def three_steps(dtype: torch.dtype, config: str = "clipped-cap10") -> list[Comparison]:
@@ -131,8 +139,10 @@ def three_steps(dtype: torch.dtype, config: str = "clipped-cap10") -> list[Compa
 @functools.cache
 def _three_steps(dtype: torch.dtype, config: str | None) -> list[Comparison]:
     if dtype == torch.float32:
-        max_grad_norm, max_trust_ratio = FP32_CONFIGS[config]
-        kwargs = dict(lr=0.05, max_grad_norm=max_grad_norm, max_trust_ratio=max_trust_ratio)
+        max_grad_norm, max_trust_ratio, adaptation = FP32_CONFIGS[config]
+        kwargs = dict(
+            lr=0.05, max_grad_norm=max_grad_norm, max_trust_ratio=max_trust_ratio, layer_adaptation=adaptation
+        )
         # Clipping scales m by the clip factor and v by its square; the torch path's squared gradient norm (norms
         # per tensor, squared, summed) is itself about 1e-6 off the exact one, the kernel's about 1e-7.
         moment_rtol = 3e-6 if max_grad_norm else 1e-6
