@@ -123,3 +123,19 @@ def test_discriminator_summary_compares_the_loss_with_predicting_the_replaced_sh
     assert tail["steps"] == [91, 100]
     assert tail["loss"] == pytest.approx(0.41) and tail["recall"] == 0.0
     assert tail["prior_loss"] == pytest.approx(prior)
+
+
+def test_count_baselines_score_the_same_masks_by_hand():
+    """Ids: 1 [CLS], 2 [SEP], 3 [MASK], 4 'a', 5 'b'. Training text a b a b a a: counts a 4, b 2, no singleton, so
+    the unseen mass is one token's (1/6) over the four unseen ids; p(b) = 5/6 * 2/6. The successors of a: b twice, a
+    once (2 distinct), so Witten-Bell gives p(b | a) = (2 + 2 p(b)) / (3 + 2). Three masked positions: b after a
+    visible 'a'; a after [MASK] and b right after [CLS] (both fall back to the unigram)."""
+    masks = ttq.FixedMasks(
+        input_ids=np.array([[1, 4, 3, 3, 2], [1, 3, 4, 4, 2]]),
+        labels=np.array([[-100, -100, 5, 4, -100], [-100, 5, -100, -100, -100]]),
+    )
+    result = ttq.count_baselines([np.array([4, 5, 4, 5, 4, 4])], masks, vocab_size=6, mask_id=3)
+    p_a, p_b = 5 / 6 * 4 / 6, 5 / 6 * 2 / 6
+    p_b_after_a = (2 + 2 * p_b) / 5
+    assert result["unigram"] == pytest.approx(-(2 * np.log(p_b) + np.log(p_a)) / 3, rel=1e-6)
+    assert result["bigram"] == pytest.approx(-(np.log(p_b_after_a) + np.log(p_a) + np.log(p_b)) / 3, rel=1e-6)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fastbert.data import masking
 from fastbert.data.masking import MASKING_SCHEMES, MaskingCollator
 from fastbert.data.shards import Sample
 
@@ -177,8 +178,10 @@ def test_masking_refuses_ids_outside_the_vocabulary():
         c.mask(ids, np.array([4]), np.array([0]), np.array([0]))
 
 
-def test_caps_depend_on_the_sample_not_the_batch():
-    # With a high probability the cap binds; a sample's cap must come from its own length, not the batch's longest.
+def test_caps_depend_on_the_sample_not_the_batch(monkeypatch):
+    # With a cap of 1 per 16 tokens (scaled by 0.6 / 0.15, as the cap follows the rate) against a rate of 0.6, the cap
+    # binds; a sample's cap must come from its own length, not the batch's longest.
+    monkeypatch.setattr(masking, "PREDICTIONS_PER_TOKEN", 1 / 16)
     c = collator(mlm_probability=0.6)
     samples = make_samples(30)
     idx, epochs = np.arange(30), np.zeros(30, dtype=np.int64)
@@ -187,5 +190,5 @@ def test_caps_depend_on_the_sample_not_the_batch():
     for j in range(30):
         alone = c([samples[j]], idx[j : j + 1], epochs[j : j + 1])
         assert torch.equal(alone["input_ids"], together["input_ids"][cu[j] : cu[j + 1]])
-        cap = max(1, round(len(samples[j].input_ids) * 20 / 128))
+        cap = max(1, round(len(samples[j].input_ids) * 4 / 16))
         assert (alone["labels"] != -100).sum() == cap

@@ -97,11 +97,13 @@ class MaskingCollator:
 
     def max_predictions_for(self, lengths: np.ndarray) -> np.ndarray:
         """The most predictions for sequences of ``lengths`` tokens: ``max_predictions``, or by default BERT's 20 per
-        128 tokens. It depends on the sequence alone, not on the batch it is in."""
+        128 tokens at its 15% rate, scaled with ``mlm_probability`` (40 per 128 at 30%), so that the cap never
+        undoes a higher rate. It depends on the sequence alone, not on the batch it is in."""
         lengths = np.asarray(lengths, dtype=np.int64)
         if self.max_predictions is not None:
             return np.full_like(lengths, self.max_predictions)
-        return np.maximum(1, np.round(lengths * PREDICTIONS_PER_TOKEN)).astype(np.int64)
+        per_token = PREDICTIONS_PER_TOKEN * (self.mlm_probability / MLM_PROBABILITY)
+        return np.maximum(1, np.round(lengths * per_token)).astype(np.int64)
 
     def mask(
         self, ids: np.ndarray, lengths: np.ndarray, samples: np.ndarray, epochs: np.ndarray

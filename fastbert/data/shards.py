@@ -103,6 +103,9 @@ class ShardWriter:
             **(extra_meta or {}),
         }
         self.shard_size = shard_size
+        # How often each id occurs in the shards (special tokens, added when a sample is read, not counted): the
+        # unigram distribution a pretraining run starts its MLM output bias from (meta.json's "token_counts").
+        self._token_counts = np.zeros(len(vocab_tokens), dtype=np.int64)
         self._pending: list[dict[str, np.ndarray]] = []  # blocks of samples not yet in a shard
         self._pending_count = 0
 
@@ -179,12 +182,17 @@ class ShardWriter:
         self.meta["shards"].append({"name": name, "num_samples": num_samples, "num_tokens": num_tokens, "files": files})
         self.meta["num_samples"] += num_samples
         self.meta["num_tokens"] += num_tokens
+        self._token_counts += np.bincount(arrays["tokens"], minlength=len(self._token_counts))
 
     def close(self, **extra_meta: Any) -> dict[str, Any]:
         while self._pending_count:
             self._flush()
         self.meta.update(extra_meta)
-        write_atomic(self.out_dir / META_NAME, (json.dumps(self.meta, indent=2) + "\n").encode())
+        self.meta["token_counts"] = self._token_counts.tolist()
+        # One line for the counts (a vocabulary's worth of numbers), the rest of the table of contents indented.
+        text = json.dumps({**self.meta, "token_counts": "@COUNTS@"}, indent=2)
+        text = text.replace('"@COUNTS@"', json.dumps(self.meta["token_counts"], separators=(",", ":")))
+        write_atomic(self.out_dir / META_NAME, (text + "\n").encode())
         return self.meta
 
 
