@@ -167,7 +167,7 @@ def _pretrain(args: argparse.Namespace) -> int:
     from fastbert.data.sampler import PlanError
     from fastbert.data.shards import ShardError
     from fastbert.train.checkpoint import CheckpointNotFound
-    from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, pretrain
+    from fastbert.train.pretrain import DEFAULT_STEPS, PretrainArgs, TrainingSetupError, pretrain
     from fastbert.train.stopping import INTERRUPTED_EXIT
 
     _log_setup()
@@ -190,11 +190,13 @@ def _pretrain(args: argparse.Namespace) -> int:
     if stopped is None:
         return 0
     resume = f"continue with: fastbert pretrain --resume auto --out {args.out} (and the same options)"
+    last = args.steps if args.steps is not None or args.budget is not None else DEFAULT_STEPS
+    until = f"before step {last}" if last is not None else f"at step {final['step']}, before the end of its budget"
     if stopped == "max-minutes":
         say(f"stopped at the --max-minutes {args.max_minutes:g} budget, checkpoint saved; {resume}")
         return 0
     say(
-        f"fastbert pretrain: interrupted by {stopped} before step {args.steps}, checkpoint saved; {resume}",
+        f"fastbert pretrain: interrupted by {stopped} {until}, checkpoint saved; {resume}",
         file=sys.stderr,
     )
     return INTERRUPTED_EXIT

@@ -31,6 +31,7 @@ from fastbert.model import BertForPreTraining
 from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
 from fastbert.train import checkpoint
 from fastbert.train.export import consolidated_state_dict
+from fastbert.train.priors import init_output_biases
 from fastbert.train.step import optimizer_step
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -169,9 +170,16 @@ def zero_runs(data, tmp_path_factory) -> dict[str, Path]:
 def test_zero_stages_and_world_sizes_agree_through_the_cli(zero_runs):
     weights = {name: _weights(run) for name, run in zero_runs.items()}
     assert len(next(iter(weights.values()))["bert.embeddings.word_embeddings.weight"]) == 30522
+    # Weights (the trust-ratio group) agree to 1e-5 of their size. Biases and LayerNorm take Adam's step, which
+    # normalises each element: where an element's gradient nearly cancels over the batch, the float32 rounding of its
+    # reduction (another order under ZeRO-2's reduce-scatter) shows at the size of the step, not of the gradient.
+    # Measured: the pooler bias (moved 1.6e-3 in 8 oscillating steps) 2.3e-5 of its size, 3.9e-8 absolute; a trust
+    # ratio wrongly applied or withheld on one stage moves a tensor by its whole update (relative gap near 1).
+    no_decay = {n for n, v in weights["z0w1"].items() if v.ndim == 1}
     for a, b in itertools.combinations(weights, 2):
-        worst = max(_relative(weights[a], weights[b]).items(), key=lambda kv: kv[1])
-        assert worst[1] <= 1e-5, f"{a} vs {b}: {worst}"
+        gaps = _relative(weights[a], weights[b])
+        over = {k: v for k, v in gaps.items() if v > (1e-4 if k in no_decay else 1e-5)}
+        assert not over, f"{a} vs {b}: {over}"
         norms_a, norms_b = _metrics(zero_runs[a], "grad_norm"), _metrics(zero_runs[b], "grad_norm")
         assert norms_a == pytest.approx(norms_b, rel=1e-6), (a, b)
 
@@ -182,7 +190,9 @@ def test_every_logged_grad_norm_is_the_plain_pytorch_norm(zero_runs, data, name)
     config = BertConfig.from_json_file(run / "config.json")
     dataset = ShardDataset(data)
     torch.manual_seed(0)  # the driver's initialisation, for the weights before step 1
-    weights = {k: v.detach().clone() for k, v in BertForPreTraining(config).state_dict().items()}
+    fresh = BertForPreTraining(config)
+    init_output_biases(fresh, dataset.meta, 0.15)  # and its output bias from the shards' counts
+    weights = {k: v.detach().clone() for k, v in fresh.state_dict().items()}
     logged = _metrics(run, "grad_norm")
     assert len(logged) == 8 and logged[0] > 1.0  # clipping (at 1.0) is active, so the norm matters
     for step in range(8):
@@ -219,7 +229,9 @@ def _local_training(data: Path, dtype: torch.dtype, micro: int, steps: int, glob
         vocab_size=30522, **SMALL, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, sentence_objective="nsp"
     )
     torch.manual_seed(0)
-    model = BertForPreTraining(config).to(dtype)
+    model = BertForPreTraining(config)
+    init_output_biases(model, dataset.meta, 0.15)  # as the driver starts a run
+    model = model.to(dtype)
     optimizer = Lamb(parameter_groups(model, 0.01), lr=1e-3, max_grad_norm=1.0, max_trust_ratio=10.0)
     plan = MicroBatchPlan(len(dataset), global_batch, micro, seed=0)
     collate = MaskingCollator(

@@ -775,3 +775,34 @@ def test_held_out_loss_is_logged_and_equals_transformers_on_the_same_masks(setup
             assert (key in a) == (key in b)
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-5)
+
+
+def test_a_budget_run_follows_its_clock_resumes_on_it_and_ends_at_it(setup, held_out, tmp_path):
+    """--budget: stopped early by --max-minutes and resumed, the run's rate at every step is the budget schedule's
+    at the clock the step before logged (rank 0's, carried over the resume), and it ends by itself before the budget
+    with a checkpoint and a held-out evaluation. A budget the start-up alone spends is refused before training."""
+    from fastbert.optim import budget_lr
+
+    out, budget = tmp_path / "budget", 40.0
+    args = ("--steps", "100000", "--budget", f"{budget:g}s", "--warmup", "0.1", "--eval-data", str(held_out))
+    first = run(pretrain_cmd(setup, out, *args, "--max-minutes", "0.25"))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "stopped at the --max-minutes 0.25 budget, checkpoint saved" in first.stdout
+    stopped_at = len(metrics(out))
+    resumed = run(pretrain_cmd(setup, out, *args, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and len(rows) > stopped_at + 5
+    clocks = [r["clock"] for r in rows]
+    assert all(a < b for a, b in zip(clocks, clocks[1:], strict=False))  # the clock goes on over the resume
+    for before, row in zip(rows, rows[1:], strict=False):
+        if row["step"] != stopped_at + 1:  # the resumed process's first rate follows its start-up clock
+            want = budget_lr(row["step"] - 1, before["clock"] / budget, 5e-3, 0.1)
+            assert row["lr"] == pytest.approx(want, rel=1e-9), row["step"]
+    assert clocks[-1] < budget and rows[-1]["lr"] < 5e-3 * 0.25  # ended near the budget, the rate decayed
+    assert "eval_mlm_loss" in rows[-1]
+    assert (out / "checkpoints" / "latest").read_text() == f"step-{rows[-1]['step']:08d}"
+
+    short = run(pretrain_cmd(setup, tmp_path / "short", "--budget", "0.5s"))
+    assert short.returncode != 0
+    assert "--budget 0.5s (0.5 s) is spent before the first step: start-up took" in short.stderr, short.stderr[-2000:]

@@ -19,8 +19,18 @@ log = logging.getLogger("fastbert.train")
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, *, start_step: int, total_steps: int, enabled: bool, progress: bool):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        start_step: int,
+        total_steps: int,
+        enabled: bool,
+        progress: bool,
+        budget: float | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.budget = budget  # a --budget run's bar counts its seconds (the rows' "clock"), not steps
         self.enabled = enabled
         self.time_offset = 0.0  # seconds the run had trained before this process (on resume)
         self.writer = self.bar = None
@@ -47,7 +57,16 @@ class MetricsLog:
             from tqdm import tqdm
             from tqdm.contrib.logging import logging_redirect_tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+            if budget is None:
+                self.bar = tqdm(total=total_steps, initial=start_step, desc="pretrain", unit="step", dynamic_ncols=True)
+            else:
+                self.bar = tqdm(
+                    total=round(budget),
+                    desc="pretrain",
+                    unit="s",
+                    dynamic_ncols=True,
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the budget [{postfix}]",
+                )
             self._cleanup.enter_context(logging_redirect_tqdm())
 
     def write(self, row: dict) -> None:
@@ -63,12 +82,17 @@ class MetricsLog:
                     tag = f"eval/{key[5:]}" if key.startswith("eval_") else f"train/{key}"
                     self.writer.add_scalar(tag, float(value), row["step"])
         if self.bar is not None:
-            self.bar.update(1)
+            if self.budget is None:
+                self.bar.update(1)
+            else:
+                self.bar.update(max(0.0, min(row["clock"], self.budget) - self.bar.n))
             if "mlm_accuracy" in row:
                 accuracy = {"mlm": f"{row['mlm_accuracy']:.3f}"}
             else:  # ELECTRA: the generator's and the discriminator's
                 accuracy = {"gen": f"{row['generator_accuracy']:.3f}", "disc": f"{row['discriminator_accuracy']:.3f}"}
-            self.bar.set_postfix(loss=f"{row['loss']:.3f}", **accuracy, seq_s=f"{row['samples_per_s']:.1f}")
+            self.bar.set_postfix(
+                step=row["step"], loss=f"{row['loss']:.3f}", **accuracy, seq_s=f"{row['samples_per_s']:.1f}"
+            )
 
     def close(self) -> None:
         self._cleanup.close()

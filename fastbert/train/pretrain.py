@@ -27,11 +27,11 @@ import torch.distributed as dist
 from fastbert import electra
 from fastbert.atomic import write_atomic
 from fastbert.config import PRESETS, BertConfig
-from fastbert.data.masking import MASKING_SCHEMES, MaskingCollator
+from fastbert.data.masking import MASKING_SCHEMES, MLM_PROBABILITY, MaskingCollator
 from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
 from fastbert.data.shards import ShardDataset, vocab_sha256
 from fastbert.model import BertForPreTraining
-from fastbert.optim import Lamb, parameter_groups, warmup_poly_lr
+from fastbert.optim import AdamW, Lamb, budget_lr, parameter_groups, parse_budget, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
 from fastbert.options import option
 from fastbert.train import checkpoint
@@ -39,6 +39,7 @@ from fastbert.train.distributed import init_distributed, pin, set_tf32
 from fastbert.train.evaluation import evaluate, held_out_batches
 from fastbert.train.flops import peak_flops, training_flops
 from fastbert.train.metrics_log import MetricsLog
+from fastbert.train.priors import init_output_biases
 from fastbert.train.step import SUMS, optimizer_step, step_metrics
 from fastbert.train.stopping import StopRequest
 
@@ -49,6 +50,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # What the model learns from the tokens: BERT's masked-LM, or ELECTRA's replaced-token detection (fastbert.electra).
 # The sentence objective (NSP, SOP or none) comes from the shards.
 PRETRAIN_OBJECTIVES = ("mlm", "electra")
+OPTIMIZERS = ("lamb", "adamw")
+DEFAULT_STEPS = 1000
 
 
 class TrainingDivergedError(RuntimeError):
@@ -80,12 +83,30 @@ class PretrainArgs:
     seq_len: int | None = option(None, help="longest sequence (default: the data's sequence length)")
     global_batch: int = option(32, help="sequences per optimizer step, over all ranks")
     micro_batch: int = option(8, help="sequences per forward pass on one rank (accumulation makes up the rest)")
-    steps: int = option(1000, help="optimizer steps")
+    steps: int | None = option(
+        None, help=f"optimizer steps (default {DEFAULT_STEPS}); with --budget, a cap on them (default: none)"
+    )
+    budget: str | None = option(
+        None,
+        help="train to a time budget (90s, 10m, 2h): the learning rate follows the elapsed share of it (start-up, "
+        "data loading and saves count, as on your clock) and the run ends at the budget with a checkpoint and, "
+        "with --eval-data, an evaluation; --warmup below 1 is then a fraction of the budget",
+    )
+    optimizer: str = option(
+        "lamb", help="lamb (NVIDIA's: layer adaptation where weight decay applies) or adamw", choices=OPTIMIZERS
+    )
     lr: float = option(1e-3, help="peak learning rate")
-    warmup: float = option(100, help="warmup: a number of steps, or a fraction of --steps when below 1 (0.01: 1%%)")
+    warmup: float = option(
+        100, help="warmup: a number of steps, or a fraction of --steps (of --budget) when below 1 (0.01: 1%%)"
+    )
     decay_power: float = option(1.0, help="power of the polynomial decay after warmup (0.5 or 1)")
-    weight_decay: float = option(0.01, help="LAMB weight decay (not on biases and LayerNorm)")
+    weight_decay: float = option(0.01, help="decoupled weight decay (not on biases and LayerNorm)")
     max_trust_ratio: float = option(10.0, help="cap on LAMB's per-parameter trust ratio")
+    lamb_adapt_all: bool = option(
+        False,
+        help="LAMB's trust ratio on every tensor, biases and LayerNorm included (the paper as written; fastbert's "
+        "earlier default); by default, as NVIDIA's LAMB, only on the tensors with weight decay",
+    )
     grad_clip: float = option(1.0, help="clip the global gradient norm to this (0: off)")
     zero_stage: int = option(
         0, help="DeepSpeed ZeRO stage (3 is refused: LAMB needs whole parameters)", choices=(0, 1, 2, 3)
@@ -100,9 +121,24 @@ class PretrainArgs:
     save_every: int = option(0, help="checkpoint every N steps (and always at the end; 0: only at the end)")
     keep: int = option(3, help="checkpoints to keep")
     dropout: float | None = option(None, help="override the model's hidden and attention dropout")
+    pre_ln: bool = option(
+        False,
+        help="pre-LN encoder (LayerNorm before each block and a final one: stable at higher rates; MLM-only models "
+        "export as transformers' RobertaPreLayerNormForMaskedLM) instead of BERT's post-LN",
+    )
     seed: int = option(0, help="seed of initialisation, data order and masking")
     loader_workers: int = option(0, help="data loader processes (0: in the training process)")
     whole_word: bool = option(False, help="mask whole words: a word's ## continuation pieces (from the vocab) with it")
+    mask_rate: float = option(
+        MLM_PROBABILITY,
+        help="share of tokens selected for prediction (BERT: 0.15; Cramming 0.25, MosaicBERT 0.3); held-out "
+        "evaluation always masks BERT's 0.15, so that runs compare",
+    )
+    unigram_init: bool = option(
+        True,
+        help="start the MLM output bias at the training shards' log-frequencies (ELECTRA: the generator's, and the "
+        "discriminator's at the logit of the expected replaced share) instead of zero",
+    )
     masking: str = option(
         "token",
         help="what is masked: tokens (BERT), whole words (as --whole-word) or span (SpanBERT: spans of whole words)",
@@ -137,6 +173,8 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
     changes = {"sentence_objective": objective, "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
     if args.dropout is not None:
         changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
+    if args.pre_ln:
+        changes["pre_layer_norm"] = True
     return config.replace(**changes)
 
 
@@ -188,10 +226,12 @@ def _ds_config(args: PretrainArgs) -> dict:
     return config
 
 
-def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]) -> MaskingCollator:
-    """The run's masking: BERT's 15% with 80/10/10 over ``--masking`` tokens or SpanBERT's spans; whole words (a
-    word's ``##`` pieces with it) instead of tokens when asked by ``--whole-word`` or by the shards' meta.json
-    (``prepare-data --whole-word``)."""
+def masking_collator(
+    args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str], mask_rate: float | None = None
+) -> MaskingCollator:
+    """The run's masking: ``--mask-rate`` (or ``mask_rate``; BERT's 15%) with 80/10/10 over ``--masking`` tokens or
+    SpanBERT's spans; whole words (a word's ``##`` pieces with it) instead of tokens when asked by ``--whole-word``
+    or by the shards' meta.json (``prepare-data --whole-word``)."""
     masking = args.masking
     if masking == "token" and (args.whole_word or bool(dataset.meta.get("whole_word", False))):
         masking = "whole-word"
@@ -203,15 +243,16 @@ def masking_collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: li
         list(dataset.special_ids.values()),
         dataset.special_ids["mask"],
         seed=args.seed,
+        mlm_probability=args.mask_rate if mask_rate is None else mask_rate,
         pad_id=dataset.special_ids["pad"],
         masking=masking,
         continuation_ids=continuation_ids,
     )
 
 
-def _collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str]):
+def _collator(args: PretrainArgs, dataset: ShardDataset, vocab_tokens: list[str], mask_rate: float | None = None):
     """The run's masking collator; for ELECTRA it also keys each masked position's replacement draw."""
-    collate = masking_collator(args, dataset, vocab_tokens)
+    collate = masking_collator(args, dataset, vocab_tokens, mask_rate)
     return electra.ReplacementKeys(collate, args.seed) if args.objective == "electra" else collate
 
 
@@ -246,6 +287,44 @@ def _holds_a_run(run_dir: Path) -> str:
     return ""
 
 
+BUDGET_STEP_CAP = 10**9  # the step cap of a --budget run given no --steps: the clock ends it
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length and learning rate: ``steps`` optimizer steps with warmup + polynomial decay by step, or,
+    with a time ``budget`` (seconds), warmup + decay by the elapsed share of it, ``steps`` then being a cap."""
+
+    steps: int
+    budget: float | None
+    warmup: float  # steps; with a budget, a value below 1 is a fraction of it
+    lr: float
+    power: float
+
+    @classmethod
+    def from_args(cls, args: PretrainArgs) -> Schedule:
+        budget = None
+        if args.budget is not None:
+            try:
+                budget = parse_budget(args.budget)
+            except ValueError as e:
+                raise TrainingSetupError(f"--budget: {e}") from None
+        if args.steps is not None and args.steps <= 0:
+            raise TrainingSetupError(f"--steps {args.steps}: must be positive")
+        steps = args.steps if args.steps is not None else DEFAULT_STEPS if budget is None else BUDGET_STEP_CAP
+        if budget is not None and 0 <= args.warmup < 1:
+            warmup = float(args.warmup)
+        else:
+            warmup = float(warmup_steps(args.warmup, steps))
+        return cls(steps, budget, warmup, args.lr, args.decay_power)
+
+    def rate(self, step: int, clock: float) -> float:
+        """The learning rate of optimizer step ``step`` (0-based) when ``clock`` seconds of the budget are spent."""
+        if self.budget is None:
+            return warmup_poly_lr(step, self.lr, int(self.warmup), self.steps, self.power)
+        return budget_lr(step, clock / self.budget, self.lr, self.warmup, self.power)
+
+
 def warmup_steps(warmup: float, steps: int) -> int:
     """--warmup as a number of steps: a value below 1 is a fraction of the run's steps."""
     if warmup < 0:
@@ -277,6 +356,8 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
     """Read and check the data, the vocabulary, the checkpoint to resume or start from and the output directory;
     any problem raises ``TrainingSetupError`` (or a shard/checkpoint error) before anything is written."""
     run_dir, data_dir = Path(args.out), Path(args.data)
+    if not 0.0 < args.mask_rate < 1.0:
+        raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
     if args.global_batch % (args.micro_batch * world):
         raise TrainingSetupError(
             f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x world size "
@@ -404,9 +485,12 @@ def _checkpoint_config(
     return saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
 
 
-def _build_engine(args: PretrainArgs, config: BertConfig, generator: BertConfig | None = None):
-    """The model (ELECTRA's pair when a ``generator`` is given), fastbert's LAMB and the DeepSpeed engine around
-    them; returns (engine, optimizer)."""
+def _build_engine(
+    args: PretrainArgs, config: BertConfig, generator: BertConfig | None = None, meta: dict | None = None
+):
+    """The model (ELECTRA's pair when a ``generator`` is given), its output biases from the shards' ``meta``
+    (``--unigram-init``; a resumed run loads them later), fastbert's LAMB and the DeepSpeed engine around them;
+    returns (engine, optimizer)."""
     import deepspeed
 
     torch.manual_seed(args.seed)
@@ -414,12 +498,19 @@ def _build_engine(args: PretrainArgs, config: BertConfig, generator: BertConfig 
         model = BertForPreTraining(config)
     else:
         model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight)
-    optimizer = Lamb(
-        parameter_groups(model, args.weight_decay),
-        lr=args.lr,
-        max_grad_norm=args.grad_clip if args.grad_clip > 0 else None,
-        max_trust_ratio=args.max_trust_ratio,
-    )
+    if args.unigram_init and meta is not None and not init_output_biases(model, meta, args.mask_rate):
+        log.warning("%s: no token_counts (prepared by an older fastbert): the output bias starts at zero", args.data)
+    groups, clip = parameter_groups(model, args.weight_decay), args.grad_clip if args.grad_clip > 0 else None
+    if args.optimizer == "adamw":
+        optimizer = AdamW(groups, lr=args.lr, max_grad_norm=clip)
+    else:
+        optimizer = Lamb(
+            groups,
+            lr=args.lr,
+            max_grad_norm=clip,
+            max_trust_ratio=args.max_trust_ratio,
+            layer_adaptation="all" if args.lamb_adapt_all else "decay",
+        )
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=_ds_config(args))
     try:
         optimizer.attach_to_engine(engine, list(model.parameters()))
@@ -434,29 +525,31 @@ def _build_engine(args: PretrainArgs, config: BertConfig, generator: BertConfig 
     return engine, optimizer
 
 
-def _restore(engine, args: PretrainArgs, inputs: _RunInputs) -> int:
-    """Load the checkpoint to resume (or --init-from's weights); returns the step the run starts after."""
-    start_step, start_position = 0, 0
+def _restore(engine, args: PretrainArgs, inputs: _RunInputs) -> tuple[int, float]:
+    """Load the checkpoint to resume (or --init-from's weights); returns the step the run starts after and the
+    seconds the run had spent by then (its clock, which a --budget schedule goes on from)."""
+    start_step, start_position, elapsed = 0, 0, 0.0
     if inputs.resume_from is not None:
         state = checkpoint.load(engine, inputs.resume_from)
         start_step = int(state["step"])
+        elapsed = float(state.get("elapsed", 0.0))
         start_position = inputs.plan.check_state(state["data"])
         log.info("resumed from %s at step %d", inputs.resume_from, start_step)
     elif args.init_from:
         checkpoint.load(engine, checkpoint.resolve(args.init_from), load_optimizer=not args.reset_optimizer)
     if start_position != start_step * inputs.plan.accumulation:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
-    return start_step
+    return start_step, elapsed
 
 
-def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, device: torch.device):
+def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, steps: int, device: torch.device):
     """The micro-batches from ``start_step`` on, collated (and masked) in ``--loader-workers`` processes."""
     plan = inputs.plan
     return torch.utils.data.DataLoader(
         MicroBatchDataset(inputs.dataset, plan, _collator(args, inputs.dataset, inputs.vocab_tokens)),
         batch_size=None,
         num_workers=args.loader_workers,
-        sampler=range(start_step * plan.accumulation, args.steps * plan.accumulation),
+        sampler=range(start_step * plan.accumulation, steps * plan.accumulation),
         persistent_workers=False,
         pin_memory=device.type == "cuda",
         worker_init_fn=_loader_worker_init if args.loader_workers else None,
@@ -466,7 +559,7 @@ def _loader(args: PretrainArgs, inputs: _RunInputs, start_step: int, device: tor
 def _eval_batches(args: PretrainArgs, inputs: _RunInputs, rank: int, world: int, device: torch.device):
     if inputs.eval_dataset is None:
         return None
-    collate = _collator(args, inputs.eval_dataset, inputs.vocab_tokens)
+    collate = _collator(args, inputs.eval_dataset, inputs.vocab_tokens, MLM_PROBABILITY)
     batches = held_out_batches(inputs.eval_dataset, collate, args.micro_batch, rank, world, args.eval_samples)
     return [pin(b) for b in batches] if device.type == "cuda" else batches
 
@@ -521,20 +614,23 @@ def _mfu(
 
 def pretrain(args: PretrainArgs) -> dict:
     """Run (or resume) pretraining; returns the final metrics of rank 0, with ``stopped`` set to the signal's name
-    or ``"max-minutes"`` when the run stopped (and saved) before ``args.steps``."""
+    or ``"max-minutes"`` when the run stopped (and saved) before its last step. A ``--budget`` run ends normally at
+    its budget."""
     started = time.perf_counter()
-    warmup = warmup_steps(args.warmup, args.steps)
+    schedule = Schedule.from_args(args)
     if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(
             f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
         )
     init_distributed(args.dist_timeout)
     set_tf32(args.tf32)
-    run = _Run(args, started, warmup)
+    run = _Run(args, started, schedule)
     try:
-        while run.step < args.steps:
+        while run.step < schedule.steps:
             values = run.train_step()
-            if _stop_requested(values) and run.step < args.steps:
+            if values["budget_spent"] > 0:
+                break
+            if _stop_requested(values) and run.step < schedule.steps:
                 return {**run.last, "stopped": run.stopped_by(values)}
         return run.last
     finally:
@@ -545,13 +641,15 @@ class _Run:
     """One rank's pretraining run: its inputs, engine, data, metrics log and position, and one optimizer step at a
     time (the step, its metrics row, evaluation, the divergence check and checkpointing, in that order)."""
 
-    def __init__(self, args: PretrainArgs, started: float, warmup: int):
-        self.args, self.started, self.warmup = args, started, warmup
+    def __init__(self, args: PretrainArgs, started: float, schedule: Schedule):
+        self.args, self.started, self.schedule = args, started, schedule
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.inputs = _check_inputs(args, self.rank, self.world)
-        self.engine, self.optimizer = _build_engine(args, self.inputs.config, self.inputs.generator)
-        self.step = _restore(self.engine, args, self.inputs)
-        self.batches = iter(_loader(args, self.inputs, self.step, self.engine.device))
+        self.engine, self.optimizer = _build_engine(
+            args, self.inputs.config, self.inputs.generator, self.inputs.dataset.meta
+        )
+        self.step, self.clock_offset = _restore(self.engine, args, self.inputs)
+        self.batches = iter(_loader(args, self.inputs, self.step, schedule.steps, self.engine.device))
         self.eval_batches = _eval_batches(args, self.inputs, self.rank, self.world, self.engine.device)
         if self.rank == 0:
             _write_run_files(args, self.inputs)
@@ -559,10 +657,30 @@ class _Run:
         if self.peak is None and self.engine.device.type == "cuda" and self.rank == 0:
             log.warning("%s: peak FLOP/s unknown, so MFU is not logged", torch.cuda.get_device_name(self.engine.device))
         self.metrics_log = MetricsLog(
-            Path(args.out), start_step=self.step, total_steps=args.steps, enabled=self.rank == 0, progress=args.progress
+            Path(args.out),
+            start_step=self.step,
+            total_steps=schedule.steps,
+            enabled=self.rank == 0,
+            progress=args.progress,
+            budget=schedule.budget,
         )
         self.stop = StopRequest("pretrain", "a checkpoint", announce=self.rank == 0)
-        self.budget = None if args.max_minutes is None else args.max_minutes * 60
+        self.max_seconds = None if args.max_minutes is None else args.max_minutes * 60
+        # A --budget run's clock: rank 0's seconds into the run (start-up and earlier processes included), shared
+        # through each step's sums so that every rank takes the same rate; closing is what the end will cost (the
+        # last measured evaluation and save).
+        self.clock = self._shared_clock()
+        self.closing = {"eval": 0.0, "save": 0.0}
+        if schedule.budget is not None and self.clock >= schedule.budget:
+            raise TrainingSetupError(
+                f"--budget {args.budget} ({schedule.budget:g} s) is spent before the first step: "
+                + (
+                    f"start-up took {self.clock:.1f} s"
+                    if self.clock_offset == 0
+                    else f"the run had used {self.clock_offset:.1f} s by its checkpoint, and start-up "
+                    f"{self.clock - self.clock_offset:.1f} s more"
+                )
+            )
         self.last: dict = {}
         self.skipped_in_a_row = 0
         if self.inputs.resume_from is not None:
@@ -573,7 +691,8 @@ class _Run:
         """One optimizer step, then its row (``self.last``) logged, with a held-out evaluation and a checkpoint when
         due; returns the step's sums (``SUMS``) as every rank has them."""
         args = self.args
-        lr = warmup_poly_lr(self.step, args.lr, self.warmup, args.steps, args.decay_power)
+        step_started = time.perf_counter()
+        lr = self.schedule.rate(self.step, self.clock)
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         sums = optimizer_step(
@@ -582,20 +701,52 @@ class _Run:
             self.world,
             skipped=lambda: self.optimizer.last_step_skipped or not self.engine.was_step_applied(),
             stop=self.stop.requested,
-            out_of_time=lambda: self.budget is not None and time.perf_counter() - self.started >= self.budget,
+            out_of_time=lambda: self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds,
+            clock=lambda: self._elapsed() if self.rank == 0 else 0.0,
+            budget_spent=lambda: self.rank == 0 and self._budget_spent(step_started),
         )
         values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
         self.step += 1
+        self.clock = values["clock"]
         self.last = self._row(values, lr)
         if self.eval_batches is not None and self._evaluating(values):
+            started = time.perf_counter()
             self.last.update(evaluate(self.engine.module, self.eval_batches, self.engine.device))
             self.tick = time.perf_counter()  # the evaluation is not the next step's time
+            self.closing["eval"] = self.tick - started
         self._count_skipped()
         self.metrics_log.write(self.last)
         self._check_divergence()
-        if self.step == args.steps or _stop_requested(values) or _every(args.save_every, self.step):
+        if self._ending(values) or _stop_requested(values) or _every(args.save_every, self.step):
+            started = time.perf_counter()
             self._save()
+            self.closing["save"] = time.perf_counter() - started
         return values
+
+    def _elapsed(self) -> float:
+        """Seconds into the run on this rank's clock: earlier processes' share (from the checkpoint) and this one's
+        since ``pretrain`` was called."""
+        return self.clock_offset + time.perf_counter() - self.started
+
+    def _shared_clock(self) -> float:
+        """Rank 0's ``_elapsed()``, on every rank (one all-reduce)."""
+        mine = self._elapsed() if self.rank == 0 else 0.0
+        clock = torch.tensor([mine], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(clock)
+        return float(clock.item())
+
+    def _budget_spent(self, step_started: float) -> bool:
+        """Rank 0, as a step ends: whether another step of this one's length and the closing evaluation and save
+        would overrun the budget."""
+        budget = self.schedule.budget
+        if budget is None:
+            return False
+        now = time.perf_counter()
+        return self._elapsed() + (now - step_started) + sum(self.closing.values()) >= budget
+
+    def _ending(self, values: dict) -> bool:
+        """The run's last step: its step cap, or its budget."""
+        return self.step == self.schedule.steps or values["budget_spent"] > 0
 
     def _row(self, values: dict, lr: float) -> dict:
         elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
@@ -603,6 +754,8 @@ class _Run:
         lambda_ = self.args.discriminator_weight if self.inputs.generator is not None else None
         row = _step_row(self.step, values, elapsed, lr, grad_norm, self.inputs.objective, lambda_)
         row.update(time=self.metrics_log.time_offset + (self.tick - self.started), wall=time.time())
+        if self.schedule.budget is not None:
+            row["clock"] = values["clock"]  # rank 0's seconds into the budget, which set the next step's rate
         if self.engine.device.type == "cuda":
             row["max_memory_gb"] = torch.cuda.max_memory_allocated(self.engine.device) / 2**30
         if self.args.precision == "fp16":
@@ -613,7 +766,7 @@ class _Run:
         return row
 
     def _evaluating(self, values: dict) -> bool:
-        return self.step == self.args.steps or _stop_requested(values) or _every(self.args.eval_every, self.step)
+        return self._ending(values) or _stop_requested(values) or _every(self.args.eval_every, self.step)
 
     def _count_skipped(self) -> None:
         self.skipped_in_a_row = self.skipped_in_a_row + 1 if self.last["skipped"] else 0
@@ -631,7 +784,11 @@ class _Run:
             )
 
     def _save(self) -> None:
-        state = {"step": self.step, "data": self.inputs.plan.state_dict(self.step * self.inputs.plan.accumulation)}
+        state = {
+            "step": self.step,
+            "data": self.inputs.plan.state_dict(self.step * self.inputs.plan.accumulation),
+            "elapsed": self._elapsed(),
+        }
         path = checkpoint.save(
             self.engine,
             Path(self.args.out),

@@ -36,8 +36,10 @@ MODEL_INPUTS = (
     "replacement_keys",
 )
 # What a step sums over micro-batches and ranks (one all-reduce): loss sums and correct predictions weighted by
-# their counts, the counts, tokens and sequences for throughput and FLOPs, and two flags any rank may raise; then
-# ELECTRA's discriminator: its loss sum over real tokens and its counts (zero for MLM).
+# their counts, the counts, tokens and sequences for throughput and FLOPs, two flags any rank may raise, rank 0's
+# clock (seconds into the run; the other ranks add 0), so that every rank takes the same --budget rate, and rank 0's
+# verdict that the budget is spent; then ELECTRA's
+# discriminator: its loss sum over real tokens and its counts (zero for MLM).
 SUMS = (
     "mlm_loss",
     "mlm_correct",
@@ -51,6 +53,8 @@ SUMS = (
     "skipped",
     "stop",
     "out_of_time",
+    "clock",
+    "budget_spent",
     "discriminator_loss",
     "discriminator_correct",
     "replaced_detected",
@@ -73,13 +77,17 @@ def optimizer_step(
     skipped: Callable[[], bool],
     stop: bool = False,
     out_of_time: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = lambda: 0.0,
+    budget_spent: Callable[[], bool] = lambda: False,
     all_reduce: Callable = dist.all_reduce,
 ) -> torch.Tensor:
     """Run the micro-batches of one optimizer step through ``engine`` (forward, backward, ``step``); returns the
     ``SUMS`` over every micro-batch and rank, a float64 tensor on ``engine.device``.
 
     ``skipped()`` says, after the last ``engine.step()``, whether this rank's optimizer skipped the update, and
-    ``out_of_time()`` whether its time budget is spent; ``stop`` whether a signal asked this rank to stop.
+    ``out_of_time()`` whether its time budget is spent; ``stop`` whether a signal asked this rank to stop; ``clock()``
+    this rank's share of the shared clock (rank 0: its seconds into the run, the others: 0) and ``budget_spent()``
+    whether rank 0 ends a ``--budget`` run here (the others: False).
     ``all_reduce`` is the collective (a parameter so tests can check devices).
     """
     device = engine.device
@@ -117,6 +125,8 @@ def optimizer_step(
             float(skipped()),
             float(stop),
             float(out_of_time()),
+            float(clock()),
+            float(budget_spent()),
         ],
         dtype=torch.float64,
     ).to(device)
