@@ -26,7 +26,7 @@ OBJECTIVES = ("nsp", "sop", "none")
 IGNORE_INDEX = -100
 # HF activation names -> whether GELU uses the tanh approximation. Exact erf GELU is BERT's.
 GELU_APPROXIMATION = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
-KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert", "electra")
+KNOWN_MODEL_TYPES = ("bert", "albert", "fastbert", "electra", "roberta-prelayernorm")
 # Keys HF writes that do not change the model's function; they are accepted and dropped on read.
 _IGNORED_HF_KEYS = {
     "architectures",
@@ -141,12 +141,39 @@ class BertConfig:
 
     @property
     def hf_model_type(self) -> str:
-        """``bert`` or ``albert`` when transformers can hold this model, ``fastbert`` otherwise."""
-        if self.pre_layer_norm or self.type_vocab_size == 0:
+        """``bert``, ``albert`` or (pre-LN) ``roberta-prelayernorm`` when transformers can hold this model,
+        ``fastbert`` otherwise (``prelayernorm_obstacle`` says why a pre-LN model is not RoBERTa-PreLayerNorm)."""
+        if self.pre_layer_norm:
+            return "fastbert" if self.prelayernorm_obstacle else "roberta-prelayernorm"
+        if self.type_vocab_size == 0:
             return "fastbert"
         if self.embedding_size is not None:
             return "albert"
         return "fastbert" if self.share_layers else "bert"
+
+    @property
+    def prelayernorm_obstacle(self) -> str | None:
+        """The option that keeps this config out of transformers' RoBERTa-PreLayerNorm (pre-LN, an embedding
+        LayerNorm and a final LayerNorm, as fastbert's pre-LN; positions offset by ``pad_token_id + 1``; an MLM head
+        with exact GELU; no sentence head), or None when it fits."""
+        if not self.pre_layer_norm:
+            return "pre_layer_norm=False (post-LN: model_type bert)"
+        if self.share_layers:
+            return "share_layers=True (RoBERTa-PreLayerNorm has one set of weights per layer)"
+        if self.embedding_size is not None:
+            return f"embedding_size={self.embedding_size} (RoBERTa-PreLayerNorm has no factorised embeddings)"
+        if self.type_vocab_size == 0:
+            return "type_vocab_size=0 (RoBERTa-PreLayerNorm always adds segment embeddings)"
+        if self.sentence_objective != "none":
+            return f"sentence_objective={self.sentence_objective!r} (RoBERTa-PreLayerNorm has no NSP/SOP head)"
+        if self.hidden_act != "gelu":
+            return f"hidden_act={self.hidden_act!r} (RoBERTa-PreLayerNorm's MLM head always uses exact GELU)"
+        return None
+
+    @property
+    def position_offset(self) -> int:
+        """Rows before position 0 in the HF position table: RoBERTa counts positions from ``pad_token_id + 1``."""
+        return self.pad_token_id + 1 if self.hf_model_type == "roberta-prelayernorm" else 0
 
     # Presets ----------------------------------------------------------------------------------------------------
     @classmethod
@@ -159,11 +186,16 @@ class BertConfig:
         return dataclasses.replace(self, **changes)
 
     # config.json ------------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
+    def to_dict(self, model_type: str | None = None) -> dict[str, Any]:
+        """config.json's contents as ``model_type`` (default: ``hf_model_type``) reads them."""
         d = dataclasses.asdict(self)
-        model_type = self.hf_model_type
+        model_type = model_type or self.hf_model_type
         d["model_type"] = model_type
         d["position_embedding_type"] = "absolute"
+        if model_type == "roberta-prelayernorm":
+            for key in ("pre_layer_norm", "share_layers", "embedding_size", "sentence_objective"):
+                d.pop(key, None)
+            d["max_position_embeddings"] = self.max_position_embeddings + self.position_offset
         if d.pop("id2label") is not None:
             d["id2label"] = {str(k): v for k, v in self.id2label.items()}
             d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
@@ -213,6 +245,11 @@ class BertConfig:
             d.setdefault("share_layers", groups == 1)
             d.setdefault("embedding_size", 128)
             d.setdefault("sentence_objective", "sop")
+        if model_type == "roberta-prelayernorm":
+            d["pre_layer_norm"] = True
+            d.setdefault("sentence_objective", "none")
+            offset = d.get("pad_token_id", 1) + 1
+            d["max_position_embeddings"] = d.get("max_position_embeddings", 514) - offset
         if model_type == "electra":
             # ELECTRA always names its embedding width; equal to hidden_size it has no projection (BERT's layout).
             if d.get("embedding_size") == d.get("hidden_size", 768):
@@ -250,16 +287,18 @@ class BertConfig:
     def from_pretrained(cls, directory: str | os.PathLike) -> BertConfig:
         return cls.from_json_file(Path(directory) / "config.json")
 
-    def to_json_string(self, architecture: str | None = None) -> str:
-        d = self.to_dict()
+    def to_json_string(self, architecture: str | None = None, model_type: str | None = None) -> str:
+        d = self.to_dict(model_type)
         if architecture is not None:
             d["architectures"] = [architecture]
         return json.dumps(d, indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, directory: str | os.PathLike, architecture: str | None = None) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, architecture: str | None = None, model_type: str | None = None
+    ) -> None:
         from fastbert.atomic import write_atomic
 
-        write_atomic(Path(directory) / "config.json", self.to_json_string(architecture).encode())
+        write_atomic(Path(directory) / "config.json", self.to_json_string(architecture, model_type).encode())
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -2,14 +2,17 @@
 models and save them back in the layout transformers reads.
 
 Configs transformers can represent are written as ``bert`` (BertModel / BertForPreTraining / BertForMaskedLM key
-layouts) or ``albert`` (factorised embeddings, shared layers, SOP); anything else (pre-LN, no segment embeddings,
-BERT with shared layers) is written with ``model_type: fastbert`` and fastbert's own key names, which transformers
-refuses rather than misreads. Loading accepts checkpoints with or without the ``bert.`` / ``albert.`` prefix and
-old TF-converted ``gamma`` / ``beta`` names, reports missing and unexpected keys, and checks every shape before any
-weight is copied. Weights are read with safetensors or ``torch.load(weights_only=True)``, so a checkpoint never runs
-code. transformers' ELECTRA checkpoints (``model_type: electra``: BERT's encoder, with ``embeddings_project`` where
-the embeddings are narrower) load as well; ``fastbert.electra`` writes them. This module does not define models
-(``fastbert.model``) or configs (``fastbert.config``).
+layouts), ``albert`` (factorised embeddings, shared layers, SOP) or, for pre-LN encoders and MLM-only pretraining
+models, ``roberta-prelayernorm`` (RobertaPreLayerNormModel / ForMaskedLM: the same function, with the position
+table shifted by RoBERTa's ``pad_token_id + 1`` offset); anything else (no segment embeddings, BERT with shared
+layers, pre-LN with a sentence head or a fine-tuning head) is written with ``model_type: fastbert`` and fastbert's
+own key names, which transformers refuses rather than misreads. Loading accepts checkpoints with or without the
+``bert.`` / ``albert.`` prefix and old TF-converted ``gamma`` / ``beta`` names, reports missing and unexpected keys,
+and checks every shape before any weight is copied. Weights are read with safetensors or
+``torch.load(weights_only=True)``, so a checkpoint never runs code. transformers' ELECTRA checkpoints (``model_type:
+electra``: BERT's encoder, with ``embeddings_project`` where the embeddings are narrower) load as well;
+``fastbert.electra`` writes them. This module does not define models (``fastbert.model``) or configs
+(``fastbert.config``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,15 @@ _IGNORABLE_SUFFIXES = (
     "predictions.decoder.weight",
     "predictions.decoder.bias",
     "generator_lm_head.weight",
+    "lm_head.decoder.weight",
+    "lm_head.decoder.bias",
 )
+_ROBERTA = "roberta-prelayernorm"
+
+
+def _prefix(model_type: str) -> str:
+    """The encoder's key prefix in ``model_type``'s checkpoints (transformers' ``base_model_prefix``)."""
+    return model_type.replace("-", "_")
 
 
 class CheckpointError(ValueError):
@@ -60,6 +71,15 @@ def _layer_names(model_type: str, layer: int) -> dict[str, str]:
             "qkv": p + "attention.{}",
         }
     p = f"encoder.layer.{layer}."
+    if model_type == _ROBERTA:  # pre-LN: each LayerNorm sits at the start of its block
+        return {
+            "attn_out": p + "attention.output.dense",
+            "attn_norm": p + "attention.LayerNorm",
+            "ffn_in": p + "intermediate.dense",
+            "ffn_out": p + "output.dense",
+            "ffn_norm": p + "intermediate.LayerNorm",
+            "qkv": p + "attention.self.{}",
+        }
     return {
         "attn_out": p + "attention.output.dense",
         "attn_norm": p + "attention.output.LayerNorm",
@@ -89,11 +109,18 @@ def _module_map(model_type: str, config: BertConfig) -> dict[str, str | tuple[st
             m[f"encoder.layers.{i}.{ours}"] = (
                 tuple(theirs.format(x) for x in ("query", "key", "value")) if ours == "qkv" else theirs
             )
+    if model_type == _ROBERTA:
+        m["encoder.final_norm"] = "LayerNorm"
     pred = "predictions." if albert else "generator_predictions." if electra else "cls.predictions."
+    roberta = model_type == _ROBERTA
     m.update(
         {
-            "head:cls.transform": pred + ("dense" if albert or electra else "transform.dense"),
-            "head:cls.transform_norm": pred + ("LayerNorm" if albert or electra else "transform.LayerNorm"),
+            "head:cls.transform": "lm_head.dense"
+            if roberta
+            else pred + ("dense" if albert or electra else "transform.dense"),
+            "head:cls.transform_norm": "lm_head.layer_norm"
+            if roberta
+            else pred + ("LayerNorm" if albert or electra else "transform.LayerNorm"),
             "head:cls.sentence": "sop_classifier.classifier" if albert else "cls.seq_relationship",
             "head:classifier": "classifier",
             "head:qa_outputs": "qa_outputs",
@@ -119,7 +146,7 @@ def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tup
     out: dict[str, tuple[str, ...]] = {}
     for key in model.state_dict():
         if key == "cls.bias":
-            bias = {"albert": "predictions.bias", "electra": "generator_lm_head.bias"}
+            bias = {"albert": "predictions.bias", "electra": "generator_lm_head.bias", _ROBERTA: "lm_head.bias"}
             out[key] = (bias.get(model_type, "cls.predictions.bias"),)
             continue
         module, _, leaf = key.rpartition(".")
@@ -132,7 +159,7 @@ def checkpoint_key_map(model: torch.nn.Module, model_type: str) -> dict[str, tup
             )
         theirs = modules[local]
         names = theirs if isinstance(theirs, tuple) else (theirs,)
-        base = model_type + "." if not local.startswith("head:") else ""
+        base = _prefix(model_type) + "." if not local.startswith("head:") else ""
         out[key] = tuple(f"{base}{n}.{leaf}" for n in names)
     return out
 
@@ -166,13 +193,15 @@ def _normalize_keys(state: dict[str, torch.Tensor], model_type: str) -> dict[str
     out = {}
     head_roots = ("cls.", "predictions.", "sop_classifier.", "classifier.", "qa_outputs.")
     head_roots += ("generator_predictions.", "generator_lm_head.", "discriminator_predictions.")  # ELECTRA's
+    head_roots += ("lm_head.",)  # RoBERTa's
+    prefix = _prefix(model_type)
     for key, value in state.items():
         if key.endswith(".gamma"):
             key = key[:-6] + ".weight"
         elif key.endswith(".beta"):
             key = key[:-5] + ".bias"
-        if not key.startswith((model_type + ".", *head_roots)):
-            key = f"{model_type}.{key}"
+        if not key.startswith((prefix + ".", *head_roots)):
+            key = f"{prefix}.{key}"
         out[key] = value
     return out
 
@@ -195,6 +224,8 @@ def load_state_dict_into(
             continue
         used.update(names)
         value = torch.cat([state[n] for n in names]) if len(names) > 1 else state[names[0]]
+        if key.endswith("embeddings.position_embeddings.weight"):
+            value = value[model.config.position_offset :] if model_type == _ROBERTA else value
         if value.shape != ours[key].shape:
             shown = names[0] if len(names) == 1 else "+".join(names)
             errors.append(f"{shown}: checkpoint shape {tuple(value.shape)} != model shape {tuple(ours[key].shape)}")
@@ -237,22 +268,36 @@ def load_pretrained(
 
 
 # Saving -----------------------------------------------------------------------------------------------------------
-def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the key names of its ``config.hf_model_type``; QKV split back into three."""
+def export_model_type(model: torch.nn.Module) -> str:
+    """The ``model_type`` ``model`` is saved as: its config's ``hf_model_type``, except that RoBERTa-PreLayerNorm
+    holds only a bare encoder or an MLM-only pretraining model (its task heads are shaped otherwise)."""
     model_type = model.config.hf_model_type
+    if model_type == _ROBERTA and type(model).__name__ not in ("BertModel", "BertForPreTraining"):
+        return "fastbert"
+    return model_type
+
+
+def hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the key names of its ``export_model_type``; QKV split back into three."""
+    model_type = export_model_type(model)
     state = model.state_dict()
     out: dict[str, torch.Tensor] = {}
     for key, names in checkpoint_key_map(model, model_type).items():
         parts = state[key].chunk(len(names)) if len(names) > 1 else (state[key],)
+        if model_type == _ROBERTA and key.endswith("embeddings.position_embeddings.weight"):
+            # RoBERTa's positions start after the padding row: rows 0..pad_token_id are never used by real tokens.
+            parts = (torch.cat([parts[0].new_zeros(model.config.position_offset, parts[0].shape[1]), parts[0]]),)
         for name, part in zip(names, parts, strict=False):
             out[name] = part.detach().contiguous().cpu()
     if model_type != "fastbert" and not hasattr(model, "bert"):
-        out = {k[len(model_type) + 1 :]: v for k, v in out.items()}  # a bare encoder is saved without prefix
+        out = {k[len(_prefix(model_type)) + 1 :]: v for k, v in out.items()}  # a bare encoder: saved without prefix
     return out
 
 
 _ARCHITECTURES = {
     ("bert", "BertForPreTraining", "none"): "BertForMaskedLM",
+    (_ROBERTA, "BertForPreTraining", "none"): "RobertaPreLayerNormForMaskedLM",
+    (_ROBERTA, "BertModel", "none"): "RobertaPreLayerNormModel",
     ("albert", "BertForPreTraining", "sop"): "AlbertForPreTraining",
     ("albert", "BertForPreTraining", "none"): "AlbertForMaskedLM",
 }
@@ -264,7 +309,7 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
     directory = Path(directory)
     config = model.config
     name = type(model).__name__
-    model_type = config.hf_model_type
+    model_type = export_model_type(model)
     arch = _ARCHITECTURES.get((model_type, name, config.sentence_objective))
     if arch is None:
         arch = name.replace("Bert", "Albert") if model_type == "albert" else name
@@ -276,4 +321,4 @@ def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> Non
         )
     directory.mkdir(parents=True, exist_ok=True)
     write_atomic(directory / SAFETENSORS_NAME, save(hf_state_dict(model), metadata={"format": "pt"}))
-    config.save_pretrained(directory, architecture=arch)
+    config.save_pretrained(directory, architecture=arch, model_type=model_type)

@@ -250,3 +250,62 @@ def test_a_module_without_a_checkpoint_name_is_named():
     model.extra = torch.nn.Linear(2, 2)
     with pytest.raises(CheckpointError, match="key 'extra.weight': module 'head:extra' has no bert checkpoint name"):
         checkpoint_key_map(model, "bert")
+
+
+PRE_LN = BertConfig.preset(
+    "tiny",
+    num_hidden_layers=2,
+    pre_layer_norm=True,
+    sentence_objective="none",
+    max_position_embeddings=160,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+
+
+def test_pre_ln_exports_as_roberta_prelayernorm_with_the_same_logits(tmp_path, hf_tokenizer, real_sentences):
+    """A pre-LN MLM model (random weights, LayerNorms and biases moved off their init) saves as transformers'
+    RobertaPreLayerNormForMaskedLM, whose logits equal ours to 1e-5 on a padded batch of mixed lengths up to the
+    full position table; it loads back into fastbert unchanged."""
+    torch.manual_seed(0)
+    ours = BertForPreTraining(PRE_LN).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # nothing at its init value, so every mapping shows
+    ours.save_pretrained(tmp_path / "ours")
+    saved = json.loads((tmp_path / "ours" / "config.json").read_text())
+    assert saved["model_type"] == "roberta-prelayernorm" and saved["max_position_embeddings"] == 161
+    assert saved["architectures"] == ["RobertaPreLayerNormForMaskedLM"]
+    hf = _hf_load(transformers.RobertaPreLayerNormForMaskedLM, tmp_path / "ours")
+    texts = [" ".join(real_sentences[i : i + 6]) for i in range(0, 12, 3)] + ["a short one."]
+    batch = hf_tokenizer(texts, padding=True, truncation=True, max_length=160, return_tensors="pt")
+    mask = batch["attention_mask"].bool()
+    assert mask.sum(1).max() == 160 and mask.sum(1).min() < 20  # the full table and heavy padding
+    with torch.no_grad():
+        ref = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = ours(batch["input_ids"], batch["attention_mask"]).prediction_logits
+    assert (logits - ref)[mask].abs().max() <= 1e-5
+
+    loaded, info = BertForPreTraining.from_pretrained(tmp_path / "ours", output_loading_info=True)
+    assert info.missing_keys == [] and info.unexpected_keys == []
+    assert loaded.config.pre_layer_norm and loaded.config.max_position_embeddings == 160
+    for (name, a), b in zip(ours.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (dict(sentence_objective="nsp"), "sentence_objective='nsp'"),
+        (dict(hidden_act="gelu_new"), "hidden_act='gelu_new'"),
+        (dict(share_layers=True), "share_layers=True"),
+    ],
+)
+def test_pre_ln_that_roberta_cannot_hold_stays_fastbert_and_says_why(change, reason):
+    config = PRE_LN.replace(**change)
+    assert config.hf_model_type == "fastbert" and reason in config.prelayernorm_obstacle
+    assert BertForSequenceClassification(PRE_LN.replace(num_labels=3)).config.hf_model_type == "roberta-prelayernorm"
+    from fastbert.hf import export_model_type
+
+    assert export_model_type(BertForSequenceClassification(PRE_LN.replace(num_labels=3))) == "fastbert"
