@@ -64,3 +64,11 @@ def test_an_unexpected_error_is_one_line_and_debug_shows_the_traceback(monkeypat
     )
     with pytest.raises(RuntimeError, match="truncated"):
         cli.main(["--debug", "info"])
+
+
+def test_bad_budgets_and_mask_rates_are_named_before_anything_starts(tmp_path):
+    base = ["pretrain", "--data", str(tmp_path), "--out", str(tmp_path / "run")]
+    _fails_cleanly([*base, "--budget", "10 days"], "--budget: budget '10 days': unknown unit 'days'")
+    _fails_cleanly([*base, "--budget=-1m"], "must be a positive duration")
+    _fails_cleanly([*base, "--mask-rate", "1.5"], "--mask-rate must be in (0, 1), got 1.5")
+    assert not (tmp_path / "run").exists()

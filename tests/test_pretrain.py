@@ -783,11 +783,11 @@ def test_a_budget_run_follows_its_clock_resumes_on_it_and_ends_at_it(setup, held
     with a checkpoint and a held-out evaluation. A budget the start-up alone spends is refused before training."""
     from fastbert.optim import budget_lr
 
-    out, budget = tmp_path / "budget", 40.0
+    out, budget = tmp_path / "budget", 30.0
     args = ("--steps", "100000", "--budget", f"{budget:g}s", "--warmup", "0.1", "--eval-data", str(held_out))
-    first = run(pretrain_cmd(setup, out, *args, "--max-minutes", "0.25"))
+    first = run(pretrain_cmd(setup, out, *args, "--max-minutes", "0.2"))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "stopped at the --max-minutes 0.25 budget, checkpoint saved" in first.stdout
+    assert "stopped at the --max-minutes 0.2 budget, checkpoint saved" in first.stdout
     stopped_at = len(metrics(out))
     resumed = run(pretrain_cmd(setup, out, *args, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]

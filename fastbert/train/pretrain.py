@@ -356,8 +356,6 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
     """Read and check the data, the vocabulary, the checkpoint to resume or start from and the output directory;
     any problem raises ``TrainingSetupError`` (or a shard/checkpoint error) before anything is written."""
     run_dir, data_dir = Path(args.out), Path(args.data)
-    if not 0.0 < args.mask_rate < 1.0:
-        raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
     if args.global_batch % (args.micro_batch * world):
         raise TrainingSetupError(
             f"--global-batch {args.global_batch} is not divisible by --micro-batch {args.micro_batch} x world size "
@@ -618,6 +616,8 @@ def pretrain(args: PretrainArgs) -> dict:
     its budget."""
     started = time.perf_counter()
     schedule = Schedule.from_args(args)
+    if not 0.0 < args.mask_rate < 1.0:  # before the slow distributed start-up, as the checks below
+        raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
     if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(
             f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
@@ -651,6 +651,21 @@ class _Run:
         self.step, self.clock_offset = _restore(self.engine, args, self.inputs)
         self.batches = iter(_loader(args, self.inputs, self.step, schedule.steps, self.engine.device))
         self.eval_batches = _eval_batches(args, self.inputs, self.rank, self.world, self.engine.device)
+        # A --budget run's clock: rank 0's seconds into the run (start-up and earlier processes included), shared
+        # through each step's sums so that every rank takes the same rate; closing is what the end will cost (the
+        # last measured evaluation and save). A budget the start-up spent stops here, before anything is written.
+        self.clock = self._shared_clock()
+        self.closing = {"eval": 0.0, "save": 0.0}
+        if schedule.budget is not None and self.clock >= schedule.budget:
+            raise TrainingSetupError(
+                f"--budget {args.budget} ({schedule.budget:g} s) is spent before the first step: "
+                + (
+                    f"start-up took {self.clock:.1f} s"
+                    if self.clock_offset == 0
+                    else f"the run had used {self.clock_offset:.1f} s by its checkpoint, and start-up "
+                    f"{self.clock - self.clock_offset:.1f} s more"
+                )
+            )
         if self.rank == 0:
             _write_run_files(args, self.inputs)
         self.peak = peak_flops(self.engine.device, args.precision, tf32=args.tf32)
@@ -666,21 +681,6 @@ class _Run:
         )
         self.stop = StopRequest("pretrain", "a checkpoint", announce=self.rank == 0)
         self.max_seconds = None if args.max_minutes is None else args.max_minutes * 60
-        # A --budget run's clock: rank 0's seconds into the run (start-up and earlier processes included), shared
-        # through each step's sums so that every rank takes the same rate; closing is what the end will cost (the
-        # last measured evaluation and save).
-        self.clock = self._shared_clock()
-        self.closing = {"eval": 0.0, "save": 0.0}
-        if schedule.budget is not None and self.clock >= schedule.budget:
-            raise TrainingSetupError(
-                f"--budget {args.budget} ({schedule.budget:g} s) is spent before the first step: "
-                + (
-                    f"start-up took {self.clock:.1f} s"
-                    if self.clock_offset == 0
-                    else f"the run had used {self.clock_offset:.1f} s by its checkpoint, and start-up "
-                    f"{self.clock - self.clock_offset:.1f} s more"
-                )
-            )
         self.last: dict = {}
         self.skipped_in_a_row = 0
         if self.inputs.resume_from is not None:
