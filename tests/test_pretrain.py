@@ -563,6 +563,10 @@ def test_a_second_signal_stops_at_once_without_saving(setup, tmp_path):
     out = tmp_path / "twice"
     cmd = pretrain_cmd(setup, out)
     cmd[cmd.index("--steps") + 1] = "500"
+    # Steps of 32 micro-batches: the first signal's save comes at the end of the step after the one it lands in, a
+    # whole step (tenths of a second) after it, so the second signal, 50 ms later, always lands before the save (with
+    # 4 micro-batches a step, a loaded machine once finished that save first).
+    cmd[cmd.index("--global-batch") + 1] = "64"
     proc = start(cmd)
     wait_until(proc, lambda: steps_logged(out) >= 2)
     os.kill(proc.pid, signal.SIGINT)
