@@ -145,6 +145,7 @@ PACKAGES = [*find_packages(str(ROOT), include=["fastbert", "fastbert.*"]), "fast
 
 setup(
     packages=PACKAGES,
+    package_data={"fastbert.recipes": ["*.json"]},  # the shipped --config recipes
     ext_modules=[Extension("fastbert._wordpiece", sources=[str(p.relative_to(ROOT)) for p in SRC.glob("*.cc")])],
     cmdclass={"build_ext": NinjaBuildExt},
 )

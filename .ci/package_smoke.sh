@@ -80,6 +80,9 @@ for name in ("fastbert.data", "fastbert.optim", "fastbert.train", "fastbert.task
     (where,) = importlib.import_module(name).__path__  # fastbert.kernels is a namespace package: no __file__
     assert Path(where).resolve().is_relative_to(venv), (name, where)
 assert Path(importlib.import_module("fastbert.kernels.attention").__file__).resolve().is_relative_to(venv)
+from fastbert import recipes
+
+assert recipes.names() == ["short-budget"] and recipes.DIRECTORY.is_relative_to(venv), recipes.DIRECTORY  # shipped
 
 import torch
 

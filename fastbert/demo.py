@@ -1,9 +1,11 @@
 """``fastbert demo``: the whole pipeline on a corpus every machine has, in a few minutes on a CPU.
 
-The installed Python's standard-library docstrings are the corpus (every 20th document held back); ``fastbert
-train-vocab``'s trainer learns a vocabulary from the rest (the same file on every run); ``prepare-data`` makes NSP
-shards; the ``tiny`` model pretrains with LAMB while the loss falls; the run is exported to HF format and its curves
-plotted; and the exported model fills a [MASK] in held-back sentences.
+The installed Python's standard-library docstrings are the corpus (every 20th document held back, and every
+document that contains one of the fill-mask probes); ``fastbert train-vocab``'s trainer learns a vocabulary from the
+rest (the same file on every run); ``prepare-data`` makes masked-LM shards; the ``tiny`` model pretrains with the
+shipped short-budget recipe (``fastbert/recipes/short-budget.json``) for a time budget (3 minutes by default); the
+run is exported to HF format and its curves plotted; its held-out masked-LM loss is printed beside a unigram and a
+bigram count model's on the same masks; and the model fills the [MASK] of a few fixed probe sentences.
 
 Run again in the same directory, it picks up where it stopped: ``demo.json`` records the settings and the stages
 done (corpus, vocabulary, shards), and pretraining resumes from the run's last checkpoint. A directory that holds
@@ -25,22 +27,38 @@ from fastbert.data.corpus import stdlib_documents
 HOLD_OUT_EVERY = 20
 
 
+RECIPE = "short-budget"
+# Fill-mask probes: sentences in the corpus's register, the answer each [MASK] hides. A corpus document that contains
+# a probe's sentence is held back, so the model never trains on one.
+PROBES = (
+    ("Return a new [MASK] containing the items of the iterable.", "list"),
+    ("If the file does not [MASK], an error is raised.", "exist"),
+    ("This function is deprecated and will be [MASK] in a future version.", "removed"),
+    ("Return True if the string is [MASK], False otherwise.", "empty"),
+    ("The optional [MASK] argument defaults to None.", "timeout"),
+)
+
+
 @dataclass
 class DemoArgs:
     out: str = "fastbert-demo"
-    steps: int = 300
+    budget: str = "3m"
+    steps: int | None = None
     vocab_size: int = 8000
     seq_len: int = 128
-    global_batch: int = 32
-    micro_batch: int = 32
-    lr: float = 4e-3
     corpus_bytes: int = 2_000_000
+
+
+def _holds_probe(paragraphs: list[str]) -> bool:
+    text = " ".join(" ".join(paragraphs).split()).lower()
+    return any(sentence.replace("[MASK]", answer).lower() in text for sentence, answer in PROBES)
 
 
 def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list[str]]:
     train, held_out = [], []
     for i, paragraphs in enumerate(stdlib_documents(limit_bytes=limit)):
-        (held_out if i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 else train).append(paragraphs)
+        hold = i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 or _holds_probe(paragraphs)
+        (held_out if hold else train).append(paragraphs)
     path = out / "corpus.txt"
     if write:
         from fastbert.atomic import write_atomic
@@ -49,43 +67,44 @@ def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list
     return path, [p for doc in held_out for p in doc]
 
 
-def unigram_loss(vocab: Path, corpus: Path, held_out: Path) -> float:
-    """The baseline a masked-LM should beat: the cross-entropy (nats) of the held-out text's tokens under the training
-    corpus's token frequencies (add-one smoothed), i.e. predicting every masked token without looking at its context."""
+def held_out_scores(model_dir: Path, vocab: Path, corpus: Path, held_out: Path, seq_len: int) -> dict:
+    """The model's held-out masked-LM loss and the unigram and bigram count models' on the same fixed masks (15% of
+    the held-out tokens, BERT's 80/10/10 rule, seed 0), from ``fastbert.train.baselines``."""
     import numpy as np
 
+    from fastbert.fill_mask import load
     from fastbert.tokenizer import WordPieceTokenizer
+    from fastbert.train.baselines import count_baselines, fixed_masks, masked_lm_loss
 
     tokenizer = WordPieceTokenizer.from_vocab(vocab)
-    train_ids, _ = tokenizer.encode_batch_flat(
-        corpus.read_text(encoding="utf-8").split("\n\n"), add_special_tokens=False
-    )
+    train_docs = [
+        np.asarray(tokenizer.encode(doc, add_special_tokens=False), dtype=np.int64)
+        for doc in corpus.read_text(encoding="utf-8").split("\n\n")
+        if doc.strip()
+    ]
     held_ids, _ = tokenizer.encode_batch_flat(
         held_out.read_text(encoding="utf-8").split("\n\n"), add_special_tokens=False
     )
-    counts = np.bincount(train_ids, minlength=len(tokenizer.vocab)).astype(np.float64) + 1.0
-    log_p = np.log(counts / counts.sum())
-    return float(-log_p[held_ids].mean())
+    v = tokenizer.vocab
+    masks = fixed_masks(np.asarray(held_ids), seq_len, v["[CLS]"], v["[SEP]"], v["[MASK]"], len(v), seed=0)
+    model, _ = load(model_dir)
+    return {
+        "model": masked_lm_loss(model, masks),
+        **count_baselines(train_docs, masks, len(v), v["[MASK]"]),
+        "masked_tokens": int((masks.labels != -100).sum()),
+    }
 
 
-def guess_masked_words(model_dir: Path, sentences: list[str], top_k: int = 5) -> list[tuple[str, str, list[str]]]:
-    """For each sentence, mask its longest in-vocabulary word and return (masked text, answer, top-k guesses)."""
+def fill_probes(model_dir: Path, top_k: int = 5) -> list[tuple[str, str, list[str]]]:
+    """(probe, answer, the model's top-k tokens for its [MASK]) for each of ``PROBES``."""
     from fastbert.fill_mask import fill_mask, load
 
     model, tokenizer = load(model_dir)
     results = []
-    for sentence in sentences:
-        words = sentence.split()
-        candidates = [i for i, w in enumerate(words) if w.isalpha() and len(tokenizer.tokenize(w)) == 1 and len(w) > 3]
-        if not candidates:
-            continue
-        target = max(candidates, key=lambda i: len(words[i]))
-        masked = " ".join("[MASK]" if i == target else w for i, w in enumerate(words))
-        if len(tokenizer.encode(masked)) > model.config.max_position_embeddings:
-            continue
+    for sentence, answer in PROBES:
         with torch.no_grad():
-            (guesses,) = fill_mask(model, tokenizer, masked, top_k)
-        results.append((masked, words[target].lower(), [token for token, _ in guesses]))
+            (guesses,) = fill_mask(model, tokenizer, sentence, top_k)
+        results.append((sentence, answer, [token for token, _ in guesses]))
     return results
 
 
@@ -97,8 +116,16 @@ class DemoError(ValueError):
 
 
 def _settings(args: DemoArgs) -> dict:
-    """What makes two demo runs the same run: everything but the number of steps (more steps continue it)."""
-    return {**{k: v for k, v in asdict(args).items() if k not in ("out", "steps")}, "python": sys.version.split()[0]}
+    """What makes two demo runs the same run: everything but its length (a longer budget or more steps continue
+    it)."""
+    keep = {k: v for k, v in asdict(args).items() if k not in ("out", "steps", "budget")}
+    return {**keep, "recipe": _recipe(), "python": sys.version.split()[0]}
+
+
+def _recipe() -> dict:
+    from fastbert import recipes
+
+    return json.loads(recipes.path(RECIPE).read_text())
 
 
 def _load_state(out: Path, args: DemoArgs) -> dict:
@@ -134,9 +161,9 @@ def run_demo(args: DemoArgs) -> dict:
     corpus, held_out = _corpus_stage(out, args, state)
     vocab = _vocab_stage(out, args, state, corpus)
     _shards_stage(out, args, state, vocab, corpus, held_out)
-    final = _pretrain_stage(out, args, vocab, corpus)
+    final = _pretrain_stage(out, args)
     hf_dir = _export_stage(out)
-    _fill_mask_stage(hf_dir, held_out)
+    final["held_out"] = _quality_stage(out, args, hf_dir, vocab, corpus)
     return final
 
 
@@ -168,8 +195,8 @@ def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: P
     """The training shards, and the held-back paragraphs as held-out shards scored during training."""
     from fastbert.data.prepare import PrepareOptions, prepare
 
-    print(f"[3/6] shards: prepare-data (NSP, sequence length {args.seq_len}){_kept(state, 'data')}")
-    options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len)
+    print(f"[3/6] shards: prepare-data (masked LM, sequence length {args.seq_len}){_kept(state, 'data')}")
+    options = PrepareOptions(vocab=str(vocab), seq_len=args.seq_len, objective="none")
     if "data" not in state["done"]:
         prepare([str(corpus)], out / "data", options, overwrite=True)  # a partial one from an interrupted run
         _stage_done(out, state, "data")
@@ -183,32 +210,30 @@ def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: P
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")
 
 
-def _pretrain_stage(out: Path, args: DemoArgs, vocab: Path, corpus: Path) -> dict:
-    """Pretraining (resumed from the run's last checkpoint, if any); its held-out loss against the unigram one."""
+def _pretrain_stage(out: Path, args: DemoArgs) -> dict:
+    """Pretraining with the short-budget recipe (resumed from the run's last checkpoint, if any)."""
     from fastbert.train.pretrain import PretrainArgs, pretrain
 
-    print(f"[4/6] pretraining the tiny model for {args.steps} steps (LAMB, global batch {args.global_batch})")
+    recipe = _recipe()
+    cap = f", at most {args.steps} steps" if args.steps is not None else ""
+    print(
+        f"[4/6] pretraining the tiny model for {args.budget}{cap}: the {RECIPE} recipe ({recipe['optimizer']} "
+        f"{recipe['lr']:g}, pre-LN {recipe['pre_ln']}, dropout {recipe['dropout']:g}, masking "
+        f"{recipe['mask_rate']:.0%})"
+    )
     final = pretrain(
         PretrainArgs(
+            **{**recipe, "budget": args.budget},
             data=str(out / "data"),
             out=str(out / "run"),
             model="tiny",
             steps=args.steps,
-            global_batch=args.global_batch,
-            micro_batch=args.micro_batch,
-            lr=args.lr,
-            warmup=max(1, args.steps // 10),
-            save_every=max(1, args.steps // 3),
+            save_every=50,
             resume="auto",
             eval_data=str(out / "held_out"),
-            eval_every=max(1, args.steps // 10),
         )
     )
-    baseline = unigram_loss(vocab, corpus, out / "held_out.txt")
-    print(
-        f"      held-out masked-word loss {final['eval_mlm_loss']:.2f} (accuracy {final['eval_mlm_accuracy']:.1%}) on "
-        f"text never trained on; a model that knows only how often each token occurs scores {baseline:.2f}"
-    )
+    print(f"      {final['step']} steps")
     return final
 
 
@@ -219,12 +244,19 @@ def _export_stage(out: Path) -> Path:
     print("[5/6] export to HF format and plot the curves")
     hf_dir = export(out / "run", out / "hf")
     png = plot(out / "run")
-    print(f"      {hf_dir} (loads with transformers.BertForPreTraining.from_pretrained), {png}")
+    model_type = json.loads((hf_dir / "config.json").read_text()).get("model_type")
+    print(f"      {hf_dir} (model_type {model_type}: transformers' AutoModelForMaskedLM loads it), {png}")
     return hf_dir
 
 
-def _fill_mask_stage(hf_dir: Path, held_out: list[str]) -> None:
-    print("[6/6] filling a [MASK] in held-back sentences")
-    sentences = [p.split(". ")[0] for p in held_out if 6 <= len(p.split(". ")[0].split()) <= 30][:5]
-    for masked, answer, guesses in guess_masked_words(hf_dir, sentences):
-        print(f"      {masked}\n        answer: {answer!r}; model's top 5: {guesses}")
+def _quality_stage(out: Path, args: DemoArgs, hf_dir: Path, vocab: Path, corpus: Path) -> dict:
+    print("[6/6] held-out masked-LM loss beside count models of the training text, and fill-mask probes")
+    scores = held_out_scores(hf_dir, vocab, corpus, out / "held_out.txt", args.seq_len)
+    print(
+        f"      on {scores['masked_tokens']} masked tokens of text never trained on: this model "
+        f"{scores['model']:.3f} nats; a unigram count model (token frequencies) {scores['unigram']:.3f}; a bigram "
+        f"count model (the token on the left) {scores['bigram']:.3f}"
+    )
+    for sentence, answer, guesses in fill_probes(hf_dir):
+        print(f"      {sentence}\n        answer: {answer!r}; model's top 5: {guesses}")
+    return scores

@@ -88,8 +88,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         "--config",
         metavar="FILE",
         default=None,
-        help="JSON (or YAML) file whose keys are this command's options, e.g. a run's args.json; flags given on the "
-        "command line override it",
+        help="JSON (or YAML) file whose keys are this command's options, e.g. a run's args.json, or a shipped recipe "
+        "by name (pretrain: short-budget); flags given on the command line override it",
     )
     parser.set_defaults(_options_class=cls, _required=tuple(required))
 
@@ -112,12 +112,18 @@ def add_pending_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_config(path: str, cls: type) -> dict:
-    """The options in a --config file, checked against the fields of ``cls``."""
+    """The options in a --config file (or a shipped recipe named without a path, see ``fastbert.recipes``),
+    checked against the fields of ``cls``."""
+    from fastbert import recipes
+
     file = Path(path)
+    if not file.exists() and recipes.path(path) is not None:
+        file = recipes.path(path)
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError(f"--config {path}: {e.strerror or e}") from e
+        shipped = f" (nor a shipped recipe: {', '.join(recipes.names())})" if not file.exists() else ""
+        raise ConfigError(f"--config {path}: {e.strerror or e}{shipped}") from e
     if file.suffix in (".yaml", ".yml"):
         try:
             import yaml

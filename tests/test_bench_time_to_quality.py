@@ -64,20 +64,6 @@ def test_first_reach_takes_the_earliest_checkpoint_at_or_below_the_target():
     assert ttq.first_reach(curve, 5.0) is None
 
 
-def test_testament_task_trains_on_training_books_and_tests_balanced_on_held_out_ones():
-    held_ot, held_nt = ttq.HELD_OUT_BOOKS[0], ttq.HELD_OUT_BOOKS[-1]
-    assert held_ot == "Ruth" and held_nt == "Jas"
-    chapters = [("Gen", "\n".join(f"gen {i}" for i in range(30))), (held_ot, "ruth 1\nruth 2\n\nruth 3")]
-    chapters += [(ttq.NEW_TESTAMENT_FIRST_BOOK, "\n".join(f"mat {i}" for i in range(25)))]
-    chapters += [("Rom", "rom 1\nrom 2"), (held_nt, "\n".join(f"jas {i}" for i in range(9)))]
-    train, test = ttq.testament_task(chapters, per_class=20)
-    assert sorted(label for _, label in train) == [0] * 20 + [1] * 20
-    assert all(text.startswith("gen" if label == 0 else ("mat", "rom")) for text, label in train)
-    assert sorted(t for t, label in test if label == 0) == ["ruth 1", "ruth 2", "ruth 3"]  # the blank line: no verse
-    assert len([t for t, label in test if label == 1]) == 3 and all(t.startswith("jas") for t, label in test if label)
-    assert ttq.testament_task(chapters, per_class=20) == (train, test)  # seeded
-
-
 def test_pace_from_separates_the_step_time_from_the_checkpoint_saves():
     # 12 steps of 2 s after a 5 s start-up; a save after steps 4 and 8 (and 12, after the last end) adds 3 s
     ends, t = [], 100.0 + 5.0
@@ -139,3 +125,18 @@ def test_count_baselines_score_the_same_masks_by_hand():
     p_b_after_a = (2 + 2 * p_b) / 5
     assert result["unigram"] == pytest.approx(-(2 * np.log(p_b) + np.log(p_a)) / 3, rel=1e-6)
     assert result["bigram"] == pytest.approx(-(np.log(p_b_after_a) + np.log(p_a) + np.log(p_b)) / 3, rel=1e-6)
+
+
+def test_roc_auc_counts_pairs_with_ties_as_half():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 6, 300).astype(float)  # many ties
+    positive = rng.random(300) < 0.3 + 0.1 * scores / 5
+    pos, neg = scores[positive], scores[~positive]
+    by_pairs = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (
+        len(pos) * len(neg)
+    )
+    assert ttq.roc_auc(scores, positive) == pytest.approx(by_pairs, rel=1e-12)
+    assert ttq.roc_auc(np.array([0.1, 0.9, 0.4]), np.array([False, True, False])) == 1.0
+    assert ttq.roc_auc(np.array([0.1, 0.9, 0.4]), np.array([True, False, False])) == 0.0
+    with pytest.raises(ValueError, match="both classes"):
+        ttq.roc_auc(np.array([0.1, 0.2]), np.array([True, True]))

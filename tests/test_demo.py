@@ -3,11 +3,14 @@ promises: a model that loads, a curves PNG, and the fill-mask lines."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 
 import pytest
+
+from fastbert.demo import PROBES
 
 
 def test_demo_runs_end_to_end(tmp_path):
@@ -30,12 +33,21 @@ def test_demo_runs_end_to_end(tmp_path):
 
     for step in range(1, 7):
         assert f"[{step}/6] " in result.stdout, result.stdout
-    held_out = re.search(r"held-out masked-word loss ([\d.]+) .* occurs scores ([\d.]+)", result.stdout)
-    assert held_out, result.stdout
-    assert 0 < float(held_out.group(2)) < float(held_out.group(1))  # 2 steps do not beat the unigram baseline yet
+    scores = re.search(
+        r"this model ([\d.]+) nats; a unigram count model \(token frequencies\) ([\d.]+); a bigram count model "
+        r"\(the token on the left\) ([\d.]+)",
+        result.stdout,
+    )
+    assert scores, result.stdout
+    model_loss, unigram, bigram = map(float, scores.groups())
+    assert 0 < bigram < unigram < 9  # the bigram model, seeing a neighbour, does better (an 8000-token vocab)
+    assert abs(model_loss - unigram) < 0.5  # 2 steps from the output bias at the shards' log-frequencies
     fills = re.findall(r"^ +(.*\[MASK\].*)\n +answer: '(\w+)'; model's top 5: (\[.*\])$", result.stdout, re.M)
-    assert fills, result.stdout
+    assert [(probe, answer) for probe, answer, _ in fills] == list(PROBES), result.stdout
     assert all(len(eval(guesses)) == 5 for _, _, guesses in fills)  # noqa: S307 - a list literal we printed
+    corpus = (out / "corpus.txt").read_text(encoding="utf-8").lower()
+    assert not any(probe.replace("[MASK]", answer).lower() in corpus for probe, answer in PROBES)  # held out
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "roberta-prelayernorm"  # the recipe
 
     png = out / "run" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
@@ -61,8 +73,6 @@ def _demo(out, steps: int, cwd) -> subprocess.CompletedProcess:
 def test_a_second_demo_in_the_same_directory_continues_the_first(tmp_path):
     """Run again, the demo keeps the corpus, vocabulary and shards it made and resumes pretraining: nothing is
     overwritten, and the run's metrics hold each step once."""
-    import json
-
     out = tmp_path / "demo"
     first = _demo(out, 2, tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -99,3 +99,23 @@ def test_bad_config_files_are_named(tmp_path, content, message):
 def test_a_missing_config_file_is_named(tmp_path):
     with pytest.raises(options.ConfigError, match="nope.json"):
         _parse(["pretrain", "--config", str(tmp_path / "nope.json")])
+
+
+def test_a_shipped_recipe_is_a_config_by_name_and_flags_still_win(tmp_path, monkeypatch):
+    from fastbert import recipes
+
+    monkeypatch.chdir(tmp_path)  # no file called short-budget here: the shipped one is read
+    recipe = json.loads(recipes.path("short-budget").read_text())
+    args = options.from_namespace(
+        PretrainArgs, _parse(["pretrain", "--data", "d", "--out", "o", "--config", "short-budget"])
+    )
+    assert {k: getattr(args, k) for k in recipe} == recipe
+    assert args.pre_ln and args.dropout == 0.0 and args.mask_rate == 0.3 and args.budget == "10m"
+    flagged = _parse(
+        ["pretrain", "--data", "d", "--out", "o", "--config", "short-budget", "--budget", "90s", "--lr", "1e-3"]
+    )
+    assert flagged.budget == "90s" and flagged.lr == 1e-3 and flagged.pre_ln
+    (tmp_path / "short-budget").write_text(json.dumps({"lr": 5e-4}))  # a file of that name wins over the recipe
+    assert _parse(["pretrain", "--data", "d", "--out", "o", "--config", "short-budget"]).lr == 5e-4
+    with pytest.raises(options.ConfigError, match=r"--config no-such-recipe: .*nor a shipped recipe: short-budget"):
+        _parse(["pretrain", "--data", "d", "--out", "o", "--config", "no-such-recipe"])
