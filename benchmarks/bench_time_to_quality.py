@@ -490,7 +490,10 @@ def plot(result: dict, out: Path) -> None:
     target = result["systems"]["transformers"].get("final_held_out_loss")
     if target is not None:
         ax.axhline(target, color="grey", ls="--", lw=1, label="Trainer's final loss")
-    ax.axvline(result["budget_minutes"] / 3, color="grey", ls=":", lw=1, label="1/3 of the budget")
+    baselines = result["held_out"]["count_baselines"]
+    ax.axhline(baselines["unigram"], color="tab:red", ls="-.", lw=1, label="unigram count model")
+    ax.axhline(baselines["bigram"], color="tab:purple", ls="-.", lw=1, label="bigram count model")
+    ax.axvline(result["budget_minutes"] / 5, color="grey", ls=":", lw=1, label="1/5 of the budget")
     ax.set(xlabel="wall-clock minutes since the system started", ylabel="held-out masked-LM loss")
     ax.set_title(f"tiny BERT on KJV, {result['budget_minutes']:g} min a system, CPU")
     ax.grid(alpha=0.3)

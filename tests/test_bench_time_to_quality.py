@@ -140,3 +140,38 @@ def test_roc_auc_counts_pairs_with_ties_as_half():
     assert ttq.roc_auc(np.array([0.1, 0.9, 0.4]), np.array([True, False, False])) == 0.0
     with pytest.raises(ValueError, match="both classes"):
         ttq.roc_auc(np.array([0.1, 0.2]), np.array([True, True]))
+
+
+def test_quick_run_measures_every_system_and_writes_its_json_and_plot(tmp_path):
+    """``--quick``: the whole benchmark (three systems through their command lines, held-out loss, ELECTRA's AUC,
+    fine-tuning with the dev-chosen rate, probes, bag of words) at a toy size; figures are not checked, the report's
+    shape and its internal agreement are."""
+    import json
+    import subprocess
+
+    out = tmp_path / "ttq.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_time_to_quality.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=900
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    assert set(r["systems"]) == {"transformers", "fastbert_mlm", "fastbert_electra", "random_init"}
+    settings = r["downstream"]["settings"]
+    assert {s["kind"] for s in settings.values()} == {"low-label", "full", "word-order"}
+    for key in ("fastbert_mlm", "fastbert_electra", "random_init"):
+        for name in settings:
+            tuned = r["systems"][key]["finetuned"][name]
+            assert len(tuned["test"]["runs"]) == r["downstream"]["seeds"] == 2
+            assert tuned["dev_by_lr"][f"{tuned['lr']:g}"] == max(tuned["dev_by_lr"].values())  # chosen on dev
+        assert set(r["systems"][key]["linear_probe"]) == {"testament", "word_order", "fortunes"}
+    assert "finetuned" not in r["systems"]["transformers"]  # probed only
+    mlm = r["gains_over_random_init"]["fastbert_mlm"]["finetuned"]
+    for name in settings:
+        a, b = r["systems"]["fastbert_mlm"]["finetuned"][name], r["systems"]["random_init"]["finetuned"][name]
+        assert mlm[name]["points"] == pytest.approx(100 * (a["test"]["mean"] - b["test"]["mean"]))
+    assert 0.0 <= r["systems"]["fastbert_electra"]["held_out_discriminator"]["roc_auc"] <= 1.0
+    assert r["flags"]["fastbert_mlm"][:2] == ["--config", "short-budget"]
+    assert set(r["goals"]) >= {"final_below_bigram", "low_label_3_points_beyond_2se", "linear_probe_5_points"}
+    assert "goal final_below_bigram:" in result.stdout
