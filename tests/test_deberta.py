@@ -308,3 +308,33 @@ def test_too_long_for_absolute_positions_names_the_length():
     assert relative(torch.ones(1, 20, dtype=torch.long)).last_hidden_state.shape == (1, 20, 32)
     with pytest.raises(ValueError, match="position_ids"):
         relative(torch.ones(1, 4, dtype=torch.long), position_ids=torch.arange(4)[None])
+
+
+def test_a_v3_base_config_json_is_the_base_preset():
+    """The switches of DeBERTa-v3-base's published config.json (``pos_att_type`` as a ``|`` string) read back as the
+    ``deberta-base`` preset, without warnings."""
+    published = {
+        "model_type": "deberta-v2",
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": 768,
+        "initializer_range": 0.02,
+        "intermediate_size": 3072,
+        "max_position_embeddings": 512,
+        "relative_attention": True,
+        "position_buckets": 256,
+        "norm_rel_ebd": "layer_norm",
+        "share_att_key": True,
+        "pos_att_type": "p2c|c2p",
+        "layer_norm_eps": 1e-7,
+        "max_relative_positions": -1,
+        "position_biased_input": False,
+        "num_attention_heads": 12,
+        "num_hidden_layers": 12,
+        "type_vocab_size": 0,
+        "vocab_size": 128100,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert DebertaConfig.from_dict(published) == DebertaConfig.preset("deberta-base")
