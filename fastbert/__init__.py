@@ -22,6 +22,9 @@ _EXPORTS = {
     "BertModel": "fastbert.model",
     "CheckpointError": "fastbert.hf",
     "ConfigError": "fastbert.config",
+    "DebertaConfig": "fastbert.deberta",
+    "DebertaForMaskedLM": "fastbert.deberta",
+    "DebertaModel": "fastbert.deberta",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -1,0 +1,699 @@
+"""DeBERTa-v3: its config, the encoder with disentangled attention, the MLM head, and its HF interchange.
+
+The model is transformers' ``DebertaV2Model`` / ``DebertaV2ForMaskedLM`` function (post-LN layers; word embeddings,
+by default no absolute positions, an embedding LayerNorm; one relative-position table shared by every layer, with its
+own LayerNorm; attention scores from content and from relative positions, ``fastbert.kernels.disentangled_attention``)
+and reads and writes their checkpoints: ``config.json`` with ``model_type: deberta-v2`` and ``model.safetensors``
+under transformers' key names. What this port does not build is refused with the config key or checkpoint key that
+asks for it, before any weight is read: the convolution after the first layer (``conv_kernel_size > 0``), attention
+terms other than ``c2p`` / ``p2c``, models without relative attention, a factorised embedding width, a head size
+other than ``hidden_size / num_attention_heads``, position-bucket settings whose log buckets are undefined, and the
+enhanced mask decoder's extra weights. The model runs on the padded layout (``input_ids [B, S]`` with
+``attention_mask``); the attention is the plain-PyTorch reference, with no Triton kernel yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastbert import ops
+from fastbert.config import _IGNORED_HF_KEYS, GELU_APPROXIMATION, IGNORE_INDEX, BertConfig, ConfigError
+from fastbert.hf import SAFETENSORS_NAME, CheckpointError, LoadingInfo, read_state_dict
+from fastbert.kernels import disentangled_attention as dsa
+from fastbert.model import _check_range, checks_inputs, init_modules
+
+MODEL_TYPE = "deberta-v2"
+# transformers' DebertaV2Config defaults: a config.json that leaves a key out means this value, not ours.
+_TRANSFORMERS_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 128100,
+    "hidden_size": 1536,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 24,
+    "intermediate_size": 6144,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "attention_probs_dropout_prob": 0.1,
+    "max_position_embeddings": 512,
+    "type_vocab_size": 0,
+    "initializer_range": 0.02,
+    "layer_norm_eps": 1e-7,
+    "pad_token_id": 0,
+    "position_biased_input": True,
+    "position_buckets": -1,
+    "max_relative_positions": -1,
+    "pos_att_type": None,
+    "share_att_key": False,
+    "norm_rel_ebd": "none",
+}
+# Keys of DeBERTa configs that change nothing fastbert builds (the pooler belongs to heads this port does not have).
+_IGNORED_DEBERTA_KEYS = {"pooler_hidden_size", "pooler_dropout", "pooler_hidden_act", "legacy"}
+
+
+@dataclass
+class DebertaConfig:
+    """A DeBERTa-v2/v3 encoder's shapes and switches; field names and meanings are transformers' ``DebertaV2Config``.
+
+    ``max_relative_positions < 1`` means ``max_position_embeddings``; ``position_buckets <= 0`` uses raw distances
+    clipped at ``max_relative_positions`` instead of log buckets. ``pos_att_type`` is any subset of
+    ``("c2p", "p2c")`` (a ``"p2c|c2p"`` string as in config.json is accepted).
+    """
+
+    vocab_size: int = 128100
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-7
+    pad_token_id: int = 0
+    position_biased_input: bool = False
+    position_buckets: int = 256
+    max_relative_positions: int = -1
+    pos_att_type: tuple[str, ...] = ("p2c", "c2p")
+    share_att_key: bool = True
+    norm_rel_ebd: str = "layer_norm"
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+                f"({self.num_attention_heads})"
+            )
+        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
+            raise ConfigError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
+        if self.hidden_act not in GELU_APPROXIMATION:
+            raise ConfigError(
+                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}"
+            )
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
+            raise ConfigError(f"pad_token_id {self.pad_token_id!r} is outside the vocabulary (size {self.vocab_size})")
+        terms = self.pos_att_type
+        if terms is None:
+            terms = ()
+        elif isinstance(terms, str):
+            terms = tuple(t.strip() for t in terms.lower().split("|") if t.strip())
+        else:
+            terms = tuple(terms)
+        unknown = [t for t in terms if t not in dsa.POSITION_TERMS]
+        if unknown or len(set(terms)) != len(terms):
+            raise ConfigError(
+                f"pos_att_type {self.pos_att_type!r}: each attention term must be one of {list(dsa.POSITION_TERMS)}, "
+                f"at most once (got {unknown or list(terms)})"
+            )
+        self.pos_att_type = terms
+        if self.norm_rel_ebd not in ("layer_norm", "none"):
+            raise ConfigError(f"norm_rel_ebd {self.norm_rel_ebd!r} is not supported; use 'layer_norm' or 'none'")
+        for name in ("position_buckets", "max_relative_positions"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"{name} must be an integer, got {getattr(self, name)!r}")
+        if self.position_buckets > 0:
+            half = self.position_buckets // 2
+            if half < 1:
+                raise ConfigError(
+                    f"position_buckets must be >= 2 (or <= 0 for no buckets), got {self.position_buckets}"
+                )
+            if self.relative_distance <= half + 1:
+                # log((max_relative_positions - 1) / (position_buckets // 2)) is the buckets' denominator
+                raise ConfigError(
+                    f"position_buckets={self.position_buckets} needs max_relative_positions (here "
+                    f"{self.relative_distance}, from max_relative_positions={self.max_relative_positions} and "
+                    f"max_position_embeddings={self.max_position_embeddings}) above position_buckets // 2 + 1 = "
+                    f"{half + 1}: the log buckets are undefined otherwise"
+                )
+
+    # Derived facts ----------------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def gelu_approximation(self) -> str:
+        return GELU_APPROXIMATION[self.hidden_act]
+
+    @property
+    def relative_distance(self) -> int:
+        """The distance the log buckets reach (``max_relative_positions``, or ``max_position_embeddings`` when < 1)."""
+        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+
+    @property
+    def position_span(self) -> int:
+        """Half the height of the relative-position table."""
+        return dsa.position_span(self.position_buckets, self.relative_distance)
+
+    # Presets ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> DebertaConfig:
+        if name not in DEBERTA_PRESETS:
+            raise ConfigError(f"unknown DeBERTa preset {name!r}; choose from {sorted(DEBERTA_PRESETS)}")
+        return cls(**{**DEBERTA_PRESETS[name], **overrides})
+
+    def replace(self, **changes: Any) -> DebertaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # config.json ------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """config.json's contents as transformers' ``DebertaV2Config`` reads them; every switch written out, since
+        transformers' defaults differ from v3's. ``legacy: false`` selects the MLM head layout fastbert writes."""
+        d = dataclasses.asdict(self)
+        d["pos_att_type"] = list(self.pos_att_type)
+        d.update(model_type=MODEL_TYPE, relative_attention=True, legacy=False)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> DebertaConfig:
+        """Read a transformers config.json; what it leaves out means transformers' default. Options this port does
+        not build raise ``ConfigError`` naming the key."""
+        d = {**_TRANSFORMERS_DEFAULTS, **d}
+        model_type = d.pop("model_type", MODEL_TYPE)
+        if model_type != MODEL_TYPE:
+            raise ConfigError(
+                f"{source}: model_type {model_type!r} is not {MODEL_TYPE!r} (DeBERTa v1 and other models are not "
+                "built by fastbert.deberta)"
+            )
+        refused = []
+        if not d.pop("relative_attention", False):
+            refused.append("relative_attention=false (this port always uses relative attention)")
+        conv = d.pop("conv_kernel_size", 0)
+        if conv and conv > 0:
+            refused.append(f"conv_kernel_size={conv} (the convolution layer after the first layer is not built)")
+        for key in ("conv_groups", "conv_act"):
+            d.pop(key, None)
+        if d.get("z_steps", 0):
+            refused.append(f"z_steps={d['z_steps']} (the enhanced mask decoder is not built)")
+        d.pop("z_steps", None)
+        hidden, heads = d.get("hidden_size"), d.get("num_attention_heads")
+        head_size = d.pop("attention_head_size", None)
+        if head_size is not None and isinstance(heads, int) and head_size * heads != hidden:
+            refused.append(f"attention_head_size={head_size} (only hidden_size / num_attention_heads is built)")
+        embedding_size = d.pop("embedding_size", None)
+        if embedding_size is not None and embedding_size != hidden:
+            refused.append(f"embedding_size={embedding_size} (factorised embeddings are not built)")
+        if refused:
+            raise ConfigError(f"{source}: not supported by fastbert's DeBERTa: " + "; ".join(refused))
+        if d.get("pad_token_id") is None:
+            d["pad_token_id"] = 0
+        known = {f.name for f in dataclasses.fields(cls)}
+        ignored = _IGNORED_HF_KEYS | _IGNORED_DEBERTA_KEYS
+        unknown = sorted(k for k in d if k not in known and k not in ignored)
+        if unknown:
+            warnings.warn(f"{source}: ignoring config key(s) fastbert does not use: {unknown}", stacklevel=2)
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> DebertaConfig:
+        path = Path(directory) / "config.json"
+        return cls.from_dict(BertConfig.read_json(path), source=str(path))
+
+    def to_json_string(self, architecture: str | None = None) -> str:
+        d = self.to_dict()
+        if architecture is not None:
+            d["architectures"] = [architecture]
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+
+DEBERTA_PRESETS: dict[str, dict[str, Any]] = {
+    # A small shape for tests and the CPU, with BERT's vocabulary size.
+    "deberta-tiny": dict(
+        vocab_size=30522, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024
+    ),
+    # DeBERTa-v3-small and -base (128k SentencePiece vocabulary).
+    "deberta-small": dict(hidden_size=768, num_hidden_layers=6, num_attention_heads=12, intermediate_size=3072),
+    "deberta-base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+}
+
+
+# Outputs --------------------------------------------------------------------------------------------------------
+@dataclass
+class DebertaModelOutput:
+    last_hidden_state: torch.Tensor
+
+
+@dataclass
+class MaskedLMOutput:
+    loss: torch.Tensor | None = None
+    accuracy: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+# Modules --------------------------------------------------------------------------------------------------------
+class DebertaEmbeddings(nn.Module):
+    """Word (+ absolute position, + segment) embeddings, LayerNorm, padding zeroed, dropout."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.word_embeddings = nn.Embedding(config.vocab_size, h, padding_idx=config.pad_token_id)
+        self.position_embeddings = (
+            nn.Embedding(config.max_position_embeddings, h) if config.position_biased_input else None
+        )
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h) if config.type_vocab_size > 0 else None
+        self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def forward(self, input_ids, mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
+        x = self.word_embeddings(input_ids)
+        if self.position_embeddings is not None:
+            if position_ids is None:
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            x = x + self.position_embeddings(position_ids)
+        if self.token_type_embeddings is not None:
+            if token_type_ids is None:
+                token_type_ids = torch.zeros_like(input_ids)
+            x = x + self.token_type_embeddings(token_type_ids)
+        x = self.norm(x) * mask[..., None].to(x.dtype)
+        return ops.dropout(x, self.config.hidden_dropout_prob, self.training)
+
+
+class DebertaLayer(nn.Module):
+    """Disentangled self-attention then the FFN, each followed by residual + LayerNorm (post-LN)."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        h = config.hidden_size
+        self.config = config
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+        # Without share_att_key the relative-position table has its own projections, one per position term.
+        separate = not config.share_att_key
+        self.pos_key = nn.Linear(h, h) if separate and "c2p" in config.pos_att_type else None
+        self.pos_query = nn.Linear(h, h) if separate and "p2c" in config.pos_att_type else None
+        self.attn_out = nn.Linear(h, h)
+        self.attn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+        self.ffn_in = nn.Linear(h, config.intermediate_size)
+        self.ffn_out = nn.Linear(config.intermediate_size, h)
+        self.ffn_norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``[..., rows, hidden]`` -> ``[..., heads, rows, head_dim]``."""
+        c = self.config
+        return x.view(*x.shape[:-1], c.num_attention_heads, c.head_dim).transpose(-2, -3)
+
+    def _attention(self, x, mask, rel_table, rel_index) -> torch.Tensor:
+        c = self.config
+        q, k, v = (self._heads(proj(x)) for proj in (self.query, self.key, self.value))
+        rel_table = ops.dropout(rel_table, c.hidden_dropout_prob, self.training)
+        pos_key = pos_query = None
+        if "c2p" in c.pos_att_type:
+            pos_key = self._heads((self.key if c.share_att_key else self.pos_key)(rel_table))
+        if "p2c" in c.pos_att_type:
+            pos_query = self._heads((self.query if c.share_att_key else self.pos_query)(rel_table))
+        p = c.attention_probs_dropout_prob if self.training else 0.0
+        out = dsa.reference(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
+        return out.transpose(1, 2).reshape(x.shape)
+
+    def forward(self, x, mask, rel_table, rel_index) -> torch.Tensor:
+        c, p, train = self.config, self.config.hidden_dropout_prob, self.training
+        shape = x.shape
+        a = F.linear(self._attention(x, mask, rel_table, rel_index), self.attn_out.weight).view(-1, shape[-1])
+        x, _ = ops.residual_layer_norm(
+            a,
+            x.view(-1, shape[-1]),
+            self.attn_norm.weight,
+            self.attn_norm.bias,
+            c.layer_norm_eps,
+            self.attn_out.bias,
+            p,
+            train,
+        )
+        h = ops.bias_gelu(F.linear(x, self.ffn_in.weight), self.ffn_in.bias, c.gelu_approximation)
+        x, _ = ops.residual_layer_norm(
+            F.linear(h, self.ffn_out.weight),
+            x,
+            self.ffn_norm.weight,
+            self.ffn_norm.bias,
+            c.layer_norm_eps,
+            self.ffn_out.bias,
+            p,
+            train,
+        )
+        return x.view(shape)
+
+
+class DebertaEncoder(nn.Module):
+    """The layers and the relative-position table (``2 * position_span`` rows, LayerNorm'd) they all share."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(DebertaLayer(config) for _ in range(config.num_hidden_layers))
+        self.rel_embeddings = nn.Embedding(2 * config.position_span, config.hidden_size)
+        self.rel_norm = (
+            nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if config.norm_rel_ebd == "layer_norm" else None
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        rel_table = self.rel_embeddings.weight
+        if self.rel_norm is not None:
+            rel_table = self.rel_norm(rel_table)
+        rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
+        for layer in self.layers:
+            x = layer(x, mask, rel_table, rel_index)
+        return x
+
+
+class DebertaMLMHead(nn.Module):
+    """Dense, GELU, LayerNorm, then the decoder tied to the word embeddings plus its own bias."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.transform = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def transform_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = ops.bias_gelu(F.linear(hidden, self.transform.weight), self.transform.bias, self.config.gelu_approximation)
+        return F.layer_norm(
+            h, (h.shape[-1],), self.transform_norm.weight, self.transform_norm.bias, self.config.layer_norm_eps
+        )
+
+
+class DebertaPreTrainedModel(nn.Module):
+    """Shared by the DeBERTa classes: initialisation and transformers-compatible ``from_pretrained`` /
+    ``save_pretrained``."""
+
+    config: DebertaConfig
+
+    def init_weights(self) -> None:
+        """BERT's initialisation (transformers' for DeBERTa too), drawn once: a head model's encoder was initialised
+        by its own constructor."""
+        encoder = getattr(self, "deberta", None)
+        done = set(encoder.modules()) if isinstance(encoder, DebertaModel) else set()
+        init_modules([m for m in self.modules() if m not in done], self.config.initializer_range)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        config: DebertaConfig | None = None,
+        output_loading_info: bool = False,
+        **config_overrides,
+    ):
+        """Load a transformers DeBERTa-v2/v3 checkpoint directory (config.json + model.safetensors or
+        pytorch_model.bin). Unsupported options raise before any weight is read; missing and unexpected keys are
+        reported as a warning (and returned with ``output_loading_info=True``); shapes are checked before any weight
+        is copied."""
+        return load_pretrained(cls, directory, config, output_loading_info, **config_overrides)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write config.json and model.safetensors as transformers' ``DebertaV2Model`` / ``DebertaV2ForMaskedLM``
+        read them."""
+        save_pretrained(self, directory)
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class DebertaModel(DebertaPreTrainedModel):
+    """The encoder over a padded batch: ``input_ids [B, S]`` and ``attention_mask [B, S]`` (1 for real tokens);
+    ``last_hidden_state [B, S, hidden]`` is zero at padding."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = DebertaEmbeddings(config)
+        self.encoder = DebertaEncoder(config)
+        self.init_weights()
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
+        """``(hidden [B, S, hidden], mask [B, S] bool)``."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
+        if attention_mask is None:
+            mask = torch.ones_like(input_ids, dtype=torch.bool)
+        elif attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}"
+            )
+        else:
+            mask = attention_mask.bool()
+        self._check_inputs(input_ids, token_type_ids, position_ids)
+        hidden = self.encoder(self.embeddings(input_ids, mask, token_type_ids, position_ids), mask)
+        return hidden * mask[..., None].to(hidden.dtype), mask
+
+    def _check_inputs(self, input_ids, token_type_ids, position_ids) -> None:
+        c = self.config
+        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
+        if token_type_ids is not None:
+            if token_type_ids.shape != input_ids.shape:
+                raise ValueError(
+                    f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+                )
+            if c.type_vocab_size == 0:
+                if checks_inputs(token_type_ids) and bool(token_type_ids.any()):
+                    raise ValueError(
+                        "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
+                    )
+            else:
+                _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+        if not c.position_biased_input:
+            if position_ids is not None:
+                raise ValueError(
+                    "position_ids given, but this model has no absolute positions (position_biased_input=False): "
+                    "its relative positions come from token order"
+                )
+            return
+        if position_ids is not None:
+            _check_range("position_ids", position_ids, c.max_position_embeddings, "max_position_embeddings")
+        elif input_ids.shape[1] > c.max_position_embeddings:
+            raise IndexError(
+                f"a sequence has {input_ids.shape[1]} positions but max_position_embeddings is "
+                f"{c.max_position_embeddings} (absolute positions, position_biased_input=True): the sequence is too "
+                "long"
+            )
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None) -> DebertaModelOutput:
+        return DebertaModelOutput(self.encode(input_ids, attention_mask, token_type_ids, position_ids)[0])
+
+
+class DebertaForMaskedLM(DebertaPreTrainedModel):
+    """The encoder and the MLM head. With ``labels`` (``-100`` where no prediction is asked), the head runs on the
+    labelled positions only and returns their mean cross-entropy and accuracy; without, ``logits [B, S, vocab]``
+    (zero at padding)."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.cls = DebertaMLMHead(config)
+        self.init_weights()
+
+    @property
+    def decoder_weight(self) -> torch.Tensor:
+        return self.deberta.embeddings.word_embeddings.weight
+
+    def forward(
+        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None
+    ) -> MaskedLMOutput:
+        hidden, mask = self.deberta.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        if labels is None:
+            logits = F.linear(self.cls.transform_hidden(hidden), self.decoder_weight, self.cls.bias)
+            return MaskedLMOutput(logits=logits * mask[..., None].to(logits.dtype))
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        flat = labels.reshape(-1)
+        masked = torch.nonzero(flat != IGNORE_INDEX, as_tuple=False).flatten()
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
+        loss, accuracy = ops.mlm_loss(
+            self.cls.transform_hidden(rows), self.decoder_weight, self.cls.bias, flat.index_select(0, masked)
+        )
+        return MaskedLMOutput(loss=loss, accuracy=accuracy)
+
+
+# HF interchange -------------------------------------------------------------------------------------------------
+# Our per-layer module names -> transformers' (under deberta.encoder.layer.<i>.).
+_LAYER_NAMES = {
+    "query": "attention.self.query_proj",
+    "key": "attention.self.key_proj",
+    "value": "attention.self.value_proj",
+    "pos_key": "attention.self.pos_key_proj",
+    "pos_query": "attention.self.pos_query_proj",
+    "attn_out": "attention.output.dense",
+    "attn_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+_BASE_NAMES = {
+    "embeddings.word_embeddings": "embeddings.word_embeddings",
+    "embeddings.position_embeddings": "embeddings.position_embeddings",
+    "embeddings.token_type_embeddings": "embeddings.token_type_embeddings",
+    "embeddings.norm": "embeddings.LayerNorm",
+    "encoder.rel_embeddings": "encoder.rel_embeddings",
+    "encoder.rel_norm": "encoder.LayerNorm",
+}
+# The MLM head in transformers' two layouts: ``legacy`` (its config default; a decoder module tied to the word
+# embeddings) and the one DeBERTa-v3's released checkpoints use (``legacy: false``).
+_HEAD_NAMES = {
+    True: {
+        "transform": "cls.predictions.transform.dense",
+        "transform_norm": "cls.predictions.transform.LayerNorm",
+        "bias": "cls.predictions.bias",
+    },
+    False: {
+        "transform": "lm_predictions.lm_head.dense",
+        "transform_norm": "lm_predictions.lm_head.LayerNorm",
+        "bias": "lm_predictions.lm_head.bias",
+    },
+}
+_HEAD_ROOTS = ("cls.", "lm_predictions.", "mask_predictions.")
+_PREFIX = "deberta."
+# Checkpoint keys that hold no weight of ours: a buffer, the legacy decoder (tied; checked equal), and the replaced
+# token detection head of DeBERTa-v3's ELECTRA-style pretraining (transformers drops it too).
+_IGNORABLE = re.compile(
+    r"deberta\.embeddings\.position_ids|cls\.predictions\.decoder\.(weight|bias)|mask_predictions\..*"
+)
+
+
+def checkpoint_key_map(model: nn.Module, legacy: bool = False) -> dict[str, str]:
+    """Each of the model's state_dict keys -> its checkpoint key in transformers' layout (encoder keys with the
+    ``deberta.`` prefix; the MLM head in the ``legacy`` or the v3 layout)."""
+    out = {}
+    for key in model.state_dict():
+        if key.startswith("cls."):
+            module, _, leaf = key[len("cls.") :].rpartition(".")
+            out[key] = _HEAD_NAMES[legacy]["bias"] if not module else f"{_HEAD_NAMES[legacy][module]}.{leaf}"
+            continue
+        local = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
+        module, _, leaf = local.rpartition(".")
+        layer = re.fullmatch(r"encoder\.layers\.(\d+)\.(\w+)", module)
+        if layer is not None:
+            theirs = f"encoder.layer.{layer[1]}.{_LAYER_NAMES[layer[2]]}"
+        elif module in _BASE_NAMES:
+            theirs = _BASE_NAMES[module]
+        else:
+            raise CheckpointError(f"{type(model).__name__} key {key!r} has no checkpoint name in fastbert.deberta")
+        out[key] = f"{_PREFIX}{theirs}.{leaf}"
+    return out
+
+
+def _head_layout(state: dict[str, torch.Tensor], raw_config: dict[str, Any]) -> bool:
+    """Whether the checkpoint's MLM head is in the legacy layout: from its keys, else from its config."""
+    if any(k.startswith("lm_predictions.lm_head.") for k in state):
+        return False
+    if any(k.startswith("cls.predictions.") for k in state):
+        return True
+    return bool(raw_config.get("legacy", True))
+
+
+def load_pretrained(cls, directory, config=None, output_loading_info=False, **config_overrides):
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{directory}: no config.json")
+    raw = BertConfig.read_json(config_path)
+    if config is None:
+        config = DebertaConfig.from_dict(raw, source=str(config_path))
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    state, path = read_state_dict(directory)
+    state = {k if k.startswith((_PREFIX, *_HEAD_ROOTS)) else _PREFIX + k: v for k, v in state.items()}
+    decoder_extras = sorted(
+        k for k in state if k.startswith("lm_predictions.") and not k.startswith("lm_predictions.lm_head.")
+    )
+    if decoder_extras:
+        raise CheckpointError(
+            f"{path}: the enhanced mask decoder's weights {decoder_extras[:4]} are not supported by fastbert's DeBERTa"
+        )
+    legacy = _head_layout(state, raw)
+    model = cls(config)
+    names = checkpoint_key_map(model, legacy)
+    ours = model.state_dict()
+    info, errors, updates = LoadingInfo(), [], {}
+    if legacy and "cls.predictions.bias" not in state and "cls.predictions.decoder.bias" in state:
+        state["cls.predictions.bias"] = state["cls.predictions.decoder.bias"]  # the tied pair saved under one name
+    for key, name in names.items():
+        if name not in state:
+            info.missing_keys.append(key)
+        elif state[name].shape != ours[key].shape:
+            errors.append(
+                f"{name}: checkpoint shape {tuple(state[name].shape)} != model shape {tuple(ours[key].shape)}"
+            )
+        else:
+            updates[key] = state[name]
+    for decoder, tied in (
+        ("cls.predictions.decoder.weight", "deberta.embeddings.word_embeddings.weight"),
+        ("cls.predictions.decoder.bias", "cls.predictions.bias"),
+    ):
+        if decoder in state and tied in state and not torch.equal(state[decoder], state[tied]):
+            errors.append(f"{decoder}: differs from {tied}; fastbert's DeBERTa ties them")
+    if errors:
+        raise CheckpointError(
+            f"{path} does not fit {type(model).__name__}; nothing was loaded:\n  " + "\n  ".join(errors)
+        )
+    used = set(names.values())
+    if not config.position_biased_input:  # a relative-only model ignores an absolute table, as transformers does
+        used.add("deberta.embeddings.position_embeddings.weight")
+    info.unexpected_keys = sorted(k for k in state if k not in used and not _IGNORABLE.fullmatch(k))
+    with torch.no_grad():
+        for key, value in updates.items():
+            ours[key].copy_(value)
+    if info.missing_keys or info.unexpected_keys:
+        warnings.warn(
+            f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
+            f"unused (unexpected) {info.unexpected_keys}",
+            stacklevel=3,
+        )
+    return (model, info) if output_loading_info else model
+
+
+_ARCHITECTURES = {"DebertaModel": "DebertaV2Model", "DebertaForMaskedLM": "DebertaV2ForMaskedLM"}
+
+
+def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under transformers' names (the v3 head layout); a bare encoder without the prefix, as
+    transformers saves its base model."""
+    names = checkpoint_key_map(model, legacy=False)
+    bare = not hasattr(model, "deberta")
+    out = {}
+    for key, value in model.state_dict().items():
+        name = names[key][len(_PREFIX) :] if bare else names[key]
+        out[name] = value.detach().contiguous().cpu()
+    return out
+
+
+def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
+    from safetensors.torch import save
+
+    from fastbert.atomic import write_atomic
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / SAFETENSORS_NAME, save(hf_state_dict(model), metadata={"format": "pt"}))
+    arch = _ARCHITECTURES.get(type(model).__name__, type(model).__name__)
+    write_atomic(directory / "config.json", model.config.to_json_string(arch).encode())
