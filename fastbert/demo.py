@@ -85,12 +85,13 @@ def held_out_scores(model_dir: Path, vocab: Path, corpus: Path, held_out: Path, 
     held_ids, _ = tokenizer.encode_batch_flat(
         held_out.read_text(encoding="utf-8").split("\n\n"), add_special_tokens=False
     )
-    v = tokenizer.vocab
-    masks = fixed_masks(np.asarray(held_ids), seq_len, v["[CLS]"], v["[SEP]"], v["[MASK]"], len(v), seed=0)
+    cls, sep, mask = tokenizer.convert_tokens_to_ids(["[CLS]", "[SEP]", "[MASK]"])
+    size = len(tokenizer.vocab)
+    masks = fixed_masks(np.asarray(held_ids), seq_len, cls, sep, mask, size, seed=0)
     model, _ = load(model_dir)
     return {
         "model": masked_lm_loss(model, masks),
-        **count_baselines(train_docs, masks, len(v), v["[MASK]"]),
+        **count_baselines(train_docs, masks, size, mask),
         "masked_tokens": int((masks.labels != -100).sum()),
     }
 
