@@ -785,7 +785,6 @@ def main() -> None:
                 for step, t in r["checkpoints"]:
                     curve.append((t, held_out_loss(load_masked_lm(r["run"] / f"checkpoint-{step}"), masks)))
                 finals[key] = r["run"] / "final"
-                entry["held_out_model"] = "BertForMaskedLM"
             elif key == "fastbert_mlm":
                 entry["step0_held_out_loss"] = step0_held_out_loss(r["run"], r["data"], masks, work_root / "mlm-step0")
                 # The model as training starts (the end of step 1 less that step's duration) opens the curve.
@@ -797,7 +796,6 @@ def main() -> None:
                     out = export(r["run"] / "checkpoints" / f"step-{step:08d}", work_root / f"mlm-export-{step}")
                     curve.append((t, held_out_loss(load_masked_lm(out), masks)))
                 finals[key] = work_root / f"mlm-export-{r['steps']}"
-                entry["held_out_model"] = type(load_masked_lm(finals[key])).__name__
             else:
                 finals[key] = export(r["run"], work_root / "electra-export")
                 entry["held_out_model"] = "generator"
@@ -814,7 +812,9 @@ def main() -> None:
                     flush=True,
                 )
             else:
-                final_loss = held_out_loss(load_masked_lm(finals[key]), masks)
+                final_model = load_masked_lm(finals[key])
+                entry["held_out_model"] = type(final_model).__name__
+                final_loss = held_out_loss(final_model, masks)
                 if not curve or curve[-1][0] < r["time_s"]:
                     curve.append((r["time_s"], final_loss))
                 entry["final_held_out_loss"] = final_loss

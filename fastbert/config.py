@@ -68,6 +68,36 @@ class ConfigError(ValueError):
     """A config value or config.json that fastbert cannot build a model from."""
 
 
+def check_encoder_fields(config, *positive: str) -> None:
+    """The checks every encoder config shares (BERT's and DeBERTa's): the sizes (and the ``positive`` fields named)
+    positive integers, heads dividing the hidden size, a segment table of 0 or more rows, a supported activation and
+    dropouts in [0, 1); a ``ConfigError`` names the field."""
+    sizes = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+    )
+    for name in (*sizes, *positive):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ConfigError(
+            f"hidden_size ({config.hidden_size}) must be divisible by num_attention_heads "
+            f"({config.num_attention_heads})"
+        )
+    if not isinstance(config.type_vocab_size, int) or config.type_vocab_size < 0:
+        raise ConfigError(f"type_vocab_size must be an integer >= 0, got {config.type_vocab_size!r}")
+    if config.hidden_act not in GELU_APPROXIMATION:
+        raise ConfigError(f"hidden_act {config.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}")
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+        if not 0.0 <= getattr(config, name) < 1.0:
+            raise ConfigError(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+
+
 @dataclass
 class BertConfig:
     vocab_size: int = 30522
@@ -93,36 +123,11 @@ class BertConfig:
     id2label: dict[int, str] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-            "num_labels",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
-            raise ConfigError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
+        check_encoder_fields(self, "num_labels")
         if self.embedding_size is not None and (not isinstance(self.embedding_size, int) or self.embedding_size < 1):
             raise ConfigError(f"embedding_size must be a positive integer or None, got {self.embedding_size!r}")
-        if self.hidden_act not in GELU_APPROXIMATION:
-            raise ConfigError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}"
-            )
         if self.sentence_objective not in OBJECTIVES:
             raise ConfigError(f"sentence_objective must be one of {OBJECTIVES}, got {self.sentence_objective!r}")
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id {self.pad_token_id} is outside the vocabulary (size {self.vocab_size})")
 

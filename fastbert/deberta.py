@@ -28,10 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.config import _IGNORED_HF_KEYS, GELU_APPROXIMATION, IGNORE_INDEX, BertConfig, ConfigError
-from fastbert.hf import SAFETENSORS_NAME, CheckpointError, LoadingInfo, read_state_dict
+from fastbert.config import (
+    _IGNORED_HF_KEYS,
+    GELU_APPROXIMATION,
+    IGNORE_INDEX,
+    BertConfig,
+    ConfigError,
+    check_encoder_fields,
+)
+from fastbert.hf import SAFETENSORS_NAME, CheckpointError, LoadingInfo, read_state_dict, warn_if_partly_loaded
 from fastbert.kernels import disentangled_attention as dsa
-from fastbert.model import _check_range, checks_inputs, init_modules
+from fastbert.model import _check_range, check_token_ids, init_modules
 
 MODEL_TYPE = "deberta-v2"
 # transformers' DebertaV2Config defaults: a config.json that leaves a key out means this value, not ours.
@@ -90,31 +97,7 @@ class DebertaConfig:
     norm_rel_ebd: str = "layer_norm"
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "intermediate_size",
-            "max_position_embeddings",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ConfigError(
-                f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
-                f"({self.num_attention_heads})"
-            )
-        if not isinstance(self.type_vocab_size, int) or self.type_vocab_size < 0:
-            raise ConfigError(f"type_vocab_size must be an integer >= 0, got {self.type_vocab_size!r}")
-        if self.hidden_act not in GELU_APPROXIMATION:
-            raise ConfigError(
-                f"hidden_act {self.hidden_act!r} is not supported; use one of {sorted(GELU_APPROXIMATION)}"
-            )
-        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        check_encoder_fields(self)
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id {self.pad_token_id!r} is outside the vocabulary (size {self.vocab_size})")
         terms = self.pos_att_type
@@ -468,19 +451,7 @@ class DebertaModel(DebertaPreTrainedModel):
 
     def _check_inputs(self, input_ids, token_type_ids, position_ids) -> None:
         c = self.config
-        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
-        if token_type_ids is not None:
-            if token_type_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
-                )
-            if c.type_vocab_size == 0:
-                if checks_inputs(token_type_ids) and bool(token_type_ids.any()):
-                    raise ValueError(
-                        "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
-                    )
-            else:
-                _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+        check_token_ids(input_ids, token_type_ids, c.vocab_size, c.type_vocab_size)
         if not c.position_biased_input:
             if position_ids is not None:
                 raise ValueError(
@@ -663,12 +634,7 @@ def load_pretrained(cls, directory, config=None, output_loading_info=False, **co
     with torch.no_grad():
         for key, value in updates.items():
             ours[key].copy_(value)
-    if info.missing_keys or info.unexpected_keys:
-        warnings.warn(
-            f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
-            f"unused (unexpected) {info.unexpected_keys}",
-            stacklevel=3,
-        )
+    warn_if_partly_loaded(cls, path, info)
     return (model, info) if output_loading_info else model
 
 

@@ -258,13 +258,18 @@ def load_pretrained(
     state, path = read_state_dict(directory)
     model = cls(config)
     info = load_state_dict_into(model, state, model_type, source=str(path))
+    warn_if_partly_loaded(cls, path, info)
+    return (model, info) if output_loading_info else model
+
+
+def warn_if_partly_loaded(cls: type, path, info: LoadingInfo) -> None:
+    """Warn, from the ``from_pretrained`` that called, about weights newly initialised or left unused."""
     if info.missing_keys or info.unexpected_keys:
         warnings.warn(
             f"loading {cls.__name__} from {path}: newly initialised (missing) {info.missing_keys}; "
             f"unused (unexpected) {info.unexpected_keys}",
-            stacklevel=3,
+            stacklevel=4,
         )
-    return (model, info) if output_loading_info else model
 
 
 # Saving -----------------------------------------------------------------------------------------------------------

@@ -119,6 +119,25 @@ def _check_range(name: str, ids: torch.Tensor, limit: int, what: str) -> None:
         raise IndexError(f"{name} holds {bad} at {where}, outside [0, {limit}) ({what})")
 
 
+def check_token_ids(input_ids, token_type_ids, vocab_size: int, type_vocab_size: int) -> None:
+    """Token ids inside the vocabulary, and segment ids (when given) of the same shape inside the segment table, or
+    all zero for a model without one (``type_vocab_size=0``); raises naming the value and where it sits."""
+    _check_range("input_ids", input_ids, vocab_size, "vocab_size")
+    if token_type_ids is None:
+        return
+    if token_type_ids.shape != input_ids.shape:
+        raise ValueError(
+            f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
+        )
+    if type_vocab_size == 0:
+        if checks_inputs(token_type_ids) and bool(token_type_ids.any()):
+            raise ValueError(
+                "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
+            )
+    else:
+        _check_range("token_type_ids", token_type_ids, type_vocab_size, "type_vocab_size")
+
+
 # Outputs --------------------------------------------------------------------------------------------------------
 @dataclass
 class BertModelOutput:
@@ -383,19 +402,7 @@ class BertModel(BertPreTrainedModel):
     def _check_inputs(self, input_ids, token_type_ids, position_ids, layout: Layout) -> None:
         """Out-of-range ids raise here, naming the value and where it sits, instead of failing deep in an index op."""
         c = self.config
-        _check_range("input_ids", input_ids, c.vocab_size, "vocab_size")
-        if token_type_ids is not None:
-            if token_type_ids.shape != input_ids.shape:
-                raise ValueError(
-                    f"token_type_ids shape {tuple(token_type_ids.shape)} != input_ids shape {tuple(input_ids.shape)}"
-                )
-            if c.type_vocab_size == 0:
-                if checks_inputs(token_type_ids) and bool(token_type_ids.any()):
-                    raise ValueError(
-                        "token_type_ids hold segment ids but this model has no segment embeddings (type_vocab_size=0)"
-                    )
-            else:
-                _check_range("token_type_ids", token_type_ids, c.type_vocab_size, "type_vocab_size")
+        check_token_ids(input_ids, token_type_ids, c.vocab_size, c.type_vocab_size)
         longest = layout.shape[1] if layout.shape is not None else layout.max_seqlen
         if position_ids is not None:
             _check_range("position_ids", position_ids, c.max_position_embeddings, "max_position_embeddings")

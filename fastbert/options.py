@@ -117,8 +117,8 @@ def load_config(path: str, cls: type) -> dict:
     from fastbert import recipes
 
     file = Path(path)
-    if not file.exists() and recipes.path(path) is not None:
-        file = recipes.path(path)
+    if not file.exists():
+        file = recipes.path(path) or file
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as e:
