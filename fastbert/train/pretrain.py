@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -699,11 +700,12 @@ class _Run:
             self.engine,
             [next(self.batches) for _ in range(self.inputs.plan.accumulation)],
             self.world,
-            skipped=lambda: self.optimizer.last_step_skipped or not self.engine.was_step_applied(),
+            skipped=self._skipped,
             stop=self.stop.requested,
             out_of_time=lambda: self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds,
             clock=lambda: self._elapsed() if self.rank == 0 else 0.0,
             budget_spent=lambda: self.rank == 0 and self._budget_spent(step_started),
+            grad_norm=lambda: self._report()[1] if self.rank == 0 else 0.0,
         )
         values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
         self.step += 1
@@ -722,6 +724,16 @@ class _Run:
             self._save()
             self.closing["save"] = time.perf_counter() - started
         return values
+
+    def _report(self) -> torch.Tensor:
+        """The optimizer's ``[skipped, gradient norm]`` of its last step, on the device (nan before its first)."""
+        report = self.optimizer.step_report()
+        return report if report is not None else torch.tensor([1.0, math.nan], dtype=torch.float64)
+
+    def _skipped(self) -> torch.Tensor | bool:
+        """1 on the device if the optimizer skipped the step (non-finite gradients, decided on the device), True if
+        DeepSpeed did not apply it (an fp16 overflow: its own host decision)."""
+        return self._report()[0] if self.engine.was_step_applied() else True
 
     def _elapsed(self) -> float:
         """Seconds into the run on this rank's clock: earlier processes' share (from the checkpoint) and this one's
@@ -750,7 +762,8 @@ class _Run:
 
     def _row(self, values: dict, lr: float) -> dict:
         elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
-        grad_norm = self.engine.get_global_grad_norm() if self.optimizer.partitioned else self.optimizer.grad_norm
+        grad_norm = self.engine.get_global_grad_norm() if self.optimizer.partitioned else values["grad_norm"]
+        grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
         lambda_ = self.args.discriminator_weight if self.inputs.generator is not None else None
         row = _step_row(self.step, values, elapsed, lr, grad_norm, self.inputs.objective, lambda_)
         row.update(time=self.metrics_log.time_offset + (self.tick - self.started), wall=time.time())
