@@ -155,6 +155,7 @@ def _moments_chunk(
     row,
     start,
     numel,
+    clip,
     WEIGHT_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
     FAST: tl.constexpr,
@@ -173,15 +174,12 @@ def _moments_chunk(
     bias_correction2 = tl.load(hyper + BIAS_CORRECTION2)
     eps = tl.load(hyper + EPS)
     weight_decay = tl.load(hyper + WEIGHT_DECAY)
-    clip = tl.load(hyper + CLIP)
     w_sq = tl.zeros([BLOCK], dtype=tl.float32)
     u_sq = tl.zeros([BLOCK], dtype=tl.float32)
     end = CHUNK if FAST else numel
     for b in range(0, end, BLOCK):
         offs = b + tl.arange(0, BLOCK)
-        # A skipped step (clip 0, with 1 - beta1 = 1 - beta2 = 0 and beta2 = 1 in its row) leaves m and v as they
-        # were: its gradients, which hold an inf or a nan somewhere, are read as zeros.
-        g = tl.where(clip != 0.0, _load(G, offs, numel, FAST) * clip, 0.0)
+        g = _load(G, offs, numel, FAST) * clip
         m = _load(M, offs, numel, FAST)
         v = _load(V, offs, numel, FAST)
         w = _load(W, offs, numel, FAST)
@@ -210,10 +208,21 @@ def _lamb_moments(
 ):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
+    clip = tl.load(Hyper + row * HYPER_COLUMNS + CLIP)
+    # A skipped step (clip 0): the chunk is walked as empty, so m and v are neither read nor written (its gradients
+    # hold an inf or a nan somewhere) and its partial sums are 0, a trust ratio of 1 for the apply kernel, which
+    # then adds lr 0 times a finite update.
+    skip = clip == 0.0
+    fast = fast & (clip != 0.0)
+    numel = tl.where(skip, 0, numel)
     if fast:
-        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, WEIGHT_DTYPE, GRAD_DTYPE, True, CHUNK, BLOCK)
+        w_sq, u_sq = _moments_chunk(
+            Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, True, CHUNK, BLOCK
+        )
     else:
-        w_sq, u_sq = _moments_chunk(Addresses, Hyper, row, start, numel, WEIGHT_DTYPE, GRAD_DTYPE, False, CHUNK, BLOCK)
+        w_sq, u_sq = _moments_chunk(
+            Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, False, CHUNK, BLOCK
+        )
     tl.store(Partials + (first_chunk + pid) * NORM_COLUMNS + W_SQ, w_sq)
     tl.store(Partials + (first_chunk + pid) * NORM_COLUMNS + U_SQ, u_sq)
 
