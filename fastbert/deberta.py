@@ -45,6 +45,7 @@ from fastbert.kernels import disentangled_attention as dsa
 from fastbert.model import (
     ClassifierOutput,
     Layout,
+    PreTrainingOutput,
     QuestionAnsweringOutput,
     _check_range,
     check_token_ids,
@@ -597,6 +598,57 @@ class DebertaForMaskedLM(DebertaPreTrainedModel):
         return MaskedLMOutput(loss=loss, accuracy=accuracy)
 
 
+class DebertaForPreTraining(DebertaForMaskedLM):
+    """``DebertaForMaskedLM`` as the pretraining driver calls a model (BERT's ``BertForPreTraining`` interface): an
+    unpadded batch (flat ``input_ids`` with ``cu_seqlens``) or a padded one, ``labels`` in the same layout, and the
+    collator's ``masked_positions`` (flat indices of the labelled tokens, so that the forward pass reads nothing back
+    to find them); returns a ``PreTrainingOutput`` with the MLM loss and accuracy. MLM only: DeBERTa-v3 has no
+    sentence objective. Its weights and checkpoints are ``DebertaForMaskedLM``'s (``DebertaV2ForMaskedLM``)."""
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+        masked_positions=None,
+    ) -> PreTrainingOutput:
+        if next_sentence_label is not None:
+            raise ValueError("next_sentence_label given, but DeBERTa pretrains with MLM only (no sentence objective)")
+        if not self.config.position_biased_input:
+            # The pretraining collator gives each sequence's positions 0..n-1: for a model with relative positions
+            # only, that is its token order, which the attention reads by itself.
+            position_ids = None
+        hidden, mask, layout = self.deberta.encode_any(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
+        if layout is None:  # a padded batch with a tensor mask, unpadded here as BERT's encoder does
+            layout = Layout.from_attention_mask(mask)
+        flat = layout.unpad(hidden)  # the real tokens' rows, in order: what labels and masked_positions index
+        out = PreTrainingOutput()
+        if labels is None:
+            logits = F.linear(self.cls.transform_hidden(flat), self.decoder_weight, self.cls.bias)
+            out.prediction_logits = logits if cu_seqlens is not None else layout.pad(logits)
+            return out
+        flat_labels = labels.reshape(-1) if cu_seqlens is not None else layout.unpad(labels)
+        masked = masked_positions
+        if masked is None:
+            masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
+        out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
+            self.cls.transform_hidden(flat.index_select(0, masked)),
+            self.decoder_weight,
+            self.cls.bias,
+            flat_labels.index_select(0, masked),
+        )
+        out.loss = out.mlm_loss
+        return out
+
+
 def _unpadded_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, tokens: int, device) -> Layout:
     """Where the ``tokens`` tokens of an unpadded batch sit in its padded ``[B, max_seqlen]`` form, computed on the
     device (a host read only when ``max_seqlen`` is not given)."""
@@ -891,6 +943,7 @@ def load_pretrained(cls, directory, config=None, output_loading_info=False, **co
 _ARCHITECTURES = {
     "DebertaModel": "DebertaV2Model",
     "DebertaForMaskedLM": "DebertaV2ForMaskedLM",
+    "DebertaForPreTraining": "DebertaV2ForMaskedLM",
     "DebertaForSequenceClassification": "DebertaV2ForSequenceClassification",
     "DebertaForTokenClassification": "DebertaV2ForTokenClassification",
     "DebertaForQuestionAnswering": "DebertaV2ForQuestionAnswering",

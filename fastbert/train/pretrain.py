@@ -27,10 +27,11 @@ import torch.distributed as dist
 
 from fastbert import electra
 from fastbert.atomic import write_atomic
-from fastbert.config import PRESETS, BertConfig
+from fastbert.config import PRESETS, BertConfig, read_model_config
 from fastbert.data.masking import MASKING_SCHEMES, MLM_PROBABILITY, MaskingCollator
 from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
 from fastbert.data.shards import ShardDataset, vocab_sha256
+from fastbert.deberta import DEBERTA_PRESETS, DebertaConfig, DebertaForPreTraining
 from fastbert.model import BertForPreTraining
 from fastbert.optim import AdamW, Lamb, budget_lr, parameter_groups, parse_budget, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
@@ -67,7 +68,10 @@ class TrainingSetupError(ValueError):
 class PretrainArgs:
     data: str = option(help="directory written by prepare-data")
     out: str = option(help="run directory (checkpoints, metrics, TensorBoard)")
-    model: str = option("tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json")
+    model: str = option(
+        "tiny",
+        help=f"preset ({', '.join([*PRESETS, *DEBERTA_PRESETS])}) or a config.json (BERT family or deberta-v2)",
+    )
     objective: str = option(
         "mlm",
         help="mlm (BERT's masked LM) or electra (a generator fills the masks, the --model discriminator spots "
@@ -162,20 +166,47 @@ class PretrainArgs:
     progress: bool = option(True, help="show a progress bar")
 
 
-def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
+def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig | DebertaConfig:
     if args.model in PRESETS:
         config = BertConfig.preset(args.model, vocab_size=vocab_size)
+    elif args.model in DEBERTA_PRESETS:
+        config = DebertaConfig.preset(args.model, vocab_size=vocab_size)
     else:
-        config = BertConfig.from_json_file(args.model)
+        config = read_model_config(args.model)
         if config.vocab_size != vocab_size:
             raise TrainingSetupError(
                 f"{args.model}: vocab_size {config.vocab_size} but the data's vocabulary has {vocab_size} tokens"
             )
+    if isinstance(config, DebertaConfig):
+        return _deberta_config(args, config, objective, seq_len)
     changes = {"sentence_objective": objective, "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
     if args.dropout is not None:
         changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     if args.pre_ln:
         changes["pre_layer_norm"] = True
+    return config.replace(**changes)
+
+
+def _deberta_config(args: PretrainArgs, config: DebertaConfig, objective: str, seq_len: int) -> DebertaConfig:
+    """The run's DeBERTa config: MLM on shards without a sentence objective, post-LN; what it cannot train is
+    refused, naming the flag or the data."""
+    if args.objective != "mlm":
+        raise TrainingSetupError(
+            f"--model {args.model}: DeBERTa pretrains with --objective mlm here; --objective {args.objective} (ELECTRA "
+            "with gradient-disentangled embedding sharing) is not built yet"
+        )
+    if objective != "none":
+        raise TrainingSetupError(
+            f"{args.data}: shards prepared for the sentence objective {objective!r}, but DeBERTa has none; prepare "
+            "them with prepare-data --objective none"
+        )
+    if args.pre_ln:
+        raise TrainingSetupError(f"--pre-ln with --model {args.model}: DeBERTa is post-LN")
+    changes = {}
+    if config.position_biased_input:  # absolute positions must cover the sequences; relative ones need nothing
+        changes["max_position_embeddings"] = max(config.max_position_embeddings, seq_len)
+    if args.dropout is not None:
+        changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     return config.replace(**changes)
 
 
@@ -395,8 +426,9 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
         rank=rank,
         world_size=world,
     )
+    architecture = "DebertaV2ForMaskedLM" if isinstance(config, DebertaConfig) else "BertForPreTraining"
     files = {
-        "config.json": config.to_json_string("BertForPreTraining").encode(),
+        "config.json": config.to_json_string(architecture).encode(),
         "vocab.txt": vocab_bytes,
         "tokenizer_config.json": tokenizer_config,
     }
@@ -469,7 +501,11 @@ def _checkpoint_config(
     source: Path, config: BertConfig, vocab_tokens: list[str], data_dir: Path, seq_len: int
 ) -> BertConfig:
     """The config of the checkpoint a run resumes or starts from, which must match the run's (and its vocab)."""
-    saved = BertConfig.from_json_file(source / "config.json")
+    saved = read_model_config(source / "config.json")
+    if type(saved) is not type(config):
+        raise TrainingSetupError(
+            f"{source}: a checkpoint of a {type(saved).__name__} model, but this run builds a {type(config).__name__}"
+        )
     diff = {
         k: (v, getattr(config, k))
         for k, v in asdict(saved).items()
@@ -481,6 +517,8 @@ def _checkpoint_config(
     saved_vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
     if vocab_sha256(saved_vocab) != vocab_sha256(vocab_tokens):
         raise TrainingSetupError(f"{data_dir}: the data's vocabulary differs from the one of checkpoint {source}")
+    if isinstance(saved, DebertaConfig) and not saved.position_biased_input:
+        return saved
     return saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
 
 
@@ -493,7 +531,9 @@ def _build_engine(
     import deepspeed
 
     torch.manual_seed(args.seed)
-    if generator is None:
+    if isinstance(config, DebertaConfig):
+        model = DebertaForPreTraining(config)
+    elif generator is None:
         model = BertForPreTraining(config)
     else:
         model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight)
@@ -619,9 +659,10 @@ def pretrain(args: PretrainArgs) -> dict:
     schedule = Schedule.from_args(args)
     if not 0.0 < args.mask_rate < 1.0:  # before the slow distributed start-up, as the checks below
         raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
-    if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
+    presets = [*PRESETS, *DEBERTA_PRESETS]
+    if args.model not in presets and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(
-            f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
+            f"--model {args.model!r} is neither a preset ({', '.join(presets)}) nor a config.json file"
         )
     init_distributed(args.dist_timeout)
     set_tf32(args.tf32)
