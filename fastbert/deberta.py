@@ -319,8 +319,10 @@ class DebertaEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h) if config.type_vocab_size > 0 else None
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)
+    def forward(self, input_ids, mask, token_type_ids=None, position_ids=None, word_vectors=None) -> torch.Tensor:
+        """``word_vectors`` (``[B, S, hidden]``), when given, replace the lookup of ``input_ids`` in the word table
+        (DeBERTa-v3's discriminator looks its tokens up in its generator's table; ``fastbert.deberta_electra``)."""
+        x = self.word_embeddings(input_ids) if word_vectors is None else word_vectors
         if self.position_embeddings is not None:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
@@ -487,7 +489,14 @@ class DebertaModel(DebertaPreTrainedModel):
         self.init_weights()
 
     def encode_any(
-        self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, cu_seqlens=None, max_seqlen=None
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        word_vectors=None,
     ) -> tuple[torch.Tensor, torch.Tensor, Layout | None]:
         """``encode`` for the layouts BERT's classes take: a tensor mask; a host-built ``Layout`` of a padded batch as
         ``attention_mask`` (what fine-tuning passes); or an unpadded batch (flat ``input_ids [T]`` with
@@ -507,6 +516,8 @@ class DebertaModel(DebertaPreTrainedModel):
                 token_type_ids = layout.pad(token_type_ids)
             if position_ids is not None:
                 position_ids = layout.pad(position_ids)
+            if word_vectors is not None:
+                word_vectors = layout.pad(word_vectors)
             input_ids = ids
         elif isinstance(attention_mask, Layout):
             layout = attention_mask
@@ -520,11 +531,11 @@ class DebertaModel(DebertaPreTrainedModel):
                 .index_fill(0, layout.index, True)
                 .view(input_ids.shape)
             )
-        hidden, mask = self.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        hidden, mask = self.encode(input_ids, attention_mask, token_type_ids, position_ids, word_vectors)
         return hidden, mask, layout
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """``(hidden [B, S, hidden], mask [B, S] bool)``."""
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, word_vectors=None):
+        """``(hidden [B, S, hidden], mask [B, S] bool)``; ``word_vectors`` as ``DebertaEmbeddings`` takes them."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -538,7 +549,7 @@ class DebertaModel(DebertaPreTrainedModel):
         if self.config.type_vocab_size == 0:
             token_type_ids = None  # no segment table (DeBERTa-v3's): segment ids are ignored, as transformers does
         self._check_inputs(input_ids, token_type_ids, position_ids)
-        hidden = self.encoder(self.embeddings(input_ids, mask, token_type_ids, position_ids), mask)
+        hidden = self.encoder(self.embeddings(input_ids, mask, token_type_ids, position_ids, word_vectors), mask)
         return hidden * mask[..., None].to(hidden.dtype), mask
 
     def _check_inputs(self, input_ids, token_type_ids, position_ids) -> None:

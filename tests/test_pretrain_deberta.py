@@ -19,7 +19,7 @@ from ports import torchrun
 from fastbert.deberta import DebertaForMaskedLM
 from fastbert.train import checkpoint
 from fastbert.train.export import consolidated_state_dict, export
-from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, _model_config
+from fastbert.train.pretrain import PretrainArgs, TrainingSetupError, _generator_config, _model_config
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 SMALL = {
@@ -135,7 +135,7 @@ def test_the_export_is_transformers_deberta_with_the_same_logits(straight, tmp_p
 @pytest.mark.parametrize(
     "change, objective, message",
     [
-        ({"objective": "electra"}, "none", "--objective electra .* is not built yet"),
+        ({"objective": "electra", "generator_size": 0.25}, "none", "same width: --generator-size must be 1, got 0.25"),
         ({}, "nsp", "shards prepared for the sentence objective 'nsp', but DeBERTa has none"),
         ({"pre_ln": True}, "none", "--pre-ln with --model deberta-tiny: DeBERTa is post-LN"),
     ],
@@ -143,7 +143,7 @@ def test_the_export_is_transformers_deberta_with_the_same_logits(straight, tmp_p
 def test_what_deberta_cannot_train_is_refused_naming_the_flag_or_data(change, objective, message):
     args = PretrainArgs(data="shards", out="run", model="deberta-tiny", **change)
     with pytest.raises(TrainingSetupError, match=message):
-        _model_config(args, 30522, objective, 128)
+        _generator_config(args, _model_config(args, 30522, objective, 128))
 
 
 def test_the_pretraining_forward_on_an_unpadded_batch_is_transformers_mlm_loss(tmp_path):
@@ -177,3 +177,77 @@ def test_the_pretraining_forward_on_an_unpadded_batch_is_transformers_mlm_loss(t
         correct = (theirs.logits.argmax(-1) == labels)[labels != -100].float().mean()
     torch.testing.assert_close(ours.mlm_loss, theirs.loss, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ours.mlm_accuracy, correct)
+
+
+# ELECTRA: replaced-token detection with gradient-disentangled embedding sharing -------------------------------------
+@pytest.fixture(scope="module")
+def electra_run(setup, tmp_path_factory) -> Path:
+    return _pretrain(setup, tmp_path_factory.mktemp("electra") / "run", 1, "--objective", "electra")
+
+
+def test_electra_zero2_on_two_ranks_and_a_resume_repeat_the_straight_run(setup, electra_run, tmp_path):
+    sharded = _pretrain(setup, tmp_path / "z2w2", 2, "--objective", "electra", "--zero-stage", "2")
+    a = consolidated_state_dict(checkpoint.resolve(electra_run))
+    b = consolidated_state_dict(checkpoint.resolve(sharded))
+    assert "embedding_delta" in a and a.keys() == b.keys()
+    for key in a:
+        scale = a[key].abs().max().item()
+        gap = (a[key].double() - b[key].double()).abs().max().item() / max(scale, 1e-30)
+        assert gap <= (1e-4 if a[key].ndim == 1 else 1e-5), (key, gap)
+    assert a["embedding_delta"].abs().max() > 0  # the discriminator's own share of its embeddings moved
+    out = tmp_path / "resumed"
+    shutil.copytree(electra_run, out)
+    shutil.rmtree(out / "checkpoints" / "step-00000006")
+    (out / "checkpoints" / "latest").write_text("step-00000003")
+    _pretrain(setup, out, 1, "--objective", "electra", "--resume", "auto")
+    final = consolidated_state_dict(checkpoint.resolve(out))
+    assert all(torch.equal(final[k], a[k]) for k in a)
+
+
+def test_electra_losses_are_transformers_on_the_export_and_sharing_stops_the_gradient(electra_run, tmp_path):
+    """One forward pass of the trained pair on a padded batch, against transformers' generator
+    (``DebertaV2ForMaskedLM``) and discriminator encoder (``DebertaV2Model``) loaded from the export, with the
+    detection head applied by hand; then the gradients of embedding sharing: the discriminator's loss reaches its
+    own delta but never the generator's table."""
+    transformers = pytest.importorskip("transformers")
+    import torch.nn.functional as F
+
+    from fastbert.config import read_model_config
+    from fastbert.deberta_electra import DebertaElectraForPreTraining
+
+    ckpt = checkpoint.resolve(electra_run)
+    config = read_model_config(ckpt / "config.json").replace(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    generator = read_model_config(ckpt / "generator_config.json").replace(
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0
+    )
+    assert generator.num_hidden_layers == 1 and generator.hidden_size == config.hidden_size  # half the depth
+    model = DebertaElectraForPreTraining(config, generator)
+    model.load_state_dict({k: v.float() for k, v in consolidated_state_dict(ckpt).items()})
+    out_dir = export(electra_run, tmp_path / "export")
+    gen = transformers.DebertaV2ForMaskedLM.from_pretrained(out_dir / "generator").eval()
+    disc = transformers.DebertaV2Model.from_pretrained(out_dir).eval()
+    gen.config.hidden_dropout_prob = disc.config.hidden_dropout_prob = 0.0
+    lengths = [64, 30, 9]
+    gen_rng = torch.Generator().manual_seed(3)
+    ids = torch.randint(1000, 30000, (3, 64), generator=gen_rng)
+    mask = torch.arange(64)[None, :] < torch.tensor(lengths)[:, None]
+    chosen = mask & (torch.rand(ids.shape, generator=gen_rng) < 0.3)
+    labels = torch.where(chosen, ids, -100)
+    inputs = ids.masked_fill(chosen, 103)
+    keys = torch.arange(int(chosen.sum()), dtype=torch.int64) * 1_000_003 + 17
+    out = model(inputs, mask.long(), labels=labels, replacement_keys=keys)
+    with torch.no_grad():
+        mlm = gen(input_ids=inputs, attention_mask=mask.long(), labels=labels).loss
+        hidden = disc(input_ids=out.corrupted_ids, attention_mask=mask.long()).last_hidden_state
+        head = model.discriminator_head
+        h = F.layer_norm(F.gelu(F.linear(hidden, head.dense.weight, head.dense.bias)), (hidden.shape[-1],),
+                         head.norm.weight, head.norm.bias, config.layer_norm_eps)  # fmt: skip
+        logits = F.linear(h, head.classifier.weight, head.classifier.bias).squeeze(-1)
+        bce = F.binary_cross_entropy_with_logits(logits[mask], out.replaced[mask].float())
+    torch.testing.assert_close(out.mlm_loss, mlm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.discriminator_logits[mask], logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.discriminator_loss, bce, atol=1e-5, rtol=1e-5)
+    assert out.replaced.sum() > 0
+    out.discriminator_loss.backward()
+    assert model.generator.embeddings.word_embeddings.weight.grad is None
+    assert model.embedding_delta.grad.abs().sum() > 0

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastbert import electra
+from fastbert import deberta_electra, electra
 from fastbert.atomic import write_atomic
 from fastbert.config import PRESETS, BertConfig, read_model_config
 from fastbert.data.masking import MASKING_SCHEMES, MLM_PROBABILITY, MaskingCollator
@@ -78,10 +78,14 @@ class PretrainArgs:
         "replaced tokens; needs shards prepared with --objective none)",
         choices=PRETRAIN_OBJECTIVES,
     )
-    generator_size: float = option(
-        electra.GENERATOR_SIZE, help="electra: the generator's hidden size, heads and FFN as a fraction of --model's"
+    generator_size: float | None = option(
+        None,
+        help=f"electra: the generator's hidden size, heads and FFN as a fraction of --model's (default "
+        f"{electra.GENERATOR_SIZE}; DeBERTa: 1, its embeddings are shared at one width)",
     )
-    generator_layers: int | None = option(None, help="electra: the generator's layers (default: --model's)")
+    generator_layers: int | None = option(
+        None, help="electra: the generator's layers (default: --model's; DeBERTa: half of them)"
+    )
     discriminator_weight: float = option(
         electra.DISCRIMINATOR_WEIGHT, help="electra: lambda, the weight of the discriminator's loss"
     )
@@ -190,11 +194,6 @@ def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: 
 def _deberta_config(args: PretrainArgs, config: DebertaConfig, objective: str, seq_len: int) -> DebertaConfig:
     """The run's DeBERTa config: MLM on shards without a sentence objective, post-LN; what it cannot train is
     refused, naming the flag or the data."""
-    if args.objective != "mlm":
-        raise TrainingSetupError(
-            f"--model {args.model}: DeBERTa pretrains with --objective mlm here; --objective {args.objective} (ELECTRA "
-            "with gradient-disentangled embedding sharing) is not built yet"
-        )
     if objective != "none":
         raise TrainingSetupError(
             f"{args.data}: shards prepared for the sentence objective {objective!r}, but DeBERTa has none; prepare "
@@ -432,7 +431,10 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
         "vocab.txt": vocab_bytes,
         "tokenizer_config.json": tokenizer_config,
     }
-    if generator is not None:
+    if isinstance(generator, DebertaConfig):
+        files["config.json"] = config.to_json_string("DebertaV2Model").encode()
+        files[electra.GENERATOR_CONFIG] = generator.to_json_string("DebertaV2ForMaskedLM").encode()
+    elif generator is not None:
         files["config.json"] = config.to_json_string("ElectraForPreTraining").encode()
         files[electra.GENERATOR_CONFIG] = generator.to_json_string("ElectraForMaskedLM").encode()
     return _RunInputs(
@@ -444,9 +446,15 @@ def _generator_config(args: PretrainArgs, config: BertConfig) -> BertConfig | No
     """ELECTRA's generator for the discriminator ``config`` (None for MLM), in a shape transformers' ELECTRA holds."""
     if args.objective != "electra":
         return None
+    if isinstance(config, DebertaConfig):
+        try:
+            return deberta_electra.generator_config(config, args.generator_size, args.generator_layers)
+        except ValueError as e:
+            raise TrainingSetupError(f"--objective electra with --model {args.model}: {e}") from e
+    size = electra.GENERATOR_SIZE if args.generator_size is None else args.generator_size
     try:
         config.to_electra_dict()  # refuses what ElectraForPreTraining cannot hold: it is what the run exports to
-        return electra.generator_config(config, args.generator_size, args.generator_layers)
+        return electra.generator_config(config, size, args.generator_layers)
     except ValueError as e:
         raise TrainingSetupError(f"--objective electra with --model {args.model}: {e}") from e
 
@@ -459,11 +467,15 @@ def _checkpoint_generator(source: Path, generator: BertConfig | None, config: Be
             saved, run = ("electra", "mlm") if path.exists() else ("mlm", "electra")
             raise TrainingSetupError(f"{source}: a checkpoint of --objective {saved}, but this run is {run}")
         return None
-    saved = BertConfig.from_json_file(path)
+    saved = read_model_config(path)
+    if type(saved) is not type(generator):
+        raise TrainingSetupError(f"{path}: a {type(saved).__name__} generator, but this run builds a DeBERTa one")
     diff = sorted(k for k, v in asdict(saved).items() if getattr(generator, k) != v and k != "max_position_embeddings")
     if diff:
         detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs run {getattr(generator, k)!r}" for k in diff)
         raise TrainingSetupError(f"{path}: the generator does not match this run ({detail})")
+    if isinstance(saved, DebertaConfig) and not saved.position_biased_input:
+        return saved
     return saved.replace(max_position_embeddings=config.max_position_embeddings)
 
 
@@ -532,7 +544,10 @@ def _build_engine(
 
     torch.manual_seed(args.seed)
     if isinstance(config, DebertaConfig):
-        model = DebertaForPreTraining(config)
+        if generator is None:
+            model = DebertaForPreTraining(config)
+        else:
+            model = deberta_electra.DebertaElectraForPreTraining(config, generator, args.discriminator_weight)
     elif generator is None:
         model = BertForPreTraining(config)
     else:
