@@ -370,7 +370,7 @@ class DebertaLayer(nn.Module):
         if "p2c" in c.pos_att_type:
             pos_query = self._heads((self.query if c.share_att_key else self.pos_query)(rel_table))
         p = c.attention_probs_dropout_prob if self.training else 0.0
-        out = dsa.reference(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
+        out = ops.disentangled_attention(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
         return out.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x, mask, rel_table, rel_index) -> torch.Tensor:
