@@ -102,6 +102,9 @@ MLM_FLAGS = ["--config", "short-budget", "--global-batch", str(GLOBAL_BATCH), "-
 # generator of 4 layers (loss 5.77) or of 1 (5.70): the generator's samples start as plausible as the unigram and
 # only context could give them away. Started from zero biases (--no-unigram-init), the generator is weak longer
 # (7.54 at 100 steps) and the discriminator learnt: loss 0.25 against 0.418, recall 0.63.
+# DeBERTa-v3 MLM (--deberta, not in the default run, which must fit 75 minutes): the recipe without pre-LN (DeBERTa
+# is post-LN), deberta-tiny (BERT tiny's shape with disentangled attention, log buckets of 256 over 512 positions).
+DEBERTA_FLAGS = [*MLM_FLAGS, "--model", "deberta-tiny", "--no-pre-ln"]
 ELECTRA_FLAGS = [
     "--no-unigram-init",
     "--lr",
@@ -160,11 +163,14 @@ def step0_held_out_loss(run: Path, data: Path, masks: FixedMasks, out: Path) -> 
     the output bias at the shards' unigram log-frequencies (``fastbert.train.priors``)."""
     import torch
 
-    from fastbert import BertConfig, BertForPreTraining
+    from fastbert import BertForPreTraining
+    from fastbert.config import read_model_config
+    from fastbert.deberta import DebertaConfig, DebertaForPreTraining
     from fastbert.train.priors import init_output_biases
 
     torch.manual_seed(SEED)
-    model = BertForPreTraining(BertConfig.from_json_file(run / "config.json"))
+    config = read_model_config(run / "config.json")
+    model = DebertaForPreTraining(config) if isinstance(config, DebertaConfig) else BertForPreTraining(config)
     mask_rate = json.loads((run / "args.json").read_text())["mask_rate"]  # the run's, as the driver takes it
     init_output_biases(model, json.loads((data / "meta.json").read_text()), mask_rate)
     model.save_pretrained(out)
@@ -181,6 +187,8 @@ def mlm_head(model):
         return model.lm_head
     if isinstance(model, transformers.ElectraForMaskedLM):
         return lambda h: model.generator_lm_head(model.generator_predictions(h))
+    if isinstance(model, transformers.DebertaV2ForMaskedLM):  # fastbert's DeBERTa export (the v3 head layout)
+        return lambda h: model.lm_predictions.lm_head(h, model.deberta.embeddings.word_embeddings)
     raise TypeError(f"no masked-LM head known for {type(model).__name__}")
 
 
@@ -273,8 +281,9 @@ def plan_steps(budget_s: float, start: float, pace: Pace, saves: int = 0) -> int
 class FastbertSystem:
     """``fastbert prepare-data`` + ``fastbert pretrain --budget`` through the CLI, with the system's own flags."""
 
-    def __init__(self, name: str, objective: str, flags: list[str]):
+    def __init__(self, name: str, objective: str, flags: list[str], tag: str | None = None):
         self.name, self.objective, self.flags = name, objective, flags
+        self.tag = tag or objective  # names its directories in the work root
 
     def prepare(self, corpus: Path, out: Path, log: Path) -> None:
         fastbert_cli(
@@ -315,14 +324,14 @@ class FastbertSystem:
         )
 
     def calibrate(self, corpus: Path, work: Path, steps: int, save_every: int) -> Pace:
-        data, run, log = work / f"{self.objective}-cal-data", work / f"{self.objective}-cal-run", work / "cal.log"
+        data, run, log = work / f"{self.tag}-cal-data", work / f"{self.tag}-cal-run", work / "cal.log"
         self.prepare(corpus, data, log)
         launch = time.time()
         self.pretrain(data, run, log, "--budget", "1h", "--steps", str(steps), "--save-every", str(save_every))
         return pace_from(launch, [r["wall"] for r in metrics_rows(run)], save_every)
 
     def run(self, corpus: Path, work: Path, budget_s: float, pace: Pace, checkpoints: int) -> dict:
-        data, run, log = work / f"{self.objective}-data", work / f"{self.objective}-run", work / f"{self.objective}.log"
+        data, run, log = work / f"{self.tag}-data", work / f"{self.tag}-run", work / f"{self.tag}.log"
         start = time.time()
         self.prepare(corpus, data, log)
         prepared = time.time()
@@ -479,8 +488,8 @@ def plot(result: dict, out: Path) -> None:
         fig, (ax, dax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     else:
         fig, ax = plt.subplots(figsize=(8, 5))
-    for key, style in (("transformers", "o-"), ("fastbert_mlm", "s-")):
-        curve = result["systems"][key].get("curve") or []
+    for key, style in (("transformers", "o-"), ("fastbert_mlm", "s-"), ("fastbert_deberta", "d-")):
+        curve = result["systems"].get(key, {}).get("curve") or []
         if curve:
             ax.plot([t / 60 for t, _ in curve], [v for _, v in curve], style, label=result["systems"][key]["system"])
     if electra.get("final_held_out_loss") is not None:
@@ -655,7 +664,7 @@ def downstream_suite(chapters, quick: bool) -> downstream.Suite:
 def gains_over_random_init(results: dict, suite: downstream.Suite) -> dict:
     floor = results["random_init"]
     out = {}
-    for key in ("fastbert_mlm", "fastbert_electra"):
+    for key in ("fastbert_mlm", "fastbert_electra", "fastbert_deberta"):
         if key in results and "finetuned" in results[key]:
             out[key] = {
                 "finetuned": {
@@ -695,6 +704,9 @@ def main() -> None:
     parser.add_argument("--calibration-steps", type=int, default=12)
     parser.add_argument("--corpus-chapters", type=int, default=None, help="train on the first N chapters only")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 0.25 min a system, small evaluations")
+    parser.add_argument(
+        "--deberta", action="store_true", help="add fastbert DeBERTa-v3 MLM (deberta-tiny, the recipe but post-LN)"
+    )
     parser.add_argument("--keep-work", type=Path, default=None, help="run in this directory and keep it")
     parser.add_argument("--out", type=Path, default=RESULTS / "time_to_quality.json")
     args = parser.parse_args()
@@ -731,6 +743,8 @@ def main() -> None:
         "fastbert_mlm": FastbertSystem("fastbert MLM (recipe)", "mlm", MLM_FLAGS),
         "fastbert_electra": FastbertSystem("fastbert ELECTRA", "electra", ELECTRA_FLAGS),
     }
+    if args.deberta:
+        systems["fastbert_deberta"] = FastbertSystem("fastbert DeBERTa MLM", "mlm", DEBERTA_FLAGS, tag="deberta")
     if args.keep_work is None:
         work_root = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
     else:
@@ -785,17 +799,18 @@ def main() -> None:
                 for step, t in r["checkpoints"]:
                     curve.append((t, held_out_loss(load_masked_lm(r["run"] / f"checkpoint-{step}"), masks)))
                 finals[key] = r["run"] / "final"
-            elif key == "fastbert_mlm":
-                entry["step0_held_out_loss"] = step0_held_out_loss(r["run"], r["data"], masks, work_root / "mlm-step0")
+            elif key in ("fastbert_mlm", "fastbert_deberta"):
+                step0_dir = work_root / f"{key}-step0"
+                entry["step0_held_out_loss"] = step0_held_out_loss(r["run"], r["data"], masks, step0_dir)
                 # The model as training starts (the end of step 1 less that step's duration) opens the curve.
                 first = r["metrics"][0]
                 curve.append(
                     (first["wall"] - r["start"] - GLOBAL_BATCH / first["samples_per_s"], entry["step0_held_out_loss"])
                 )
                 for step, t in r["checkpoints"]:
-                    out = export(r["run"] / "checkpoints" / f"step-{step:08d}", work_root / f"mlm-export-{step}")
+                    out = export(r["run"] / "checkpoints" / f"step-{step:08d}", work_root / f"{key}-export-{step}")
                     curve.append((t, held_out_loss(load_masked_lm(out), masks)))
-                finals[key] = work_root / f"mlm-export-{r['steps']}"
+                finals[key] = work_root / f"{key}-export-{r['steps']}"
             else:
                 finals[key] = export(r["run"], work_root / "electra-export")
                 entry["held_out_model"] = "generator"
@@ -861,6 +876,7 @@ def main() -> None:
             "transformers": {"optimizer": "AdamW", "lr": TRAINER_LR, "warmup_steps": WARMUP},
             "fastbert_mlm": MLM_FLAGS,
             "fastbert_electra": ELECTRA_FLAGS,
+            **({"fastbert_deberta": DEBERTA_FLAGS} if args.deberta else {}),
         },
         "corpus": {"train_chapters": len(train_chapters), "held_out_books": list(HELD_OUT_BOOKS)},
         "held_out": {

@@ -3,9 +3,10 @@ and help text live in one place: the dataclass field.
 
 A field ``name: T = field(default=..., metadata={"help": ..., "choices": ...})`` becomes ``--name`` (underscores as
 dashes); a field without a default is required; a ``bool`` defaulting to False is a switch ``--name``, one defaulting to
-True is ``--no-name``. ``metadata["positional"]`` makes it positional (with ``nargs``). Every generated command also
-takes ``--config FILE`` (JSON, or YAML when PyYAML is installed) whose keys are the fields: the file sets the
-defaults and flags on the command line override them, so a run directory's ``args.json`` reproduces the run.
+True is ``--no-name`` (each also takes the other spelling, unlisted, to undo what a ``--config`` file sets).
+``metadata["positional"]`` makes it positional (with ``nargs``). Every generated command also takes ``--config FILE``
+(JSON, or YAML when PyYAML is installed) whose keys are the fields: the file sets the defaults and flags on the command
+line override them, so a run directory's ``args.json`` reproduces the run.
 """
 
 from __future__ import annotations
@@ -65,11 +66,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         if kind is bool:
+            # Both spellings, so that a command line can undo what a --config file sets; help is shown for the one
+            # that changes the default.
+            no_flag = "--no-" + f.name.replace("_", "-")
             if default:
                 negated = f"{help_text} (on by default; this flag turns it off)" if help_text else None
-                parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=negated)
+                parser.add_argument(no_flag, dest=f.name, action="store_false", help=negated)
+                parser.add_argument(flag, dest=f.name, action="store_true", help=argparse.SUPPRESS)
             else:
                 parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+                parser.add_argument(no_flag, dest=f.name, action="store_false", help=argparse.SUPPRESS)
             continue
         if not has_default:
             required.append(f.name)

@@ -41,12 +41,29 @@ def test_fixed_masks_are_fixed_and_follow_bert_rule():
     assert not np.array_equal(a.labels, other.labels)
 
 
-def test_held_out_loss_is_mean_cross_entropy_over_masked_positions():
-    torch.manual_seed(0)
+def _bert():
     config = transformers.BertConfig(
         vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
     )
-    model = transformers.BertForMaskedLM(config).eval()
+    return transformers.BertForMaskedLM(config)
+
+
+def _deberta(tmp_path):
+    """fastbert's DeBERTa export, as the benchmark's --deberta system writes it (the v3 MLM head layout)."""
+    from fastbert.deberta import DebertaConfig, DebertaForMaskedLM
+
+    config = DebertaConfig.preset(
+        "deberta-tiny", vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, position_buckets=16, max_relative_positions=64,
+    )  # fmt: skip
+    DebertaForMaskedLM(config).save_pretrained(tmp_path)
+    return ttq.load_masked_lm(tmp_path)
+
+
+@pytest.mark.parametrize("family", ["bert", "deberta"])
+def test_held_out_loss_is_mean_cross_entropy_over_masked_positions(family, tmp_path):
+    torch.manual_seed(0)
+    model = (_bert() if family == "bert" else _deberta(tmp_path)).eval()
     masks = ttq.fixed_masks(stream(126 * 5), 128, CLS, SEP, MASK, VOCAB, seed=1)
     by_hand, count = 0.0, 0
     with torch.no_grad():

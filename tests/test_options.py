@@ -74,6 +74,15 @@ def test_config_file_sets_options_and_flags_override_it(tmp_path):
     assert (args.data, args.out, args.steps, args.lr, args.whole_word) == ("shards", "run", 9, 5e-4, True)
 
 
+def test_a_command_line_switch_undoes_a_config_files_in_either_direction(tmp_path):
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"data": "shards", "out": "run", "pre_ln": True, "tf32": False}))
+    args = options.from_namespace(PretrainArgs, _parse(["pretrain", "--config", str(config)]))
+    assert (args.pre_ln, args.tf32) == (True, False)
+    args = options.from_namespace(PretrainArgs, _parse(["pretrain", "--config", str(config), "--no-pre-ln", "--tf32"]))
+    assert (args.pre_ln, args.tf32) == (False, True)
+
+
 def test_a_runs_args_json_reproduces_the_run(tmp_path):
     original = PretrainArgs(data="shards", out="run", steps=12, micro_batch=4, global_batch=16, tf32=False)
     saved = tmp_path / "args.json"
