@@ -189,6 +189,15 @@ def _window(RelRows, first_m, first_n, max_seqlen, BLOCK_N: tl.constexpr, WINDOW
 
 
 @triton.jit
+def _diagonal(rows, cols, first_m, first_n, BLOCK_N: tl.constexpr):
+    """``[len(rows), len(cols)]``: the window index ``i - j - (first_m - first_n) + BLOCK_N - 1`` of each (query
+    ``rows[a]``, key ``cols[b]``) pair, i.e. ``a - b + BLOCK_N - 1``. Written from the loop's own offsets so that it
+    is recomputed per tile (a few integer operations) instead of being hoisted out of the loop and held in
+    registers, in every layout it is used in, for the whole loop."""
+    return rows[:, None] - cols[None, :] - (first_m - first_n) + (BLOCK_N - 1)
+
+
+@triton.jit
 def _table_rows(P, rel, h, stride_r, stride_h, dims, UPCAST: tl.constexpr):
     """``[WINDOW, HEAD_DIM]``: row ``rel[t]`` of head ``h`` of a position table, for every distance of a tile."""
     x = tl.load(P + rel[:, None] * stride_r + h * stride_h + dims[None, :])
@@ -251,8 +260,6 @@ def _disentangled_forward(
     q = tl.load(Q + tokens[:, None] * stride_qt + h * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    # Query a and key b of a tile are at distance index a - b + BLOCK_N - 1 of its window.
-    diagonal = tl.arange(0, BLOCK_M)[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
     m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
@@ -271,9 +278,13 @@ def _disentangled_forward(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         dist, inside, rel = _window(RelRows, first_m, first_n, max_seqlen, BLOCK_N, WINDOW)
+        diagonal = _diagonal(rows, cols, first_m, first_n, BLOCK_N)
         if C2P:
             pk = _table_rows(PK, rel, h, stride_pkr, stride_pkh, dims, UPCAST)
-            s += tl.gather(tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION), diagonal, axis=1)
+            # [WINDOW, BLOCK_M]: the window on the product's M side, split over warps (as the B operand it would be
+            # held whole by every warp), then picked along the diagonal key-major and transposed
+            by_key = tl.gather(tl.dot(pk, tl.trans(q), input_precision=DOT_PRECISION), tl.trans(diagonal), axis=0)
+            s += tl.trans(by_key)
         if P2C:
             pq = _table_rows(PQ, rel, h, stride_pqr, stride_pqh, dims, UPCAST)
             s += tl.gather(tl.dot(pq, tl.trans(k), input_precision=DOT_PRECISION), diagonal, axis=0)
@@ -370,14 +381,6 @@ def _disentangled_backward_dkdv(
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
-    key_ids = tl.arange(0, BLOCK_N)
-    window_ids = tl.arange(0, WINDOW)
-    # Key b and query a of a tile are at distance index a - b + BLOCK_N - 1; at distance index t, key b meets
-    # query t + b - BLOCK_N + 1 (if that is one of the block's).
-    diagonal_t = tl.arange(0, BLOCK_M)[None, :] - key_ids[:, None] + (BLOCK_N - 1)
-    fold = key_ids[:, None] + window_ids[None, :] - (BLOCK_N - 1)
-    fold_ok = (fold >= 0) & (fold < BLOCK_M)
-    fold = tl.minimum(tl.maximum(fold, 0), BLOCK_M - 1)
     dk = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, HEAD_DIM), dtype=tl.float32)
     for first_m in range(0, q_len, BLOCK_M):
@@ -395,12 +398,15 @@ def _disentangled_backward_dkdv(
         delta = tl.load(Delta + h * stride_lh + tokens, mask=row_ok, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
         dist, inside, rel = _window(RelRows, first_m, first_n, max_seqlen, BLOCK_N, WINDOW)
+        diagonal_t = tl.trans(_diagonal(rows, cols, first_m, first_n, BLOCK_N))
         if C2P:
             pk = _table_rows(PK, rel, h, stride_pkr, stride_pkh, dims, UPCAST)
             s_t += tl.gather(tl.dot(pk, tl.trans(q), input_precision=DOT_PRECISION), diagonal_t, axis=0)
         if P2C:
             pq = _table_rows(PQ, rel, h, stride_pqr, stride_pqh, dims, UPCAST)
-            s_t += tl.gather(tl.dot(k, tl.trans(pq), input_precision=DOT_PRECISION), diagonal_t, axis=1)
+            # the window on the product's M side, as in the forward
+            by_query = tl.gather(tl.dot(pq, tl.trans(k), input_precision=DOT_PRECISION), tl.trans(diagonal_t), axis=0)
+            s_t += tl.trans(by_query)
         p_t = tl.where(col_ok[:, None] & row_ok[None, :], tl.math.exp2(s_t * qk_scale - lse[None, :]), 0.0)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         if DROPOUT:
@@ -414,7 +420,11 @@ def _disentangled_backward_dkdv(
         ds_t = p_t * (dp_t - delta[None, :])
         dk += tl.dot(_operand(ds_t, Q.dtype.element_ty, UPCAST), q, input_precision=DOT_PRECISION)
         if P2C:
-            # [BLOCK_N, WINDOW]: each key's score gradients by distance
+            # [BLOCK_N, WINDOW]: each key's score gradients by distance; at window index t, key b meets query
+            # t + b - BLOCK_N + 1 of the block (if there is one)
+            fold = (cols[:, None] - first_n) + (dist[None, :] - (first_m - first_n))
+            fold_ok = (fold >= 0) & (fold < BLOCK_M)
+            fold = tl.minimum(tl.maximum(fold, 0), BLOCK_M - 1)
             by_distance = tl.where(fold_ok, tl.gather(ds_t, fold, axis=1), 0.0)
             by_distance = _operand(by_distance, Q.dtype.element_ty, UPCAST)
             dk += tl.dot(by_distance, pq, input_precision=DOT_PRECISION)
@@ -505,12 +515,6 @@ def _disentangled_backward_dq(
         do = do.to(tl.float32)
     lse = tl.load(LSE + h * stride_lh + tokens, mask=row_ok, other=float("inf"))
     delta = tl.load(Delta + h * stride_lh + tokens, mask=row_ok, other=0.0)
-    query_ids = tl.arange(0, BLOCK_M)
-    diagonal = query_ids[:, None] - tl.arange(0, BLOCK_N)[None, :] + (BLOCK_N - 1)
-    # At distance index t, query a meets key a - t + BLOCK_N - 1 (if that is one of the block's).
-    fold = query_ids[:, None] - tl.arange(0, WINDOW)[None, :] + (BLOCK_N - 1)
-    fold_ok = (fold >= 0) & (fold < BLOCK_N)
-    fold = tl.minimum(tl.maximum(fold, 0), BLOCK_N - 1)
     dq = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     for first_n in range(0, k_len, BLOCK_N):
         cols = first_n + tl.arange(0, BLOCK_N)
@@ -527,9 +531,13 @@ def _disentangled_backward_dq(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         dist, inside, rel = _window(RelRows, first_m, first_n, max_seqlen, BLOCK_N, WINDOW)
+        diagonal = _diagonal(rows, cols, first_m, first_n, BLOCK_N)
         if C2P:
             pk = _table_rows(PK, rel, h, stride_pkr, stride_pkh, dims, UPCAST)
-            s += tl.gather(tl.dot(q, tl.trans(pk), input_precision=DOT_PRECISION), diagonal, axis=1)
+            # [WINDOW, BLOCK_M]: the window on the product's M side, split over warps (as the B operand it would be
+            # held whole by every warp), then picked along the diagonal key-major and transposed
+            by_key = tl.gather(tl.dot(pk, tl.trans(q), input_precision=DOT_PRECISION), tl.trans(diagonal), axis=0)
+            s += tl.trans(by_key)
         if P2C:
             pq = _table_rows(PQ, rel, h, stride_pqr, stride_pqh, dims, UPCAST)
             s += tl.gather(tl.dot(pq, tl.trans(k), input_precision=DOT_PRECISION), diagonal, axis=0)
@@ -541,7 +549,11 @@ def _disentangled_backward_dq(
         ds = p * (dp - delta[:, None])
         dq += tl.dot(_operand(ds, Q.dtype.element_ty, UPCAST), k, input_precision=DOT_PRECISION)
         if C2P:
-            # [BLOCK_M, WINDOW]: each query's score gradients by distance
+            # [BLOCK_M, WINDOW]: each query's score gradients by distance; at window index t, query a meets key
+            # a - t + BLOCK_N - 1 of the block (if there is one)
+            fold = (rows[:, None] - first_m) - (dist[None, :] - (first_m - first_n))
+            fold_ok = (fold >= 0) & (fold < BLOCK_N)
+            fold = tl.minimum(tl.maximum(fold, 0), BLOCK_N - 1)
             by_distance = tl.where(fold_ok, tl.gather(ds, fold, axis=1), 0.0)
             by_distance = _operand(by_distance, Q.dtype.element_ty, UPCAST)
             dq += tl.dot(by_distance, pk, input_precision=DOT_PRECISION)
@@ -561,25 +573,27 @@ def _disentangled_backward_dq(
 
 KERNELS = ("forward", "dkdv", "dq")  # the launches of one forward and one backward (plus attention.py's delta)
 # kernel -> head dim -> (BLOCK, num_warps, num_stages); tiles are square (BLOCK_M = BLOCK_N = BLOCK), so a tile's
-# distance window (2 * BLOCK - 1 distances) fills a power of two with one slot to spare.
+# distance window (2 * BLOCK - 1 distances) fills a power of two with one slot to spare. Chosen from ptxas's
+# register counts (kernels/aot.py) with both position terms and dropout on, the heaviest variant: the backward
+# kernels hold a [BLOCK, WINDOW] product, its fold and a window of the table as a dot operand beside the usual
+# flash-attention state, so they run 16-wide tiles; 32-wide ones spill.
 _TILES = {
     "low": {
-        "forward": {32: (64, 4, 2), 64: (64, 8, 2), 128: (32, 4, 2)},
-        "dkdv": {32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 8, 2)},
-        "dq": {32: (64, 8, 2), 64: (32, 4, 2), 128: (32, 8, 2)},
+        "forward": {32: (32, 8, 2), 64: (32, 8, 2), 128: (16, 4, 2)},
+        "dkdv": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
+        "dq": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
     },
     "fp32": {
-        "forward": {32: (32, 4, 2), 64: (32, 8, 2), 128: (16, 4, 2)},
-        "dkdv": {32: (32, 8, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
-        "dq": {32: (32, 8, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
+        "forward": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 4, 2)},
+        "dkdv": {32: (16, 4, 2), 64: (16, 8, 2), 128: (16, 8, 2)},
+        "dq": {32: (16, 4, 2), 64: (16, 8, 1), 128: (16, 4, 2)},
     },
 }
 
 
 def config(head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
     """Tile sizes, warps and pipeline stages for ``kernel`` (one of ``KERNELS``) at ``head_dim`` with ``dtype``
-    inputs. Sized so that no configuration spills (kernels/aot.py compiles each for sm_80 and sm_90): the
-    ``[BLOCK, WINDOW]`` position products are the register hogs, twice a plain score tile each."""
+    inputs; no configuration spills (kernels/aot.py compiles each for sm_80 and sm_90)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"disentangled_attention: head_dim={head_dim} is not one of {HEAD_DIMS}")
     if dtype not in DTYPES:
