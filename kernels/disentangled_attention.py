@@ -14,29 +14,35 @@ model zeroes such rows afterwards. The kernel gives such a row a zero output, as
 
 The kernel (``disentangled_attention`` for varlen ``[tokens, heads, head_dim]`` batches with ``cu_seqlens``,
 ``disentangled_attention_padded`` for the reference's layout) is the flash-attention kernel of ``attention.py``
-with two more score terms. The table row of a (query i, key j) pair depends only on ``i - j``, so a tile of
-``BLOCK_M`` queries and ``BLOCK_N`` keys spans ``BLOCK_M + BLOCK_N - 1`` distances: the kernel loads, per tile, the
-position keys (and queries) of those distances, one row each (a ``WINDOW x head_dim`` gather from the small
-``[2 * span, heads, head_dim]`` table through an int32 row per distance that the host computes with ``log_bucket``
-itself, so the buckets are bit-equal to the reference's on the same device), multiplies them with the query (key)
-block on the tensor cores, and picks each score's term out of that ``[BLOCK_M, WINDOW]`` product along its
-diagonal with ``tl.gather``. The backward runs the same gathers in reverse: the score gradients folded onto the
-distances give the extra dQ (dK) term and, multiplied with the queries (keys), the position-key (position-query)
-gradient of each distance, which the dQ (dK/dV) kernel adds with float32 atomics into a ``[2 * max_seqlen - 1,
-heads, head_dim]`` buffer; the host folds distances onto table rows with one ``index_add_``. Nothing of size
-``[L, L]`` or ``[L, 2 * span]`` is ever written to memory; the softmax is online, the log-sum-exp is saved, and
-dropout is regenerated from a philox seed keyed by (sequence, head, query, key), the keys of ``attention.py``.
+with two more score terms. The table row of a (query i, key j) pair depends only on ``i - j``, so a square tile of
+``BLOCK`` queries and ``BLOCK`` keys spans ``2 * BLOCK - 1`` distances (its ``WINDOW``, padded to ``2 * BLOCK``).
+Per tile the kernel loads the position keys (queries) of those distances, one table row each (a ``[WINDOW,
+head_dim]`` gather from the small ``[2 * span, heads, head_dim]`` table through an int32 row per distance that the
+host computes with ``log_bucket`` itself, so the buckets are bit-equal to the reference's on the same device: no
+log is taken on the GPU), multiplies them with the query (key) block on the tensor cores into a ``[WINDOW, BLOCK]``
+product, and picks each score's term out of it along the tile's diagonal with ``tl.gather``. The backward runs the
+same picks in reverse: the score gradients folded onto the distances (another ``tl.gather``) give the extra dQ (dK)
+term and, multiplied with the queries (keys), the position-key (position-query) gradient of each distance, which
+the dQ (dK/dV) kernel adds with float32 atomics into a ``[2 * max_seqlen - 1, heads, head_dim]`` buffer; the host
+folds distances onto table rows with one ``index_add_``. Nothing of size ``[L, L]`` or ``[L, 2 * span]`` is ever
+written to memory; the softmax is online, the log-sum-exp is saved, the backward's ``delta`` is attention.py's
+kernel, and dropout is regenerated from a philox seed keyed by (sequence, head, query, key) with attention.py's
+``_keep``.
 
-Where it stops being good: each position term costs two ``BLOCK x WINDOW`` products per tile where the content
-term costs one ``BLOCK x BLOCK`` (``WINDOW = 2 * BLOCK`` for square tiles), so with both terms the forward does
-about 3x the matmul work of plain flash attention (6 units against 2) and the backward about 2.5x, and the unfused
-sequence (one ``[L, 2 * span]`` product per term) does fewer FLOPs whenever ``2 * span`` is below about ``2 * L``;
-what the kernel saves is memory traffic and the ``[L, L]`` tensors. Tiles whose distances all fall in the log or
-clamped region touch few distinct table rows and still pay for the full window. The position-table gradients
-go through float32 atomics, so they are not bitwise reproducible run to run (every other output is). Single-term
-models (``c2p`` or ``p2c`` alone) get their own compiled variants; a model with neither term is refused (use
-``attention.py``). Head dims 32, 64 and 128; fp16 and bf16 use the tensor cores with float32 accumulation,
-float32 uses IEEE float32 dots.
+Where it stops being good. Matmul work: per square tile a position term costs two ``BLOCK x WINDOW x head_dim``
+products (four ``BLOCK x BLOCK`` units) against the content term's one unit, so with both terms the forward does 6
+units where flash attention does 2, and the backward 23 where it does 7: about 3x. The unfused sequence does
+``2 + 4 * span / L`` units in the forward (one ``[L, 2 * span]`` product per term), below the kernel's 6 whenever
+``L > span`` (DeBERTa-v3: span 256): the kernel wins on memory (no ``[L, L]`` or ``[L, 2 * span]`` tensor, written
+or read) and on launches, not on FLOPs. Tiles whose distances all fall in the log or clamped region touch
+few distinct table rows and still pay for the full window. Registers: the backward kernels hold a ``[BLOCK,
+WINDOW]`` product, its fold and a window of the table as a dot operand beside the flash-attention state, and
+ptxas spills at 32-wide tiles, so the backward runs 16-wide tiles (the forward 32-wide in fp16/bf16 at head dims
+32 and 64), which leaves the tensor cores underfed; ``tl.gather`` lowers to warp shuffles or shared memory, whose
+cost on a GPU is unmeasured here. The position-table gradients go through float32 atomics, so they are not
+bitwise reproducible run to run (every other output is). ``c2p`` or ``p2c`` alone get their own compiled variants;
+neither term is refused (use ``attention.py``). Head dims 32, 64 and 128; fp16 and bf16 use the tensor cores with
+float32 accumulation, float32 uses IEEE float32 dots.
 """
 
 from __future__ import annotations
