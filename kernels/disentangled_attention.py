@@ -580,33 +580,43 @@ def _disentangled_backward_dq(
 KERNELS = ("forward", "dkdv", "dq")  # the launches of one forward and one backward (plus attention.py's delta)
 # kernel -> head dim -> (BLOCK, num_warps, num_stages); tiles are square (BLOCK_M = BLOCK_N = BLOCK), so a tile's
 # distance window (2 * BLOCK - 1 distances) fills a power of two with one slot to spare. Chosen from ptxas's
-# register counts (kernels/aot.py) with both position terms and dropout on, the heaviest variant: the backward
+# register counts over every variant (position terms, dropout) on sm_80 and sm_90 (kernels/aot.py): the backward
 # kernels hold a [BLOCK, WINDOW] product, its fold and a window of the table as a dot operand beside the usual
-# flash-attention state, so they run 16-wide tiles; 32-wide ones spill.
+# flash-attention state, so they run 16-wide tiles (32-wide ones spill hundreds of bytes). Where a neighbouring
+# choice of warps or stages is named below, ptxas spilled a few bytes with it in some variant.
 _TILES = {
     "low": {
         "forward": {32: (32, 8, 2), 64: (32, 8, 2), 128: (16, 4, 2)},
-        "dkdv": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
+        "dkdv": {32: (16, 8, 2), 64: (16, 4, 2), 128: (16, 8, 2)},  # 32: 4 warps spill (p2c alone, sm_90)
         "dq": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 8, 2)},
     },
     "fp32": {
-        "forward": {32: (16, 4, 2), 64: (16, 4, 2), 128: (16, 4, 2)},
-        "dkdv": {32: (16, 4, 2), 64: (16, 8, 2), 128: (16, 8, 2)},
-        "dq": {32: (16, 4, 2), 64: (16, 8, 1), 128: (16, 4, 2)},
+        "forward": {32: (16, 4, 2), 64: (16, 8, 1), 128: (16, 8, 2)},  # 64, 128: 4 warps spill
+        "dkdv": {32: (16, 4, 2), 64: (16, 8, 1), 128: (16, 8, 3)},  # 64: 4 warps spill; 128: 2 stages reach 255
+        "dq": {32: (16, 8, 2), 64: (16, 8, 3), 128: (16, 4, 2)},  # 32, 64: 4 warps, or 8 with 1-2 stages, spill
     },
 }
+# (kernel, dtype class, head dim, c2p, p2c) -> tile where one variant needs its own: float32 dK/dV at head dim 128
+# with position-to-content alone spills with 8 warps (any stages) and fits with 4 and one stage, which spill in
+# the other variants.
+_TILE_EXCEPTIONS = {("dkdv", "fp32", 128, False, True): (16, 4, 1)}
 
 
-def config(head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+def config(
+    head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16, c2p: bool = True, p2c: bool = True
+) -> dict[str, int]:
     """Tile sizes, warps and pipeline stages for ``kernel`` (one of ``KERNELS``) at ``head_dim`` with ``dtype``
-    inputs; no configuration spills (kernels/aot.py compiles each for sm_80 and sm_90)."""
+    inputs and the given position terms; no configuration spills (kernels/aot.py compiles each for sm_80 and
+    sm_90)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"disentangled_attention: head_dim={head_dim} is not one of {HEAD_DIMS}")
     if dtype not in DTYPES:
         raise ValueError(f"disentangled_attention: dtype {dtype} is not float16, bfloat16 or float32")
     if kernel not in KERNELS:
         raise ValueError(f"disentangled_attention: unknown kernel {kernel!r}")
-    block, warps, stages = _TILES["fp32" if dtype == torch.float32 else "low"][kernel][head_dim]
+    precision = "fp32" if dtype == torch.float32 else "low"
+    tile = _TILE_EXCEPTIONS.get((kernel, precision, head_dim, c2p, p2c), _TILES[precision][kernel][head_dim])
+    block, warps, stages = tile
     return {"BLOCK_M": block, "BLOCK_N": block, "WINDOW": 2 * block, "num_warps": warps, "num_stages": stages}
 
 
@@ -616,7 +626,7 @@ def launch_meta(
     """Every constexpr and launch option of ``kernel``'s launch, as the launchers pass it and ``aot_specs``
     compiles it: ``interpret`` is whether the Triton interpreter runs it (False on a GPU)."""
     meta = {"C2P": c2p, "P2C": p2c, "DROPOUT": dropout, "UPCAST": interpret, "DOT_PRECISION": dot_precision(dtype)}
-    return {"HEAD_DIM": head_dim, **meta, **config(head_dim, kernel, dtype)}
+    return {"HEAD_DIM": head_dim, **meta, **config(head_dim, kernel, dtype, c2p, p2c)}
 
 
 def _check(q, k, v, pos_key, pos_query, rel_rows, max_seqlen, dropout_p):
@@ -642,6 +652,11 @@ def _check(q, k, v, pos_key, pos_query, rel_rows, max_seqlen, dropout_p):
             )
         if table.shape[0] * heads * head_dim >= 2**31:
             raise ValueError(f"disentangled_attention: {name} has {table.shape[0]} rows, too many for int32 offsets")
+    if (2 * max_seqlen - 1) * heads * head_dim >= 2**31:
+        raise ValueError(
+            f"disentangled_attention: max_seqlen={max_seqlen} is too long for the int32 offsets of the gradient by "
+            "distance"
+        )
     if rel_rows.shape != (2 * max_seqlen - 1,) or rel_rows.dtype != torch.int32:
         raise ValueError(f"disentangled_attention: rel_rows {tuple(rel_rows.shape)} is not [2 * max_seqlen - 1]")
     if not 0.0 <= dropout_p < 1.0:
