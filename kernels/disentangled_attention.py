@@ -596,18 +596,23 @@ _TILES = {
         "dq": {32: (16, 8, 2), 64: (16, 8, 3), 128: (16, 4, 2)},  # 32, 64: 4 warps, or 8 with 1-2 stages, spill
     },
 }
-# (kernel, dtype class, head dim, c2p, p2c) -> tile where one variant needs its own: float32 dK/dV at head dim 128
-# with position-to-content alone spills with 8 warps (any stages) and fits with 4 and one stage, which spill in
-# the other variants.
-_TILE_EXCEPTIONS = {("dkdv", "fp32", 128, False, True): (16, 4, 1)}
+# (kernel, dtype class, head dim, c2p, p2c, dropout) -> tile where one variant needs its own: float32 dK/dV at head
+# dim 128 with position-to-content alone and no dropout spills a few bytes on sm_90 with 8 warps (1 to 4 stages)
+# and fits with 4 warps and one stage, which reach the register cap or spill in the other variants.
+_TILE_EXCEPTIONS = {("dkdv", "fp32", 128, False, True, False): (16, 4, 1)}
 
 
 def config(
-    head_dim: int, kernel: str, dtype: torch.dtype = torch.bfloat16, c2p: bool = True, p2c: bool = True
+    head_dim: int,
+    kernel: str,
+    dtype: torch.dtype = torch.bfloat16,
+    c2p: bool = True,
+    p2c: bool = True,
+    dropout: bool = True,
 ) -> dict[str, int]:
     """Tile sizes, warps and pipeline stages for ``kernel`` (one of ``KERNELS``) at ``head_dim`` with ``dtype``
-    inputs and the given position terms; no configuration spills (kernels/aot.py compiles each for sm_80 and
-    sm_90)."""
+    inputs, the given position terms and dropout; no configuration spills (kernels/aot.py compiles each for sm_80
+    and sm_90)."""
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"disentangled_attention: head_dim={head_dim} is not one of {HEAD_DIMS}")
     if dtype not in DTYPES:
@@ -615,7 +620,8 @@ def config(
     if kernel not in KERNELS:
         raise ValueError(f"disentangled_attention: unknown kernel {kernel!r}")
     precision = "fp32" if dtype == torch.float32 else "low"
-    tile = _TILE_EXCEPTIONS.get((kernel, precision, head_dim, c2p, p2c), _TILES[precision][kernel][head_dim])
+    variant = (kernel, precision, head_dim, c2p, p2c, dropout)
+    tile = _TILE_EXCEPTIONS.get(variant, _TILES[precision][kernel][head_dim])
     block, warps, stages = tile
     return {"BLOCK_M": block, "BLOCK_N": block, "WINDOW": 2 * block, "num_warps": warps, "num_stages": stages}
 
@@ -626,7 +632,7 @@ def launch_meta(
     """Every constexpr and launch option of ``kernel``'s launch, as the launchers pass it and ``aot_specs``
     compiles it: ``interpret`` is whether the Triton interpreter runs it (False on a GPU)."""
     meta = {"C2P": c2p, "P2C": p2c, "DROPOUT": dropout, "UPCAST": interpret, "DOT_PRECISION": dot_precision(dtype)}
-    return {"HEAD_DIM": head_dim, **meta, **config(head_dim, kernel, dtype, c2p, p2c)}
+    return {"HEAD_DIM": head_dim, **meta, **config(head_dim, kernel, dtype, c2p, p2c, dropout)}
 
 
 def _check(q, k, v, pos_key, pos_query, rel_rows, max_seqlen, dropout_p):
