@@ -9,8 +9,7 @@ asks for it, before any weight is read: the convolution after the first layer (`
 terms other than ``c2p`` / ``p2c``, models without relative attention, a factorised embedding width, a head size
 other than ``hidden_size / num_attention_heads``, position-bucket settings whose log buckets are undefined, and the
 enhanced mask decoder's extra weights. The model runs on the padded layout (``input_ids [B, S]`` with
-``attention_mask``); the attention is ``ops.disentangled_attention``: the fused Triton kernel on CUDA tensors, the
-plain-PyTorch reference otherwise.
+``attention_mask``); the attention is the plain-PyTorch reference, with no Triton kernel yet.
 """
 
 from __future__ import annotations
@@ -316,9 +315,7 @@ class DebertaLayer(nn.Module):
         if "p2c" in c.pos_att_type:
             pos_query = self._heads((self.query if c.share_att_key else self.pos_query)(rel_table))
         p = c.attention_probs_dropout_prob if self.training else 0.0
-        out = ops.disentangled_attention(
-            q, k, v, pos_key, pos_query, mask, c.position_buckets, c.relative_distance, p, rel_index
-        )
+        out = dsa.reference(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
         return out.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x, mask, rel_table, rel_index) -> torch.Tensor:
@@ -366,9 +363,7 @@ class DebertaEncoder(nn.Module):
         rel_table = self.rel_embeddings.weight
         if self.rel_norm is not None:
             rel_table = self.rel_norm(rel_table)
-        rel_index = None  # the kernel takes the bucket settings, the reference this [seq, seq] table
-        if not ops.uses_kernel("disentangled_attention", x):
-            rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
+        rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
         for layer in self.layers:
             x = layer(x, mask, rel_table, rel_index)
         return x

@@ -1,6 +1,6 @@
 """The model's fused operations, one function each: ``attention`` (and ``attention_padded``),
-``disentangled_attention`` (DeBERTa's), ``residual_layer_norm``, ``bias_gelu``, ``mlm_loss`` (and
-``mlm_loss_and_sample``), and ``lamb_kernel`` for the optimizer.
+``residual_layer_norm``, ``bias_gelu``, ``mlm_loss`` (and ``mlm_loss_and_sample``), and ``lamb_kernel`` for the
+optimizer.
 
 Each function takes plain tensors and picks an implementation: the Triton kernel from ``fastbert.kernels`` for CUDA
 tensors when that kernel exists, the torch reference otherwise. ``FASTBERT_BACKEND=torch`` forces the reference;
@@ -179,40 +179,6 @@ def attention_padded(
     keep = keep | (~has_key[:, None] & (torch.arange(seq, device=q.device) == 0))  # no 0/0 softmax row
     out = _masked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), keep, dropout_p, softmax_scale)
     return out.transpose(1, 2) * has_key[:, None, None, None].to(out.dtype)
-
-
-def uses_kernel(op: str, tensor: torch.Tensor) -> bool:
-    """Whether ``op`` on ``tensor`` would run its Triton kernel (so a caller can skip building what only the
-    reference needs)."""
-    return _kernel_for(op, tensor) is not None
-
-
-def disentangled_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    pos_key: torch.Tensor | None,
-    pos_query: torch.Tensor | None,
-    key_mask: torch.Tensor | None,
-    position_buckets: int,
-    max_relative_positions: int,
-    dropout_p: float = 0.0,
-    rel_index: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """DeBERTa's disentangled attention over a padded batch: q, k, v ``[batch, heads, seq, head_dim]``,
-    ``pos_key`` / ``pos_query`` ``[heads, 2 * span, head_dim]`` or None, ``key_mask`` ``[batch, seq]`` True for real
-    tokens (right-padded on the kernel's path) or None. The reference takes ``rel_index`` (``relative_index``)
-    when the caller has it. A sequence with no real token gets a zero output from the kernel and uniform weights
-    over its padding from the reference; both are padding. Returns ``[batch, heads, seq, head_dim]``."""
-    from fastbert.kernels import disentangled_attention as dsa
-
-    if uses_kernel("disentangled_attention", q):
-        return dsa.disentangled_attention_padded(
-            q, k, v, pos_key, pos_query, key_mask, position_buckets, max_relative_positions, dropout_p
-        )
-    if rel_index is None:
-        rel_index = dsa.relative_index(q.shape[-2], position_buckets, max_relative_positions, q.device)
-    return dsa.reference(q, k, v, rel_index, pos_key, pos_query, key_mask, dropout_p)
 
 
 # Residual + LayerNorm -------------------------------------------------------------------------------------------
