@@ -24,6 +24,9 @@ _EXPORTS = {
     "ConfigError": "fastbert.config",
     "DebertaConfig": "fastbert.deberta",
     "DebertaForMaskedLM": "fastbert.deberta",
+    "DebertaForQuestionAnswering": "fastbert.deberta",
+    "DebertaForSequenceClassification": "fastbert.deberta",
+    "DebertaForTokenClassification": "fastbert.deberta",
     "DebertaModel": "fastbert.deberta",
 }
 

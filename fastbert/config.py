@@ -306,6 +306,17 @@ class BertConfig:
         write_atomic(Path(directory) / "config.json", self.to_json_string(architecture, model_type).encode())
 
 
+def read_model_config(path: str | os.PathLike):
+    """The model config in the config.json at ``path``: a ``DebertaConfig`` for ``model_type: deberta-v2``, else a
+    ``BertConfig`` (every BERT-family type fastbert reads)."""
+    from fastbert import deberta
+
+    raw = BertConfig.read_json(path)
+    if raw.get("model_type") == deberta.MODEL_TYPE:
+        return deberta.DebertaConfig.from_dict(raw, source=str(path))
+    return BertConfig.from_dict(raw, source=str(path))
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024),
     "mini": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),

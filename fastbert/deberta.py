@@ -1,15 +1,19 @@
-"""DeBERTa-v3: its config, the encoder with disentangled attention, the MLM head, and its HF interchange.
+"""DeBERTa-v3: its config, the encoder with disentangled attention, the MLM and task heads, and HF interchange.
 
 The model is transformers' ``DebertaV2Model`` / ``DebertaV2ForMaskedLM`` function (post-LN layers; word embeddings,
 by default no absolute positions, an embedding LayerNorm; one relative-position table shared by every layer, with its
 own LayerNorm; attention scores from content and from relative positions, ``fastbert.kernels.disentangled_attention``)
 and reads and writes their checkpoints: ``config.json`` with ``model_type: deberta-v2`` and ``model.safetensors``
-under transformers' key names. What this port does not build is refused with the config key or checkpoint key that
-asks for it, before any weight is read: the convolution after the first layer (``conv_kernel_size > 0``), attention
-terms other than ``c2p`` / ``p2c``, models without relative attention, a factorised embedding width, a head size
-other than ``hidden_size / num_attention_heads``, position-bucket settings whose log buckets are undefined, and the
-enhanced mask decoder's extra weights. The model runs on the padded layout (``input_ids [B, S]`` with
-``attention_mask``); the attention is the plain-PyTorch reference, with no Triton kernel yet.
+under transformers' key names. The task heads are transformers' ``DebertaV2ForSequenceClassification`` (its pooler),
+``...ForTokenClassification`` and ``...ForQuestionAnswering``, called as BERT's heads are, so that ``fastbert
+finetune`` runs every task on a DeBERTa directory. What this port does not build is refused with the config key or
+checkpoint key that asks for it, before any weight is read: the convolution after the first layer
+(``conv_kernel_size > 0``), attention terms other than ``c2p`` / ``p2c``, models without relative attention, a
+factorised embedding width, a head size other than ``hidden_size / num_attention_heads``, position-bucket settings
+whose log buckets are undefined, and the enhanced mask decoder's extra weights. The encoder runs on the padded
+layout (``input_ids [B, S]`` with ``attention_mask``); the heads also take BERT's other layouts (a host-built
+``Layout``, or flat ids with ``cu_seqlens``), padded on the device. Without a segment table (``type_vocab_size=0``,
+DeBERTa-v3's) segment ids are ignored, as transformers ignores them. The attention is the plain-PyTorch reference.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,15 @@ from fastbert.config import (
 )
 from fastbert.hf import SAFETENSORS_NAME, CheckpointError, LoadingInfo, read_state_dict, warn_if_partly_loaded
 from fastbert.kernels import disentangled_attention as dsa
-from fastbert.model import _check_range, check_token_ids, init_modules
+from fastbert.model import (
+    ClassifierOutput,
+    Layout,
+    PreTrainingOutput,
+    QuestionAnsweringOutput,
+    _check_range,
+    check_token_ids,
+    init_modules,
+)
 
 MODEL_TYPE = "deberta-v2"
 # transformers' DebertaV2Config defaults: a config.json that leaves a key out means this value, not ours.
@@ -63,8 +75,8 @@ _TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "share_att_key": False,
     "norm_rel_ebd": "none",
 }
-# Keys of DeBERTa configs that change nothing fastbert builds (the pooler belongs to heads this port does not have).
-_IGNORED_DEBERTA_KEYS = {"pooler_hidden_size", "pooler_dropout", "pooler_hidden_act", "legacy"}
+# Keys of DeBERTa configs that change nothing fastbert builds (``legacy`` is read from the checkpoint's keys).
+_IGNORED_DEBERTA_KEYS = {"legacy"}
 
 
 @dataclass
@@ -95,9 +107,31 @@ class DebertaConfig:
     pos_att_type: tuple[str, ...] = ("p2c", "c2p")
     share_att_key: bool = True
     norm_rel_ebd: str = "layer_norm"
+    # Task heads, as transformers' DeBERTa-v2 heads read them: the number of outputs and their names, and the
+    # sequence classifier's pooler (dropout, dense to ``pooler_hidden_size`` (None: ``hidden_size``), activation)
+    # and its dropout before the classifier (``cls_dropout``; None: ``hidden_dropout_prob``).
+    num_labels: int = 2
+    id2label: dict[int, str] | None = field(default=None, repr=False)
+    pooler_hidden_size: int | None = None
+    pooler_hidden_act: str = "gelu"
+    pooler_dropout: float = 0.0
+    cls_dropout: float | None = None
 
     def __post_init__(self) -> None:
-        check_encoder_fields(self)
+        check_encoder_fields(self, "num_labels")
+        if self.pooler_hidden_size is not None and (
+            not isinstance(self.pooler_hidden_size, int) or self.pooler_hidden_size < 1
+        ):
+            raise ConfigError(f"pooler_hidden_size must be a positive integer, got {self.pooler_hidden_size!r}")
+        if self.pooler_hidden_act not in GELU_APPROXIMATION:
+            raise ConfigError(
+                f"pooler_hidden_act {self.pooler_hidden_act!r} is not supported; use one of "
+                f"{sorted(GELU_APPROXIMATION)}"
+            )
+        for name in ("pooler_dropout", "cls_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {value!r}")
         if not isinstance(self.pad_token_id, int) or not 0 <= self.pad_token_id < self.vocab_size:
             raise ConfigError(f"pad_token_id {self.pad_token_id!r} is outside the vocabulary (size {self.vocab_size})")
         terms = self.pos_att_type
@@ -140,6 +174,14 @@ class DebertaConfig:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def pooler_width(self) -> int:
+        return self.pooler_hidden_size or self.hidden_size
+
+    @property
+    def classifier_dropout(self) -> float:
+        return self.hidden_dropout_prob if self.cls_dropout is None else self.cls_dropout
+
+    @property
     def gelu_approximation(self) -> str:
         return GELU_APPROXIMATION[self.hidden_act]
 
@@ -169,7 +211,12 @@ class DebertaConfig:
         transformers' defaults differ from v3's. ``legacy: false`` selects the MLM head layout fastbert writes."""
         d = dataclasses.asdict(self)
         d["pos_att_type"] = list(self.pos_att_type)
-        d.update(model_type=MODEL_TYPE, relative_attention=True, legacy=False)
+        d.update(model_type=MODEL_TYPE, relative_attention=True, legacy=False, pooler_hidden_size=self.pooler_width)
+        if d.pop("cls_dropout") is not None:
+            d["cls_dropout"] = self.cls_dropout
+        if d.pop("id2label") is not None:
+            d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+            d["label2id"] = {v: int(k) for k, v in self.id2label.items()}
         return d
 
     @classmethod
@@ -205,6 +252,12 @@ class DebertaConfig:
             raise ConfigError(f"{source}: not supported by fastbert's DeBERTa: " + "; ".join(refused))
         if d.get("pad_token_id") is None:
             d["pad_token_id"] = 0
+        id2label = d.pop("id2label", None)
+        if id2label is not None:
+            d["id2label"] = {int(k): v for k, v in id2label.items()}
+            d.setdefault("num_labels", len(id2label))
+        if d.get("pooler_hidden_size") == d.get("hidden_size"):
+            d["pooler_hidden_size"] = None  # the default: the hidden size, whatever it becomes
         known = {f.name for f in dataclasses.fields(cls)}
         ignored = _IGNORED_HF_KEYS | _IGNORED_DEBERTA_KEYS
         unknown = sorted(k for k in d if k not in known and k not in ignored)
@@ -266,8 +319,10 @@ class DebertaEmbeddings(nn.Module):
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, h) if config.type_vocab_size > 0 else None
         self.norm = nn.LayerNorm(h, eps=config.layer_norm_eps)
 
-    def forward(self, input_ids, mask, token_type_ids=None, position_ids=None) -> torch.Tensor:
-        x = self.word_embeddings(input_ids)
+    def forward(self, input_ids, mask, token_type_ids=None, position_ids=None, word_vectors=None) -> torch.Tensor:
+        """``word_vectors`` (``[B, S, hidden]``), when given, replace the lookup of ``input_ids`` in the word table
+        (DeBERTa-v3's discriminator looks its tokens up in its generator's table; ``fastbert.deberta_electra``)."""
+        x = self.word_embeddings(input_ids) if word_vectors is None else word_vectors
         if self.position_embeddings is not None:
             if position_ids is None:
                 position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
@@ -315,7 +370,7 @@ class DebertaLayer(nn.Module):
         if "p2c" in c.pos_att_type:
             pos_query = self._heads((self.query if c.share_att_key else self.pos_query)(rel_table))
         p = c.attention_probs_dropout_prob if self.training else 0.0
-        out = dsa.reference(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
+        out = ops.disentangled_attention(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
         return out.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x, mask, rel_table, rel_index) -> torch.Tensor:
@@ -433,8 +488,54 @@ class DebertaModel(DebertaPreTrainedModel):
         self.encoder = DebertaEncoder(config)
         self.init_weights()
 
-    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None):
-        """``(hidden [B, S, hidden], mask [B, S] bool)``."""
+    def encode_any(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        cu_seqlens=None,
+        max_seqlen=None,
+        word_vectors=None,
+    ) -> tuple[torch.Tensor, torch.Tensor, Layout | None]:
+        """``encode`` for the layouts BERT's classes take: a tensor mask; a host-built ``Layout`` of a padded batch as
+        ``attention_mask`` (what fine-tuning passes); or an unpadded batch (flat ``input_ids [T]`` with
+        ``cu_seqlens``), padded here on the device without a host read. Returns the padded ``(hidden, mask)`` and
+        the ``Layout`` that maps them back to the caller's layout (None for a tensor mask)."""
+        layout = None
+        if cu_seqlens is not None:
+            if input_ids.dim() != 1:
+                raise ValueError(f"with cu_seqlens, input_ids must be flat [tokens], got {tuple(input_ids.shape)}")
+            layout = _unpadded_layout(cu_seqlens, max_seqlen, input_ids.shape[0], input_ids.device)
+            batch, seq = layout.shape
+            flat = input_ids.new_zeros(batch * seq).index_copy(0, layout.index, input_ids)
+            ids = flat.view(batch, seq)
+            mask = torch.zeros(batch * seq, dtype=torch.bool, device=input_ids.device).index_fill(0, layout.index, True)
+            attention_mask = mask.view(batch, seq)
+            if token_type_ids is not None:
+                token_type_ids = layout.pad(token_type_ids)
+            if position_ids is not None:
+                position_ids = layout.pad(position_ids)
+            if word_vectors is not None:
+                word_vectors = layout.pad(word_vectors)
+            input_ids = ids
+        elif isinstance(attention_mask, Layout):
+            layout = attention_mask
+            if layout.index is None or layout.shape != tuple(input_ids.shape):
+                raise ValueError(
+                    f"attention_mask is a Layout for shape {layout.shape}, not this padded batch "
+                    f"{tuple(input_ids.shape)}"
+                )
+            attention_mask = (
+                torch.zeros(input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+                .index_fill(0, layout.index, True)
+                .view(input_ids.shape)
+            )
+        hidden, mask = self.encode(input_ids, attention_mask, token_type_ids, position_ids, word_vectors)
+        return hidden, mask, layout
+
+    def encode(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, word_vectors=None):
+        """``(hidden [B, S, hidden], mask [B, S] bool)``; ``word_vectors`` as ``DebertaEmbeddings`` takes them."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got {tuple(input_ids.shape)}")
         if attention_mask is None:
@@ -445,8 +546,10 @@ class DebertaModel(DebertaPreTrainedModel):
             )
         else:
             mask = attention_mask.bool()
+        if self.config.type_vocab_size == 0:
+            token_type_ids = None  # no segment table (DeBERTa-v3's): segment ids are ignored, as transformers does
         self._check_inputs(input_ids, token_type_ids, position_ids)
-        hidden = self.encoder(self.embeddings(input_ids, mask, token_type_ids, position_ids), mask)
+        hidden = self.encoder(self.embeddings(input_ids, mask, token_type_ids, position_ids, word_vectors), mask)
         return hidden * mask[..., None].to(hidden.dtype), mask
 
     def _check_inputs(self, input_ids, token_type_ids, position_ids) -> None:
@@ -506,6 +609,211 @@ class DebertaForMaskedLM(DebertaPreTrainedModel):
         return MaskedLMOutput(loss=loss, accuracy=accuracy)
 
 
+class DebertaForPreTraining(DebertaForMaskedLM):
+    """``DebertaForMaskedLM`` as the pretraining driver calls a model (BERT's ``BertForPreTraining`` interface): an
+    unpadded batch (flat ``input_ids`` with ``cu_seqlens``) or a padded one, ``labels`` in the same layout, and the
+    collator's ``masked_positions`` (flat indices of the labelled tokens, so that the forward pass reads nothing back
+    to find them); returns a ``PreTrainingOutput`` with the MLM loss and accuracy. MLM only: DeBERTa-v3 has no
+    sentence objective. Its weights and checkpoints are ``DebertaForMaskedLM``'s (``DebertaV2ForMaskedLM``)."""
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        next_sentence_label=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+        masked_positions=None,
+    ) -> PreTrainingOutput:
+        if next_sentence_label is not None:
+            raise ValueError("next_sentence_label given, but DeBERTa pretrains with MLM only (no sentence objective)")
+        if not self.config.position_biased_input:
+            # The pretraining collator gives each sequence's positions 0..n-1: for a model with relative positions
+            # only, that is its token order, which the attention reads by itself.
+            position_ids = None
+        hidden, mask, layout = self.deberta.encode_any(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
+        if layout is None:  # a padded batch with a tensor mask, unpadded here as BERT's encoder does
+            layout = Layout.from_attention_mask(mask)
+        flat = layout.unpad(hidden)  # the real tokens' rows, in order: what labels and masked_positions index
+        out = PreTrainingOutput()
+        if labels is None:
+            logits = F.linear(self.cls.transform_hidden(flat), self.decoder_weight, self.cls.bias)
+            out.prediction_logits = logits if cu_seqlens is not None else layout.pad(logits)
+            return out
+        flat_labels = labels.reshape(-1) if cu_seqlens is not None else layout.unpad(labels)
+        masked = masked_positions
+        if masked is None:
+            masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
+        out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
+            self.cls.transform_hidden(flat.index_select(0, masked)),
+            self.decoder_weight,
+            self.cls.bias,
+            flat_labels.index_select(0, masked),
+        )
+        out.loss = out.mlm_loss
+        return out
+
+
+def _unpadded_layout(cu_seqlens: torch.Tensor, max_seqlen: int | None, tokens: int, device) -> Layout:
+    """Where the ``tokens`` tokens of an unpadded batch sit in its padded ``[B, max_seqlen]`` form, computed on the
+    device (a host read only when ``max_seqlen`` is not given)."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int64)
+    if max_seqlen is None:
+        max_seqlen = int(cu.diff().max()) if cu.numel() > 1 else 0
+    token = torch.arange(tokens, device=device)
+    sequence = torch.bucketize(token, cu[1:], right=True)
+    index = sequence * max_seqlen + (token - cu[sequence])
+    return Layout(cu.to(torch.int32), max_seqlen, index, (cu.numel() - 1, max_seqlen))
+
+
+class DebertaPooler(nn.Module):
+    """transformers' ``ContextPooler``: the first token, dropout, dense to ``pooler_hidden_size``, activation."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.dense = nn.Linear(config.hidden_size, config.pooler_width)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        first = ops.dropout(hidden[:, 0], self.config.pooler_dropout, self.training)
+        approximate = GELU_APPROXIMATION[self.config.pooler_hidden_act]
+        return ops.bias_gelu(F.linear(first, self.dense.weight), self.dense.bias, approximate)
+
+
+class DebertaForSequenceClassification(DebertaPreTrainedModel):
+    """Classifier on the pooled first token (transformers' ``DebertaV2ForSequenceClassification``); regression (mean
+    squared error) when ``num_labels == 1``. Takes BERT's layouts (``DebertaModel.encode_any``)."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.pooler = DebertaPooler(config)
+        self.classifier = nn.Linear(config.pooler_width, config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> ClassifierOutput:
+        hidden, _, _ = self.deberta.encode_any(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
+        pooled = ops.dropout(self.pooler(hidden), self.config.classifier_dropout, self.training)
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            if self.config.num_labels == 1:
+                loss = F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype).view(-1))
+            else:
+                loss = F.cross_entropy(logits, labels.view(-1))
+        return ClassifierOutput(loss, logits)
+
+
+class DebertaForTokenClassification(DebertaPreTrainedModel):
+    """Per-token classifier (transformers' ``DebertaV2ForTokenClassification``); padding positions get zero logits
+    and are never in the loss. Logits come back in the caller's layout (padded, or flat for ``cu_seqlens``)."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        labels=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> ClassifierOutput:
+        hidden, mask, layout = self.deberta.encode_any(
+            input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
+        )
+        logits = self.classifier(ops.dropout(hidden, self.config.hidden_dropout_prob, self.training))
+        logits = logits * mask[..., None].to(logits.dtype)
+        loss = None
+        if labels is not None:
+            if cu_seqlens is not None:
+                labels = layout.pad(labels, fill=IGNORE_INDEX)
+            labels = labels.masked_fill(~mask, IGNORE_INDEX)
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+        if cu_seqlens is not None:
+            logits = layout.unpad(logits)
+        return ClassifierOutput(loss, logits)
+
+
+class DebertaForQuestionAnswering(DebertaPreTrainedModel):
+    """Start/end span logits per token (transformers' ``DebertaV2ForQuestionAnswering``), on a padded batch; padding
+    positions get the lowest finite logit so that no span ends there."""
+
+    def __init__(self, config: DebertaConfig):
+        super().__init__()
+        # Two outputs, start and end: transformers sizes qa_outputs by num_labels, so the saved config says 2.
+        config = config if config.num_labels == 2 else config.replace(num_labels=2, id2label=None)
+        self.config = config
+        self.deberta = DebertaModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        token_type_ids=None,
+        position_ids=None,
+        start_positions=None,
+        end_positions=None,
+        *,
+        cu_seqlens=None,
+        max_seqlen=None,
+    ) -> QuestionAnsweringOutput:
+        if cu_seqlens is not None:
+            raise ValueError("DebertaForQuestionAnswering needs the padded layout (input_ids [B, S])")
+        hidden, mask, _ = self.deberta.encode_any(input_ids, attention_mask, token_type_ids, position_ids)
+        logits = self.qa_outputs(hidden).masked_fill(~mask[..., None], torch.finfo(hidden.dtype).min)
+        start_logits, end_logits = logits.unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            ignored = start_logits.shape[1]  # positions outside the sequence are ignored, as in transformers
+            start = F.cross_entropy(start_logits, start_positions.view(-1).clamp(0, ignored), ignore_index=ignored)
+            end = F.cross_entropy(end_logits, end_positions.view(-1).clamp(0, ignored), ignore_index=ignored)
+            loss = (start + end) / 2
+        return QuestionAnsweringOutput(loss, start_logits, end_logits)
+
+
+# BERT's head class name -> DeBERTa's, for fine-tuning a DeBERTa checkpoint with a task written for BERT's heads.
+TASK_HEADS = {
+    "BertForSequenceClassification": DebertaForSequenceClassification,
+    "BertForTokenClassification": DebertaForTokenClassification,
+    "BertForQuestionAnswering": DebertaForQuestionAnswering,
+}
+
+
+def is_deberta_dir(directory: str | os.PathLike) -> bool:
+    """Whether ``directory``'s config.json is a DeBERTa-v2/v3 one (``model_type: deberta-v2``)."""
+    path = Path(directory) / "config.json"
+    return path.exists() and BertConfig.read_json(path).get("model_type") == MODEL_TYPE
+
+
 # HF interchange -------------------------------------------------------------------------------------------------
 # Our per-layer module names -> transformers' (under deberta.encoder.layer.<i>.).
 _LAYER_NAMES = {
@@ -543,6 +851,8 @@ _HEAD_NAMES = {
     },
 }
 _HEAD_ROOTS = ("cls.", "lm_predictions.", "mask_predictions.")
+# Task heads: the same module names as transformers', outside the ``deberta.`` prefix.
+_TASK_ROOTS = ("pooler.", "classifier.", "qa_outputs.")
 _PREFIX = "deberta."
 # Checkpoint keys that hold no weight of ours: a buffer, the legacy decoder (tied; checked equal), and the replaced
 # token detection head of DeBERTa-v3's ELECTRA-style pretraining (transformers drops it too).
@@ -559,6 +869,9 @@ def checkpoint_key_map(model: nn.Module, legacy: bool = False) -> dict[str, str]
         if key.startswith("cls."):
             module, _, leaf = key[len("cls.") :].rpartition(".")
             out[key] = _HEAD_NAMES[legacy]["bias"] if not module else f"{_HEAD_NAMES[legacy][module]}.{leaf}"
+            continue
+        if key.startswith(_TASK_ROOTS):
+            out[key] = key
             continue
         local = key[len(_PREFIX) :] if key.startswith(_PREFIX) else key
         module, _, leaf = local.rpartition(".")
@@ -593,7 +906,7 @@ def load_pretrained(cls, directory, config=None, output_loading_info=False, **co
     if config_overrides:
         config = config.replace(**config_overrides)
     state, path = read_state_dict(directory)
-    state = {k if k.startswith((_PREFIX, *_HEAD_ROOTS)) else _PREFIX + k: v for k, v in state.items()}
+    state = {k if k.startswith((_PREFIX, *_HEAD_ROOTS, *_TASK_ROOTS)) else _PREFIX + k: v for k, v in state.items()}
     decoder_extras = sorted(
         k for k in state if k.startswith("lm_predictions.") and not k.startswith("lm_predictions.lm_head.")
     )
@@ -638,7 +951,14 @@ def load_pretrained(cls, directory, config=None, output_loading_info=False, **co
     return (model, info) if output_loading_info else model
 
 
-_ARCHITECTURES = {"DebertaModel": "DebertaV2Model", "DebertaForMaskedLM": "DebertaV2ForMaskedLM"}
+_ARCHITECTURES = {
+    "DebertaModel": "DebertaV2Model",
+    "DebertaForMaskedLM": "DebertaV2ForMaskedLM",
+    "DebertaForPreTraining": "DebertaV2ForMaskedLM",
+    "DebertaForSequenceClassification": "DebertaV2ForSequenceClassification",
+    "DebertaForTokenClassification": "DebertaV2ForTokenClassification",
+    "DebertaForQuestionAnswering": "DebertaV2ForQuestionAnswering",
+}
 
 
 def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

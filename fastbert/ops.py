@@ -181,6 +181,149 @@ def attention_padded(
     return out.transpose(1, 2) * has_key[:, None, None, None].to(out.dtype)
 
 
+# Disentangled attention (DeBERTa) ---------------------------------------------------------------------------------
+_DISENTANGLED_BLOCK = 1 << 21  # score elements ([batch, heads, query rows, keys]) per query block
+# Up to this many score elements the reference's whole-matrix autograd runs (faster, its memory still small); above,
+# the blocked function (the reference keeps several [B, H, L, L] tensors a layer for its backward pass).
+_DISENTANGLED_WHOLE = 1 << 23
+
+
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension, in place."""
+    scores.sub_(scores.amax(-1, keepdim=True)).exp_()
+    return scores.div_(scores.sum(-1, keepdim=True))
+
+
+def _disentangled_scores(q, k, pos_key, from_positions, index, key_mask, scale):
+    """Scores (float32, or float64 for float64 inputs) of one query block: ``q [B, H, b, D]`` against every key,
+    plus content-to-position (``q`` at the position key of each pair's table row ``index [b, L]``) and
+    position-to-content (``from_positions [B, H, L, 2s]``, every key against every position query, read at the same
+    rows)."""
+    batch, heads, rows, keys = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    compute = torch.promote_types(q.dtype, torch.float32)
+    scores = (q @ k.transpose(-1, -2)).to(compute)
+    if pos_key is not None:
+        to_positions = (q @ pos_key.transpose(-1, -2)).to(compute)
+        scores += torch.gather(to_positions, -1, index.expand(batch, heads, rows, keys))
+    if from_positions is not None:
+        by_key = torch.gather(from_positions, -1, index.t().expand(batch, heads, keys, rows))
+        scores += by_key.transpose(-1, -2)
+    scores *= scale
+    if key_mask is not None:
+        scores.masked_fill_(~key_mask[:, None, None, :], torch.finfo(scores.dtype).min)
+    return scores
+
+
+class _BlockedDisentangledAttention(torch.autograd.Function):
+    """Disentangled attention one block of query rows at a time: each block's scores against every key, their softmax
+    and the block's output, so that no ``[B, H, L, L]`` tensor (nor the reference's gathered copies of it) lives
+    longer than a block. A block holds whole rows, so the backward pass recomputes each block's scores and softmax
+    exactly as the forward pass did (nothing but the inputs and the output is saved) and draws its dropout mask
+    again from the saved RNG state."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, pos_key, pos_query, rel_index, key_mask, dropout_p, scale):
+        batch, heads, length = q.shape[0], q.shape[1], q.shape[2]
+        block = max(16, min(length, _DISENTANGLED_BLOCK // max(1, batch * heads * k.shape[2])))
+        compute = torch.promote_types(q.dtype, torch.float32)
+        from_positions = None if pos_query is None else (k @ pos_query.transpose(-1, -2)).to(compute)
+        rng = torch.get_rng_state() if dropout_p > 0 else None
+        out = torch.empty_like(q)
+        for start in range(0, length, block):
+            rows = slice(start, start + block)
+            scores = _disentangled_scores(q[:, :, rows], k, pos_key, from_positions, rel_index[rows], key_mask, scale)
+            probs = _softmax_(scores)
+            if dropout_p > 0:
+                probs *= dropout_mask(probs.shape, dropout_p, probs.device, compute)
+            out[:, :, rows] = (probs.to(v.dtype) @ v).to(out.dtype)
+        ctx.save_for_backward(q, k, v, pos_key, pos_query, rel_index, key_mask, out)
+        ctx.dropout_p, ctx.scale, ctx.block, ctx.rng = dropout_p, scale, block, rng
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, pos_key, pos_query, rel_index, key_mask, out = ctx.saved_tensors
+        p, scale, block = ctx.dropout_p, ctx.scale, ctx.block
+        batch, heads, length = q.shape[0], q.shape[1], q.shape[2]
+        c = torch.promote_types(q.dtype, torch.float32)
+        qc, kc, vc = q.to(c), k.to(c), v.to(c)
+        from_positions = None if pos_query is None else kc @ pos_query.to(c).transpose(-1, -2)
+        delta = (grad_out.to(c) * out.to(c)).sum(-1)
+        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+        d_pos_key = None if pos_key is None else torch.zeros_like(pos_key, dtype=c)
+        d_from = None if from_positions is None else torch.zeros_like(from_positions)
+        with torch.random.fork_rng(devices=[], enabled=p > 0):
+            if p > 0:
+                torch.set_rng_state(ctx.rng)
+            for start in range(0, length, block):
+                rows = slice(start, start + block)
+                qb, gb, index = qc[:, :, rows], grad_out[:, :, rows].to(c), rel_index[rows]
+                pos_key_c = None if pos_key is None else pos_key.to(c)
+                scores = _disentangled_scores(qb, kc, pos_key_c, from_positions, index, key_mask, scale)
+                probs = _softmax_(scores)
+                d_probs = gb @ vc.transpose(-1, -2)
+                if p > 0:
+                    keep = dropout_mask(probs.shape, p, probs.device, c)
+                    dv += (probs * keep).transpose(-1, -2) @ gb
+                    d_probs *= keep
+                else:
+                    dv += probs.transpose(-1, -2) @ gb
+                d_scores = probs.mul_(d_probs.sub_(delta[:, :, rows, None])).mul_(scale)  # [B, H, b, L]
+                if key_mask is not None:  # masked scores are constants (all of a row with no real key)
+                    d_scores.masked_fill_(~key_mask[:, None, None, :], 0.0)
+                dq_block = d_scores @ kc
+                dk += d_scores.transpose(-1, -2) @ qb
+                if pos_key is not None:
+                    to_rows = torch.zeros(*d_scores.shape[:3], pos_key.shape[1], dtype=c, device=q.device)
+                    to_rows.scatter_add_(-1, index.expand_as(d_scores), d_scores)
+                    dq_block += to_rows @ pos_key_c
+                    d_pos_key += torch.einsum("bhir,bhid->hrd", to_rows, qb)
+                if d_from is not None:
+                    keys = k.shape[2]
+                    d_from.scatter_add_(
+                        -1, index.t().expand(batch, heads, keys, index.shape[0]), d_scores.transpose(-1, -2)
+                    )
+                dq[:, :, rows] = dq_block
+        d_pos_query = None
+        if d_from is not None:
+            dk += d_from @ pos_query.to(c)
+            d_pos_query = torch.einsum("bhjr,bhjd->hrd", d_from, kc)
+        cast = lambda g, like: None if g is None else g.to(like.dtype)  # noqa: E731
+        return (
+            cast(dq, q), cast(dk, k), cast(dv, v), cast(d_pos_key, pos_key), cast(d_pos_query, pos_query),
+            None, None, None, None,
+        )  # fmt: skip
+
+
+def disentangled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rel_index: torch.Tensor,
+    pos_key: torch.Tensor | None = None,
+    pos_query: torch.Tensor | None = None,
+    key_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    position_terms: int | None = None,
+) -> torch.Tensor:
+    """DeBERTa's attention with ``fastbert.kernels.disentangled_attention.reference``'s arguments and result. Past
+    ``_DISENTANGLED_WHOLE`` score elements (long sequences) it runs by query blocks
+    (``_BlockedDisentangledAttention``), the same function with memory linear in the sequence length beyond one
+    block's scores; below, and with ``FASTBERT_BACKEND=torch``, the reference itself."""
+    from fastbert.kernels import disentangled_attention as dsa
+
+    whole = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _DISENTANGLED_WHOLE
+    if backend_setting() == "torch" or whole:
+        return dsa.reference(q, k, v, rel_index, pos_key, pos_query, key_mask, dropout_p, position_terms)
+    if position_terms is None:
+        position_terms = (pos_key is not None) + (pos_query is not None)
+    scale = dsa.score_scale(q.shape[-1], position_terms)
+    mask = None if key_mask is None else key_mask.bool()
+    if mask is not None and q.device.type == "cpu" and bool(mask.all()):
+        mask = None  # no padding: skip the masking (a host read, which costs nothing on the CPU)
+    return _BlockedDisentangledAttention.apply(q, k, v, pos_key, pos_query, rel_index, mask, dropout_p, scale)
+
+
 # Residual + LayerNorm -------------------------------------------------------------------------------------------
 def residual_layer_norm(
     x: torch.Tensor,

@@ -24,10 +24,13 @@ checkpoint reproduces a run bit for bit:
 4. ``_lamb_apply``: the trust ratio from the sums, ``u`` recomputed from ``(m, v, w)`` (no scratch copy of the
    update: the same bytes moved as storing it, and no memory), ``w -= lr * trust * u`` stored in ``w``'s dtype.
 
+The step's decisions stay on the device: the clip factor and the skip (a non-finite gradient norm) enter the
+hyperparameter table, which ``hyperparameter_table`` builds there from device step counts, so a step reads nothing
+back to the host. A skipped step still runs the kernels, with rates that leave weights and moments unchanged.
+
 Where it stops being good: it is memory-bound (fp32: 4 bytes read in kernel 1, 16 read and 8 written in kernel 2,
-12 read and 4 written in kernel 4, per element) and needs one host synchronisation per step, for the skip
-decision and the clip factor, as the torch path does. Parameters much smaller than ``CHUNK`` each take a
-mostly idle program; BERT has a few hundred such biases, a negligible share.
+12 read and 4 written in kernel 4, per element), and a skipped step costs as much as a taken one. Parameters much
+smaller than ``CHUNK`` each take a mostly idle program; BERT has a few hundred such biases, a negligible share.
 """
 
 from __future__ import annotations
@@ -58,10 +61,10 @@ WEIGHT, GRAD, EXP_AVG, EXP_AVG_SQ, ALIGNED = (tl.constexpr(i) for i in range(5))
 CHUNK_COLUMNS = tl.constexpr(4)
 ROW, START, NUMEL, PARAM = (tl.constexpr(i) for i in range(4))
 # Hyper (fp32), one row per tensor: lr, 1 - beta1, beta2, 1 - beta2, 1 - beta1^step, 1 - beta2^step, eps, weight
-# decay, max trust ratio (inf: none).
-HYPER_COLUMNS = tl.constexpr(9)
-LR, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, BIAS_CORRECTION1, BIAS_CORRECTION2, EPS, WEIGHT_DECAY, MAX_TRUST = (
-    tl.constexpr(i) for i in range(9)
+# decay, max trust ratio (inf: none), gradient clip factor (0: a skipped step, whose gradients are read as zeros).
+HYPER_COLUMNS = tl.constexpr(10)
+LR, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, BIAS_CORRECTION1, BIAS_CORRECTION2, EPS, WEIGHT_DECAY, MAX_TRUST, CLIP = (
+    tl.constexpr(i) for i in range(10)
 )
 # Partials and Sums (fp32): per chunk (moments) or per parameter (sums), the squared norms of w and of u.
 NORM_COLUMNS = tl.constexpr(2)
@@ -197,7 +200,6 @@ def _lamb_moments(
     Hyper,
     Chunks,
     Partials,
-    clip,
     first_chunk,
     WEIGHT_DTYPE: tl.constexpr,
     GRAD_DTYPE: tl.constexpr,
@@ -206,6 +208,13 @@ def _lamb_moments(
 ):
     pid = tl.program_id(0)
     row, start, numel, fast = _chunk(Chunks, Addresses, pid, CHUNK)
+    clip = tl.load(Hyper + row * HYPER_COLUMNS + CLIP)
+    # A skipped step (clip 0): the chunk is walked as empty, so m and v are neither read nor written (its gradients
+    # hold an inf or a nan somewhere) and its partial sums are 0, a trust ratio of 1 for the apply kernel, which
+    # then adds lr 0 times a finite update.
+    skip = clip == 0.0
+    fast = fast & (clip != 0.0)
+    numel = tl.where(skip, 0, numel)
     if fast:
         w_sq, u_sq = _moments_chunk(
             Addresses, Hyper, row, start, numel, clip, WEIGHT_DTYPE, GRAD_DTYPE, True, CHUNK, BLOCK
@@ -482,9 +491,16 @@ def grad_square_sum(plan: Plan, grads: Sequence[torch.Tensor]) -> torch.Tensor:
 
 
 def hyperparameters(
-    lr: float, betas: tuple[float, float], eps: float, weight_decay: float, step: int, max_trust_ratio: float | None
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    weight_decay: float,
+    step: int,
+    max_trust_ratio: float | None,
+    clip: float = 1.0,
 ) -> list[float]:
-    """One tensor's row of the hyperparameter table (rounded to fp32 as torch rounds Python scalars)."""
+    """One tensor's row of the hyperparameter table, from host numbers (rounded to fp32 as torch rounds Python
+    scalars). The optimizer builds its table on the device instead (``hyperparameter_table``)."""
     beta1, beta2 = betas
     return [
         lr,
@@ -496,10 +512,50 @@ def hyperparameters(
         eps,
         weight_decay,
         math.inf if max_trust_ratio is None else max_trust_ratio,
+        clip,
     ]
 
 
-def _hyper(launch: Launch, hyper: Sequence[Sequence[float]]) -> torch.Tensor:
+def hyperparameter_table(
+    constants: Sequence[tuple[float, float, float, float, float, float | None]],
+    steps: torch.Tensor,
+    clip: torch.Tensor,
+) -> torch.Tensor:
+    """The ``[n, HYPER_COLUMNS]`` fp32 table on the device, built there: nothing is read back to the host.
+
+    ``constants``: each tensor's ``(lr, beta1, beta2, eps, weight_decay, max_trust_ratio or None)``, host numbers;
+    ``steps``: ``[n]`` float64 on the device, each tensor's step count including this step; ``clip``: the 0-dim clip
+    factor on the device, 0 for a step to skip. A skipped step's rows have learning rate 0, ``1 - beta1 = 1 - beta2 =
+    0`` and ``beta2 = 1``, so the kernels leave weights and moments bit for bit as they were; its bias corrections
+    use a step count of at least 1, so they stay finite. Each entry is computed in float64 and rounded once to fp32,
+    as ``hyperparameters`` rounds Python numbers."""
+    device = steps.device
+    c = torch.tensor(
+        [[lr, b1, b2, eps, wd, math.inf if cap is None else cap] for lr, b1, b2, eps, wd, cap in constants],
+        dtype=torch.float64,
+    ).to(device)
+    lr, beta1, beta2, eps, weight_decay, cap = c.unbind(1)
+    keep = (clip != 0).to(torch.float64)
+    step = steps.to(torch.float64).clamp(min=1.0)
+    columns = [
+        lr * keep,
+        (1 - beta1) * keep,
+        torch.where(keep > 0, beta2, torch.ones_like(beta2)),
+        (1 - beta2) * keep,
+        1 - beta1.pow(step),
+        1 - beta2.pow(step),
+        eps,
+        weight_decay,
+        cap,
+        clip.to(torch.float64).expand_as(lr),
+    ]
+    return torch.stack(columns, dim=1).to(torch.float32)
+
+
+def _hyper(launch: Launch, hyper: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
+    """The launch's rows of ``hyper``: host rows (``hyperparameters``) or a device table (``hyperparameter_table``)."""
+    if isinstance(hyper, torch.Tensor):
+        return hyper[list(launch.tensors)].contiguous()
     return torch.tensor([hyper[index] for index in launch.tensors], dtype=torch.float32).to(launch.chunks.device)
 
 
@@ -509,11 +565,11 @@ def moments_and_norms(
     grads: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
-    hyper: Sequence[Sequence[float]],
-    clip: float,
+    hyper: Sequence[Sequence[float]] | torch.Tensor,
 ) -> torch.Tensor:
-    """Updates the moments in place; returns ``[num_params, 2]`` fp32: each parameter's summed ``||w||^2`` and
-    ``||u||^2`` over the fragments these tensors hold (zeros for a parameter they hold none of)."""
+    """Updates the moments in place (not for a row whose clip factor is 0: a skipped step); returns
+    ``[num_params, 2]`` fp32: each parameter's summed ``||w||^2`` and ``||u||^2`` over the fragments these tensors hold
+    (zeros for a parameter they hold none of)."""
     for name, tensors in (("weights", weights), ("grads", grads), ("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs)):
         _check(plan, name, tensors)
     partials = _empty((plan.num_chunks, NORM_COLUMNS.value), torch.float32, plan.all_chunks.device)
@@ -523,7 +579,6 @@ def moments_and_norms(
             _hyper(launch, hyper),
             launch.chunks,
             partials,
-            clip,
             launch.first_chunk,
             **launch_meta("moments", launch.weight_dtype, launch.grad_dtype),
         )
@@ -535,7 +590,7 @@ def apply_update(
     weights: Sequence[torch.Tensor],
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
-    hyper: Sequence[Sequence[float]],
+    hyper: Sequence[Sequence[float]] | torch.Tensor,
     sums: torch.Tensor,
 ) -> None:
     """``w -= lr * trust * u`` with each parameter's trust ratio from ``sums`` (all-reduced under ZeRO)."""
@@ -560,7 +615,6 @@ def reference(
     exp_avgs: Sequence[torch.Tensor],
     exp_avg_sqs: Sequence[torch.Tensor],
     hyper: Sequence[Sequence[float]],
-    clip: float,
     layouts: Sequence[TensorLayout],
     num_params: int,
 ) -> torch.Tensor:
@@ -570,8 +624,8 @@ def reference(
     sums = torch.zeros(num_params, 2, dtype=torch.float32, device=weights[0].device)
     updates = []
     for w, g, m, v, h, layout in zip(weights, grads, exp_avgs, exp_avg_sqs, hyper, layouts, strict=True):
-        _, one_minus_beta1, beta2, one_minus_beta2, bc1, bc2, eps, wd, _ = h
-        g = g.float() * clip
+        _, one_minus_beta1, beta2, one_minus_beta2, bc1, bc2, eps, wd, _, clip = h
+        g = g.float() * clip if clip else torch.zeros_like(g, dtype=torch.float32)
         m.lerp_(g, one_minus_beta1)
         v.mul_(beta2).addcmul_(g, g, value=one_minus_beta2)
         u = (m / bc1) / ((v / bc2).sqrt() + eps) + wd * w.float()
@@ -603,7 +657,6 @@ _TYPES = {
     "Partials": "*fp32",
     "Sums": "*fp32",
     "Out": "*fp32",
-    "clip": "fp32",
     "first_chunk": "i32",
 }
 

@@ -134,6 +134,23 @@ def test_non_finite_gradient_skips_the_step():
     assert all(torch.equal(state_before[k], opt.state[model.weight][k]) for k in state_before)
 
 
+@pytest.mark.parametrize("optimizer", [Lamb, AdamW])
+def test_a_step_reads_nothing_back_to_the_host(optimizer):
+    """On the ``meta`` device tensors hold no values, so any host read in the step (``.item()``, ``float(t)``,
+    ``.tolist()``, a branch on a tensor) raises: norms, clip factor, skip decision, step counts and trust ratios must
+    stay on the device. The report the driver folds into its step's metrics is a device tensor too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 4)).to("meta")
+    opt = optimizer(parameter_groups(model, 0.01), lr=1e-3)
+    for _ in range(2):
+        for p in model.parameters():
+            p.grad = torch.empty_like(p)
+        opt.step()
+    report = opt.step_report()
+    assert report.device.type == "meta" and report.shape == (2,)
+    assert all(opt.state[p]["step"].device.type == "meta" for p in model.parameters())
+
+
 @pytest.mark.parametrize("power", [1.0, 0.5])
 def test_warmup_then_polynomial_decay(power):
     lrs = [warmup_poly_lr(s, 1.0, 10, 110, power) for s in range(110)]

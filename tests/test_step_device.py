@@ -19,6 +19,7 @@ from fastbert.model import (
     Layout,
     PreTrainingOutput,
 )
+from fastbert.optim import Lamb, parameter_groups
 from fastbert.train.step import SUMS, optimizer_step
 
 META = torch.device("meta")
@@ -118,6 +119,38 @@ def test_the_model_steps_on_the_device_without_reading_it_back(objective):
     sums = optimizer_step(engine, batches, world_size=2, skipped=lambda: False, all_reduce=refusing_all_reduce)
     assert sums.device == META and engine.forwards == 2
     assert all(p.grad is not None and p.grad.device == META for p in engine.module.parameters() if p.requires_grad)
+
+
+class LambEngine(ModelEngine):
+    """``ModelEngine`` whose ``step`` is a real LAMB step on the meta parameters."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.optimizer = Lamb(parameter_groups(model, 0.01), lr=1e-3)
+
+    def step(self):
+        super().step()
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+
+
+def test_the_step_with_lamb_reads_nothing_back_and_reports_on_the_device():
+    """Forward, backward, LAMB's step (norm, clip, skip decision, trust ratios) and the skip flag and gradient norm
+    folded into the step's sums: all on the device, with no host read (meta tensors would raise)."""
+    engine = LambEngine(_meta_model(BertForPreTraining, sentence_objective="none"))
+    batches = _micro_batches(1)
+    del batches[0]["next_sentence_label"]
+    report = engine.optimizer.step_report
+    sums = optimizer_step(
+        engine,
+        batches,
+        world_size=2,
+        skipped=lambda: report()[0],
+        grad_norm=lambda: report()[1],
+        all_reduce=refusing_all_reduce,
+    )
+    assert sums.device == META and sums.shape == (len(SUMS),) and engine.steps == 1
+    assert all(s["step"].device == META for s in engine.optimizer.state.values())
 
 
 @pytest.mark.parametrize("cls", [BertForSequenceClassification, BertForTokenClassification, BertForQuestionAnswering])

@@ -32,6 +32,12 @@ on the squared norm of a 23M-element embedding gradient), enough to move every u
 A step whose gradients are not finite (the all-reduced squared norm is then not finite, so every rank agrees) is
 skipped: weights, moments and the step count stay as they were; ``last_step_skipped`` tells the caller.
 
+Nothing in a step is read back to the host: the gradient norm, the clip factor, the skip decision, the step counts
+(``state["step"]``, a float64 0-dim tensor on the parameter's device, as ``torch.optim.Adam`` keeps its own) and
+the trust ratios stay on the device, and a skipped step runs with rates that change nothing. ``step_report()``
+hands the skip flag and the gradient norm to the training driver as a device tensor, to be read with the step's
+other metrics; ``last_step_skipped`` and ``grad_norm`` read them when asked.
+
 Two implementations of the same step, chosen as ``fastbert.ops`` chooses for every op: on CUDA (or with
 ``FASTBERT_BACKEND=triton``, which under ``TRITON_INTERPRET=1`` runs on CPU tensors) the fused Triton kernels of
 ``fastbert.kernels.lamb``: the squared gradient norm, then moments and per-chunk norm partials for all parameters in
@@ -103,6 +109,8 @@ class Lamb(torch.optim.Optimizer):
             raise ValueError(f"layer_adaptation must be one of {', '.join(LAYER_ADAPTATION)}, got {layer_adaptation!r}")
         if lr < 0 or eps <= 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid LAMB hyperparameters: lr={lr}, betas={betas}, eps={eps}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None (no clipping), got {max_grad_norm}")
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, max_trust_ratio=max_trust_ratio)
         super().__init__(params, defaults)
         self.max_grad_norm = max_grad_norm
@@ -111,11 +119,13 @@ class Lamb(torch.optim.Optimizer):
         self._num_params = 0
         self._group = None
         self._plan = None  # the fused path's chunk tables and the layout they were built for
-        self.last_step_skipped = False
+        self._skipped: torch.Tensor | None = None  # the last step's skip flag (0-dim bool, on the device)
+        self._norm: torch.Tensor | None = None  # its gradient norm (0-dim float64, on the device; inf/nan: skipped)
         self.partitioned = False  # whether DeepSpeed handed this optimizer flat partitions (``attach_to_engine``)
-        # The gradient norm before clipping, when this optimizer sees whole gradients (no ZeRO partitions). The name
-        # is DeepSpeed's: its engine reads the attribute after each step for ``get_global_grad_norm()``.
-        self._global_grad_norm: float | None = None
+        # The gradient norm before clipping (a device tensor), when this optimizer sees whole gradients (no ZeRO
+        # partitions). The name is DeepSpeed's: its engine reads the attribute after each step for
+        # ``get_global_grad_norm()``.
+        self._global_grad_norm: torch.Tensor | None = None
 
     # ZeRO -----------------------------------------------------------------------------------------------------------
     def attach_to_engine(self, engine, model_params: list[torch.nn.Parameter]) -> None:
@@ -217,10 +227,28 @@ class Lamb(torch.optim.Optimizer):
         return exempt
 
     @property
+    def last_step_skipped(self) -> bool:
+        """Whether the last step was skipped (non-finite gradients). Reads the device flag back to the host: a
+        training loop on a GPU takes ``step_report()`` into its step's metrics instead."""
+        return self._skipped is not None and bool(self._skipped)
+
+    @property
     def grad_norm(self) -> float | None:
-        """The global gradient norm before clipping of the last step; None before the first step, when it was not
-        finite, or under ZeRO partitions (then ask DeepSpeed's engine, which computed it)."""
-        return self._global_grad_norm
+        """The global gradient norm before clipping of the last step, read back to the host; None before the first
+        step, when it was not finite, or under ZeRO partitions (then ask DeepSpeed's engine, which computed it)."""
+        if self._norm is None or self.partitioned:
+            return None
+        norm = float(self._norm)
+        return norm if math.isfinite(norm) else None
+
+    def step_report(self) -> torch.Tensor | None:
+        """``[skipped (0 or 1), gradient norm (nan where not finite or under ZeRO partitions)]``, float64 on the
+        device, for the last step; None before the first. Nothing is read back."""
+        if self._skipped is None:
+            return None
+        norm = self._norm if not self.partitioned else torch.full_like(self._norm, math.nan)
+        norm = torch.where(self._skipped, torch.full_like(norm, math.nan), norm)
+        return torch.stack([self._skipped.to(torch.float64), norm])
 
     # The step -------------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -238,21 +266,29 @@ class Lamb(torch.optim.Optimizer):
             self._foreach_step(groups, fragments, num_params)
         return loss
 
-    def _global_norm(self, local_sq: torch.Tensor) -> float | None:
-        """The norm of the gradients being stepped, from this rank's squared sum (all-reduced under ZeRO, so every
-        rank agrees), or None when it is not finite. Without partitions that is the global gradient norm, kept as
-        ``_global_grad_norm`` (DeepSpeed's ``get_global_grad_norm`` reads it); under ZeRO, one group's."""
+    def _clip_factor(self, local_sq: torch.Tensor) -> torch.Tensor:
+        """The clip factor (float64, 0-dim, on the device; 0 for a step to skip) from this rank's squared gradient
+        sum, all-reduced under ZeRO so that every rank agrees. Records the norm and the skip flag. Without
+        partitions the norm is the global gradient norm, kept as ``_global_grad_norm`` (DeepSpeed's
+        ``get_global_grad_norm`` reads it); under ZeRO, one group's."""
         total = local_sq.reshape(1).double()
         self._all_reduce_sums(total)
-        norm = total.sqrt().item()
-        norm = norm if math.isfinite(norm) else None
+        norm = total.sqrt().reshape(())
+        finite = torch.isfinite(norm)
+        self._norm, self._skipped = norm, ~finite
         self._global_grad_norm = None if self.partitioned else norm
-        return norm
+        clip = (
+            torch.ones_like(norm) if self.max_grad_norm is None else (self.max_grad_norm / (norm + 1e-6)).clamp(max=1)
+        )
+        return torch.where(finite, clip, torch.zeros_like(clip))
 
-    def _clip_factor(self, norm: float) -> float:
-        if self.max_grad_norm is None:
-            return 1.0
-        return min(1.0, self.max_grad_norm / (norm + 1e-6))
+    def _count_step(self, params: list[torch.Tensor], clip: torch.Tensor) -> list[torch.Tensor]:
+        """Adds 1 to each parameter's step count unless the step is skipped (``clip`` 0); returns the counts."""
+        steps = [self._state_for(p)["step"] for p in params]
+        torch._foreach_add_(
+            steps, [(clip != 0).to(torch.float64)] * len(steps)
+        )  # a list: a lone 0-dim tensor would be read as a number
+        return steps
 
     def _all_reduce_sums(self, sums: torch.Tensor) -> None:
         if self._fragments is not None and dist.is_available() and dist.is_initialized():
@@ -282,29 +318,24 @@ class Lamb(torch.optim.Optimizer):
             exempt = self._exempt(groups, fragments, num_params).to(device)
             self._plan = (key, kernel.plan_chunks(layouts, num_params, device), exempt)
         _, plan, exempt = self._plan
-        norm = self._global_norm(kernel.grad_square_sum(plan, grads))
-        self.last_step_skipped = norm is None
-        if self.last_step_skipped:  # weights, moments and step counts stay as they were
-            return
-        clip = self._clip_factor(norm)
-        hyper = []
-        for group, ps in groups:
-            for p in ps:
-                state = self._state_for(p)
-                state["step"] += 1
-                hyper.append(
-                    kernel.hyperparameters(
-                        group["lr"],
-                        group["betas"],
-                        group["eps"],
-                        group["weight_decay"],
-                        state["step"],
-                        group["max_trust_ratio"] if self._adapts(group) else None,
-                    )
-                )
+        clip = self._clip_factor(kernel.grad_square_sum(plan, grads))
+        steps = torch.stack(self._count_step(params, clip))
+        constants = [
+            (
+                group["lr"],
+                *group["betas"],
+                group["eps"],
+                group["weight_decay"],
+                group["max_trust_ratio"] if self._adapts(group) else None,
+            )
+            for group, ps in groups
+            for _ in ps
+        ]
+        # A skipped step (clip 0) runs with rates that leave weights and moments as they were.
+        hyper = kernel.hyperparameter_table(constants, steps, clip)
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
-        sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper, clip)
+        sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper)
         self._all_reduce_sums(sums)
         # A zero weight norm is a trust ratio of 1 to the kernel: the plain Adam step for the exempt parameters.
         sums[:, 0].masked_fill_(exempt, 0.0)
@@ -314,10 +345,14 @@ class Lamb(torch.optim.Optimizer):
         state = self.state[p]
         if not state:
             state.update(
-                step=0,
+                step=torch.zeros((), dtype=torch.float64, device=p.device),
                 exp_avg=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
                 exp_avg_sq=torch.zeros_like(p, dtype=_master_dtype(p.dtype)),
             )
+        step = state["step"]
+        if not isinstance(step, torch.Tensor) or step.dtype != torch.float64 or step.device != p.device:
+            # A checkpoint of an earlier version (a Python int) or one loaded onto another device.
+            state["step"] = torch.as_tensor(step, dtype=torch.float64).to(p.device)
         return state
 
     def _foreach_step(
@@ -335,45 +370,49 @@ class Lamb(torch.optim.Optimizer):
             ),
             torch.zeros((), dtype=torch.float64, device=device),  # a ZeRO rank may hold no fragment in this group
         )
-        norm = self._global_norm(local_sq)
-        self.last_step_skipped = norm is None
-        if self.last_step_skipped:  # weights, moments and step counts stay as they were
-            return
-        clip = self._clip_factor(norm)
+        clip = self._clip_factor(local_sq)
         updates, sums = self._foreach_updates_and_norms(groups, grads, clip, fragments, num_params, device)
         self._all_reduce_sums(sums)
-        self._foreach_apply_trust_ratios(groups, updates, sums, fragments, num_params)
+        self._foreach_apply_trust_ratios(groups, updates, sums, fragments, num_params, clip)
 
     def _foreach_updates_and_norms(
         self,
         groups: list[tuple[dict, list[torch.Tensor]]],
         grads: dict[int, torch.Tensor],
-        clip: float,
+        clip: torch.Tensor,
         fragments: dict[int, list[Fragment]],
         num_params: int,
         device: torch.device,
     ) -> tuple[list[list[torch.Tensor]], torch.Tensor]:
         """Moments and raw updates per group, then every parameter's squared weight and update norms from this
-        rank's fragments: ``sums[2 * i]`` and ``sums[2 * i + 1]`` for parameter ``i``, not yet all-reduced."""
+        rank's fragments: ``sums[2 * i]`` and ``sums[2 * i + 1]`` for parameter ``i``, not yet all-reduced. A skipped
+        step (``clip`` 0) reads its gradients as zeros and moves the moments by 0, so they stay as they were."""
         sums = torch.zeros(2 * num_params, device=device, dtype=torch.float64)
         updates: list[list[torch.Tensor]] = []
+        taken = clip != 0
         for group, ps in groups:
+            if not ps:  # a ZeRO rank may hold no fragment in this group
+                updates.append([])
+                continue
             beta1, beta2 = group["betas"]
-            for p in ps:
-                self._state_for(p)["step"] += 1
-            g = [grads[id(p)] for p in ps]
-            if clip != 1.0:
-                g = torch._foreach_mul(g, clip)
+            steps = torch.stack(self._count_step(ps, clip)).clamp(min=1)
+            # Device scalars in the moments' dtype, rounded from float64 once, as Python numbers would be.
+            dtype = _master_dtype(ps[0].dtype)
+            g = [torch.where(taken, grads[id(p)], 0.0) for p in ps]
+            torch._foreach_mul_(g, clip.to(dtype))
             m = [self.state[p]["exp_avg"] for p in ps]
             v = [self.state[p]["exp_avg_sq"] for p in ps]
-            torch._foreach_lerp_(m, g, 1 - beta1)
-            torch._foreach_mul_(v, beta2)
-            torch._foreach_addcmul_(v, g, g, value=1 - beta2)
-            steps = [self.state[p]["step"] for p in ps]
-            denom = torch._foreach_div(v, [1 - beta2**t for t in steps])
+            rates = torch.tensor([1 - beta1, beta2], dtype=torch.float64, device=device)
+            rates = torch.where(taken, rates, torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)).to(dtype)
+            torch._foreach_lerp_(m, g, [rates[0]] * len(m))  # a list: a lone 0-dim weight would be read as a number
+            torch._foreach_mul_(v, rates[1])
+            torch._foreach_addcmul_(v, g, g, value=1 - beta2)  # adds zeros on a skipped step
+            betas = torch.tensor([beta1, beta2], dtype=torch.float64, device=device)
+            corrections = (1 - betas[:, None].pow(steps)).to(dtype)  # bias corrections from the device step counts
+            denom = torch._foreach_div(v, list(corrections[1].unbind()))
             torch._foreach_sqrt_(denom)
             torch._foreach_add_(denom, group["eps"])
-            u = torch._foreach_div(m, [1 - beta1**t for t in steps])
+            u = torch._foreach_div(m, list(corrections[0].unbind()))
             torch._foreach_div_(u, denom)
             if group["weight_decay"]:
                 torch._foreach_add_(u, [p.to(_master_dtype(p.dtype)) for p in ps], alpha=group["weight_decay"])
@@ -392,16 +431,23 @@ class Lamb(torch.optim.Optimizer):
         sums: torch.Tensor,
         fragments: dict[int, list[Fragment]],
         num_params: int,
+        clip: torch.Tensor,
     ) -> None:
         """``w -= lr * trust * update``, each fragment of an adapting group scaled by its parameter's trust ratio from
-        the all-reduced ``sums``. The ratios stay on the device: no host read."""
+        the all-reduced ``sums``; times 0 on a skipped step (``clip`` 0). The ratios stay on the device: no host
+        read."""
         norms = sums.view(num_params, 2).sqrt()
         w_norm, u_norm = norms[:, 0], norms[:, 1]
         trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm.clamp(min=1e-30), torch.ones_like(w_norm))
+        taken = (clip != 0).to(trust.dtype)
         for (group, ps), u in zip(groups, updates, strict=True):
-            if self._adapts(group):
+            if not u:
+                continue
+            if not self._adapts(group):
+                torch._foreach_mul_(u, taken.to(u[0].dtype))
+            else:
                 cap = group["max_trust_ratio"]
-                group_trust = (trust if cap is None else trust.clamp(max=cap)).to(u[0].dtype if u else trust.dtype)
+                group_trust = ((trust if cap is None else trust.clamp(max=cap)) * taken).to(u[0].dtype)
                 for p, up in zip(ps, u, strict=True):
                     if self._fragments is None:  # whole parameters (contiguous or not): one ratio each
                         up.mul_(group_trust[fragments[id(p)][0].param_index])

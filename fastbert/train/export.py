@@ -1,7 +1,9 @@
 """``fastbert export``: a training checkpoint -> consolidated fp32 weights in HF format (config.json,
 model.safetensors, vocab.txt, tokenizer_config.json) that transformers loads. An ELECTRA run exports its
 discriminator as ``ElectraForPreTraining`` there and its generator as ``ElectraForMaskedLM`` in ``generator/``, each
-with the tokenizer files.
+with the tokenizer files; a DeBERTa MLM run exports ``DebertaV2ForMaskedLM``, a DeBERTa ELECTRA run its
+discriminator (``DebertaV2Model`` with its detection head) and its generator (``DebertaV2ForMaskedLM``, in
+``generator/``).
 
 The fp32 weights come from DeepSpeed's own consolidation (``zero_to_fp32``), which gathers the optimizer's fp32
 partitions of every rank, so bf16 runs and ZeRO runs export their master weights, not a rounded copy. It loads
@@ -17,7 +19,9 @@ from pathlib import Path
 import torch
 
 from fastbert import electra
-from fastbert.config import BertConfig
+from fastbert.config import BertConfig, read_model_config
+from fastbert.deberta import DebertaConfig, DebertaForPreTraining
+from fastbert.deberta_electra import DebertaElectraForPreTraining
 from fastbert.model import BertForPreTraining
 from fastbert.train import checkpoint
 
@@ -38,8 +42,13 @@ def consolidated_state_dict(ckpt: Path) -> dict:
 
 def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     ckpt = checkpoint.resolve(source)
-    config = BertConfig.from_json_file(ckpt / "config.json")
-    if (ckpt / electra.GENERATOR_CONFIG).exists():
+    config = read_model_config(ckpt / "config.json")
+    if isinstance(config, DebertaConfig) and (ckpt / electra.GENERATOR_CONFIG).exists():
+        generator = read_model_config(ckpt / electra.GENERATOR_CONFIG)
+        model = DebertaElectraForPreTraining(config, generator)
+    elif isinstance(config, DebertaConfig):
+        model = DebertaForPreTraining(config)  # saved as transformers' DebertaV2ForMaskedLM
+    elif (ckpt / electra.GENERATOR_CONFIG).exists():
         generator = BertConfig.from_json_file(ckpt / electra.GENERATOR_CONFIG)
         model = electra.ElectraForPreTraining(config, generator)
     else:
@@ -60,6 +69,6 @@ def export(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     model.save_pretrained(out)
     for name in ("vocab.txt", "tokenizer_config.json"):
         if (ckpt / name).exists():
-            for directory in (out, out / "generator") if isinstance(model, electra.ElectraForPreTraining) else (out,):
+            for directory in (out, out / "generator") if hasattr(model, "generator_head") else (out,):
                 shutil.copyfile(ckpt / name, directory / name)
     return out

@@ -276,7 +276,17 @@ def check_model(source: str):
     if not path.exists():
         raise checkpoint.CheckpointNotFound(f"--model {source}: no such file or directory")
     if (path / "config.json").exists() and any((path / n).exists() for n in ("model.safetensors", "pytorch_model.bin")):
-        BertConfig.from_json_file(path / "config.json")
+        from fastbert import deberta
+
+        if deberta.is_deberta_dir(path):
+            deberta.DebertaConfig.from_pretrained(path)
+            if not (path / "vocab.txt").exists():
+                raise checkpoint.CheckpointNotFound(
+                    f"--model {source}: a DeBERTa directory without vocab.txt; fastbert fine-tunes DeBERTa with a "
+                    "WordPiece vocabulary (vocab.txt, as fastbert's DeBERTa pretraining writes), not SentencePiece"
+                )
+        else:
+            BertConfig.from_json_file(path / "config.json")
         return WordPieceTokenizer.from_pretrained(path)
     ckpt = checkpoint.resolve(path)
     if not (ckpt / "vocab.txt").exists():
@@ -292,6 +302,13 @@ def _batches(items: list, size: int, shuffle_seed: int | None = None) -> list[li
     return [[items[i] for i in order[k : k + size]] for k in range(0, len(order), size)]
 
 
+def head_class(task, model_dir: Path):
+    """The class of ``task``'s head for the checkpoint in ``model_dir``: BERT's, or DeBERTa's for a DeBERTa one."""
+    from fastbert import deberta
+
+    return deberta.TASK_HEADS[task.head.__name__] if deberta.is_deberta_dir(model_dir) else task.head
+
+
 def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | None):
     """The task's head on the encoder of ``model_dir`` (the head newly initialised unless the checkpoint has it)."""
     task = TASKS[args.task]
@@ -303,7 +320,7 @@ def build_model(args: FinetuneArgs, model_dir: Path, label_names: list[str] | No
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*newly initialised.*")
-        model, info = task.head.from_pretrained(model_dir, output_loading_info=True, **overrides)
+        model, info = head_class(task, model_dir).from_pretrained(model_dir, output_loading_info=True, **overrides)
     log.info("new task-head weights: %s", info.missing_keys)
     return model
 
@@ -871,7 +888,7 @@ def _finish(job: Job, engine, position: Position, evaluated: bool, predict_examp
     if rank == 0:
         write_atomic(out / "eval_results.json", (json.dumps(results, indent=2) + "\n").encode())
     if predict_examples is not None and rank == 0:
-        best_model = job.task.head.from_pretrained(out / "best").to(job.device)
+        best_model = head_class(job.task, out / "best").from_pretrained(out / "best").to(job.device)
         predictions = predict(best_model, job.task, predict_examples, job.device, with_scores=True)
         lines = [
             json.dumps({"where": ex.where, "prediction": p, **scores})

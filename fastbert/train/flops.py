@@ -96,9 +96,28 @@ def forward_flops(config: BertConfig, *, tokens: int, squared_lengths: int, sequ
     return 2 * (tokens * per_token + attention + mlm + sentence)
 
 
-def training_flops(config: BertConfig, **counts: int) -> int:
-    """FLOPs of forward + backward: three forward passes' worth (``counts`` as for :func:`forward_flops`)."""
-    return 3 * forward_flops(config, **counts)
+def deberta_forward_flops(config, *, tokens: int, squared_lengths: int, sequences: int, masked: int) -> int:
+    """``forward_flops`` for a ``DebertaConfig``'s MLM model: BERT's projections, FFN and MLM head, and attention with
+    one more query-key product per pair of tokens for each position term (c2p, p2c: a dot product with the position
+    key or query at the pair's relative position), plus each layer's projection of the relative-position table
+    (``2 * position_span`` rows) into position keys and, for p2c, queries (shared or separate projections alike: one
+    product each)."""
+    h, inter, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    terms = len(config.pos_att_type)
+    per_token = layers * (4 * h * h + 2 * h * inter)
+    attention = layers * (2 + terms) * h * squared_lengths
+    table = layers * terms * 2 * config.position_span * h * h if terms else 0
+    mlm = masked * (h * h + h * config.vocab_size)
+    del sequences  # no pooler or sentence head in DeBERTa's pretraining
+    return 2 * (tokens * per_token + attention + table + mlm)
+
+
+def training_flops(config, **counts: int) -> int:
+    """FLOPs of forward + backward: three forward passes' worth (``counts`` as for :func:`forward_flops`), for a
+    ``BertConfig`` or a ``DebertaConfig``."""
+    if isinstance(config, BertConfig):
+        return 3 * forward_flops(config, **counts)
+    return 3 * deberta_forward_flops(config, **counts)
 
 
 def peak_flops(device: torch.device, precision: str, tf32: bool = True) -> float | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -24,12 +25,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from fastbert import electra
+from fastbert import deberta_electra, electra
 from fastbert.atomic import write_atomic
-from fastbert.config import PRESETS, BertConfig
+from fastbert.config import PRESETS, BertConfig, read_model_config
 from fastbert.data.masking import MASKING_SCHEMES, MLM_PROBABILITY, MaskingCollator
 from fastbert.data.sampler import MicroBatchDataset, MicroBatchPlan
 from fastbert.data.shards import ShardDataset, vocab_sha256
+from fastbert.deberta import DEBERTA_PRESETS, DebertaConfig, DebertaForPreTraining
 from fastbert.model import BertForPreTraining
 from fastbert.optim import AdamW, Lamb, budget_lr, parameter_groups, parse_budget, warmup_poly_lr
 from fastbert.optim.lamb import LambSetupError
@@ -66,17 +68,24 @@ class TrainingSetupError(ValueError):
 class PretrainArgs:
     data: str = option(help="directory written by prepare-data")
     out: str = option(help="run directory (checkpoints, metrics, TensorBoard)")
-    model: str = option("tiny", help=f"preset ({', '.join(PRESETS)}) or a config.json")
+    model: str = option(
+        "tiny",
+        help=f"preset ({', '.join([*PRESETS, *DEBERTA_PRESETS])}) or a config.json (BERT family or deberta-v2)",
+    )
     objective: str = option(
         "mlm",
         help="mlm (BERT's masked LM) or electra (a generator fills the masks, the --model discriminator spots "
         "replaced tokens; needs shards prepared with --objective none)",
         choices=PRETRAIN_OBJECTIVES,
     )
-    generator_size: float = option(
-        electra.GENERATOR_SIZE, help="electra: the generator's hidden size, heads and FFN as a fraction of --model's"
+    generator_size: float | None = option(
+        None,
+        help=f"electra: the generator's hidden size, heads and FFN as a fraction of --model's (default "
+        f"{electra.GENERATOR_SIZE}; DeBERTa: 1, its embeddings are shared at one width)",
     )
-    generator_layers: int | None = option(None, help="electra: the generator's layers (default: --model's)")
+    generator_layers: int | None = option(
+        None, help="electra: the generator's layers (default: --model's; DeBERTa: half of them)"
+    )
     discriminator_weight: float = option(
         electra.DISCRIMINATOR_WEIGHT, help="electra: lambda, the weight of the discriminator's loss"
     )
@@ -161,20 +170,42 @@ class PretrainArgs:
     progress: bool = option(True, help="show a progress bar")
 
 
-def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig:
+def _model_config(args: PretrainArgs, vocab_size: int, objective: str, seq_len: int) -> BertConfig | DebertaConfig:
     if args.model in PRESETS:
         config = BertConfig.preset(args.model, vocab_size=vocab_size)
+    elif args.model in DEBERTA_PRESETS:
+        config = DebertaConfig.preset(args.model, vocab_size=vocab_size)
     else:
-        config = BertConfig.from_json_file(args.model)
+        config = read_model_config(args.model)
         if config.vocab_size != vocab_size:
             raise TrainingSetupError(
                 f"{args.model}: vocab_size {config.vocab_size} but the data's vocabulary has {vocab_size} tokens"
             )
+    if isinstance(config, DebertaConfig):
+        return _deberta_config(args, config, objective, seq_len)
     changes = {"sentence_objective": objective, "max_position_embeddings": max(config.max_position_embeddings, seq_len)}
     if args.dropout is not None:
         changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     if args.pre_ln:
         changes["pre_layer_norm"] = True
+    return config.replace(**changes)
+
+
+def _deberta_config(args: PretrainArgs, config: DebertaConfig, objective: str, seq_len: int) -> DebertaConfig:
+    """The run's DeBERTa config: MLM on shards without a sentence objective, post-LN; what it cannot train is
+    refused, naming the flag or the data."""
+    if objective != "none":
+        raise TrainingSetupError(
+            f"{args.data}: shards prepared for the sentence objective {objective!r}, but DeBERTa has none; prepare "
+            "them with prepare-data --objective none"
+        )
+    if args.pre_ln:
+        raise TrainingSetupError(f"--pre-ln with --model {args.model}: DeBERTa is post-LN")
+    changes = {}
+    if config.position_biased_input:  # absolute positions must cover the sequences; relative ones need nothing
+        changes["max_position_embeddings"] = max(config.max_position_embeddings, seq_len)
+    if args.dropout is not None:
+        changes.update(hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=args.dropout)
     return config.replace(**changes)
 
 
@@ -394,12 +425,16 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
         rank=rank,
         world_size=world,
     )
+    architecture = "DebertaV2ForMaskedLM" if isinstance(config, DebertaConfig) else "BertForPreTraining"
     files = {
-        "config.json": config.to_json_string("BertForPreTraining").encode(),
+        "config.json": config.to_json_string(architecture).encode(),
         "vocab.txt": vocab_bytes,
         "tokenizer_config.json": tokenizer_config,
     }
-    if generator is not None:
+    if isinstance(generator, DebertaConfig):
+        files["config.json"] = config.to_json_string("DebertaV2Model").encode()
+        files[electra.GENERATOR_CONFIG] = generator.to_json_string("DebertaV2ForMaskedLM").encode()
+    elif generator is not None:
         files["config.json"] = config.to_json_string("ElectraForPreTraining").encode()
         files[electra.GENERATOR_CONFIG] = generator.to_json_string("ElectraForMaskedLM").encode()
     return _RunInputs(
@@ -411,9 +446,15 @@ def _generator_config(args: PretrainArgs, config: BertConfig) -> BertConfig | No
     """ELECTRA's generator for the discriminator ``config`` (None for MLM), in a shape transformers' ELECTRA holds."""
     if args.objective != "electra":
         return None
+    if isinstance(config, DebertaConfig):
+        try:
+            return deberta_electra.generator_config(config, args.generator_size, args.generator_layers)
+        except ValueError as e:
+            raise TrainingSetupError(f"--objective electra with --model {args.model}: {e}") from e
+    size = electra.GENERATOR_SIZE if args.generator_size is None else args.generator_size
     try:
         config.to_electra_dict()  # refuses what ElectraForPreTraining cannot hold: it is what the run exports to
-        return electra.generator_config(config, args.generator_size, args.generator_layers)
+        return electra.generator_config(config, size, args.generator_layers)
     except ValueError as e:
         raise TrainingSetupError(f"--objective electra with --model {args.model}: {e}") from e
 
@@ -426,11 +467,15 @@ def _checkpoint_generator(source: Path, generator: BertConfig | None, config: Be
             saved, run = ("electra", "mlm") if path.exists() else ("mlm", "electra")
             raise TrainingSetupError(f"{source}: a checkpoint of --objective {saved}, but this run is {run}")
         return None
-    saved = BertConfig.from_json_file(path)
+    saved = read_model_config(path)
+    if type(saved) is not type(generator):
+        raise TrainingSetupError(f"{path}: a {type(saved).__name__} generator, but this run builds a DeBERTa one")
     diff = sorted(k for k, v in asdict(saved).items() if getattr(generator, k) != v and k != "max_position_embeddings")
     if diff:
         detail = ", ".join(f"{k}: checkpoint {getattr(saved, k)!r} vs run {getattr(generator, k)!r}" for k in diff)
         raise TrainingSetupError(f"{path}: the generator does not match this run ({detail})")
+    if isinstance(saved, DebertaConfig) and not saved.position_biased_input:
+        return saved
     return saved.replace(max_position_embeddings=config.max_position_embeddings)
 
 
@@ -468,7 +513,11 @@ def _checkpoint_config(
     source: Path, config: BertConfig, vocab_tokens: list[str], data_dir: Path, seq_len: int
 ) -> BertConfig:
     """The config of the checkpoint a run resumes or starts from, which must match the run's (and its vocab)."""
-    saved = BertConfig.from_json_file(source / "config.json")
+    saved = read_model_config(source / "config.json")
+    if type(saved) is not type(config):
+        raise TrainingSetupError(
+            f"{source}: a checkpoint of a {type(saved).__name__} model, but this run builds a {type(config).__name__}"
+        )
     diff = {
         k: (v, getattr(config, k))
         for k, v in asdict(saved).items()
@@ -480,6 +529,8 @@ def _checkpoint_config(
     saved_vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
     if vocab_sha256(saved_vocab) != vocab_sha256(vocab_tokens):
         raise TrainingSetupError(f"{data_dir}: the data's vocabulary differs from the one of checkpoint {source}")
+    if isinstance(saved, DebertaConfig) and not saved.position_biased_input:
+        return saved
     return saved.replace(max_position_embeddings=max(saved.max_position_embeddings, seq_len))
 
 
@@ -492,7 +543,12 @@ def _build_engine(
     import deepspeed
 
     torch.manual_seed(args.seed)
-    if generator is None:
+    if isinstance(config, DebertaConfig):
+        if generator is None:
+            model = DebertaForPreTraining(config)
+        else:
+            model = deberta_electra.DebertaElectraForPreTraining(config, generator, args.discriminator_weight)
+    elif generator is None:
         model = BertForPreTraining(config)
     else:
         model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight)
@@ -618,9 +674,10 @@ def pretrain(args: PretrainArgs) -> dict:
     schedule = Schedule.from_args(args)
     if not 0.0 < args.mask_rate < 1.0:  # before the slow distributed start-up, as the checks below
         raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
-    if args.model not in PRESETS and not os.path.isfile(args.model):  # before the slow distributed start-up
+    presets = [*PRESETS, *DEBERTA_PRESETS]
+    if args.model not in presets and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(
-            f"--model {args.model!r} is neither a preset ({', '.join(PRESETS)}) nor a config.json file"
+            f"--model {args.model!r} is neither a preset ({', '.join(presets)}) nor a config.json file"
         )
     init_distributed(args.dist_timeout)
     set_tf32(args.tf32)
@@ -699,11 +756,12 @@ class _Run:
             self.engine,
             [next(self.batches) for _ in range(self.inputs.plan.accumulation)],
             self.world,
-            skipped=lambda: self.optimizer.last_step_skipped or not self.engine.was_step_applied(),
+            skipped=self._skipped,
             stop=self.stop.requested,
             out_of_time=lambda: self.max_seconds is not None and time.perf_counter() - self.started >= self.max_seconds,
             clock=lambda: self._elapsed() if self.rank == 0 else 0.0,
             budget_spent=lambda: self.rank == 0 and self._budget_spent(step_started),
+            grad_norm=lambda: self._report()[1] if self.rank == 0 else 0.0,
         )
         values = dict(zip(SUMS, sums.tolist(), strict=True))  # the step's one read back to the host
         self.step += 1
@@ -722,6 +780,16 @@ class _Run:
             self._save()
             self.closing["save"] = time.perf_counter() - started
         return values
+
+    def _report(self) -> torch.Tensor:
+        """The optimizer's ``[skipped, gradient norm]`` of its last step, on the device (nan before its first)."""
+        report = self.optimizer.step_report()
+        return report if report is not None else torch.tensor([1.0, math.nan], dtype=torch.float64)
+
+    def _skipped(self) -> torch.Tensor | bool:
+        """1 on the device if the optimizer skipped the step (non-finite gradients, decided on the device), True if
+        DeepSpeed did not apply it (an fp16 overflow: its own host decision)."""
+        return self._report()[0] if self.engine.was_step_applied() else True
 
     def _elapsed(self) -> float:
         """Seconds into the run on this rank's clock: earlier processes' share (from the checkpoint) and this one's
@@ -750,7 +818,8 @@ class _Run:
 
     def _row(self, values: dict, lr: float) -> dict:
         elapsed, self.tick = time.perf_counter() - self.tick, time.perf_counter()
-        grad_norm = self.engine.get_global_grad_norm() if self.optimizer.partitioned else self.optimizer.grad_norm
+        grad_norm = self.engine.get_global_grad_norm() if self.optimizer.partitioned else values["grad_norm"]
+        grad_norm = grad_norm if grad_norm is not None and math.isfinite(grad_norm) else None
         lambda_ = self.args.discriminator_weight if self.inputs.generator is not None else None
         row = _step_row(self.step, values, elapsed, lr, grad_norm, self.inputs.objective, lambda_)
         row.update(time=self.metrics_log.time_offset + (self.tick - self.started), wall=time.time())

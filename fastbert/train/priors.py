@@ -51,11 +51,9 @@ def logit(p: float) -> float:
 
 @torch.no_grad()
 def init_output_biases(model: torch.nn.Module, meta: dict, mask_rate: float) -> bool:
-    """Set ``model``'s output biases from the shards' ``meta`` (a ``BertForPreTraining`` or an
-    ``ElectraForPreTraining``); returns False, changing nothing, when the shards carry no token counts (prepared by
-    an older fastbert)."""
-    from fastbert.electra import ElectraForPreTraining
-
+    """Set ``model``'s output biases from the shards' ``meta`` (an MLM model, BERT's or DeBERTa's, or an ELECTRA
+    pair, whose discriminator head ends in ``prediction`` or, DeBERTa's, ``classifier``); returns False, changing
+    nothing, when the shards carry no token counts (prepared by an older fastbert)."""
     counts = meta.get("token_counts")
     if counts is None:
         return False
@@ -65,11 +63,12 @@ def init_output_biases(model: torch.nn.Module, meta: dict, mask_rate: float) -> 
             f"{model.config.vocab_size}"
         )
     log_probs = unigram_log_probs(counts)
-    if isinstance(model, ElectraForPreTraining):
+    if hasattr(model, "generator_head"):  # ELECTRA's pair, BERT's or DeBERTa's
         model.generator_head.bias.copy_(log_probs)
         specials = 2 if meta.get("objective") == "none" else 3  # [CLS] A [SEP] or [CLS] A [SEP] B [SEP]
         share = replaced_share(counts, mask_rate, specials, meta)
-        model.discriminator_head.prediction.bias.fill_(logit(share))
+        head = model.discriminator_head
+        (head.prediction if hasattr(head, "prediction") else head.classifier).bias.fill_(logit(share))
     else:
         model.cls.bias.copy_(log_probs)
     return True

@@ -39,7 +39,8 @@ MODEL_INPUTS = (
 # their counts, the counts, tokens and sequences for throughput and FLOPs, two flags any rank may raise, rank 0's
 # clock (seconds into the run; the other ranks add 0), so that every rank takes the same --budget rate, and rank 0's
 # verdict that the budget is spent; then ELECTRA's
-# discriminator: its loss sum over real tokens and its counts (zero for MLM).
+# discriminator: its loss sum over real tokens and its counts (zero for MLM); last, rank 0's gradient norm (nan when
+# the step was skipped), from the optimizer's device report.
 SUMS = (
     "mlm_loss",
     "mlm_correct",
@@ -60,6 +61,7 @@ SUMS = (
     "replaced_detected",
     "predicted_replaced",
     "replaced",
+    "grad_norm",
 )
 
 
@@ -74,20 +76,23 @@ def optimizer_step(
     engine,
     micro_batches: Sequence[dict],
     world_size: int,
-    skipped: Callable[[], bool],
+    skipped: Callable[[], bool | torch.Tensor],
     stop: bool = False,
     out_of_time: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = lambda: 0.0,
     budget_spent: Callable[[], bool] = lambda: False,
+    grad_norm: Callable[[], float | torch.Tensor] = lambda: 0.0,
     all_reduce: Callable = dist.all_reduce,
 ) -> torch.Tensor:
     """Run the micro-batches of one optimizer step through ``engine`` (forward, backward, ``step``); returns the
     ``SUMS`` over every micro-batch and rank, a float64 tensor on ``engine.device``.
 
-    ``skipped()`` says, after the last ``engine.step()``, whether this rank's optimizer skipped the update, and
+    ``skipped()`` says, after the last ``engine.step()``, whether this rank's optimizer skipped the update (a bool,
+    or a 0-dim device tensor, 1 for skipped, so that it is read with the sums), and
     ``out_of_time()`` whether its time budget is spent; ``stop`` whether a signal asked this rank to stop; ``clock()``
     this rank's share of the shared clock (rank 0: its seconds into the run, the others: 0) and ``budget_spent()``
-    whether rank 0 ends a ``--budget`` run here (the others: False).
+    whether rank 0 ends a ``--budget`` run here (the others: False); ``grad_norm()`` this rank's share of the
+    gradient norm (rank 0: the norm, a device tensor or a number; the others: 0).
     ``all_reduce`` is the collective (a parameter so tests can check devices).
     """
     device = engine.device
@@ -122,7 +127,7 @@ def optimizer_step(
             sum(b["input_ids"].numel() for b in micro_batches),
             sum(x.numel() for x in lengths),
             sum(int(x.square().sum()) for x in lengths),
-            float(skipped()),
+            0.0,  # skipped: added below, on the device
             float(stop),
             float(out_of_time()),
             float(clock()),
@@ -130,7 +135,9 @@ def optimizer_step(
         ],
         dtype=torch.float64,
     ).to(device)
-    sums = torch.cat([found[:2], host[:1], found[2:], host[1:], detection])
+    flags = torch.stack([torch.as_tensor(f(), dtype=torch.float64).to(device) for f in (skipped, grad_norm)])
+    sums = torch.cat([found[:2], host[:1], found[2:], host[1:], detection, flags[1:]])
+    sums[SUMS.index("skipped")] += flags[0]
     all_reduce(sums)
     return sums
 

@@ -232,7 +232,7 @@ def _run_every_launcher() -> None:
             moments = [[torch.zeros(n) for n in sizes] for _ in range(2)]
             hyper = [lamb.hyperparameters(1e-3, (0.9, 0.999), 1e-6, 0.01, 1, None)] * len(sizes)
             lamb.grad_square_sum(plan, grads)
-            sums = lamb.moments_and_norms(plan, weights, grads, *moments, hyper, 1.0)
+            sums = lamb.moments_and_norms(plan, weights, grads, *moments, hyper)
             lamb.apply_update(plan, weights, *moments, hyper, sums)
 
 

@@ -250,8 +250,8 @@ def test_two_simulated_ranks_match_whole_parameters():
             grad_sq += kernel.grad_square_sum(f.plan, [f.g]).item()
         assert grad_sq == pytest.approx(flat_grad.square().sum().item(), rel=1e-6)
         clip = min(1.0, 0.5 / (grad_sq**0.5 + 1e-6))
-        hyper = [kernel.hyperparameters(0.05, (0.9, 0.999), 1e-6, 0.01, step + 1, 10.0)]
-        sums = sum(kernel.moments_and_norms(f.plan, [f.w], [f.g], [f.m], [f.v], hyper, clip) for f in flats)
+        hyper = [kernel.hyperparameters(0.05, (0.9, 0.999), 1e-6, 0.01, step + 1, 10.0, clip)]
+        sums = sum(kernel.moments_and_norms(f.plan, [f.w], [f.g], [f.m], [f.v], hyper) for f in flats)
         for f in flats:
             kernel.apply_update(f.plan, [f.w], [f.m], [f.v], hyper, sums)
         weights = torch.cat([f.w[: f.numel] for f in flats]).split(sizes)
@@ -347,15 +347,15 @@ def test_guarded_buffers_and_reference(weight_dtype, grad_dtype, monkeypatch):
     ref = {name: [host(t).clone() for t in ts] for name, ts in tensors.items()}  # the reference on the CPU
     hyper = [
         kernel.hyperparameters(
-            0.01 * (i + 1), (0.9, 0.999), 1e-6, 0.01 if i % 2 else 0.0, 3 + i, None if i == 2 else 5.0
+            0.01 * (i + 1), (0.9, 0.999), 1e-6, 0.01 if i % 2 else 0.0, 3 + i, None if i == 2 else 5.0, 0.7
         )
         for i in range(len(sizes))
     ]
     grad_sq = kernel.grad_square_sum(plan, tensors["g"])
     expected = sum(g.float().square().sum() for g in ref["g"])
     assert grad_sq.item() == pytest.approx(expected.item(), rel=1e-6)
-    sums = kernel.moments_and_norms(plan, tensors["w"], tensors["g"], tensors["m"], tensors["v"], hyper, 0.7)
-    ref_sums = kernel.reference(ref["w"], ref["g"], ref["m"], ref["v"], hyper, 0.7, layouts, num_params)
+    sums = kernel.moments_and_norms(plan, tensors["w"], tensors["g"], tensors["m"], tensors["v"], hyper)
+    ref_sums = kernel.reference(ref["w"], ref["g"], ref["m"], ref["v"], hyper, layouts, num_params)
     torch.testing.assert_close(host(sums), ref_sums, rtol=1e-6, atol=0)
     assert sums[7].tolist() == [0.0, 0.0]
     kernel.apply_update(plan, tensors["w"], tensors["m"], tensors["v"], hyper, sums)
@@ -400,13 +400,30 @@ def test_non_finite_gradient_changes_nothing(bad, dtype):
     assert not opt.last_step_skipped and opt.state[params[0]]["step"] == 2
 
 
-def test_first_step_skipped_creates_no_state():
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_skipped_first_step_leaves_the_optimizer_as_new(backend):
+    """The skip is decided on the device, so a skipped first step runs (with rates that change nothing): weights
+    stay, moments stay zero, step counts stay 0, and the next step is a fresh optimizer's first."""
     params = _params(torch.float32)
-    opt = Lamb(_groups(params))
+    fresh_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    opt, fresh = Lamb(_groups(params)), Lamb(_groups(fresh_params))
+    weights = [p.detach().clone() for p in params]
     _set_grads(params, 0, 0.1)
     params[0].grad[0, 0] = float("nan")
-    _step(opt, "triton")
-    assert opt.last_step_skipped and not opt.state
+    _step(opt, backend)
+    assert opt.last_step_skipped and opt.grad_norm is None
+    assert torch.equal(opt.step_report()[0], torch.tensor(1.0, dtype=torch.float64))
+    for p, w in zip(params, weights, strict=True):
+        assert torch.equal(p.detach(), w)
+        assert opt.state[p]["step"] == 0
+        assert not opt.state[p]["exp_avg"].any() and not opt.state[p]["exp_avg_sq"].any()
+    _set_grads(params, 1, 0.1)
+    _set_grads(fresh_params, 1, 0.1)
+    _step(opt, backend)
+    _step(fresh, backend)
+    assert not opt.last_step_skipped and opt.grad_norm == fresh.grad_norm
+    for p, q in zip(params, fresh_params, strict=True):
+        assert torch.equal(p.detach(), q.detach()) and opt.state[p]["step"] == fresh.state[q]["step"] == 1
 
 
 def test_two_runs_are_bitwise_equal():
