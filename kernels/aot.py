@@ -41,7 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODULES = ("bias_gelu", "residual_layer_norm", "mlm_loss", "attention", "lamb")
+MODULES = ("bias_gelu", "residual_layer_norm", "mlm_loss", "attention", "lamb", "disentangled_attention")
 # name -> (arch, shared memory per block the kernel may use at most, in bytes)
 TARGETS = {"H100 (sm_90)": (90, 227 * 1024), "A100 (sm_80)": (80, 163 * 1024)}
 REGISTER_FILE = 65536  # 32-bit registers per SM on sm_80 and sm_90, the most one block can hold
@@ -83,9 +83,11 @@ def cubin_name(spec: str, arch: int, variant: str = "aligned") -> str:
 
 
 def source_hash(module: str) -> str:
-    """The hash a fresh row of ``module`` carries: its source file, the shared sources and the triton version."""
+    """The hash a fresh row of ``module`` carries: its source file, the other kernel files it takes jit helpers
+    from (its ``AOT_SOURCES``), the shared sources and the triton version."""
     digest = hashlib.sha256(triton_version().encode())
-    for name in (f"{module}.py", *SHARED_SOURCES):
+    borrowed = getattr(importlib.import_module(f"fastbert.kernels.{module}"), "AOT_SOURCES", ())
+    for name in (f"{module}.py", *borrowed, *SHARED_SOURCES):
         digest.update(name.encode() + b"\0" + (HERE / name).read_bytes())
     return digest.hexdigest()[:16]
 

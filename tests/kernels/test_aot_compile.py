@@ -17,11 +17,21 @@ import pytest
 import torch
 
 from fastbert import ops
-from fastbert.kernels import _common, aot, attention, bias_gelu, lamb, mlm_loss, residual_layer_norm
+from fastbert.kernels import (
+    _common,
+    aot,
+    attention,
+    bias_gelu,
+    disentangled_attention,
+    lamb,
+    mlm_loss,
+    residual_layer_norm,
+)
 
 MODULES = {
     "attention": attention,
     "bias_gelu": bias_gelu,
+    "disentangled_attention": disentangled_attention,
     "lamb": lamb,
     "mlm_loss": mlm_loss,
     "residual_layer_norm": residual_layer_norm,
@@ -192,6 +202,19 @@ def _run_every_launcher() -> None:
                 cu = torch.tensor([0, 3, 10], dtype=torch.int32)
                 q, k, v = (randn(10, 2, head_dim, dtype=dtype).requires_grad_() for _ in range(3))
                 attention.attention(q, k, v, cu, 7, p).sum().backward()
+        for head_dim in disentangled_attention.HEAD_DIMS:
+            for c2p, p2c in disentangled_attention.TERMS:
+                for p in (0.0, 0.1):
+                    q, k, v = (randn(10, 2, head_dim, dtype=dtype).requires_grad_() for _ in range(3))
+                    tables = [randn(16, 2, head_dim, dtype=dtype).requires_grad_() if on else None for on in (c2p, p2c)]
+                    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+                    disentangled_attention.disentangled_attention(q, k, v, cu, 7, *tables, 8, 16, p).sum().backward()
+                    q, k, v = (randn(2, 2, 5, head_dim, dtype=dtype).requires_grad_() for _ in range(3))
+                    tables = [t.detach().transpose(0, 1).requires_grad_() if t is not None else None for t in tables]
+                    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+                    disentangled_attention.disentangled_attention_padded(
+                        q, k, v, *tables, mask, 8, 16, p
+                    ).sum().backward()
         for grad in (False, True):
             hidden, weight = randn(5, 16, dtype=dtype).requires_grad_(grad), randn(40, 16, dtype=dtype)
             labels = torch.tensor([3, -100, 7, 0, 39])
@@ -235,6 +258,13 @@ def test_aligned_arguments_are_divisible_by_16_at_aligned_shapes(launches):
     qkv = torch.randn(2, 16, 3, 12, 64, requires_grad=True)
     q, k, v = qkv.unbind(2)  # views of the fused projection: token stride 3 * 768
     attention.attention_padded(q, k, v, torch.ones(2, 16), 0.1).sum().backward()
+    table = torch.randn(32, 2, 12, 64, requires_grad=True)  # DeBERTa's relative table through two projections
+    pos_key, pos_query = (x.transpose(0, 1) for x in table.unbind(1))
+    heads = [x.transpose(1, 2) for x in (q, k, v)]
+    out = disentangled_attention.disentangled_attention_padded(
+        *heads, pos_key, pos_query, torch.ones(2, 16), 16, 64, 0.1
+    )
+    out.sum().backward()
     hidden, weight, bias = torch.randn(8, 32, requires_grad=True), torch.randn(30528, 32), torch.randn(30528)
     labels = x[:8, 0].long()
     ops.mlm_loss(hidden, weight, bias, labels)
@@ -254,6 +284,9 @@ def test_aligned_arguments_are_divisible_by_16_at_aligned_shapes(launches):
         "_attention_forward",
         "_attention_backward_dkdv",
         "_attention_backward_dq",
+        "_disentangled_forward",
+        "_disentangled_backward_dkdv",
+        "_disentangled_backward_dq",
         "_mlm_loss_rows",
     }
 

@@ -1,8 +1,9 @@
 """Machine-code checks on the cubins ``kernels/aot.py`` builds (the aligned variant: pointers 16-byte aligned, row
 strides and lengths multiples of 16), disassembled with the cuobjdump bundled in the triton wheel:
 
-- the fp16 and bf16 attention kernels (forward, dK/dV, dQ) use tensor-core MMA: HMMA on sm_80, and on sm_90
-  HGMMA (wgmma) or HMMA, whichever triton picked (printed, and asserted to be one of them);
+- the fp16 and bf16 attention kernels (forward, dK/dV, dQ), and the disentangled attention kernels, use
+  tensor-core MMA: HMMA on sm_80, and on sm_90 HGMMA (wgmma) or HMMA, whichever triton picked (printed for
+  attention, and asserted to be one of them);
 - LayerNorm, bias+GELU, the MLM loss and LAMB read their rows with 128-bit global loads (LDG.E.128).
 
 So a change that silently falls back to CUDA-core dots or scalar loads fails here. The opcode counts are those each
@@ -25,6 +26,10 @@ def _attention(spec: dict) -> bool:
     return c["kernel"] in ("forward", "dkdv", "dq") and c["dtype"] in ("fp16", "bf16") and not c["padded"]
 
 
+def _disentangled_attention(spec: dict) -> bool:
+    return spec["config"]["dtype"] in ("fp16", "bf16")
+
+
 def _row_kernel(module: str, spec: dict) -> bool:
     c = spec["config"]
     if module == "residual_layer_norm":  # every flag on, rows of 1024
@@ -41,6 +46,7 @@ def _row_kernel(module: str, spec: dict) -> bool:
 
 CHECKED = {
     "attention": _attention,
+    "disentangled_attention": _disentangled_attention,
     "residual_layer_norm": lambda spec: _row_kernel("residual_layer_norm", spec),
     "bias_gelu": lambda spec: _row_kernel("bias_gelu", spec),
     "mlm_loss": lambda spec: _row_kernel("mlm_loss", spec),
@@ -86,6 +92,23 @@ def test_low_precision_attention_uses_tensor_cores(opcodes):
             failures.append(f"sm_90 {name}: neither HGMMA nor HMMA")
     for line, n in sorted(families.items()):
         print(f"sm_90 attention {line} ({n} specs)")
+    assert not failures, "\n".join(failures)
+
+
+def test_low_precision_disentangled_attention_uses_tensor_cores(opcodes):
+    """Every fp16/bf16 disentangled attention kernel (forward, dK/dV, dQ; each head dim, position terms and dropout
+    setting) multiplies on the tensor cores: HMMA on sm_80, HGMMA or HMMA on sm_90."""
+    specs = _checked_specs("disentangled_attention")
+    assert len(specs) == 2 * 3 * 3 * 3 * 2  # dtypes x kernels x head dims x position terms x dropout
+    failures = []
+    for spec in specs:
+        c = spec["config"]
+        name = f"{c['kernel']} {c['dtype']} d={c['head_dim']} c2p={c['c2p']} p2c={c['p2c']} dropout={c['dropout']}"
+        if not aot.count(opcodes[aot.spec_id(spec), 80], "HMMA"):
+            failures.append(f"sm_80 {name}: no HMMA")
+        sm90 = opcodes[aot.spec_id(spec), 90]
+        if not aot.count(sm90, "HGMMA") + aot.count(sm90, "HMMA"):
+            failures.append(f"sm_90 {name}: neither HGMMA nor HMMA")
     assert not failures, "\n".join(failures)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import pytest
 import test_attention
 import test_bias_gelu
+import test_disentangled_attention
 import test_fused_lamb
 import test_mlm_loss
 import test_residual_layer_norm
@@ -29,6 +30,15 @@ def _attention(dtype):
         )
     if dtype != torch.float16:
         yield "padded", test_attention.padded_comparisons(dtype)
+
+
+def _disentangled_attention(dtype):
+    for case in test_disentangled_attention.VARLEN_CASES:
+        yield f"varlen {case}", test_disentangled_attention.varlen_comparisons(*case, dtype)
+    if dtype != torch.float16:
+        yield "padded", test_disentangled_attention.padded_comparisons(dtype)
+    if dtype == torch.float32:
+        yield "dropout", test_disentangled_attention.dropout_comparisons()
 
 
 def _residual_layer_norm(dtype):
@@ -56,6 +66,7 @@ def _lamb(dtype):
 
 KERNELS = {  # kernel: (its cases, the outputs they compare)
     "attention": (_attention, ("out", "dq", "dk", "dv")),
+    "disentangled_attention": (_disentangled_attention, test_disentangled_attention.OUTPUTS),
     "residual_layer_norm": (
         _residual_layer_norm,
         ("normalized", "summed", "dx", "dresidual", "dweight", "dbias", "dx_bias"),
