@@ -13,7 +13,8 @@ factorised embedding width, a head size other than ``hidden_size / num_attention
 whose log buckets are undefined, and the enhanced mask decoder's extra weights. The encoder runs on the padded
 layout (``input_ids [B, S]`` with ``attention_mask``); the heads also take BERT's other layouts (a host-built
 ``Layout``, or flat ids with ``cu_seqlens``), padded on the device. Without a segment table (``type_vocab_size=0``,
-DeBERTa-v3's) segment ids are ignored, as transformers ignores them. The attention is the plain-PyTorch reference.
+DeBERTa-v3's) segment ids are ignored, as transformers ignores them. The attention is ``ops.disentangled_attention``:
+the fused Triton kernel on CUDA tensors; on the CPU the plain-PyTorch reference, by query blocks for long sequences.
 """
 
 from __future__ import annotations
@@ -370,7 +371,18 @@ class DebertaLayer(nn.Module):
         if "p2c" in c.pos_att_type:
             pos_query = self._heads((self.query if c.share_att_key else self.pos_query)(rel_table))
         p = c.attention_probs_dropout_prob if self.training else 0.0
-        out = ops.disentangled_attention(q, k, v, rel_index, pos_key, pos_query, mask, dropout_p=p)
+        out = ops.disentangled_attention(
+            q,
+            k,
+            v,
+            rel_index,
+            pos_key,
+            pos_query,
+            mask,
+            dropout_p=p,
+            position_buckets=c.position_buckets,
+            max_relative_positions=c.relative_distance,
+        )
         return out.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x, mask, rel_table, rel_index) -> torch.Tensor:
@@ -418,7 +430,9 @@ class DebertaEncoder(nn.Module):
         rel_table = self.rel_embeddings.weight
         if self.rel_norm is not None:
             rel_table = self.rel_norm(rel_table)
-        rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
+        rel_index = None  # the kernel takes the bucket settings; the torch paths this [seq, seq] table
+        if not ops.uses_kernel("disentangled_attention", x):
+            rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
         for layer in self.layers:
             x = layer(x, mask, rel_table, rel_index)
         return x

@@ -295,22 +295,44 @@ class _BlockedDisentangledAttention(torch.autograd.Function):
         )  # fmt: skip
 
 
+def uses_kernel(op: str, tensor: torch.Tensor) -> bool:
+    """Whether ``op`` runs its Triton kernel for ``tensor`` (its device and ``FASTBERT_BACKEND``)."""
+    return _kernel_for(op, tensor) is not None
+
+
 def disentangled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    rel_index: torch.Tensor,
+    rel_index: torch.Tensor | None,
     pos_key: torch.Tensor | None = None,
     pos_query: torch.Tensor | None = None,
     key_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     position_terms: int | None = None,
+    position_buckets: int | None = None,
+    max_relative_positions: int | None = None,
 ) -> torch.Tensor:
     """DeBERTa's attention with ``fastbert.kernels.disentangled_attention.reference``'s arguments and result. Past
     ``_DISENTANGLED_WHOLE`` score elements (long sequences) it runs by query blocks
     (``_BlockedDisentangledAttention``), the same function with memory linear in the sequence length beyond one
-    block's scores; below, and with ``FASTBERT_BACKEND=torch``, the reference itself."""
+    block's scores; below, and with ``FASTBERT_BACKEND=torch``, the reference itself. On CUDA tensors (or with
+    ``FASTBERT_BACKEND=triton``) the fused Triton kernel runs instead; it takes the bucket settings
+    (``position_buckets``, ``max_relative_positions``) and needs no ``rel_index`` (None), which the torch paths build
+    from them when not given. ``key_mask`` must then be right-padded."""
     from fastbert.kernels import disentangled_attention as dsa
+
+    kernel = _kernel_for("disentangled_attention", q)
+    if kernel is not None:
+        if position_buckets is None or max_relative_positions is None:
+            raise ValueError("the disentangled attention kernel needs position_buckets and max_relative_positions")
+        return kernel.disentangled_attention_padded(
+            q, k, v, pos_key, pos_query, key_mask, position_buckets, max_relative_positions, dropout_p, position_terms
+        )
+    if rel_index is None:
+        if position_buckets is None or max_relative_positions is None:
+            raise ValueError("disentangled_attention needs rel_index or the bucket settings to build it")
+        rel_index = dsa.relative_index(q.shape[2], position_buckets, max_relative_positions, q.device)
 
     whole = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2] <= _DISENTANGLED_WHOLE
     if backend_setting() == "torch" or whole:
