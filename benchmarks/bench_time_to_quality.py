@@ -49,7 +49,7 @@ held-out ROC AUC above 0.6.
 Output: a table on stdout, benchmarks/results/time_to_quality.json and time_to_quality.png.
 
     python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 70 minutes)
-    python benchmarks/bench_time_to_quality.py --quick               # 0.25 minutes a system, small evaluations
+    python benchmarks/bench_time_to_quality.py --quick               # 0.15 minutes a system, small evaluations
 """
 
 from __future__ import annotations
@@ -703,7 +703,7 @@ def main() -> None:
     parser.add_argument("--held-out-rows", type=int, default=None, help="score at most this many held-out rows")
     parser.add_argument("--calibration-steps", type=int, default=12)
     parser.add_argument("--corpus-chapters", type=int, default=None, help="train on the first N chapters only")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 0.25 min a system, small evaluations")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 0.15 min a system, small evaluations")
     parser.add_argument(
         "--deberta", action="store_true", help="add fastbert DeBERTa-v3 MLM (deberta-tiny, the recipe but post-LN)"
     )
@@ -711,8 +711,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "time_to_quality.json")
     args = parser.parse_args()
     if args.quick:
-        args.budget_minutes, args.checkpoints, args.held_out_rows = 0.25, 2, 32
-        args.calibration_steps, args.corpus_chapters = 3, 100
+        args.budget_minutes, args.checkpoints, args.held_out_rows = 0.15, 2, 32
+        args.calibration_steps, args.corpus_chapters = 2, 100
     budget_s = args.budget_minutes * 60
     bench_started = time.time()
 

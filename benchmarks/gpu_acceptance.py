@@ -123,7 +123,7 @@ DRY_KERNEL_TESTS = [
         for d in range(3)
     ),
     "tests/kernels/test_bias_gelu.py::test_ops_dispatches_to_the_kernel",
-    "tests/kernels/test_fused_lamb.py::test_first_step_skipped_creates_no_state",
+    "tests/kernels/test_fused_lamb.py::test_a_skipped_first_step_leaves_the_optimizer_as_new[triton]",
 ]
 XDIST_WORKERS = 12
 # Ahead-of-time compiles and their machine-code checks: CPU work that needs no GPU (and would cost the GPU run

@@ -1,5 +1,5 @@
 """``fastbert demo``, the README's first command, runs end to end (shortened to 2 steps) and leaves what it
-promises: a model that loads, a curves PNG, and the fill-mask lines."""
+promises: a model that loads, a curves PNG, and the fill-mask lines; run again, it continues."""
 
 from __future__ import annotations
 
@@ -13,6 +13,16 @@ import pytest
 from fastbert.demo import PROBES
 
 
+def _demo(out, steps: int, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", str(steps)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
+
+
 def test_demo_runs_end_to_end(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("tokenizers")
@@ -20,13 +30,7 @@ def test_demo_runs_end_to_end(tmp_path):
     from fastbert.tokenizer import WordPieceTokenizer
 
     out = tmp_path / "demo"
-    result = subprocess.run(
-        [sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", "2"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
+    result = _demo(out, 2, tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]  # writes under --out only
@@ -59,23 +63,8 @@ def test_demo_runs_end_to_end(tmp_path):
         logits = model(torch.tensor([ids])).prediction_logits
     assert logits.shape == (1, len(ids), model.config.vocab_size) and torch.isfinite(logits).all()
 
-
-def _demo(out, steps: int, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "fastbert", "demo", "--out", str(out), "--steps", str(steps)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=300,
-    )
-
-
-def test_a_second_demo_in_the_same_directory_continues_the_first(tmp_path):
-    """Run again, the demo keeps the corpus, vocabulary and shards it made and resumes pretraining: nothing is
-    overwritten, and the run's metrics hold each step once."""
-    out = tmp_path / "demo"
-    first = _demo(out, 2, tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    # Run again, the demo keeps the corpus, vocabulary and shards it made and resumes pretraining: nothing is
+    # overwritten, and the run's metrics hold each step once (one test with the first run: a demo costs seconds).
     vocab, meta = (out / "vocab.txt").read_bytes(), (out / "data" / "meta.json").read_bytes()
     second = _demo(out, 3, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]

@@ -803,7 +803,10 @@ def test_a_budget_run_follows_its_clock_resumes_on_it_and_ends_at_it(setup, held
         if row["step"] != stopped_at + 1:  # the resumed process's first rate follows its start-up clock
             want = budget_lr(row["step"] - 1, before["clock"] / budget, 5e-3, 0.1)
             assert row["lr"] == pytest.approx(want, rel=1e-9), row["step"]
-    assert clocks[-1] < budget and rows[-1]["lr"] < 5e-3 * 0.25  # ended near the budget, the rate decayed
+    # Ended near the budget, the rate decayed. The run stops when another step like the last one, the closing
+    # evaluation and the save would overrun; on a loaded machine the last step can be a little slower than the one
+    # before it, so it may end up to 2% past the budget (a step here is ~0.3 s, 1% of it).
+    assert clocks[-1] < budget * 1.02 and rows[-1]["lr"] < 5e-3 * 0.25
     assert "eval_mlm_loss" in rows[-1]
     assert (out / "checkpoints" / "latest").read_text() == f"step-{rows[-1]['step']:08d}"
 
