@@ -588,6 +588,11 @@ def print_table(result: dict) -> None:
         print(f"{result['systems'][key]['system']} over random init, points (* beyond 2 SE): {cells}; probe {probe}")
     for name, value in goals.items():
         print(f"goal {name}: {value}")
+    print(
+        f"run length: {result['total_s'] / 60:.1f} min, {result['default_run_s'] / 60:.1f} min without the optional "
+        "systems; by system (calibration, budget, evaluation): "
+        + ", ".join(f"{k} {v / 60:.1f}" for k, v in result["system_s"].items())
+    )
 
 
 def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
@@ -695,6 +700,9 @@ def downstream_goals(gains: dict, suite: downstream.Suite) -> dict:
     }
 
 
+OPTIONAL_SYSTEMS = ("fastbert_deberta",)
+
+
 # Main -----------------------------------------------------------------------------------------------------------------
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -757,8 +765,11 @@ def main() -> None:
         cal_corpus = work_root / "kjv-calibration.txt"
         write_corpus(cal_corpus, train_chapters[:120])
 
+        # Seconds each system took in every phase, so that a run with --deberta still tells the default run's length.
+        spent: dict[str, float] = {key: 0.0 for key in systems}
         paces, checkpoints = {}, {}
         for key, system in systems.items():
+            started = time.time()
             checkpoints[key] = args.checkpoints if key != "fastbert_electra" else 0
             save_every = max(1, args.calibration_steps // CALIBRATION_SAVES) if checkpoints[key] else 0
             paces[key] = system.calibrate(cal_corpus, work_root, args.calibration_steps, save_every)
@@ -767,11 +778,14 @@ def main() -> None:
                 f"{paces[key].overhead_s:.1f} s before the first step, {paces[key].save_s:.2f} s a checkpoint",
                 flush=True,
             )
+            spent[key] += time.time() - started
 
         runs = {}
         for key, system in systems.items():
             print(f"{system.name}: {args.budget_minutes:g} minutes ...", flush=True)
+            started = time.time()
             runs[key] = system.run(corpus, work_root, budget_s, paces[key], checkpoints[key])
+            spent[key] += time.time() - started
             print(f"{system.name}: {runs[key]['steps']} steps in {runs[key]['time_s']:.1f} s", flush=True)
 
         # Evaluation, after every budget -----------------------------------------------------------------------------
@@ -782,6 +796,7 @@ def main() -> None:
         finals: dict[str, Path] = {}
         results: dict[str, dict] = {}
         for key, r in runs.items():
+            started = time.time()
             entry = {
                 "system": systems[key].name,
                 "steps": r["steps"],
@@ -835,6 +850,7 @@ def main() -> None:
                 entry["final_held_out_loss"] = final_loss
                 entry["curve"] = curve
             results[key] = entry
+            spent[key] += time.time() - started
             print(f"{entry['system']}: held-out MLM loss {entry['final_held_out_loss']:.3f}", flush=True)
         held_out_s = time.time() - evaluation_started
 
@@ -853,6 +869,8 @@ def main() -> None:
             if key != "transformers":
                 results[key]["finetuned"] = suite.finetuned(directory, len(vocab))
             results[key]["downstream_s"] = time.time() - started
+            if key in spent:
+                spent[key] += results[key]["downstream_s"]
         evaluation_s = time.time() - evaluation_started
     finally:
         if args.keep_work is None:
@@ -891,6 +909,9 @@ def main() -> None:
         "held_out_s": held_out_s,
         "evaluation_s": evaluation_s,
         "total_s": time.time() - bench_started,
+        "system_s": spent,
+        # The run without the optional systems (--deberta): everything else is shared or belongs to a default system.
+        "default_run_s": time.time() - bench_started - sum(spent.get(k, 0.0) for k in OPTIONAL_SYSTEMS),
         "systems": results,
         "gains_over_random_init": gains,
         "goals": {
