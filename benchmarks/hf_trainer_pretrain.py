@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 import warnings
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,16 +76,33 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": self.blocks[i]}
 
 
+@dataclass(frozen=True)
+class Replan:
+    """Plan the run's steps again at the end of step ``at`` (at most the warmup's length: the warmup's rates do not
+    depend on the total), from this run's own median step time since its first step: the steps that fill
+    ``margin`` of what is left before the deadline, less the ``saves`` still to come at ``save_s`` each. A pace
+    measured beforehand (a calibration run) can be off when the machine's speed drifts; this one is the run's."""
+
+    at: int
+    margin: float
+    warmup: int
+    checkpoints: int
+    save_s: float
+
+
 class StepTimer(transformers.TrainerCallback):
     """Wall time from one optimizer step's end to the next one's. The Trainer fetches and collates a step's batches
     before it calls ``on_step_begin``, so timing from there would leave data loading and masking out. With a
-    ``deadline`` (a ``time.time()`` value) it stops training at the first step that ends after it."""
+    ``deadline`` (a ``time.time()`` value) it stops training at the first step that ends after it; with ``replan``
+    it resets the step count, the linear schedule's length and the checkpoint spacing once (``Replan``)."""
 
-    def __init__(self, deadline: float | None = None) -> None:
+    def __init__(self, deadline: float | None = None, replan: Replan | None = None) -> None:
         self.times: list[float] = []
         self.ends: list[float] = []
         self.last = 0.0
         self.deadline = deadline
+        self.replan = replan
+        self.replanned: dict | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = time.perf_counter()
@@ -94,6 +114,25 @@ class StepTimer(transformers.TrainerCallback):
         self.ends.append(time.time())
         if self.deadline is not None and self.ends[-1] >= self.deadline:
             control.should_training_stop = True
+        elif self.replan is not None and state.global_step == self.replan.at and self.deadline is not None:
+            self._replan(state, kwargs["lr_scheduler"])
+
+    def _replan(self, state, scheduler) -> None:
+        plan = self.replan
+        step_s = statistics.median(self.times[1:])  # the first step carries the loop's start-up
+        left = self.deadline - self.ends[-1] - plan.checkpoints * plan.save_s
+        total = plan.at + max(1, int(plan.margin * left / step_s))
+        before = state.max_steps
+        state.max_steps = total
+        if plan.checkpoints:
+            state.save_steps = max(1, total // plan.checkpoints)
+        lr_lambda = partial(
+            transformers.optimization._get_linear_schedule_with_warmup_lr_lambda,
+            num_warmup_steps=plan.warmup,
+            num_training_steps=total,
+        )
+        scheduler.lr_lambdas = [lr_lambda] * len(scheduler.lr_lambdas)
+        self.replanned = {"at_step": plan.at, "step_s": step_s, "steps_before": before, "steps": total}
 
 
 def training_arguments(
@@ -165,19 +204,26 @@ def run_text(args: argparse.Namespace) -> None:
             )
         left = args.budget_s - (time.time() - start) - args.overhead_s - args.checkpoints * args.save_s
         steps = max(1, int(args.plan_margin * left / args.step_s))
+    warmup = int(args.warmup * steps) if args.warmup < 1 else int(args.warmup)
+    replan = None
+    if args.replan_at is not None:
+        if args.steps is not None or args.warmup < 1 or not 2 <= args.replan_at <= warmup:
+            raise SystemExit("text: --replan-at needs a budget, a warmup in steps, and 2 <= its step <= the warmup")
+        replan = Replan(args.replan_at, args.plan_margin, warmup, args.checkpoints, args.save_s)
+        steps *= 2  # an upper bound until the replan: the Trainer sizes its epochs from it; the deadline stops it
     save_every = max(1, steps // args.checkpoints) if args.checkpoints else 0
     torch.manual_seed(args.seed)
     model = transformers.BertForMaskedLM(tiny_hf_config(tok.vocab_size))
     collator = transformers.DataCollatorForLanguageModeling(tok, mlm_probability=0.15)
     deadline = None if args.budget_s is None else start + args.budget_s
-    timer = StepTimer(deadline)
+    timer = StepTimer(deadline, replan)
     save = {"save_strategy": "steps", "save_steps": save_every, "save_only_model": True} if save_every else {}
     targs = training_arguments(
         args.run_dir,
         args.batch,
         steps,
         args.lr,
-        int(args.warmup * steps) if args.warmup < 1 else int(args.warmup),
+        warmup,
         weight_decay=0.01,
         lr_scheduler_type="linear",
         seed=args.seed,
@@ -190,9 +236,12 @@ def run_text(args: argparse.Namespace) -> None:
     trainer.train()
     trainer.save_model(str(args.run_dir / "final"))
     done = len(timer.ends)
+    if timer.replanned is not None:
+        steps, save_every = timer.replanned["steps"], trainer.state.save_steps
     log = {
         "start_wall": start,
         "planned_steps": steps,
+        "replanned": timer.replanned,
         "steps": done,
         "step_ends": timer.ends,
         "save_every": save_every,
@@ -229,6 +278,11 @@ def main() -> None:
     t.add_argument("--save-s", type=float, default=0.0, help="seconds a checkpoint save takes, measured beforehand")
     t.add_argument(
         "--plan-margin", type=float, help="plan steps for this share of the budget left after start-up and saves"
+    )
+    t.add_argument(
+        "--replan-at",
+        type=int,
+        help="plan the steps again at the end of this step (within the warmup) from the run's own step time",
     )
     args = parser.parse_args()
     run_samples(args) if args.mode == "samples" else run_text(args)

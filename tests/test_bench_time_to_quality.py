@@ -94,6 +94,36 @@ def test_pace_from_separates_the_step_time_from_the_checkpoint_saves():
     assert ttq.pace_from(100.0, ends).save_s == 0.0  # no saves declared: nothing is taken for them
 
 
+def test_the_trainer_replans_its_steps_and_schedule_from_its_own_pace():
+    """At the end of the warmup the Trainer's run sets its step count, checkpoint spacing and linear decay from its
+    own median step time: the decay reaches 0 at the new last step, the warmup's rates are untouched."""
+    import time
+    from functools import partial
+    from types import SimpleNamespace
+
+    import hf_trainer_pretrain as hf_run
+
+    plan = hf_run.Replan(at=10, margin=0.97, warmup=10, checkpoints=4, save_s=2.0)
+    now = time.time()
+    timer = hf_run.StepTimer(deadline=now + 400.0, replan=plan)
+    timer.times, timer.ends = [7.0] + [3.0] * 8, [now - 3.0 * i for i in range(9, 0, -1)]  # steps 1-9
+    timer.last = time.perf_counter() - 3.0  # step 10 ends now, 3 s after step 9
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    lam = partial(
+        transformers.optimization._get_linear_schedule_with_warmup_lr_lambda,
+        num_warmup_steps=10,
+        num_training_steps=400,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lam)
+    state = SimpleNamespace(max_steps=400, save_steps=100, global_step=10)
+    timer.on_step_end(None, state, SimpleNamespace(should_training_stop=False), lr_scheduler=scheduler)
+    total = 10 + int(0.97 * (400.0 - 4 * 2.0) / 3.0)  # 3 s a step (the median; the first step's 7 s left out)
+    assert state.max_steps == total == timer.replanned["steps"] and state.save_steps == total // 4
+    assert timer.replanned["step_s"] == 3.0 and timer.replanned["steps_before"] == 400
+    (rate,) = scheduler.lr_lambdas
+    assert rate(5) == 0.5 and rate(10) == 1.0 and rate(total) == 0.0 and rate((10 + total) / 2) == pytest.approx(0.5)
+
+
 def test_plan_steps_leaves_room_for_the_saves():
     pace = ttq.Pace(step_s=1.0, overhead_s=10.0, save_s=2.0)
     start = ttq.time.time()
