@@ -41,7 +41,7 @@ from fastbert.config import (
     ConfigError,
     check_encoder_fields,
 )
-from fastbert.hf import SAFETENSORS_NAME, CheckpointError, LoadingInfo, read_state_dict, warn_if_partly_loaded
+from fastbert.hf import CheckpointError, LoadingInfo, read_state_dict, warn_if_partly_loaded
 from fastbert.kernels import disentangled_attention as dsa
 from fastbert.model import (
     ClassifierOutput,
@@ -51,6 +51,7 @@ from fastbert.model import (
     _check_range,
     check_token_ids,
     init_modules,
+    masked_lm_loss,
 )
 
 MODEL_TYPE = "deberta-v2"
@@ -614,11 +615,12 @@ class DebertaForMaskedLM(DebertaPreTrainedModel):
             return MaskedLMOutput(logits=logits * mask[..., None].to(logits.dtype))
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        flat = labels.reshape(-1)
-        masked = torch.nonzero(flat != IGNORE_INDEX, as_tuple=False).flatten()
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, masked)
-        loss, accuracy = ops.mlm_loss(
-            self.cls.transform_hidden(rows), self.decoder_weight, self.cls.bias, flat.index_select(0, masked)
+        loss, accuracy = masked_lm_loss(
+            self.cls.transform_hidden,
+            hidden.reshape(-1, hidden.shape[-1]),
+            labels.reshape(-1),
+            self.decoder_weight,
+            self.cls.bias,
         )
         return MaskedLMOutput(loss=loss, accuracy=accuracy)
 
@@ -660,15 +662,13 @@ class DebertaForPreTraining(DebertaForMaskedLM):
             logits = F.linear(self.cls.transform_hidden(flat), self.decoder_weight, self.cls.bias)
             out.prediction_logits = logits if cu_seqlens is not None else layout.pad(logits)
             return out
-        flat_labels = labels.reshape(-1) if cu_seqlens is not None else layout.unpad(labels)
-        masked = masked_positions
-        if masked is None:
-            masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
-        out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
-            self.cls.transform_hidden(flat.index_select(0, masked)),
+        out.mlm_loss, out.mlm_accuracy = masked_lm_loss(
+            self.cls.transform_hidden,
+            flat,
+            labels.reshape(-1) if cu_seqlens is not None else layout.unpad(labels),
             self.decoder_weight,
             self.cls.bias,
-            flat_labels.index_select(0, masked),
+            masked_positions,
         )
         out.loss = out.mlm_loss
         return out
@@ -988,12 +988,7 @@ def hf_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    from safetensors.torch import save
+    from fastbert.hf import write_checkpoint
 
-    from fastbert.atomic import write_atomic
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    write_atomic(directory / SAFETENSORS_NAME, save(hf_state_dict(model), metadata={"format": "pt"}))
     arch = _ARCHITECTURES.get(type(model).__name__, type(model).__name__)
-    write_atomic(directory / "config.json", model.config.to_json_string(arch).encode())
+    write_checkpoint(directory, hf_state_dict(model), model.config.to_json_string(arch))

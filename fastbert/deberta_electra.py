@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.config import GELU_APPROXIMATION, IGNORE_INDEX
+from fastbert.config import GELU_APPROXIMATION
 from fastbert.deberta import DebertaConfig, DebertaMLMHead, DebertaModel, checkpoint_key_map
 from fastbert.electra import DISCRIMINATOR_WEIGHT, ElectraOutput
-from fastbert.model import Layout, init_modules
+from fastbert.model import Layout, init_modules, masked_rows
 
 
 def generator_config(config: DebertaConfig, size: float | None = None, layers: int | None = None) -> DebertaConfig:
@@ -119,9 +119,7 @@ class DebertaElectraForPreTraining(nn.Module):
         unpadded = cu_seqlens is not None
         flat_ids = input_ids if unpadded else layout.unpad(input_ids)
         flat_labels = labels.reshape(-1) if unpadded else layout.unpad(labels)
-        masked = masked_positions  # from the collator: no nonzero (a host sync) here
-        if masked is None:
-            masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
+        masked = masked_rows(flat_labels, masked_positions)
         targets = flat_labels.index_select(0, masked)
         mlm_loss, mlm_accuracy, samples = ops.mlm_loss_and_sample(
             self.generator_head.transform_hidden(layout.unpad(hidden).index_select(0, masked)),
@@ -203,10 +201,7 @@ class DebertaElectraForPreTraining(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The discriminator in ``directory`` (transformers' ``DebertaV2Model`` reads it) and the generator as
         ``DebertaV2ForMaskedLM`` in ``directory/generator``: config.json and model.safetensors each."""
-        from safetensors.torch import save
-
-        from fastbert.atomic import write_atomic
-        from fastbert.hf import SAFETENSORS_NAME
+        from fastbert.hf import write_checkpoint
 
         directory = Path(directory)
         discriminator, generator = self.hf_state_dicts()
@@ -214,6 +209,4 @@ class DebertaElectraForPreTraining(nn.Module):
             (directory, discriminator, self.config, "DebertaV2Model"),
             (directory / "generator", generator, self.generator_config, "DebertaV2ForMaskedLM"),
         ):
-            where.mkdir(parents=True, exist_ok=True)
-            write_atomic(where / SAFETENSORS_NAME, save(state, metadata={"format": "pt"}))
-            write_atomic(where / "config.json", config.to_json_string(architecture).encode())
+            write_checkpoint(where, state, config.to_json_string(architecture))

@@ -28,9 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastbert import ops
-from fastbert.config import IGNORE_INDEX, BertConfig
+from fastbert.config import BertConfig
 from fastbert.data.splitmix import GOLDEN, mix64
-from fastbert.model import BertModel, init_modules
+from fastbert.model import BertModel, init_modules, masked_rows
 
 GENERATOR_SIZE = 0.25  # the generator's share of the discriminator's width, heads and FFN (Clark et al. 2020)
 DISCRIMINATOR_WEIGHT = 50.0  # lambda, the discriminator loss's weight against the generator's (Clark et al. 2020)
@@ -192,9 +192,7 @@ class ElectraForPreTraining(nn.Module):
             input_ids, attention_mask, token_type_ids, position_ids, cu_seqlens, max_seqlen
         )
         flat_ids, flat_labels = layout.unpad(input_ids), layout.unpad(labels)
-        masked = masked_positions  # from the collator: no nonzero (a host sync) here
-        if masked is None:
-            masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
+        masked = masked_rows(flat_labels, masked_positions)
         targets = flat_labels.index_select(0, masked)
         mlm_loss, mlm_accuracy, samples = ops.mlm_loss_and_sample(
             self.generator_head(hidden.index_select(0, masked)),
@@ -269,10 +267,7 @@ class ElectraForPreTraining(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """The discriminator as transformers' ``ElectraForPreTraining`` in ``directory``, the generator as
         ``ElectraForMaskedLM`` in ``directory/generator``: config.json and model.safetensors each."""
-        from safetensors.torch import save
-
-        from fastbert.atomic import write_atomic
-        from fastbert.hf import SAFETENSORS_NAME
+        from fastbert.hf import write_checkpoint
 
         directory = Path(directory)
         discriminator, generator = self.hf_state_dicts()
@@ -280,7 +275,5 @@ class ElectraForPreTraining(nn.Module):
             (directory, discriminator, self.config, "ElectraForPreTraining"),
             (directory / "generator", generator, self.generator_config, "ElectraForMaskedLM"),
         ):
-            where.mkdir(parents=True, exist_ok=True)
-            write_atomic(where / SAFETENSORS_NAME, save(state, metadata={"format": "pt"}))
             text = json.dumps({**config.to_electra_dict(), "architectures": [architecture]}, indent=2, sort_keys=True)
-            write_atomic(where / "config.json", (text + "\n").encode())
+            write_checkpoint(where, state, text)

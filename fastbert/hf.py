@@ -308,6 +308,17 @@ _ARCHITECTURES = {
 }
 
 
+def write_checkpoint(directory: str | os.PathLike, state: dict[str, torch.Tensor], config_json: str) -> None:
+    """``directory/model.safetensors`` (``state``) and ``directory/config.json`` (``config_json``), each written
+    atomically; the directory is made if missing."""
+    from safetensors.torch import save
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_atomic(directory / SAFETENSORS_NAME, save(state, metadata={"format": "pt"}))
+    write_atomic(directory / "config.json", (config_json.rstrip("\n") + "\n").encode())
+
+
 def save_pretrained(model: torch.nn.Module, directory: str | os.PathLike) -> None:
     from safetensors.torch import save
 

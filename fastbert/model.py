@@ -138,6 +138,22 @@ def check_token_ids(input_ids, token_type_ids, vocab_size: int, type_vocab_size:
         _check_range("token_type_ids", token_type_ids, type_vocab_size, "type_vocab_size")
 
 
+def masked_rows(flat_labels: torch.Tensor, masked_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """The flat indices of the labelled tokens: the collator's ``masked_positions`` when given (it knows them, so
+    the forward pass reads nothing back), else found from ``flat_labels`` (a ``nonzero``, a host sync)."""
+    if masked_positions is not None:
+        return masked_positions
+    return torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
+
+
+def masked_lm_loss(transform, rows, flat_labels, weight, bias, masked_positions=None):
+    """(loss, accuracy) of an MLM head over the labelled rows only: ``transform`` (the head's dense + activation +
+    LayerNorm) of the labelled rows of ``rows`` (``[tokens, hidden]``, in ``flat_labels``' order), then the fused
+    decoder and cross-entropy (``ops.mlm_loss``)."""
+    masked = masked_rows(flat_labels, masked_positions)
+    return ops.mlm_loss(transform(rows.index_select(0, masked)), weight, bias, flat_labels.index_select(0, masked))
+
+
 # Outputs --------------------------------------------------------------------------------------------------------
 @dataclass
 class BertModelOutput:
@@ -485,15 +501,13 @@ class BertForPreTraining(BertPreTrainedModel):
             logits = F.linear(self.cls.transform_hidden(hidden), self.decoder_weight, self.cls.bias)
             out.prediction_logits = layout.pad(logits)
         else:
-            flat_labels = layout.unpad(labels)
-            masked = masked_positions  # from the collator, which knows them: no nonzero (a host sync) here
-            if masked is None:
-                masked = torch.nonzero(flat_labels != IGNORE_INDEX, as_tuple=False).flatten()
-            out.mlm_loss, out.mlm_accuracy = ops.mlm_loss(
-                self.cls.transform_hidden(hidden.index_select(0, masked)),
+            out.mlm_loss, out.mlm_accuracy = masked_lm_loss(
+                self.cls.transform_hidden,
+                hidden,
+                layout.unpad(labels),
                 self.decoder_weight,
                 self.cls.bias,
-                flat_labels.index_select(0, masked),
+                masked_positions,
             )
             out.loss = out.mlm_loss
         if next_sentence_label is not None:
