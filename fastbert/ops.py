@@ -42,6 +42,16 @@ def triton_kernel(op: str):
         return None
 
 
+def upload(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host`` (a CPU tensor) on ``device`` without waiting for the device: a plain ``.to("cuda")`` synchronizes
+    the stream after its copy, which in a training step stalls the host behind the queued kernels. On CUDA the copy
+    goes from pinned memory, asynchronously (torch's pinned allocator keeps the buffer until the copy is done)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _kernel_for(op: str, tensor: torch.Tensor):
     setting = backend_setting()
     if setting == "torch" or (setting == "auto" and not tensor.is_cuda):

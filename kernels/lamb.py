@@ -340,6 +340,7 @@ class Launch:
     tensors: tuple[int, ...]  # positions in the step's tensor list, in address-table order
     chunks: torch.Tensor  # [n, CHUNK_COLUMNS] int64 on the device
     first_chunk: int  # row of this launch's first chunk in the partials
+    rows: torch.Tensor  # ``tensors`` as int64 on the device: picks the launch's hyperparameter rows without a copy
 
 
 @dataclass(frozen=True)
@@ -404,7 +405,8 @@ def plan_chunks(layouts: Sequence[TensorLayout], num_params: int, device: torch.
                 ranges[param][1] = first_chunk + len(rows)
         if rows:
             chunks = torch.tensor(rows, dtype=torch.int64).to(device)
-            launches.append(Launch(weight_dtype, grad_dtype, tuple(tensors), chunks, first_chunk))
+            index = torch.tensor(tensors, dtype=torch.int64).to(device)
+            launches.append(Launch(weight_dtype, grad_dtype, tuple(tensors), chunks, first_chunk, index))
         first_chunk += len(rows)
     return Plan(
         tuple(launches),
@@ -516,24 +518,31 @@ def hyperparameters(
     ]
 
 
+def constants_table(constants: Sequence[tuple[float, float, float, float, float, float | None]]) -> torch.Tensor:
+    """``[n, 6]`` float64 on the host: each tensor's ``(lr, beta1, beta2, eps, weight_decay, max_trust_ratio)``,
+    infinity for None (no trust-ratio cap)."""
+    return torch.tensor(
+        [[lr, b1, b2, eps, wd, math.inf if cap is None else cap] for lr, b1, b2, eps, wd, cap in constants],
+        dtype=torch.float64,
+    )
+
+
 def hyperparameter_table(
-    constants: Sequence[tuple[float, float, float, float, float, float | None]],
+    constants: Sequence[tuple[float, float, float, float, float, float | None]] | torch.Tensor,
     steps: torch.Tensor,
     clip: torch.Tensor,
 ) -> torch.Tensor:
     """The ``[n, HYPER_COLUMNS]`` fp32 table on the device, built there: nothing is read back to the host.
 
-    ``constants``: each tensor's ``(lr, beta1, beta2, eps, weight_decay, max_trust_ratio or None)``, host numbers;
-    ``steps``: ``[n]`` float64 on the device, each tensor's step count including this step; ``clip``: the 0-dim clip
-    factor on the device, 0 for a step to skip. A skipped step's rows have learning rate 0, ``1 - beta1 = 1 - beta2 =
-    0`` and ``beta2 = 1``, so the kernels leave weights and moments bit for bit as they were; its bias corrections
-    use a step count of at least 1, so they stay finite. Each entry is computed in float64 and rounded once to fp32,
-    as ``hyperparameters`` rounds Python numbers."""
+    ``constants``: each tensor's ``(lr, beta1, beta2, eps, weight_decay, max_trust_ratio or None)``, host numbers,
+    or their ``constants_table`` already on the device (the caller chooses how it gets there); ``steps``: ``[n]``
+    float64 on the device, each tensor's step count including this step; ``clip``: the 0-dim clip factor on the
+    device, 0 for a step to skip. A skipped step's rows have learning rate 0, ``1 - beta1 = 1 - beta2 = 0`` and
+    ``beta2 = 1``, so the kernels leave weights and moments bit for bit as they were; its bias corrections use a step
+    count of at least 1, so they stay finite. Each entry is computed in float64 and rounded once to fp32, as
+    ``hyperparameters`` rounds Python numbers."""
     device = steps.device
-    c = torch.tensor(
-        [[lr, b1, b2, eps, wd, math.inf if cap is None else cap] for lr, b1, b2, eps, wd, cap in constants],
-        dtype=torch.float64,
-    ).to(device)
+    c = (constants if isinstance(constants, torch.Tensor) else constants_table(constants)).to(device)
     lr, beta1, beta2, eps, weight_decay, cap = c.unbind(1)
     keep = (clip != 0).to(torch.float64)
     step = steps.to(torch.float64).clamp(min=1.0)
@@ -555,7 +564,7 @@ def hyperparameter_table(
 def _hyper(launch: Launch, hyper: Sequence[Sequence[float]] | torch.Tensor) -> torch.Tensor:
     """The launch's rows of ``hyper``: host rows (``hyperparameters``) or a device table (``hyperparameter_table``)."""
     if isinstance(hyper, torch.Tensor):
-        return hyper[list(launch.tensors)].contiguous()
+        return hyper.index_select(0, launch.rows)
     return torch.tensor([hyper[index] for index in launch.tensors], dtype=torch.float32).to(launch.chunks.device)
 
 

@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fastbert.ops import lamb_kernel
+from fastbert.ops import lamb_kernel, upload
 
 _ROW = 2048  # elements per row of a squared-norm sum: short enough that fp32 accumulation within a row is exact
 
@@ -332,7 +332,7 @@ class Lamb(torch.optim.Optimizer):
             for _ in ps
         ]
         # A skipped step (clip 0) runs with rates that leave weights and moments as they were.
-        hyper = kernel.hyperparameter_table(constants, steps, clip)
+        hyper = kernel.hyperparameter_table(upload(kernel.constants_table(constants), device), steps, clip)
         exp_avgs = [self.state[p]["exp_avg"] for p in params]
         exp_avg_sqs = [self.state[p]["exp_avg_sq"] for p in params]
         sums = kernel.moments_and_norms(plan, params, grads, exp_avgs, exp_avg_sqs, hyper)
@@ -402,12 +402,12 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_mul_(g, clip.to(dtype))
             m = [self.state[p]["exp_avg"] for p in ps]
             v = [self.state[p]["exp_avg_sq"] for p in ps]
-            rates = torch.tensor([1 - beta1, beta2], dtype=torch.float64, device=device)
-            rates = torch.where(taken, rates, torch.tensor([0.0, 1.0], dtype=torch.float64, device=device)).to(dtype)
+            rates = upload(torch.tensor([1 - beta1, beta2, 0.0, 1.0], dtype=torch.float64), device)
+            rates = torch.where(taken, rates[:2], rates[2:]).to(dtype)
             torch._foreach_lerp_(m, g, [rates[0]] * len(m))  # a list: a lone 0-dim weight would be read as a number
             torch._foreach_mul_(v, rates[1])
             torch._foreach_addcmul_(v, g, g, value=1 - beta2)  # adds zeros on a skipped step
-            betas = torch.tensor([beta1, beta2], dtype=torch.float64, device=device)
+            betas = upload(torch.tensor([beta1, beta2], dtype=torch.float64), device)
             corrections = (1 - betas[:, None].pow(steps)).to(dtype)  # bias corrections from the device step counts
             denom = torch._foreach_div(v, list(corrections[1].unbind()))
             torch._foreach_sqrt_(denom)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from fastbert.ops import upload
 from fastbert.train.distributed import to_device
 
 MODEL_INPUTS = (
@@ -98,7 +99,7 @@ def optimizer_step(
     device = engine.device
     local = [counts(b) for b in micro_batches]
     masked_here, sentences_here, tokens_here = (sum(c[i] for c in local) for i in range(3))
-    totals = torch.tensor([masked_here, sentences_here, tokens_here], dtype=torch.float64).to(device)
+    totals = upload(torch.tensor([masked_here, sentences_here, tokens_here], dtype=torch.float64), device)
     all_reduce(totals)
     # d(loss)/d(weights) summed by DeepSpeed over accumulation (each divided by it) and ranks (averaged).
     weight = totals.clamp(min=1).reciprocal().mul_(len(micro_batches) * world_size)
@@ -120,22 +121,25 @@ def optimizer_step(
         engine.backward(loss)
         engine.step()
     lengths = [b["cu_seqlens"].diff() for b in micro_batches]
-    host = torch.tensor(
-        [
-            masked_here,
-            sentences_here,
-            sum(b["input_ids"].numel() for b in micro_batches),
-            sum(x.numel() for x in lengths),
-            sum(int(x.square().sum()) for x in lengths),
-            0.0,  # skipped: added below, on the device
-            float(stop),
-            float(out_of_time()),
-            float(clock()),
-            float(budget_spent()),
-        ],
-        dtype=torch.float64,
-    ).to(device)
-    flags = torch.stack([torch.as_tensor(f(), dtype=torch.float64).to(device) for f in (skipped, grad_norm)])
+    host = upload(
+        torch.tensor(
+            [
+                masked_here,
+                sentences_here,
+                sum(b["input_ids"].numel() for b in micro_batches),
+                sum(x.numel() for x in lengths),
+                sum(int(x.square().sum()) for x in lengths),
+                0.0,  # skipped: added below, on the device
+                float(stop),
+                float(out_of_time()),
+                float(clock()),
+                float(budget_spent()),
+            ],
+            dtype=torch.float64,
+        ),
+        device,
+    )
+    flags = torch.stack([_on_device(f(), device) for f in (skipped, grad_norm)])
     sums = torch.cat([found[:2], host[:1], found[2:], host[1:], detection, flags[1:]])
     sums[SUMS.index("skipped")] += flags[0]
     all_reduce(sums)
@@ -176,3 +180,10 @@ def electra_metrics(s: dict[str, float], discriminator_weight: float) -> dict:
         "discriminator_recall": s["replaced_detected"] / s["replaced"] if s["replaced"] else 1.0,
         "replaced_fraction": s["replaced"] / tokens,
     }
+
+
+def _on_device(value, device: torch.device) -> torch.Tensor:
+    """A device tensor or a host number as a float64 tensor on ``device``, without waiting for the device."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device, dtype=torch.float64)
+    return upload(torch.tensor(float(value), dtype=torch.float64), device)
