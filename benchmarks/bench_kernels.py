@@ -5,7 +5,9 @@ the flash backend on the padded batch and on the packed one (a jagged nested ten
 with 30% padding; ``F.layer_norm`` after the adds; bias + ``F.gelu``; full-logits ``F.cross_entropy`` (as
 transformers computes it) and the masked rows' cross-entropy, with peak memory; one LAMB step over BERT-base's
 parameters against a ``torch._foreach`` LAMB and DeepSpeed's / apex's fused LAMB when they load (``--compile``
-adds ``torch.compile`` of each eager sequence). Time from ``triton.testing.do_bench``, useful TFLOP/s (real
+adds ``torch.compile`` of each eager sequence); DeBERTa's disentangled attention (content-to-position and
+position-to-content, DeBERTa-v3-base's 256 log buckets) against the unfused sequence transformers runs, at sequence
+512 (2048: benchmarks/gpu_acceptance.py's deberta section). Time from ``triton.testing.do_bench``, useful TFLOP/s (real
 tokens, masked rows) and GB/s (the fused kernel's minimum bytes over the time), and the share of the device's
 peak from fastbert/train/flops.py (dense bf16 for attention and the loss, DRAM bandwidth for the rest).
 benchmarks/gpu_acceptance.py runs the same measurement (and, in its dry run, on the CPU under the Triton
@@ -42,6 +44,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 BATCH, SEQ, HIDDEN, HEADS, HEAD_DIM, INTERMEDIATE, VOCAB = 32, 512, 768, 12, 64, 3072, 30522
 TOKENS = BATCH * SEQ
 MASKED = int(0.15 * TOKENS)
+SPAN = 256  # DeBERTa-v3-base: position_buckets 256, so each position table has 2 * 256 rows
 PLAN_GPUS = {"H100": "H100 SXM", "H200": "H200 SXM", "A100": "A100 SXM 80GB"}  # the paper plan's columns
 
 
@@ -112,7 +115,31 @@ def plans() -> list[Plan]:
             + 2 * (MASKED * HIDDEN * 3 + VOCAB * HIDDEN * 3),
             note="matmul-bound; no [M, V] fp32 tensor, peak memory one row block",
         ),
+        disentangled_plan(),
     ]
+
+
+def disentangled_plan() -> Plan:
+    """DeBERTa-v3-base's attention (c2p and p2c over 2 * SPAN position rows) at the BERT shapes above. Useful FLOPs
+    are the unfused sequence's matmuls: forward QK^T, PV and the two [S, 2 * SPAN] position scores; backward two
+    matmuls for each; the three score matmuls again in the fused backward (recomputed, as the attention row counts).
+    The unfused bytes follow transformers' eager sequence: the content scores, each position score matrix and its
+    gather to [S, S], the two adds, the masked softmax (two passes), dropout (and its 1-byte mask), PV's read; the
+    backward about twice the forward."""
+    e, scores = TOKENS * HIDDEN, BATCH * HEADS * SEQ * SEQ
+    positions = BATCH * HEADS * SEQ * 2 * SPAN
+    content, position = 2 * SEQ * SEQ * HEAD_DIM, 2 * SEQ * 2 * SPAN * HEAD_DIM  # one matmul, per (batch, head)
+    tables = HEADS * 2 * SPAN * HEAD_DIM  # one projected position table
+    return Plan(
+        "disentangled_attn",
+        f"DeBERTa-v3-base B={BATCH} S={SEQ} heads={HEADS} d={HEAD_DIM}, c2p + p2c, 2x{SPAN} position rows",
+        flops=BATCH * HEADS * (7 * content + 8 * position),
+        # fwd: read q, k, v and both tables, write o (+ lse); bwd: read q, k, v, o, do and the tables, write dq, dk,
+        # dv and both table gradients (fp32, per distance: 2 * SEQ rows)
+        fused_bytes=2 * 12 * e + 2 * 4 * tables + 2 * 4 * HEADS * 2 * SEQ * HEAD_DIM + 8 * TOKENS * HEADS,
+        unfused_bytes=3 * (2 * 16 * scores + 2 * 4 * positions + scores) + 2 * 12 * e + 2 * 4 * tables,
+        note="compute-bound; no [S, S] or [S, 2k] matrix in memory",
+    )
 
 
 def resource_table() -> list[dict]:
@@ -122,27 +149,39 @@ def resource_table() -> list[dict]:
     return json.loads(path.read_text())["kernels"]
 
 
-def print_plan() -> dict:
-    rows = resource_table()
-    print("Resource table (ahead-of-time compile, benchmarks/results/kernel_resources.json):")
-    if not rows:
-        print("  missing: run python -m pytest tests/kernels/test_aot_compile.py")
-    print(f"  {'kernel':<34} {'arch':<6} {'config':<52} {'regs':>4} {'spill':>5} {'shared':>7}")
+def resource_summary(rows: list[dict]) -> list[dict]:
+    """One line per kernel and architecture over all its compiled configurations: the worst registers, spills and
+    shared memory (the full table stays in kernel_resources.json)."""
+    groups: dict[tuple[str, str], dict] = {}
     for row in rows:
-        short = {
-            "BLOCK_M": "BM",
-            "BLOCK_N": "BN",
-            "BLOCK_V": "BV",
-            "num_warps": "w",
-            "num_stages": "s",
-            "head_dim": "d",
-        }
-        order = sorted(row["config"].items(), key=lambda kv: (kv[0] not in ("dtype", "head_dim"), kv[0]))
-        config = " ".join(f"{short.get(k, k)}={v}" for k, v in order if k != "kernel")
-        spills = row["spill_stores"] + row["spill_loads"]
+        entry = groups.setdefault(
+            (row["kernel"], row["arch"]),
+            {
+                "kernel": row["kernel"],
+                "arch": row["arch"],
+                "configs": 0,
+                "max_registers": 0,
+                "spills": 0,
+                "max_shared": 0,
+            },
+        )
+        entry["configs"] += 1
+        entry["max_registers"] = max(entry["max_registers"], row["registers"])
+        entry["spills"] += row["spill_stores"] + row["spill_loads"]
+        entry["max_shared"] = max(entry["max_shared"], row["shared"])
+    return list(groups.values())
+
+
+def print_plan() -> dict:
+    summary = resource_summary(resource_table())
+    print("Resource table (ahead-of-time compile; every configuration in benchmarks/results/kernel_resources.json):")
+    if not summary:
+        print("  missing: run python -m fastbert.kernels.aot --out benchmarks/results/kernel_resources.json")
+    print(f"  {'kernel':<34} {'arch':<6} {'configs':>7} {'max regs':>8} {'spills':>6} {'max shared':>10}")
+    for entry in summary:
         print(
-            f"  {row['kernel']:<34} {row['arch']:<6} {config[:52]:<52} {row['registers']:>4} {spills:>5} "
-            f"{row['shared']:>7}"
+            f"  {entry['kernel']:<34} {entry['arch']:<6} {entry['configs']:>7} {entry['max_registers']:>8} "
+            f"{entry['spills']:>6} {entry['max_shared']:>10}"
         )
     print()
     print(f"Analytic plan, forward + backward, bf16, BERT-base at sequence {SEQ} (not measured: no GPU here):")
@@ -170,7 +209,7 @@ def print_plan() -> dict:
         "\nGoals on paper for H100: attention fwd+bwd at >= 60% of bf16 dense peak, LayerNorm and loss at >= 80% "
         "of HBM bandwidth; unmeasured until a GPU is available."
     )
-    return {"measured": False, "plan": table, "resources": rows}
+    return {"measured": False, "plan": table, "resources": summary}
 
 
 # Measured ------------------------------------------------------------------------------------------------------
@@ -188,6 +227,10 @@ class Shapes:
     attention_seqs: tuple[tuple[int, int], ...] = ((128, 256), (512, 64))  # (sequence, batch)
     padding: float = 0.3
     lamb_layers: int = 12  # LAMB over BERT-base's parameter shapes (110M parameters)
+    # Disentangled attention: (sequence, batch) without padding, DeBERTa-v3-base's position settings.
+    deberta_seqs: tuple[tuple[int, int], ...] = ((512, 16),)  # 2048: gpu_acceptance.py's deberta section
+    position_buckets: int = SPAN
+    max_relative_positions: int = 512
 
 
 BERT_BASE = Shapes()
@@ -201,6 +244,9 @@ TINY = Shapes(
     head_dim=32,
     attention_seqs=((16, 3), (32, 2)),
     lamb_layers=1,
+    deberta_seqs=((16, 1),),  # past the bucket boundary: 4 buckets a side
+    position_buckets=4,
+    max_relative_positions=16,
 )
 
 
@@ -313,6 +359,48 @@ def attention_cases(shapes: Shapes, device: torch.device, dt: torch.dtype) -> li
                 {"fastbert": fastbert, "sdpa_flash_padded": sdpa_padded, "sdpa_flash_packed": sdpa_packed},
                 flops=3.5 * 4 * squares * h * d,  # forward 2 matmuls, backward 5 (QK^T recomputed)
                 bytes=2 * (4 + 8) * total * h * d,
+            )
+        )
+    return cases
+
+
+def disentangled_cases(shapes: Shapes, device: torch.device, dt: torch.dtype) -> list[Case]:
+    """DeBERTa's attention with both position terms: the fused kernel (``ops.disentangled_attention``, no
+    ``[S, S]`` index) against the unfused sequence transformers runs (the reference: content scores, the position
+    score matrices gathered at the log-bucketed distances, softmax, PV), on full-length sequences."""
+    from fastbert import ops
+    from fastbert.kernels import disentangled_attention as dsa
+
+    h, d = shapes.heads, shapes.head_dim
+    buckets, max_distance = shapes.position_buckets, shapes.max_relative_positions
+    span = dsa.position_span(buckets, max_distance)
+    cases = []
+    for seq, batch in shapes.deberta_seqs:
+        gen = torch.Generator().manual_seed(seq + 1)
+        q, k, v = (torch.randn(batch, h, seq, d, generator=gen).to(device, dt).requires_grad_() for _ in range(3))
+        pos_key, pos_query = (torch.randn(h, 2 * span, d, generator=gen).to(device, dt).requires_grad_() for _ in "kq")
+        rel_index = dsa.relative_index(seq, buckets, max_distance, device)
+        inputs = (q, k, v, pos_key, pos_query)
+
+        def fastbert(q=q, k=k, v=v, pos_key=pos_key, pos_query=pos_query, inputs=inputs):
+            out = ops.disentangled_attention(
+                q, k, v, None, pos_key, pos_query, None, position_buckets=buckets, max_relative_positions=max_distance
+            )
+            return out, inputs
+
+        def eager(q=q, k=k, v=v, pos_key=pos_key, pos_query=pos_query, rel_index=rel_index, inputs=inputs):
+            return dsa.reference(q, k, v, rel_index, pos_key, pos_query), inputs
+
+        content, position = 2 * seq * seq * d, 2 * seq * 2 * span * d
+        tokens = batch * seq
+        cases.append(
+            Case(
+                "disentangled_attn",
+                f"seq {seq} x {batch}, heads {h}, d {d}, c2p + p2c, {2 * span} position rows",
+                {"fastbert": fastbert, "torch_eager": eager},
+                flops=batch * h * (7 * content + 8 * position),  # as disentangled_plan counts them
+                bytes=2 * 12 * tokens * h * d + 2 * 4 * h * 2 * span * d + 2 * 4 * h * 2 * seq * d,
+                memory=("fastbert", "torch_eager"),
             )
         )
     return cases
@@ -517,6 +605,7 @@ def measure(
     torch.manual_seed(0)
     cases = [
         *attention_cases(shapes, device, dt),
+        *disentangled_cases(shapes, device, dt),
         *elementwise_cases(shapes, device, dt),
         mlm_loss_case(shapes, device, dt),
         lamb_case(shapes, device, deepspeed_lamb),

@@ -16,7 +16,11 @@ and the run goes on; the exit status is 1 when any failed):
   ZeRO-2 on one process, and transformers' ``BertForPreTraining`` (SDPA, bf16 autocast, fused AdamW) on the same
   batches: tokens/s, MFU, peak memory;
 - finetune: 30 steps of ``fastbert finetune`` (classification) on a base model;
-- tokenizer: the CUDA WordPiece matcher against the C++ CPU path on 10 MB of Python sources: same ids, MB/s.
+- tokenizer: the CUDA WordPiece matcher against the C++ CPU path on 10 MB of Python sources: same ids, MB/s;
+- deberta: DeBERTa-v3-base's attention block (projections and disentangled attention) forward + backward in bf16
+  at sequence 512 and 2048: fastbert's fused kernel against transformers' eager ``DisentangledSelfAttention`` on
+  the same weights, and FlashDeBERTa / DisentangledFlash where their wheels are installed; every output and input
+  gradient checked against transformers' in fp32.
 
 One JSON file (``$OUT/gpu_acceptance.json`` when ``OUT`` is set, else ``--out DIR``, else
 benchmarks/results/gpu_acceptance.json) and a table on stdout; each section's log lies beside the JSON (in
@@ -50,19 +54,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 WHEELS = ROOT / ".whl"
-SECTIONS = ("setup", "environment", "kernel_tests", "kernel_bench", "pretrain", "finetune", "tokenizer")
+SECTIONS = ("setup", "environment", "kernel_tests", "kernel_bench", "pretrain", "finetune", "tokenizer", "deberta")
 
 # Seconds each section may take. On the GPU they add up to under 7 minutes (the setup's build included); a section
 # may also use what the ones before it left unused, never what the ones after it are owed.
 BUDGETS = {
     "gpu": {
-        "setup": 70,
+        "setup": 65,
         "environment": 15,
-        "kernel_tests": 120,
+        "kernel_tests": 100,
         "kernel_bench": 45,
-        "pretrain": 110,
-        "finetune": 35,
-        "tokenizer": 20,
+        "pretrain": 95,
+        "finetune": 30,
+        "tokenizer": 15,
+        "deberta": 50,
     },
     "dry": {
         "setup": 60,
@@ -72,6 +77,7 @@ BUDGETS = {
         "pretrain": 150,
         "finetune": 60,
         "tokenizer": 30,
+        "deberta": 60,
     },
 }
 TOTAL_S = {mode: sum(budgets.values()) for mode, budgets in BUDGETS.items()}  # GPU: 415 s
@@ -90,6 +96,9 @@ PROFILES = {
         "finetune_steps": 30,
         "finetune_batch": 32,
         "tokenizer_bytes": 10_000_000,
+        # DeBERTa-v3-base's attention: (sequence, batch) pairs, bf16
+        "deberta_shape": {},
+        "deberta_seqs": ((512, 16), (2048, 4)),
     },
     "dry": {
         "model": "tiny",
@@ -103,6 +112,14 @@ PROFILES = {
         "finetune_steps": 3,
         "finetune_batch": 8,
         "tokenizer_bytes": 300_000,
+        # past the bucket boundary (4 buckets a side), fp32 under the interpreter
+        "deberta_shape": {
+            "hidden_size": 64,
+            "num_attention_heads": 2,
+            "position_buckets": 4,
+            "max_relative_positions": 16,
+        },
+        "deberta_seqs": ((32, 1),),
     },
 }
 # Under the interpreter each kernel test costs seconds: one case per kernel and dtype, the dispatch and LAMB's
@@ -232,6 +249,9 @@ def section_setup(ctx: dict) -> dict:
                 f"pip install of setuptools, wheel, deepspeed and blingfire from {WHEELS} exited with {rc}"
             )
         result["xdist"] = run([*pip, "pytest-xdist"], ctx["remaining"](), log, env) == 0  # optional
+        # The deberta section's comparisons (pure-Python Triton packages; optional, skipped there when absent).
+        others = [*pip, "--no-deps", "einops", "flashdeberta", "disentangled-flash"]
+        result["deberta_others"] = run(others, ctx["remaining"](), log, env) == 0
     else:
         result["wheels"] = f"no {WHEELS}: nothing installed from wheels"
     started = time.perf_counter()
@@ -725,6 +745,161 @@ def section_tokenizer(ctx: dict) -> dict:
     return result
 
 
+# DeBERTa's attention ----------------------------------------------------------------------------------------------
+DEBERTA_TOLERANCE = {"bf16": 3e-2, "fp32": 1e-4}  # relative error (norm) of the output and the input's gradient
+DEBERTA_OTHERS = {  # provider -> (module, class): drop-in subclasses of transformers' DisentangledSelfAttention
+    "flashdeberta": ("flashdeberta.model", "FlashDisentangledSelfAttention"),
+    "disentangled_flash": ("disentangled_flash", "TritonTrainingDisentangledSelfAttention"),
+}
+
+
+def _relative_error(value, reference) -> float:
+    return float((value.double() - reference.double()).norm() / reference.double().norm().clamp_min(1e-30))
+
+
+def section_deberta(ctx: dict) -> dict:
+    """DeBERTa-v3-base's attention block forward + backward: fastbert (``DebertaLayer``'s attention, the fused
+    kernel) against transformers' eager ``DisentangledSelfAttention`` on the same weights and inputs, and the
+    drop-in modules of FlashDeBERTa and DisentangledFlash where installed (skipped with the reason otherwise). Each
+    provider's output and input gradient are compared with transformers' in fp32; fastbert's must agree, the
+    others' errors are recorded. Goals (reported, not enforced): at sequence 512 at least 3x transformers and 1.5x
+    DisentangledFlash."""
+    import copy
+    import importlib
+
+    import torch
+    import transformers
+    from transformers.models.deberta_v2 import modeling_deberta_v2 as hf
+
+    from fastbert.deberta import DebertaConfig, DebertaLayer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_kernels import peak_memory
+
+    dry, profile = ctx["dry"], ctx["profile"]
+    if not dry and not torch.cuda.is_available():
+        raise SectionFailed("no CUDA device")
+    device = torch.device("cpu" if dry else "cuda")
+    dtype, precision = (torch.float32, "fp32") if dry else (torch.bfloat16, "bf16")
+    config = DebertaConfig.preset(
+        "deberta-base", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, **profile["deberta_shape"]
+    )
+    hf_config = transformers.DebertaV2Config(**{k: v for k, v in config.to_dict().items() if k != "model_type"})
+    torch.manual_seed(0)
+    reference32 = hf.DisentangledSelfAttention(hf_config).to(device)  # fp32: what every provider is checked against
+    ours = DebertaLayer(config).to(device)
+    with torch.no_grad():
+        for mine, theirs in [
+            (ours.query, reference32.query_proj),
+            (ours.key, reference32.key_proj),
+            (ours.value, reference32.value_proj),
+        ]:
+            mine.weight.copy_(theirs.weight)
+            mine.bias.copy_(theirs.bias)
+    span = 2 * config.position_span
+
+    def hf_style(module, mask4d):
+        module = module.to(dtype)
+        return lambda x, mask, table: module(x, mask4d(mask), rel_embeddings=table)[0]
+
+    ours.to(dtype)
+    providers = {"fastbert": lambda x, mask, table: ours._attention(x, mask, table, None)}
+    providers["transformers_eager"] = hf_style(
+        copy.deepcopy(reference32), lambda m: m[:, None, None, :] & m[:, None, :, None]
+    )
+    notes = {}
+    for name, (module_name, class_name) in DEBERTA_OTHERS.items():
+        try:
+            other = getattr(importlib.import_module(module_name), class_name)(hf_config).to(device)
+            loaded = other.load_state_dict(reference32.state_dict(), strict=False)  # their own buffers may differ
+            parameters = dict(other.named_parameters())
+            unloaded = [k for k in loaded.missing_keys if k in parameters] + list(loaded.unexpected_keys)
+            if unloaded:
+                raise RuntimeError(f"transformers' weights do not fit: {', '.join(unloaded)[:200]}")
+            providers[name] = hf_style(other, lambda m: m)
+        except Exception as e:  # not installed, or not importable with this transformers
+            notes[name] = f"skipped: {type(e).__name__}: {e}"[:300]
+
+    rows = []
+    for seq, batch in profile["deberta_seqs"]:
+        gen = torch.Generator().manual_seed(seq)
+        x32 = torch.randn(batch, seq, config.hidden_size, generator=gen).to(device)
+        table32 = torch.nn.functional.layer_norm(
+            torch.randn(span, config.hidden_size, generator=gen), (config.hidden_size,)
+        )
+        table32 = table32.to(device)
+        grad_out = torch.randn(batch, seq, config.hidden_size, generator=gen).to(device)
+        mask = torch.ones(batch, seq, dtype=torch.bool, device=device)
+        x_ref = x32.clone().requires_grad_()
+        out_ref = reference32(x_ref, mask[:, None, None, :] & mask[:, None, :, None], rel_embeddings=table32)[0]
+        out_ref.backward(grad_out)
+        for name, fn in providers.items():
+            row = {"provider": name, "seq": seq, "batch": batch, "precision": precision}
+            if name not in ("fastbert", "transformers_eager") and ctx["remaining"]() < 20:
+                row["error"] = "skipped: the section's time is nearly spent"  # autotuning others may be long
+                rows.append(row)
+                continue
+            x = x32.to(dtype, copy=True).requires_grad_()
+            table, g = table32.to(dtype), grad_out.to(dtype)
+
+            def step(x=x, fn=fn, mask=mask, table=table, g=g):
+                x.grad = None
+                out = fn(x, mask, table)
+                out.backward(g)
+                return out
+
+            try:
+                started = time.perf_counter()
+                out = step()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                first_s = time.perf_counter() - started
+                row["output_error"] = _relative_error(out, out_ref)
+                row["input_grad_error"] = _relative_error(x.grad, x_ref.grad)
+                if device.type == "cuda":
+                    from triton.testing import do_bench
+
+                    row["ms"] = float(do_bench(step, warmup=10, rep=50))
+                else:
+                    row["ms"] = first_s * 1e3  # one call under the interpreter: the dry run only
+                row["peak_memory"] = peak_memory(step, device)
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:500]
+            rows.append(row)
+    for row in rows:
+        base = next(r for r in rows if r["seq"] == row["seq"] and r["provider"] == "transformers_eager")
+        if "ms" in row and "ms" in base:
+            row["speedup_vs_transformers"] = base["ms"] / row["ms"]
+    result = {"precision": precision, "config": config.to_dict(), "results": rows, "not_run": notes}
+
+    def ratio(seq: int, other: str) -> float | None:
+        mine = next((r for r in rows if r["seq"] == seq and r["provider"] == "fastbert" and "ms" in r), None)
+        theirs_row = next((r for r in rows if r["seq"] == seq and r["provider"] == other and "ms" in r), None)
+        return None if mine is None or theirs_row is None else theirs_row["ms"] / mine["ms"]
+
+    first = profile["deberta_seqs"][0][0]
+    result["fastbert_vs_transformers"] = ratio(first, "transformers_eager")
+    result["fastbert_vs_disentangled_flash"] = ratio(first, "disentangled_flash")
+    result["goals"] = {
+        f"at_least_3x_transformers_at_{first}": None
+        if result["fastbert_vs_transformers"] is None
+        else result["fastbert_vs_transformers"] >= 3,
+        f"at_least_1.5x_disentangled_flash_at_{first}": None
+        if result["fastbert_vs_disentangled_flash"] is None
+        else result["fastbert_vs_disentangled_flash"] >= 1.5,
+    }
+    tolerance = DEBERTA_TOLERANCE[precision]
+    wrong = [
+        f"seq {r['seq']}: "
+        + (r.get("error") or f"output {r['output_error']:.2e}, input grad {r['input_grad_error']:.2e}")
+        for r in rows
+        if r["provider"] == "fastbert" and ("error" in r or max(r["output_error"], r["input_grad_error"]) > tolerance)
+    ]
+    if wrong:
+        raise SectionFailed(f"fastbert's DeBERTa attention (tolerance {tolerance:g}): " + "; ".join(wrong), result)
+    return result
+
+
 SECTION_FUNCTIONS = {
     "setup": section_setup,
     "environment": section_environment,
@@ -733,6 +908,7 @@ SECTION_FUNCTIONS = {
     "pretrain": section_pretrain,
     "finetune": section_finetune,
     "tokenizer": section_tokenizer,
+    "deberta": section_deberta,
 }
 
 
@@ -795,6 +971,14 @@ def _summary(name: str, record: dict) -> str:
         return "; ".join(parts)
     if name == "finetune":
         return f"{r['steps']} steps, {r['train_examples_per_s']:.1f} examples/s, loss {r['train_loss']:.3f}"
+    if name == "deberta":
+        cells = [
+            f"{x['provider']} {x['seq']} {x['ms']:.2f} ms"
+            + (f" ({x['speedup_vs_transformers']:.2f}x)" if x["provider"] != "transformers_eager" else "")
+            for x in r["results"]
+            if "ms" in x
+        ]
+        return "; ".join(cells)[:150]
     if name == "tokenizer":
         gpu = r.get("cuda", f"CUDA {r.get('cuda_split_and_match_mb_per_s', 0):.1f} MB/s, same ids {r.get('same_ids')}")
         return f"{r['megabytes']:.1f} MB: CPU {r['cpu_encode_mb_per_s']:.1f} MB/s; {gpu}"[:150]
@@ -886,7 +1070,7 @@ def main() -> int:
             ]
             cmd += ["--dry-run"] * args.dry_run + ["--setup"] * args.setup
             env = base_env(args.dry_run)
-            if name == "kernel_bench" and args.dry_run:
+            if name in ("kernel_bench", "deberta") and args.dry_run:
                 env.update(TRITON_INTERPRET="1", FASTBERT_BACKEND="triton")  # the kernels on CPU tensors
             t0 = time.perf_counter()
             record: dict = {"budget_s": round(timeout, 1)}

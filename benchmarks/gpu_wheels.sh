@@ -25,6 +25,9 @@ TARGET=(--python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi n
 # sentences in prepare-data; pytest-xdist runs the kernel tests in parallel.
 pip download "${TARGET[@]}" -d "$OUT" \
     "pydantic>=2" msgpack psutil hjson py-cpuinfo nvidia-ml-py einops blingfire pytest-xdist
+# The deberta section's comparisons: FlashDeBERTa and DisentangledFlash, pure-Python Triton packages whose other
+# requirements (torch, triton, transformers, einops) are the image's or above.
+pip download "${TARGET[@]}" --no-deps -d "$OUT" flashdeberta disentangled-flash
 # The build backend pyproject.toml asks for (pip install -e . --no-build-isolation uses the installed one).
 pip download "${TARGET[@]}" -d "$OUT" "setuptools>=77" wheel
 

@@ -64,6 +64,7 @@ def test_dry_run_runs_every_section_and_passes(tmp_path):
     assert {("attention", "sdpa_flash_padded"), ("attention", "sdpa_flash_packed")} <= timed
     assert {("mlm_loss", "torch_full_logits"), ("lamb", "torch_foreach_lamb")} <= timed
     assert len([r for r in rows if r["kernel"] == "attention" and r["provider"] == "fastbert"]) == 2  # seq 128, 512
+    assert {("disentangled_attn", "fastbert"), ("disentangled_attn", "torch_eager")} <= timed
     assert {r["provider"]: r["skipped"] for r in rows if "skipped" in r} == {
         "deepspeed_fused_lamb": "skipped: no CUDA",
         "apex_fused_lamb": "skipped: no CUDA",
@@ -77,6 +78,13 @@ def test_dry_run_runs_every_section_and_passes(tmp_path):
     assert sections["finetune"]["steps"] == acceptance.PROFILES["dry"]["finetune_steps"]
     assert sections["tokenizer"]["cuda"].startswith("skipped: no CUDA")
     assert sections["tokenizer"]["ids"] > 10_000
+
+    deberta = sections["deberta"]
+    by_provider = {r["provider"]: r for r in deberta["results"]}
+    ours = by_provider["fastbert"]  # the kernel under the interpreter against transformers' module, fp32
+    assert ours["output_error"] < 1e-4 and ours["input_grad_error"] < 1e-4, ours
+    assert ours["speedup_vs_transformers"] > 0 and by_provider["transformers_eager"]["output_error"] == 0
+    assert {"flashdeberta", "disentangled_flash"} <= set(deberta["not_run"]) | set(by_provider)
 
 
 PERTURBED_REFERENCE = """

@@ -96,9 +96,20 @@ def _rejected(comparison, factor: float) -> bool:
     return False
 
 
+# Disentangled attention's cases cost most under the interpreter (three kernels, five gradients): its mutations are
+# checked in bf16 only, the loosest tolerance of the three, so the one most likely to let a wrong value through.
+ONE_DTYPE = {"disentangled_attention": torch.bfloat16}
+PARAMS = [
+    pytest.param(k, o, d, id=f"{k}-{o}-{str(d).removeprefix('torch.')}")
+    for k, (_, outputs) in KERNELS.items()
+    for o in outputs
+    for d in DTYPES
+    if ONE_DTYPE.get(k, d) == d
+]
+
+
 @pytest.mark.parametrize("factor", [0.0, 0.5, -1.0, 0.9, 1.0], ids=lambda f: f"x{f}")
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize(("kernel", "output"), [(k, o) for k, (_, outputs) in KERNELS.items() for o in outputs])
+@pytest.mark.parametrize(("kernel", "output", "dtype"), PARAMS)
 def test_comparison_rejects_scaled_output(kernel, output, dtype, factor):
     cases, _ = KERNELS[kernel]
     checked = 0
