@@ -148,7 +148,9 @@ def _plain_grad_norm(config: BertConfig, weights: dict, batch: dict) -> float:
 def zero_runs(data, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("zero")
     runs = {}
-    for stage, world in itertools.product((0, 2), (1, 2)):
+    # ZeRO-0 against ZeRO-2 on one rank, one rank against two under ZeRO-2. ZeRO-0 on two ranks through the CLI:
+    # test_pretrain's NaN-step and two-node runs.
+    for stage, world in ((0, 1), (2, 1), (2, 2)):
         extra = ("--save-every", "1", "--keep", "8") if (stage, world) in ((0, 1), (2, 2)) else ()
         runs[f"z{stage}w{world}"] = _pretrain(
             data,

@@ -57,7 +57,7 @@ def write_table(path: Path, rows: list[dict]) -> Path:
 def test_classification_matches_the_hf_trainer(rows, minilm_dir, tmp_path):
     import transformers
 
-    train, test = rows[:480], rows[480:640]
+    train, test = rows[:384], rows[480:640]
     write_table(tmp_path / "train.jsonl", [{"text": t, "label": y} for t, y in train])
     write_table(tmp_path / "eval.jsonl", [{"text": t, "label": y} for t, y in test])
     args = FinetuneArgs(
