@@ -218,7 +218,7 @@ def _pretrain_stage(out: Path, args: DemoArgs) -> dict:
     recipe = _recipe()
     cap = f", at most {args.steps} steps" if args.steps is not None else ""
     print(
-        f"[4/6] pretraining the tiny model for {args.budget}{cap}: the {RECIPE} recipe ({recipe['optimizer']} "
+        f"[4/6] pretraining {recipe['model']} for {args.budget}{cap}: the {RECIPE} recipe ({recipe['optimizer']} "
         f"{recipe['lr']:g}, pre-LN {recipe['pre_ln']}, dropout {recipe['dropout']:g}, masking "
         f"{recipe['mask_rate']:.0%})"
     )
@@ -227,7 +227,6 @@ def _pretrain_stage(out: Path, args: DemoArgs) -> dict:
             **{**recipe, "budget": args.budget},
             data=str(out / "data"),
             out=str(out / "run"),
-            model="tiny",
             steps=args.steps,
             save_every=50,
             resume="auto",

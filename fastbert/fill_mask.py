@@ -1,7 +1,8 @@
 """``fastbert fill-mask MODEL TEXT``: the top-k tokens, with their probabilities, for each [MASK] in a text.
 
 MODEL is an HF-format or fastbert model directory with an MLM head (``BertForPreTraining`` weights, as ``fastbert
-export`` writes and BERT checkpoints hold) and its vocab.txt / tokenizer_config.json. Every [MASK] is predicted
+export`` writes and BERT checkpoints hold, or a DeBERTa-v2/v3 ``DebertaV2ForMaskedLM``, by its config's
+``model_type``) and its vocab.txt / tokenizer_config.json. Every [MASK] is predicted
 from one forward pass over the whole text, as transformers' fill-mask pipeline does: the probabilities are the
 softmax over the vocabulary of the MLM logits at the mask's position. Runs on the GPU when there is one.
 """
@@ -36,9 +37,12 @@ def load(model_dir: str | Path, device: torch.device | None = None):
     if not (path / "config.json").is_file():
         raise FillMaskError(f"{path}: not a model directory (no config.json)")
     tokenizer = WordPieceTokenizer.from_pretrained(path)
+    cls = BertForPreTraining
+    if _model_type(path / "config.json") == "deberta-v2":
+        from fastbert.deberta import DebertaForPreTraining as cls
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the missing keys are checked below
-        model, info = BertForPreTraining.from_pretrained(path, output_loading_info=True)
+        model, info = cls.from_pretrained(path, output_loading_info=True)
     # The MLM head is every ``cls.`` weight but the sentence (NSP/SOP) classifier's; the decoder is tied to the
     # word embeddings.
     head = [k for k in info.missing_keys if k.startswith("cls.") and not k.startswith("cls.sentence.")]
@@ -52,6 +56,13 @@ def load(model_dir: str | Path, device: torch.device | None = None):
             f"{path}: the vocabulary has {len(tokenizer.vocab)} tokens but the model only {model.config.vocab_size}"
         )
     return model.to(device or default_device()).eval(), tokenizer
+
+
+def _model_type(config: Path) -> str | None:
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as e:
+        raise FillMaskError(f"{config}: not a readable model config ({e})") from e
 
 
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:

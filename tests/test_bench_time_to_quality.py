@@ -189,6 +189,63 @@ def test_roc_auc_counts_pairs_with_ties_as_half():
         ttq.roc_auc(np.array([0.1, 0.2]), np.array([True, True]))
 
 
+def test_each_system_gains_over_the_random_init_of_its_own_architecture():
+    """BERT rows against the random tiny BERT, the DeBERTa row against a random deberta-tiny (``FLOORS``): the
+    relative positions an untrained DeBERTa already has are not counted as what pretraining gave."""
+
+    def row(accuracy: float, probe: float) -> dict:
+        return {"finetuned": {"s": {"test": {"mean": accuracy, "se": 0.01}}}, "linear_probe": {"t": {"test": probe}}}
+
+    results = {
+        "fastbert_mlm": row(0.70, 0.60),
+        "fastbert_deberta": row(0.80, 0.75),
+        "random_init": row(0.60, 0.50),
+        "random_init_deberta": row(0.78, 0.55),
+    }
+    suite = type("Suite", (), {"settings": {"s": None}})()
+    gains = ttq.gains_over_random_init(results, suite)
+    assert gains["fastbert_mlm"]["finetuned"]["s"]["points"] == pytest.approx(10.0)
+    assert gains["fastbert_deberta"]["finetuned"]["s"]["points"] == pytest.approx(2.0)
+    assert not gains["fastbert_deberta"]["finetuned"]["s"]["beyond_2se"]
+    assert gains["fastbert_deberta"]["linear_probe"]["t"] == pytest.approx(20.0)
+    del results["random_init_deberta"]  # a report without the DeBERTa floor gives that row no gains
+    assert "fastbert_deberta" not in ttq.gains_over_random_init(results, suite)
+
+
+def test_random_deberta_is_the_drivers_initialisation_and_loads_in_transformers(tmp_path):
+    out = ttq.random_deberta(tmp_path / "floor", 300)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out, num_labels=2)
+    assert type(model).__name__ == "DebertaV2ForSequenceClassification"
+    again = ttq.random_deberta(tmp_path / "again", 300)
+    assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()  # seeded
+
+
+def test_a_deberta_electra_export_scores_as_its_discriminator(tmp_path):
+    """``load_discriminator`` on a DeBERTa-v3 ELECTRA export (transformers' encoder, the ``mask_predictions`` head
+    applied by the benchmark) gives the logits of fastbert's own forward pass on the same corrupted ids."""
+    from fastbert.deberta import DebertaConfig
+    from fastbert.deberta_electra import DebertaElectraForPreTraining, generator_config
+
+    config = DebertaConfig(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, position_buckets=8, max_relative_positions=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DebertaElectraForPreTraining(config, generator_config(config)).eval()
+    with torch.no_grad():
+        model.embedding_delta.normal_(0, 0.05)  # the discriminator's own share of its embeddings, not zero
+        model.discriminator_head.classifier.bias.fill_(0.3)
+    model.save_pretrained(tmp_path / "electra")
+    ids = torch.randint(5, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    chosen = torch.rand(ids.shape, generator=torch.Generator().manual_seed(2)) < 0.3
+    keys = torch.arange(int(chosen.sum()), dtype=torch.int64) * 7919 + 5
+    with torch.no_grad():
+        out = model(ids.masked_fill(chosen, 4), torch.ones_like(ids), labels=ids.where(chosen, -100),
+                    replacement_keys=keys)  # fmt: skip
+        logits = ttq.load_discriminator(tmp_path / "electra")(out.corrupted_ids)
+    torch.testing.assert_close(logits, out.discriminator_logits, atol=1e-5, rtol=1e-5)
+
+
 def test_quick_run_measures_every_system_and_writes_its_json_and_plot(tmp_path):
     """``--quick``: the whole benchmark (three systems through their command lines, held-out loss, ELECTRA's AUC,
     fine-tuning with the dev-chosen rate, probes, bag of words) at a toy size; figures are not checked, the report's

@@ -26,7 +26,7 @@ def _demo(out, steps: int, cwd) -> subprocess.CompletedProcess:
 def test_demo_runs_end_to_end(tmp_path):
     torch = pytest.importorskip("torch")
     pytest.importorskip("tokenizers")
-    from fastbert import BertForPreTraining
+    from fastbert.deberta import DebertaForPreTraining
     from fastbert.tokenizer import WordPieceTokenizer
 
     out = tmp_path / "demo"
@@ -51,11 +51,11 @@ def test_demo_runs_end_to_end(tmp_path):
     assert all(len(eval(guesses)) == 5 for _, _, guesses in fills)  # noqa: S307 - a list literal we printed
     corpus = (out / "corpus.txt").read_text(encoding="utf-8").lower()
     assert not any(probe.replace("[MASK]", answer).lower() in corpus for probe, answer in PROBES)  # held out
-    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "roberta-prelayernorm"  # the recipe
+    assert json.loads((out / "hf" / "config.json").read_text())["model_type"] == "deberta-v2"  # the recipe's model
 
     png = out / "run" / "curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 1000
-    model = BertForPreTraining.from_pretrained(out / "hf").eval()
+    model = DebertaForPreTraining.from_pretrained(out / "hf").eval()
     tokenizer = WordPieceTokenizer.from_pretrained(out / "hf")
     assert model.config.vocab_size == len(tokenizer.vocab)
     ids = tokenizer.encode("the event loop [MASK] callbacks")

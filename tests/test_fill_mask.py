@@ -97,3 +97,40 @@ def test_errors_are_named(mlm_model, minilm_dir, tmp_path, capsys):
     assert run(_cli(str(tmp_path / "no-model"), "a [MASK]")) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fastbert fill-mask: error: {tmp_path / 'no-model'}: no such model directory"]
+
+
+def test_a_deberta_checkpoint_fills_masks_as_transformers_does(minilm_dir, tmp_path):
+    """A DeBERTa-v3 directory (``model_type`` deberta-v2, as the short-budget recipe's runs export): loaded by its
+    config's type, its probabilities are the softmax of transformers' ``DebertaV2ForMaskedLM`` logits; the encoder
+    alone is refused for its missing MLM head."""
+    transformers = pytest.importorskip("transformers")
+    from fastbert.deberta import DebertaConfig, DebertaForPreTraining, DebertaModel
+
+    config = DebertaConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+        position_buckets=8, max_relative_positions=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = DebertaForPreTraining(config)
+    with torch.no_grad():
+        model.cls.bias.normal_(0, 2)
+    model.save_pretrained(tmp_path / "mlm")
+    WordPieceTokenizer.from_pretrained(minilm_dir).save_pretrained(tmp_path / "mlm")
+    ours, tokenizer = load(tmp_path / "mlm", torch.device("cpu"))
+    (candidates,) = fill_mask(ours, tokenizer, "The [MASK] of the river is long and wide.", top_k=5)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf = transformers.DebertaV2ForMaskedLM.from_pretrained(str(tmp_path / "mlm")).eval()
+    ids = tokenizer.encode("The [MASK] of the river is long and wide.")
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([ids])).logits[0, ids.index(tokenizer.mask_token_id)].double()
+    probs = torch.softmax(logits, -1)
+    top = probs.topk(5)
+    assert [t for t, _ in candidates] == tokenizer.convert_ids_to_tokens(top.indices.tolist())
+    assert [p for _, p in candidates] == pytest.approx(top.values.tolist(), abs=1e-5)
+
+    DebertaModel(config).save_pretrained(tmp_path / "encoder")
+    WordPieceTokenizer.from_pretrained(minilm_dir).save_pretrained(tmp_path / "encoder")
+    with pytest.raises(FillMaskError, match="no MLM head"):
+        load(tmp_path / "encoder", torch.device("cpu"))

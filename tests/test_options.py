@@ -119,11 +119,16 @@ def test_a_shipped_recipe_is_a_config_by_name_and_flags_still_win(tmp_path, monk
         PretrainArgs, _parse(["pretrain", "--data", "d", "--out", "o", "--config", "short-budget"])
     )
     assert {k: getattr(args, k) for k in recipe} == recipe
-    assert args.pre_ln and args.dropout == 0.0 and args.mask_rate == 0.3 and args.budget == "10m"
+    assert args.model == "deberta-tiny" and not args.pre_ln and args.dropout == 0.0 and args.mask_rate == 0.3
+    assert args.budget == "10m"
     flagged = _parse(
         ["pretrain", "--data", "d", "--out", "o", "--config", "short-budget", "--budget", "90s", "--lr", "1e-3"]
     )
-    assert flagged.budget == "90s" and flagged.lr == 1e-3 and flagged.pre_ln
+    assert flagged.budget == "90s" and flagged.lr == 1e-3 and flagged.model == "deberta-tiny"
+    on_bert = _parse(
+        ["pretrain", "--data", "d", "--out", "o", "--config", "short-budget", "--model", "tiny", "--pre-ln"]
+    )
+    assert (on_bert.model, on_bert.pre_ln, on_bert.mask_rate) == ("tiny", True, 0.3)  # the recipe on BERT
     (tmp_path / "short-budget").write_text(json.dumps({"lr": 5e-4}))  # a file of that name wins over the recipe
     assert _parse(["pretrain", "--data", "d", "--out", "o", "--config", "short-budget"]).lr == 5e-4
     with pytest.raises(options.ConfigError, match=r"--config no-such-recipe: .*nor a shipped recipe: short-budget"):
