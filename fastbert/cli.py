@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_plot)
     demo = subparsers.add_parser("demo", help="the whole pipeline on the Python stdlib's docstrings, on CPU")
     demo.add_argument("--out", default="fastbert-demo", help="working directory (default: ./fastbert-demo)")
-    demo.add_argument("--budget", default="3m", help="pretraining time budget (90s, 3m, 1h; default 3m)")
+    demo.add_argument("--budget", default="4m", help="pretraining time budget (90s, 4m, 1h; default 4m)")
     demo.add_argument("--steps", type=int, default=None, help="stop pretraining after this many steps (a cap)")
     demo.set_defaults(func=_demo)
     from fastbert import fill_mask, tokenize_cli, vocab_cli
