@@ -115,9 +115,8 @@ MLM_FLAGS = [*RECIPE_FLAGS, "--model", "tiny", "--pre-ln"]
 # (BERT tiny's shape with disentangled attention, log buckets of 256 over 512 positions, post-LN); its downstream
 # gains are counted from a randomly initialised deberta-tiny (FLOORS).
 DEBERTA_FLAGS = RECIPE_FLAGS
-ELECTRA_FLAGS = [
-    "--model",
-    "tiny",
+# ELECTRA's options but the model (benchmarks/ttq_extra_rows.py runs them on deberta-tiny).
+ELECTRA_OPTIONS = [
     "--no-unigram-init",
     "--lr",
     "4e-3",
@@ -130,6 +129,7 @@ ELECTRA_FLAGS = [
     "--micro-batch",
     str(GLOBAL_BATCH),
 ]
+ELECTRA_FLAGS = ["--model", "tiny", *ELECTRA_OPTIONS]
 SEED = 0
 MASK_SEED = 1234
 MASK_RATE = 0.15
@@ -187,6 +187,16 @@ def step0_held_out_loss(run: Path, data: Path, masks: FixedMasks, out: Path) -> 
     init_output_biases(model, json.loads((data / "meta.json").read_text()), mask_rate)
     model.save_pretrained(out)
     return held_out_loss(load_masked_lm(out), masks)
+
+
+def held_out_masks(tok, held_chapters: list[tuple[str, str]]) -> FixedMasks:
+    """The fixed masks every model is scored on: the held-out chapters tokenized by ``tok`` (the Rust reference
+    tokenizer), cut into rows of ``SEQ_LEN``, masked once with ``MASK_SEED``."""
+    vocab = tok.get_vocab()
+    held_ids = np.concatenate(
+        [np.asarray(e.ids) for e in tok.encode_batch([t for _, t in held_chapters], add_special_tokens=False)]
+    )
+    return fixed_masks(held_ids, SEQ_LEN, vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"], len(vocab), MASK_SEED)
 
 
 def random_deberta(out: Path, vocab_size: int) -> Path:
@@ -811,10 +821,7 @@ def main() -> None:
     held_chapters = [c for c in chapters if c[0] in HELD_OUT_BOOKS]
     tok = BertWordPieceTokenizer(str(vocab_path()), lowercase=True)
     vocab = tok.get_vocab()
-    held_ids = np.concatenate(
-        [np.asarray(e.ids) for e in tok.encode_batch([t for _, t in held_chapters], add_special_tokens=False)]
-    )
-    masks = fixed_masks(held_ids, SEQ_LEN, vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"], len(vocab), MASK_SEED)
+    masks = held_out_masks(tok, held_chapters)
     if args.held_out_rows is not None:
         masks = FixedMasks(masks.input_ids[: args.held_out_rows], masks.labels[: args.held_out_rows])
     train_docs = [np.asarray(e.ids) for e in tok.encode_batch([t for _, t in train_chapters], add_special_tokens=False)]

@@ -20,24 +20,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_time_to_quality as ttq  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ELECTRA_DEBERTA_FLAGS = ["--model", "deberta-tiny", "--generator-layers", "1", *ttq.ELECTRA_FLAGS[2:]]
+ELECTRA_DEBERTA_FLAGS = ["--model", "deberta-tiny", "--generator-layers", "1", *ttq.ELECTRA_OPTIONS]
 
 
 def held_out_masks():
     from tokenizers import BertWordPieceTokenizer
 
-    chapters = ttq.kjv_chapters()
-    held = [c for c in chapters if c[0] in ttq.HELD_OUT_BOOKS]
     tok = BertWordPieceTokenizer(str(ttq.vocab_path()), lowercase=True)
-    vocab = tok.get_vocab()
-    ids = np.concatenate([np.asarray(e.ids) for e in tok.encode_batch([t for _, t in held], add_special_tokens=False)])
-    return ttq.fixed_masks(ids, ttq.SEQ_LEN, vocab["[CLS]"], vocab["[SEP]"], vocab["[MASK]"], len(vocab), ttq.MASK_SEED)
+    return ttq.held_out_masks(tok, [c for c in ttq.kjv_chapters() if c[0] in ttq.HELD_OUT_BOOKS])
 
 
 def downstream(entry: dict, directory: Path, vocab_size: int) -> None:

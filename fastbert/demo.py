@@ -2,8 +2,8 @@
 
 The installed Python's standard-library docstrings are the corpus (every 20th document held back, and every
 document that contains one of the fill-mask probes); ``fastbert train-vocab``'s trainer learns a vocabulary from the
-rest (the same file on every run); ``prepare-data`` makes masked-LM shards; the ``tiny`` model pretrains with the
-shipped short-budget recipe (``fastbert/recipes/short-budget.json``) for a time budget (4 minutes by default); the
+rest (the same file on every run); ``prepare-data`` makes masked-LM shards; the shipped short-budget recipe
+(``fastbert/recipes/short-budget.json``, ``deberta-tiny``) pretrains for a time budget (4 minutes by default); the
 run is exported to HF format and its curves plotted; its held-out masked-LM loss is printed beside a unigram and a
 bigram count model's on the same masks; and the model fills the [MASK] of a few fixed probe sentences.
 

@@ -37,9 +37,9 @@ def load(model_dir: str | Path, device: torch.device | None = None):
     if not (path / "config.json").is_file():
         raise FillMaskError(f"{path}: not a model directory (no config.json)")
     tokenizer = WordPieceTokenizer.from_pretrained(path)
-    cls = BertForPreTraining
-    if _model_type(path / "config.json") == "deberta-v2":
-        from fastbert.deberta import DebertaForPreTraining as cls
+    from fastbert import deberta
+
+    cls = deberta.DebertaForPreTraining if deberta.is_deberta_dir(path) else BertForPreTraining
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the missing keys are checked below
         model, info = cls.from_pretrained(path, output_loading_info=True)
@@ -56,13 +56,6 @@ def load(model_dir: str | Path, device: torch.device | None = None):
             f"{path}: the vocabulary has {len(tokenizer.vocab)} tokens but the model only {model.config.vocab_size}"
         )
     return model.to(device or default_device()).eval(), tokenizer
-
-
-def _model_type(config: Path) -> str | None:
-    try:
-        return json.loads(config.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise FillMaskError(f"{config}: not a readable model config ({e})") from e
 
 
 def fill_mask(model, tokenizer, text: str, top_k: int = 5) -> list[list[tuple[str, float]]]:
