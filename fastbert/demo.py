@@ -54,17 +54,18 @@ def _holds_probe(paragraphs: list[str]) -> bool:
     return any(sentence.replace("[MASK]", answer).lower() in text for sentence, answer in PROBES)
 
 
-def _write_corpus(out: Path, limit: int, write: bool = True) -> tuple[Path, list[str]]:
+def _write_corpus(out: Path, limit: int) -> tuple[Path, Path]:
+    """The training text (``corpus.txt``: a document a paragraph block) and the held-back paragraphs
+    (``held_out.txt``), written atomically."""
+    from fastbert.atomic import write_atomic
+
     train, held_out = [], []
     for i, paragraphs in enumerate(stdlib_documents(limit_bytes=limit)):
         hold = i % HOLD_OUT_EVERY == HOLD_OUT_EVERY - 1 or _holds_probe(paragraphs)
         (held_out if hold else train).append(paragraphs)
-    path = out / "corpus.txt"
-    if write:
-        from fastbert.atomic import write_atomic
-
-        write_atomic(path, ("\n\n".join(" ".join(p) for p in train) + "\n").encode("utf-8"))
-    return path, [p for doc in held_out for p in doc]
+    write_atomic(out / "held_out.txt", ("\n\n".join(p for doc in held_out for p in doc) + "\n").encode("utf-8"))
+    write_atomic(out / "corpus.txt", ("\n\n".join(" ".join(p) for p in train) + "\n").encode("utf-8"))
+    return out / "corpus.txt", out / "held_out.txt"
 
 
 def held_out_scores(model_dir: Path, vocab: Path, corpus: Path, held_out: Path, seq_len: int) -> dict:
@@ -172,12 +173,16 @@ def _kept(state: dict, stage: str) -> str:
     return " (done in an earlier run: kept)" if stage in state["done"] else ""
 
 
-def _corpus_stage(out: Path, args: DemoArgs, state: dict) -> tuple[Path, list[str]]:
-    print(f"[1/6] corpus: docstrings of the Python standard library in {os.path.dirname(os.__file__)}")
-    corpus, held_out = _write_corpus(out, args.corpus_bytes, write="corpus" not in state["done"])
-    if "corpus" not in state["done"]:
-        _stage_done(out, state, "corpus")
-    print(f"      {corpus.stat().st_size / 1e6:.1f} MB of text, {len(held_out)} paragraphs held back")
+def _corpus_stage(out: Path, args: DemoArgs, state: dict) -> tuple[Path, Path]:
+    where = os.path.dirname(os.__file__)
+    print(f"[1/6] corpus: docstrings of the Python standard library in {where}{_kept(state, 'corpus')}")
+    corpus, held_out = out / "corpus.txt", out / "held_out.txt"
+    if "corpus" not in state["done"] or not held_out.is_file():  # a demo before held_out.txt was written here
+        corpus, held_out = _write_corpus(out, args.corpus_bytes)
+        if "corpus" not in state["done"]:
+            _stage_done(out, state, "corpus")
+    paragraphs = held_out.read_text(encoding="utf-8").count("\n\n") + 1
+    print(f"      {corpus.stat().st_size / 1e6:.1f} MB of text, {paragraphs} paragraphs held back")
     return corpus, held_out
 
 
@@ -192,7 +197,7 @@ def _vocab_stage(out: Path, args: DemoArgs, state: dict, corpus: Path) -> Path:
     return vocab
 
 
-def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: Path, held_out: list[str]) -> None:
+def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: Path, held_out: Path) -> None:
     """The training shards, and the held-back paragraphs as held-out shards scored during training."""
     from fastbert.data.prepare import PrepareOptions, prepare
 
@@ -202,10 +207,7 @@ def _shards_stage(out: Path, args: DemoArgs, state: dict, vocab: Path, corpus: P
         prepare([str(corpus)], out / "data", options, overwrite=True)  # a partial one from an interrupted run
         _stage_done(out, state, "data")
     if "held_out" not in state["done"]:
-        from fastbert.atomic import write_atomic
-
-        write_atomic(out / "held_out.txt", ("\n\n".join(held_out) + "\n").encode("utf-8"))
-        prepare([str(out / "held_out.txt")], out / "held_out", options, overwrite=True, progress=False)
+        prepare([str(held_out)], out / "held_out", options, overwrite=True, progress=False)
         _stage_done(out, state, "held_out")
     meta = json.loads((out / "data" / "meta.json").read_text())
     print(f"      {meta['num_samples']} samples, {meta['num_tokens']} tokens")

@@ -65,12 +65,13 @@ def test_demo_runs_end_to_end(tmp_path):
 
     # Run again, the demo keeps the corpus, vocabulary and shards it made and resumes pretraining: nothing is
     # overwritten, and the run's metrics hold each step once (one test with the first run: a demo costs seconds).
-    vocab, meta = (out / "vocab.txt").read_bytes(), (out / "data" / "meta.json").read_bytes()
+    kept = ("vocab.txt", "data/meta.json", "corpus.txt", "held_out.txt")
+    before = {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns) for name in kept}
     second = _demo(out, 3, tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "Traceback" not in second.stderr
-    assert second.stdout.count("(done in an earlier run: kept)") == 2, second.stdout
-    assert (out / "vocab.txt").read_bytes() == vocab and (out / "data" / "meta.json").read_bytes() == meta
+    assert second.stdout.count("(done in an earlier run: kept)") == 3, second.stdout  # corpus, vocabulary, shards
+    assert {name: ((out / name).read_bytes(), (out / name).stat().st_mtime_ns) for name in kept} == before
     steps = [json.loads(line)["step"] for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
 

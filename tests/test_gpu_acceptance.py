@@ -71,10 +71,10 @@ def test_dry_run_runs_every_section_and_passes(tmp_path):
     }
 
     pretrain = sections["pretrain"]
-    for run in ("fastbert_zero0", "fastbert_zero2", "transformers"):
+    assert acceptance.PROFILES["gpu"]["zero_stages"] == (0, 2)  # the dry run launches ZeRO-2 only
+    for run in ("fastbert_zero2", "transformers"):
         assert pretrain[run]["tokens_per_s"] > 0 and pretrain[run]["timed_steps"] >= 2, run
-    assert pretrain["fastbert_zero0"]["first_loss"] == pretrain["fastbert_zero2"]["first_loss"]  # the same batch
-    assert pretrain["speedup_zero0_vs_transformers"] > 0
+    assert "fastbert_zero0" not in pretrain and pretrain["speedup_zero2_vs_transformers"] > 0
     assert sections["finetune"]["steps"] == acceptance.PROFILES["dry"]["finetune_steps"]
     assert sections["tokenizer"]["cuda"].startswith("skipped: no CUDA")
     assert sections["tokenizer"]["ids"] > 10_000
