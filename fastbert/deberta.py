@@ -433,7 +433,7 @@ class DebertaEncoder(nn.Module):
             rel_table = self.rel_norm(rel_table)
         rel_index = None  # the kernel takes the bucket settings; the torch paths this [seq, seq] table
         if not ops.uses_kernel("disentangled_attention", x):
-            rel_index = dsa.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
+            rel_index = ops.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
         for layer in self.layers:
             x = layer(x, mask, rel_table, rel_index)
         return x

@@ -83,3 +83,13 @@ def test_short_sequences_take_the_reference_and_long_ones_the_blocks(monkeypatch
     monkeypatch.setattr(ops, "_DISENTANGLED_WHOLE", BATCH * HEADS * LENGTH * LENGTH - 1)
     ops.disentangled_attention(q, k, v, rel, pos_key, pos_query, mask)
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("length", "buckets"), [(2048, (256, 512)), (300, (16, 64)), (70, (-1, 24)), (1, (8, 16)), (0, (8, 16))]
+)
+def test_the_models_relative_index_is_the_kernels_reference(length, buckets):
+    """The model's table rows (looked up from one log a distance) equal the kernel module's reference (a log a pair)
+    through the exact band, the log buckets and the clamp; at 2048 tokens every bucket edge of DeBERTa-v3's 256
+    buckets over 512 positions."""
+    assert torch.equal(ops.relative_index(length, *buckets), dsa.relative_index(length, *buckets))
