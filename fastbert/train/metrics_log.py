@@ -65,7 +65,8 @@ class MetricsLog:
                     desc="pretrain",
                     unit="s",
                     dynamic_ncols=True,
-                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the budget [{postfix}]",
+                    # tqdm puts ", " before a set postfix
+                    bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.0f}/{total:.0f} s of the budget{postfix}",
                 )
             self._cleanup.enter_context(logging_redirect_tqdm())
 
@@ -90,8 +91,9 @@ class MetricsLog:
                 accuracy = {"mlm": f"{row['mlm_accuracy']:.3f}"}
             else:  # ELECTRA: the generator's and the discriminator's
                 accuracy = {"gen": f"{row['generator_accuracy']:.3f}", "disc": f"{row['discriminator_accuracy']:.3f}"}
+            # In this order (keyword arguments alone would be sorted by name).
             self.bar.set_postfix(
-                step=row["step"], loss=f"{row['loss']:.3f}", **accuracy, seq_s=f"{row['samples_per_s']:.1f}"
+                {"step": row["step"], "loss": f"{row['loss']:.3f}", **accuracy, "seq_s": f"{row['samples_per_s']:.1f}"}
             )
 
     def close(self) -> None:
