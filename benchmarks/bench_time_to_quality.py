@@ -6,15 +6,17 @@ Systems, run one after another, each from raw text (its tokenization and shard b
    run_mlm.py does), AdamW at lr 5e-4, 10 warmup steps, linear decay (benchmarks/hf_trainer_pretrain.py ``text``),
    its first steps sized by a calibration run and the rest planned again at the end of its warmup from its own step
    time (``--replan-at``: the rate schedule then ends with the budget), stopped at the first step that ends past it;
-2. ``fastbert MLM (BERT)``: ``fastbert prepare-data --objective none`` (packed sentences, MLM only, as the Trainer
-   trains) + ``fastbert pretrain --config short-budget --model tiny --pre-ln --budget <what is left>``: the shipped
-   short-budget recipe (LAMB 4e-3, 2% warmup, no dropout, 30% of tokens masked, the output bias at the unigram
-   prior) on the Trainer's architecture, pre-LN;
+2. ``fastbert MLM (recipe)``: ``fastbert prepare-data --objective none`` (packed sentences, MLM only, as the
+   Trainer trains) + ``fastbert pretrain --config short-budget --budget <what is left>``: the shipped short-budget
+   recipe (``deberta-tiny``: the Trainer's shape with disentangled relative-position attention, post-LN; LAMB 4e-3,
+   2% warmup, no dropout, 30% of tokens masked, the output bias at the unigram prior);
 3. ``fastbert ELECTRA``: ``prepare-data --objective none`` + ``pretrain --objective electra --budget`` with
-   ``ELECTRA_FLAGS``;
-4. with ``--deberta``, ``fastbert MLM (recipe)``: ``pretrain --config short-budget`` as shipped, on ``deberta-tiny``
-   (the same shape, disentangled relative-position attention, post-LN), with a randomly initialised deberta-tiny as
-   its downstream floor.
+   ``ELECTRA_FLAGS`` (DeBERTa-v3's replaced-token detection on ``deberta-tiny``, a one-layer generator);
+4. with ``--bert``, ``fastbert MLM (BERT)``: the recipe on the Trainer's own architecture (``--model tiny --pre-ln``,
+   exported as ``RobertaPreLayerNormForMaskedLM``), with a randomly initialised tiny BERT as its downstream floor.
+
+The downstream floor of the default rows is a randomly initialised ``deberta-tiny`` (``random_deberta``), so that
+what relative positions give untrained is not counted as what pretraining gave.
 
 Common: fastbert's ``tiny`` shape (fastbert.config.PRESETS), the bert-base-uncased vocabulary (so the Trainer row
 stays comparable), sequences of 128, a global batch of 32 with no accumulation, one process with torch's default
@@ -44,8 +46,9 @@ counted:
   256 and 1000 verses a class and on ``word_order`` (a verse as written or word-shuffled: a bag of words is at
   chance), the learning rate chosen on a dev split from one grid shared by every model, 5 seeds, test accuracy as
   mean and standard error; a frozen-feature linear probe on testament, word order and fortunes (four fortune
-  files); a bag-of-words baseline beside; a randomly initialised tiny BERT as the floor. The Trainer's model is
-  scored by the linear probe only (fine-tuning it too would not fit the default run).
+  files); a bag-of-words baseline beside; a randomly initialised model of the same architecture as the floor. The
+  fine-tuning runs go two at a time to one-thread processes (``--workers``). The Trainer's model is scored by the
+  linear probe only (fine-tuning it too would not fit the default run).
 
 Goals (booleans in the JSON): fastbert MLM's step 0 within 0.1 nat of the unigram model; its final loss below the
 bigram model; it reaches the Trainer's final held-out loss within a fifth of the budget; downstream, fastbert MLM
@@ -54,7 +57,7 @@ task, and its linear probe at least 5 points above random-init features on testa
 held-out ROC AUC at least 0.8 (the issue's goal).
 Output: a table on stdout, benchmarks/results/time_to_quality.json and time_to_quality.png.
 
-    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 70 minutes)
+    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (about 80 minutes)
     python benchmarks/bench_time_to_quality.py --quick               # 0.15 minutes a system, small evaluations
 """
 
@@ -101,21 +104,18 @@ CALIBRATION_SAVES = 4  # checkpoint saves in a calibration run of a system that 
 # no longer rarer than the original and only the context can give it away.
 TRAINER_LR = 5e-4
 # The shipped short-budget recipe (fastbert/recipes/short-budget.json: deberta-tiny, LAMB 4e-3, 2% warmup, no
-# dropout, 30% masking, the output bias at the unigram prior) with the budget this script gives it. fastbert MLM
-# (default) runs it on BERT tiny with pre-LN (the recipe before it chose DeBERTa; the Trainer's architecture, so the
-# default run's rows share one random-init floor); --deberta adds the recipe itself. ELECTRA has its own flags.
+# dropout, 30% masking, the output bias at the unigram prior) with the budget this script gives it: fastbert MLM.
+# --bert adds the recipe on BERT tiny with pre-LN (the Trainer's architecture; the recipe before it chose DeBERTa).
 RECIPE_FLAGS = ["--config", "short-budget", "--global-batch", str(GLOBAL_BATCH), "--micro-batch", str(GLOBAL_BATCH)]
-MLM_FLAGS = [*RECIPE_FLAGS, "--model", "tiny", "--pre-ln"]
+MLM_FLAGS = RECIPE_FLAGS
+BERT_FLAGS = [*RECIPE_FLAGS, "--model", "tiny", "--pre-ln"]
 # ELECTRA: at 150 s (--budget 150s, LAMB 4e-3, 2% warmup) with the output biases at the unigram prior, its
 # discriminator's training loss stayed within 0.003 nats of predicting the replaced share alone (recall 0), with a
 # generator of 4 layers (loss 5.77) or of 1 (5.70): the generator's samples start as plausible as the unigram and
 # only context could give them away. Started from zero biases (--no-unigram-init), the generator is weak longer
 # (7.54 at 100 steps) and the discriminator learnt: loss 0.25 against 0.418, recall 0.63.
-# DeBERTa-v3 MLM (--deberta, not in the default run, which must fit 75 minutes): the recipe as shipped, deberta-tiny
-# (BERT tiny's shape with disentangled attention, log buckets of 256 over 512 positions, post-LN); its downstream
-# gains are counted from a randomly initialised deberta-tiny (FLOORS).
-DEBERTA_FLAGS = RECIPE_FLAGS
-# ELECTRA's options but the model (benchmarks/ttq_extra_rows.py runs them on deberta-tiny).
+# ELECTRA's options but the model; on deberta-tiny with a one-layer generator (ELECTRA_FLAGS). On BERT tiny (4-layer
+# generator at a quarter of the width) the last such run's held-out AUC was 0.514, on deberta-tiny 0.548.
 ELECTRA_OPTIONS = [
     "--no-unigram-init",
     "--lr",
@@ -129,7 +129,7 @@ ELECTRA_OPTIONS = [
     "--micro-batch",
     str(GLOBAL_BATCH),
 ]
-ELECTRA_FLAGS = ["--model", "tiny", *ELECTRA_OPTIONS]
+ELECTRA_FLAGS = ["--model", "deberta-tiny", "--generator-layers", "1", *ELECTRA_OPTIONS]
 SEED = 0
 MASK_SEED = 1234
 MASK_RATE = 0.15
@@ -530,7 +530,7 @@ def plot(result: dict, out: Path) -> None:
         fig, (ax, dax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     else:
         fig, ax = plt.subplots(figsize=(8, 5))
-    for key, style in (("transformers", "o-"), ("fastbert_mlm", "s-"), ("fastbert_deberta", "d-")):
+    for key, style in (("transformers", "o-"), ("fastbert_mlm", "d-"), ("fastbert_bert", "s-")):
         curve = result["systems"].get(key, {}).get("curve") or []
         if curve:
             ax.plot([t / 60 for t, _ in curve], [v for _, v in curve], style, label=result["systems"][key]["system"])
@@ -740,13 +740,13 @@ def downstream_suite(chapters, quick: bool) -> downstream.Suite:
     return downstream.Suite(tasks, downstream.SETTINGS)
 
 
-# Each system's floor: random init of the same architecture (a tiny BERT but for the DeBERTa row).
-FLOORS = {"fastbert_deberta": "random_init_deberta"}
+# Each system's floor: random init of the same architecture (a deberta-tiny but for the --bert row).
+FLOORS = {"fastbert_bert": "random_init_bert"}
 
 
 def gains_over_random_init(results: dict, suite: downstream.Suite) -> dict:
     out = {}
-    for key in ("fastbert_mlm", "fastbert_electra", "fastbert_deberta"):
+    for key in ("fastbert_mlm", "fastbert_electra", "fastbert_bert"):
         floor = results.get(FLOORS.get(key, "random_init"))
         if key in results and "finetuned" in results[key] and floor is not None:
             out[key] = {
@@ -763,7 +763,7 @@ def gains_over_random_init(results: dict, suite: downstream.Suite) -> dict:
 
 
 def system_goals(result: dict, key: str) -> dict:
-    """The goals for one fastbert MLM system (``fastbert_mlm``, or ``fastbert_deberta``), from the report alone, so
+    """The goals for one fastbert MLM system (``fastbert_mlm``, or ``fastbert_bert``), from the report alone, so
     a saved JSON can be scored again: its held-out loss at step 0 within 0.1 nat of the unigram model and at the end
     below the bigram one; the Trainer's final loss reached within a fifth of the budget; over random init, at least 3
     points beyond 2 SE in every low-label setting and on the word-order task, and a linear probe at least 5 points
@@ -785,7 +785,7 @@ def system_goals(result: dict, key: str) -> dict:
     }
 
 
-OPTIONAL_SYSTEMS = ("fastbert_deberta",)
+OPTIONAL_SYSTEMS = ("fastbert_bert",)
 
 
 # Main -----------------------------------------------------------------------------------------------------------------
@@ -802,14 +802,17 @@ def main() -> None:
         help="a smoke run: 0.15 min a system, one fastbert calibration and none of the Trainer, small evaluations",
     )
     parser.add_argument(
-        "--deberta", action="store_true", help="add the short-budget recipe as shipped (deberta-tiny) and its floor"
+        "--bert", action="store_true", help="add the recipe on BERT tiny with pre-LN, and a random tiny BERT floor"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=2, help="fine-tuning runs side by side, one torch thread each (--quick: 1)"
     )
     parser.add_argument("--keep-work", type=Path, default=None, help="run in this directory and keep it")
     parser.add_argument("--out", type=Path, default=RESULTS / "time_to_quality.json")
     args = parser.parse_args()
     if args.quick:
         args.budget_minutes, args.checkpoints, args.held_out_rows = 0.15, 2, 32
-        args.calibration_steps, args.corpus_chapters = 2, 100
+        args.calibration_steps, args.corpus_chapters, args.workers = 2, 100, 1
     budget_s = args.budget_minutes * 60
     bench_started = time.time()
 
@@ -834,11 +837,11 @@ def main() -> None:
 
     systems = {
         "transformers": TrainerSystem(),
-        "fastbert_mlm": FastbertSystem("fastbert MLM (BERT)", "mlm", MLM_FLAGS),
+        "fastbert_mlm": FastbertSystem("fastbert MLM (recipe)", "mlm", MLM_FLAGS),
         "fastbert_electra": FastbertSystem("fastbert ELECTRA", "electra", ELECTRA_FLAGS),
     }
-    if args.deberta:
-        systems["fastbert_deberta"] = FastbertSystem("fastbert MLM (recipe)", "mlm", DEBERTA_FLAGS, tag="deberta")
+    if args.bert:
+        systems["fastbert_bert"] = FastbertSystem("fastbert MLM (BERT)", "mlm", BERT_FLAGS, tag="bert")
     if args.keep_work is None:
         work_root = Path(tempfile.mkdtemp(prefix="bench-ttq-"))
     else:
@@ -851,7 +854,7 @@ def main() -> None:
         cal_corpus = work_root / "kjv-calibration.txt"
         write_corpus(cal_corpus, train_chapters[:120])
 
-        # Seconds each system took in every phase, so that a run with --deberta still tells the default run's length.
+        # Seconds each system took in every phase, so that a run with --bert still tells the default run's length.
         spent: dict[str, float] = {key: 0.0 for key in systems}
         paces, checkpoints = {}, {}
         for key, system in systems.items():
@@ -907,7 +910,7 @@ def main() -> None:
                 for step, t in r["checkpoints"]:
                     curve.append((t, held_out_loss(load_masked_lm(r["run"] / f"checkpoint-{step}"), masks)))
                 finals[key] = r["run"] / "final"
-            elif key in ("fastbert_mlm", "fastbert_deberta"):
+            elif key in ("fastbert_mlm", "fastbert_bert"):
                 step0_dir = work_root / f"{key}-step0"
                 entry["step0_held_out_loss"] = step0_held_out_loss(r["run"], r["data"], masks, step0_dir)
                 # The model as training starts (the end of step 1 less that step's duration) opens the curve.
@@ -948,11 +951,13 @@ def main() -> None:
         held_out_s = time.time() - evaluation_started
 
         # Downstream: the Trainer's model by the linear probe only (fine-tuning every model would not fit the run).
-        results["random_init"] = {"system": "random init (floor)", "steps": 0}
-        floors: list[tuple[str, Path | None]] = [("random_init", None)]
-        if "fastbert_deberta" in finals:  # DeBERTa's own floor, counted in its (optional) system's time
-            results["random_init_deberta"] = {"system": "random init DeBERTa (floor)", "steps": 0}
-            floors.append(("random_init_deberta", random_deberta(work_root / "random-deberta", len(vocab))))
+        results["random_init"] = {"system": "random init deberta-tiny (floor)", "steps": 0}
+        floors: list[tuple[str, Path | None]] = [
+            ("random_init", random_deberta(work_root / "random-deberta", len(vocab)))
+        ]
+        if "fastbert_bert" in finals:  # BERT's own floor, counted in its (optional) system's time
+            results["random_init_bert"] = {"system": "random init BERT tiny (floor)", "steps": 0}
+            floors.append(("random_init_bert", None))
         bag = suite.bag_of_words()
         print("bag of words: " + ", ".join(f"{t} {r['test']:.3f}" for t, r in bag.items()), flush=True)
         for key, directory in [*finals.items(), *floors]:
@@ -964,7 +969,7 @@ def main() -> None:
                 flush=True,
             )
             if key != "transformers":
-                results[key]["finetuned"] = suite.finetuned(directory, len(vocab))
+                results[key]["finetuned"] = suite.finetuned(directory, len(vocab), args.workers)
             results[key]["downstream_s"] = time.time() - started
             owner = {v: k for k, v in FLOORS.items()}.get(key, key)
             if owner in spent:
@@ -984,7 +989,8 @@ def main() -> None:
     total_s = time.time() - bench_started
     result = {
         "benchmark": "time_to_quality",
-        "model": "tiny",
+        "model": "deberta-tiny",
+        "workers": args.workers,
         "budget_minutes": args.budget_minutes,
         "quick": args.quick,
         "seq_len": SEQ_LEN,
@@ -993,7 +999,7 @@ def main() -> None:
             "transformers": {"optimizer": "AdamW", "lr": TRAINER_LR, "warmup_steps": WARMUP},
             "fastbert_mlm": MLM_FLAGS,
             "fastbert_electra": ELECTRA_FLAGS,
-            **({"fastbert_deberta": DEBERTA_FLAGS} if args.deberta else {}),
+            **({"fastbert_bert": BERT_FLAGS} if args.bert else {}),
         },
         "corpus": {"train_chapters": len(train_chapters), "held_out_books": list(HELD_OUT_BOOKS)},
         "held_out": {
@@ -1009,7 +1015,7 @@ def main() -> None:
         "evaluation_s": evaluation_s,
         "total_s": total_s,
         "system_s": spent,
-        # The run without the optional systems (--deberta): everything else is shared or belongs to a default system.
+        # The run without the optional systems (--bert): everything else is shared or belongs to a default system.
         "default_run_s": total_s - sum(spent.get(k, 0.0) for k in OPTIONAL_SYSTEMS),
         "systems": results,
         "gains_over_random_init": gains,

@@ -82,6 +82,48 @@ def test_tuned_chooses_the_rate_on_dev_and_reports_test_over_the_seeds_at_it():
     assert tie["lr"] == 1e-4  # the lowest rate on a tie
 
 
+def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_time_would():
+    """``tune`` batches the jobs (all grids, then all further seeds) for parallel workers; each setting's result is
+    what ``tuned`` gives it alone."""
+    dev = {"a": {1e-4: 0.6, 3e-4: 0.7, 1e-3: 0.65}, "b": {1e-4: 0.8, 3e-4: 0.7, 1e-3: 0.8}}
+
+    def run(name, lr, seed):
+        return {"dev": dev[name][lr], "test": lr + 0.01 * seed + (name == "b")}
+
+    batches = []
+
+    def run_jobs(jobs):
+        batches.append(list(jobs))
+        return [run(*job) for job in jobs]
+
+    out = ds.tune(["a", "b"], run_jobs, seeds=3)
+    assert batches == [
+        [("a", 1e-4, 0), ("a", 3e-4, 0), ("a", 1e-3, 0), ("b", 1e-4, 0), ("b", 3e-4, 0), ("b", 1e-3, 0)],
+        [("a", 3e-4, 1), ("a", 3e-4, 2), ("b", 1e-4, 1), ("b", 1e-4, 2)],
+    ]
+    for name in ("a", "b"):
+        assert out[name] == ds.tuned(lambda lr, seed, name=name: run(name, lr, seed), seeds=3)
+
+
+def test_length_grouped_batches_keep_every_row_once_and_cut_padding():
+    import random
+
+    draw = random.Random(7)
+    lengths = [draw.randint(3, 64) for _ in range(1000)]
+    data = ds.Encoded([[1] * n for n in lengths], [0] * len(lengths))
+    batches = ds.length_grouped_batches(data, 32, random.Random(0))
+    assert sorted(i for b in batches for i in b) == list(range(1000))
+    assert len(batches) == -(-1000 // 32) and all(len(b) == 32 for b in batches if len(b) != 1000 % 32)
+    padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+    rows = list(range(1000))
+    random.Random(0).shuffle(rows)
+    unsorted = sum(len(rows[s : s + 32]) * max(lengths[i] for i in rows[s : s + 32]) for s in range(0, 1000, 32))
+    assert padded < 0.75 * unsorted
+    again = ds.length_grouped_batches(data, 32, random.Random(0))
+    assert again == batches and ds.length_grouped_batches(data, 32, random.Random(1)) != batches  # seeded
+    assert ds.by_length(data) == sorted(range(1000), key=lambda i: lengths[i])
+
+
 def test_gain_is_the_difference_of_means_with_the_combined_standard_error():
     g = ds.gain({"mean": 0.80, "se": 0.01}, {"mean": 0.74, "se": 0.02})
     assert g["points"] == pytest.approx(6.0) and g["se_points"] == pytest.approx(100 * math.sqrt(5e-4))
