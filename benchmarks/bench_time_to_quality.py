@@ -546,7 +546,7 @@ def plot(result: dict, out: Path) -> None:
     ax.axhline(baselines["bigram"], color="tab:purple", ls="-.", lw=1, label="bigram count model")
     ax.axvline(result["budget_minutes"] / 5, color="grey", ls=":", lw=1, label="1/5 of the budget")
     ax.set(xlabel="wall-clock minutes since the system started", ylabel="held-out masked-LM loss")
-    ax.set_title(f"tiny BERT on KJV, {result['budget_minutes']:g} min a system, CPU")
+    ax.set_title(f"BERT tiny (Trainer), deberta-tiny (fastbert) on KJV, {result['budget_minutes']:g} min a system, CPU")
     ax.grid(alpha=0.3)
     ax.legend()
     if discriminator:

@@ -49,7 +49,7 @@ def _bert():
 
 
 def _deberta(tmp_path):
-    """fastbert's DeBERTa export, as the benchmark's --deberta system writes it (the v3 MLM head layout)."""
+    """fastbert's DeBERTa export, as the benchmark's recipe row writes it (the v3 MLM head layout)."""
     from fastbert.deberta import DebertaConfig, DebertaForMaskedLM
 
     config = DebertaConfig.preset(

@@ -417,25 +417,16 @@ def test_export_is_loaded_by_transformers_with_the_same_losses(setup, reference_
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in trained.items())
 
 
-def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
+def test_deepspeed_launchers_agree_with_one_process(setup, reference_run, tmp_path):
+    """DeepSpeed's own launcher on one node (2 ranks, ZeRO-1) and on two "nodes" (one rank each, ZeRO-0) give the
+    losses and pre-clipping gradient norms of one process. torchrun with ZeRO-2 is held to one process by
+    test_exactness (at the full vocabulary) and to itself across interruptions by the ZeRO-2 resume tests."""
     ref = losses(reference_run)
     dropout0 = ("--dropout", "0")
     single = tmp_path / "single"
     assert run(pretrain_cmd(setup, single, *dropout0)).returncode == 0
     expected = losses(single)
     assert abs(expected[0] - ref[0]) < 0.5  # same data, same init; dropout differs
-    torchrun_out = tmp_path / "torchrun"
-    result = run(
-        pretrain_cmd(
-            setup,
-            torchrun_out,
-            *dropout0,
-            "--zero-stage",
-            "2",
-            launcher=torchrun(2),
-        )
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
     ds = tmp_path / "deepspeed"
     result = run(
         pretrain_cmd(
@@ -460,17 +451,16 @@ def test_torchrun_and_deepspeed_launchers_agree(setup, reference_run, tmp_path):
     procs = node_launchers(tmp_path, lambda launcher: pretrain_cmd(setup, nodes, *dropout0, launcher=launcher))
     outputs = [finish(p, timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), outputs[0][-3000:] + outputs[1][-3000:]
-    for other in (torchrun_out, ds, nodes):
+    for other in (ds, nodes):
         got = losses(other)
         assert max(abs(a - b) / abs(b) for a, b in zip(got, expected, strict=True)) <= 1e-5, (other.name, got)
     # The gradient norm before clipping: LAMB's own without ZeRO, DeepSpeed's ZeRO optimizer's with it.
     norms = {
-        r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()]
-        for r in (single, torchrun_out, ds)
+        r.name: [json.loads(line)["grad_norm"] for line in (r / "metrics.jsonl").open()] for r in (single, ds, nodes)
     }
     assert all(n is not None and math.isfinite(n) and n > 0 for ns in norms.values() for n in ns), norms
     assert max(norms["single"]) > 1.0  # clipping (at 1.0) was active, so the norms are taken before it
-    for name in ("torchrun", "deepspeed"):
+    for name in ("deepspeed", "nodes"):
         assert max(abs(a - b) / b for a, b in zip(norms[name], norms["single"], strict=True)) <= 1e-4, norms
 
 
