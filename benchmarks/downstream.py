@@ -30,9 +30,12 @@ Gains over the random initialisation are differences of means, with the standard
 
 from __future__ import annotations
 
+import contextlib
 import math
+import multiprocessing
 import random
 import re
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -487,17 +490,13 @@ class Suite:
         def arguments(batch):
             return [(*jobs[n], seed, self.settings[n].epochs, lr, vocab_size) for n, lr, seed in batch]
 
-        if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
-            spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads running
-            with ProcessPoolExecutor(workers, mp_context=spawn, initializer=_one_thread) as pool:
-                out = tune(
-                    list(jobs), lambda batch: list(pool.map(_finetune_job, arguments(batch))), self.grid, self.seeds
-                )
-        else:
-            out = tune(list(jobs), lambda batch: [_finetune_job(a) for a in arguments(batch)], self.grid, self.seeds)
+        with contextlib.ExitStack() as stack:
+            mapper = map
+            if workers > 1:
+                spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads running
+                pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_one_thread)
+                mapper = stack.enter_context(pool).map
+            out = tune(list(jobs), lambda batch: list(mapper(_finetune_job, arguments(batch))), self.grid, self.seeds)
         for name, r in out.items():
             print(
                 f"  {name}: lr {r['lr']:g}, test {r['test']['mean']:.3f} +- {r['test']['se']:.3f} "

@@ -432,11 +432,12 @@ class DebertaEncoder(nn.Module):
         rel_index = None  # the kernel takes the bucket settings; the torch paths this [seq, seq] table
         if not ops.uses_kernel("disentangled_attention", x):
             rel_index = ops.relative_index(x.shape[1], c.position_buckets, c.relative_distance, x.device)
-            if rel_index.numel() and x.device.type == "cpu":
+            if rel_index.numel() and x.device.type == "cpu":  # (on a GPU the reads would be host syncs)
                 # Only the rows a pair of this length can reach (a contiguous run: the bucket grows with the
                 # distance): 255 of 512 at 128 tokens, so the position projections and terms do half the work.
                 first, last = int(rel_index.min()), int(rel_index.max())
-                rel_table, rel_index = rel_table[first : last + 1], rel_index - first
+                if first > 0 or last < rel_table.shape[0] - 1:  # at 2048 every row is reached: no [L, L] copy
+                    rel_table, rel_index = rel_table[first : last + 1], rel_index - first
         if self.rel_norm is not None:
             rel_table = self.rel_norm(rel_table)  # row by row, so a slice of the table's norm is the norm of its slice
         for layer in self.layers:
