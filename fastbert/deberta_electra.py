@@ -68,7 +68,11 @@ class DebertaElectraForPreTraining(nn.Module):
     (one per masked token), output ``fastbert.electra.ElectraOutput``."""
 
     def __init__(
-        self, config: DebertaConfig, generator: DebertaConfig, discriminator_weight: float = DISCRIMINATOR_WEIGHT
+        self,
+        config: DebertaConfig,
+        generator: DebertaConfig,
+        discriminator_weight: float = DISCRIMINATOR_WEIGHT,
+        sampling_temperature: float = 1.0,
     ):
         super().__init__()
         if (generator.vocab_size, generator.hidden_size) != (config.vocab_size, config.hidden_size):
@@ -78,6 +82,7 @@ class DebertaElectraForPreTraining(nn.Module):
             )
         self.config, self.generator_config = config, generator
         self.discriminator_weight = discriminator_weight
+        self.sampling_temperature = sampling_temperature  # the generator's draws: softmax(logits / T)
         self.generator = DebertaModel(generator)
         self.discriminator = DebertaModel(config)
         # The discriminator looks its tokens up in sg(E_G) + E_delta: it has no table of its own.
@@ -90,6 +95,11 @@ class DebertaElectraForPreTraining(nn.Module):
     @property
     def decoder_weight(self) -> torch.Tensor:
         return self.generator.embeddings.word_embeddings.weight
+
+    def no_weight_decay(self) -> tuple[str, ...]:
+        """``E_delta`` starts at zero: under LAMB's trust ratio a decaying zero start could not leave zero in a short
+        run, so it takes the plain Adam step of the undecayed group (``fastbert.optim.param_groups``)."""
+        return ("embedding_delta",)
 
     def discriminator_word_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """``sg(E_G)[ids] + E_delta[ids]``: two lookups, never the summed table."""
@@ -127,6 +137,7 @@ class DebertaElectraForPreTraining(nn.Module):
             self.generator_head.bias,
             targets,
             replacement_keys,
+            self.sampling_temperature,
         )
         corrupted = flat_ids.index_copy(0, masked, samples.to(flat_ids.dtype))
         original = flat_ids.index_copy(0, masked, targets)

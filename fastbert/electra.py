@@ -149,7 +149,13 @@ class ElectraForPreTraining(nn.Module):
     """Generator and discriminator trained together. Inputs as ``BertForPreTraining``'s with ``labels`` (and, in the
     unpadded layout, ``masked_positions``) from the masking collator, plus ``replacement_keys [M]``."""
 
-    def __init__(self, config: BertConfig, generator: BertConfig, discriminator_weight: float = DISCRIMINATOR_WEIGHT):
+    def __init__(
+        self,
+        config: BertConfig,
+        generator: BertConfig,
+        discriminator_weight: float = DISCRIMINATOR_WEIGHT,
+        sampling_temperature: float = 1.0,
+    ):
         super().__init__()
         if config.sentence_objective != "none":
             raise ValueError(f"ELECTRA has no sentence objective, but the config has {config.sentence_objective!r}")
@@ -160,6 +166,7 @@ class ElectraForPreTraining(nn.Module):
             )
         self.config, self.generator_config = config, generator
         self.discriminator_weight = discriminator_weight
+        self.sampling_temperature = sampling_temperature  # the generator's draws: softmax(logits / T)
         self.discriminator = BertModel(config, add_pooling_layer=False)
         self.generator = BertModel(generator, add_pooling_layer=False)
         shared, own = self.discriminator.embeddings, self.generator.embeddings
@@ -200,6 +207,7 @@ class ElectraForPreTraining(nn.Module):
             self.generator_head.bias,
             targets,
             replacement_keys,
+            self.sampling_temperature,
         )
         corrupted = flat_ids.index_copy(0, masked, samples.to(flat_ids.dtype))
         original = flat_ids.index_copy(0, masked, targets)

@@ -447,7 +447,7 @@ def gumbel_noise(row_keys: torch.Tensor, vocab_ids: torch.Tensor) -> torch.Tenso
     return u.log_().neg_().log_().neg_()
 
 
-def _mlm_rows_reference(logits, labels, inv_denom, row_keys, loss, correct, samples, write_grad):
+def _mlm_rows_reference(logits, labels, inv_denom, row_keys, loss, correct, samples, write_grad, temperature=1.0):
     """The torch twin of ``fastbert.kernels.mlm_loss.loss_rows`` (same arguments and outputs) in ``inv_denom``'s
     dtype; the gradient comes back as a new tensor in the logits' dtype (the logits are overwritten as scratch)."""
     rows, vocab = logits.shape
@@ -458,6 +458,8 @@ def _mlm_rows_reference(logits, labels, inv_denom, row_keys, loss, correct, samp
         vocab_ids = torch.arange(vocab, device=logits.device)
         for start in range(0, rows, _NOISE_ROWS):
             noise = gumbel_noise(row_keys[start : start + _NOISE_ROWS], vocab_ids)
+            if temperature != 1.0:
+                noise.mul_(temperature)
             torch.argmax(noise.add_(z[start : start + _NOISE_ROWS]), dim=1, out=samples[start : start + _NOISE_ROWS])
     top, predicted = z.max(dim=1)  # the first maximum, as argmax picks it
     target = z.gather(1, safe_labels[:, None]).squeeze(1)
@@ -497,7 +499,7 @@ class _MLMLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, row_keys, rows, chunk_elements):
+    def forward(ctx, hidden, weight, bias, labels, row_keys, rows, chunk_elements, temperature):
         if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
             raise ValueError(
                 f"mlm_loss: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} must be [M, E] and [V, E]"
@@ -536,6 +538,7 @@ class _MLMLoss(torch.autograd.Function):
                 correct_rows[start:stop],
                 None if samples is None else samples[start:stop],
                 any(want),
+                temperature,
             )
             if d_hidden is not None:
                 torch.mm(grad, weight, out=d_hidden[start:stop])
@@ -560,14 +563,16 @@ class _MLMLoss(torch.autograd.Function):
                 "mlm_loss: backward ran twice through the same graph; its gradients are computed in "
                 "the forward and handed over once (retain_graph=True is not supported)"
             )
-        return (*(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None, None, None, None)
+        return (*(None if g is None else g.mul_(grad_loss.to(g.dtype)) for g in grads), None, None, None, None, None)
 
 
-def _mlm_loss(hidden, weight, bias, labels, row_keys):
+def _mlm_loss(hidden, weight, bias, labels, row_keys, temperature=1.0):
     kernel = _kernel_for("mlm_loss", hidden)
-    if kernel is not None:
-        return _MLMLoss.apply(hidden, weight, bias, labels, row_keys, kernel.loss_rows, kernel.CHUNK_ELEMENTS)
-    return _MLMLoss.apply(hidden, weight, bias, labels, row_keys, _mlm_rows_reference, _CHUNK_ELEMENTS)
+    if kernel is None:
+        rows, chunk = _mlm_rows_reference, _CHUNK_ELEMENTS
+    else:
+        rows, chunk = kernel.loss_rows, kernel.CHUNK_ELEMENTS
+    return _MLMLoss.apply(hidden, weight, bias, labels, row_keys, rows, chunk, temperature)
 
 
 def mlm_loss(
@@ -583,7 +588,12 @@ def mlm_loss(
 
 
 def mlm_loss_and_sample(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, labels: torch.Tensor, row_keys: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    labels: torch.Tensor,
+    row_keys: torch.Tensor,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``mlm_loss`` (the same two results, the same gradients) plus, for each row, a token drawn from the softmax
     of its logits: ELECTRA's generator loss and its replacements in one pass over the vocabulary.
@@ -591,6 +601,10 @@ def mlm_loss_and_sample(
     ``row_keys`` int64 ``[M]``: one key per row (the caller derives it, e.g. with SplitMix64 from seed, epoch,
     sample and position); the draw is the Gumbel-max ``argmax(logits + gumbel_noise(key, vocab ids))``, so the
     same keys give the same tokens. Returns ``(loss, accuracy, samples)``, ``samples`` int64 ``[M]`` with no
-    gradient; an ignored row (``-100``) still gets a draw.
+    gradient; an ignored row (``-100``) still gets a draw. ``temperature`` (a positive float) draws from
+    ``softmax(logits / temperature)`` instead, as ``argmax(logits + temperature * noise)``; the loss and its
+    gradients stay those of ``softmax(logits)``.
     """
-    return _mlm_loss(hidden, weight, bias, labels, row_keys)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"mlm_loss_and_sample: temperature {temperature} must be a positive finite number")
+    return _mlm_loss(hidden, weight, bias, labels, row_keys, float(temperature))

@@ -10,7 +10,8 @@ log-sum-exp with the target logit, the running argmax and, with ``SAMPLE``, the 
 ``logit + gumbel``; then the gradient of the mean loss, ``(softmax - onehot) / labelled_rows``, over the logits.
 
 Sampling: ``argmax_v(z_v + g_v)`` with independent standard Gumbel ``g_v`` is a draw from ``softmax(z)``, so the
-draw costs one more compare per logit and never needs the normalised probabilities. The noise is a pure function
+draw costs one more compare per logit and never needs the normalised probabilities; ``argmax_v(z_v + T g_v)`` is a draw
+from ``softmax(z / T)``, ELECTRA's generator sampled at temperature ``T`` (``gumbel_scale``). The noise is a pure function
 of the row's int64 key and the vocabulary id, computed identically here, in the interpreter and by the torch twin
 ``fastbert.ops.gumbel_noise`` (the definition; tests hold the two together), with 32-bit integer arithmetic only:
 
@@ -66,6 +67,7 @@ def _mlm_loss_rows(
     Samples,
     vocab,
     stride_l,
+    gumbel_scale,
     IGNORE_INDEX: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     SAMPLE: tl.constexpr,
@@ -100,7 +102,7 @@ def _mlm_loss_rows(
         if SAMPLE:
             bits = _lowbias32(seed ^ _lowbias32(col.to(tl.uint32)))
             u = (bits >> 9).to(tl.float32) * (1.0 / 8388608.0) + (1.0 / 16777216.0)
-            score = z - tl.log(-tl.log(u))  # -inf past the vocabulary, so those lanes never win
+            score = z - gumbel_scale * tl.log(-tl.log(u))  # -inf past the vocabulary, so those lanes never win
             won = score > drawn
             drawn_index = tl.where(won, col, drawn_index)
             drawn = tl.where(won, score, drawn)
@@ -148,11 +150,13 @@ def loss_rows(
     correct: torch.Tensor,
     samples: torch.Tensor | None,
     write_grad: bool,
+    temperature: float = 1.0,
 ) -> torch.Tensor | None:
     """One block of rows: ``logits`` ``[rows, V]`` (unit column stride), ``labels`` int64 ``[rows]``,
     ``inv_denom`` float32 ``[1]`` (one over the labelled rows of the whole batch). Writes each row's cross-entropy
     (0 for an ignored row) into ``loss``, its top-1 hit (1.0 or 0.0) into ``correct`` (float32 ``[rows]`` each)
-    and, given ``row_keys`` int64 ``[rows]``, its Gumbel-max draw into ``samples`` (int64 ``[rows]``). With
+    and, given ``row_keys`` int64 ``[rows]``, its Gumbel-max draw at ``temperature`` (``argmax(logit + temperature *
+    gumbel)``, a draw from ``softmax(logits / temperature)``) into ``samples`` (int64 ``[rows]``). With
     ``write_grad`` the logits are overwritten by the gradient of the mean loss and returned; else None."""
     sample = row_keys is not None
     meta = launch_meta(logits.dtype, write_grad, sample)
@@ -167,6 +171,7 @@ def loss_rows(
         samples if sample else labels,
         logits.shape[1],
         logits.stride(0),
+        float(temperature),
         **meta,
     )
     return logits if write_grad else None
@@ -176,7 +181,7 @@ def aot_specs() -> list[dict]:
     """The one tile configuration, for each logits dtype, with and without the gradient pass and the draw, for
     the ahead-of-time compile test."""
     types = {"Labels": "*i64", "InvDenom": "*fp32", "Loss": "*fp32", "Correct": "*fp32", "RowKeys": "*i64"}
-    types.update(Samples="*i64", vocab="i32", stride_l="i32")
+    types.update(Samples="*i64", vocab="i32", stride_l="i32", gumbel_scale="fp32")
     specs = []
     for dtype in DTYPES:
         for write_grad in (False, True):

@@ -71,4 +71,6 @@ def test_bad_budgets_and_mask_rates_are_named_before_anything_starts(tmp_path):
     _fails_cleanly([*base, "--budget", "10 days"], "--budget: budget '10 days': unknown unit 'days'")
     _fails_cleanly([*base, "--budget=-1m"], "must be a positive duration")
     _fails_cleanly([*base, "--mask-rate", "1.5"], "--mask-rate must be in (0, 1), got 1.5")
+    _fails_cleanly([*base, "--sampling-temperature", "0"], "--sampling-temperature must be a positive number, got 0")
+    _fails_cleanly([*base, "--sampling-temperature", "2"], "it needs --objective electra")
     assert not (tmp_path / "run").exists()

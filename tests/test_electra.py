@@ -177,6 +177,37 @@ def test_a_draw_of_the_original_token_is_labelled_original():
     assert torch.equal(out.replaced.bool(), kwargs["labels"] != IGNORE_INDEX)
 
 
+def test_the_sampling_temperature_reaches_the_draw(monkeypatch):
+    """BERT's and DeBERTa's ELECTRA pass their ``sampling_temperature`` to the fused draw (whose draws follow
+    ``softmax(logits / T)``: tests/kernels/test_mlm_sample.py), and a hotter draw replaces other tokens."""
+    from fastbert.deberta import DebertaConfig
+    from fastbert.deberta_electra import DebertaElectraForPreTraining
+
+    seen = []
+    draw = ops.mlm_loss_and_sample
+
+    def spy(*args):
+        seen.append(args[5])
+        return draw(*args)
+
+    monkeypatch.setattr(ops, "mlm_loss_and_sample", spy)
+    batch = _batch(4)
+    kwargs = {k: batch[k] for k in ("input_ids", "position_ids", "labels", "cu_seqlens", "masked_positions")}
+    kwargs.update(max_seqlen=batch["max_seqlen"], replacement_keys=batch["replacement_keys"])
+    deberta = DebertaConfig.preset("deberta-tiny", vocab_size=CONFIG.vocab_size)
+    for build in (
+        lambda t: ElectraForPreTraining(CONFIG, generator_config(CONFIG, 0.5, 1), sampling_temperature=t),
+        lambda t: DebertaElectraForPreTraining(deberta, deberta.replace(num_hidden_layers=1), sampling_temperature=t),
+    ):
+        corrupted = []
+        for t in (1.0, 4.0):
+            torch.manual_seed(0)
+            with torch.no_grad():
+                corrupted.append(build(t).eval()(**kwargs).corrupted_ids)
+        assert seen[-2:] == [1.0, 4.0]
+        assert not torch.equal(*corrupted)
+
+
 def test_replacement_keys_do_not_depend_on_world_size_or_micro_batch():
     samples = _samples(40, seed=3)
     collate = ReplacementKeys(MaskingCollator(CONFIG.vocab_size, SPECIAL, MASK, seed=7), 7)

@@ -38,7 +38,7 @@ def test_every_mlm_block_starts_its_row_outputs_16_byte_aligned(chunk_elements, 
     ahead of time for 16-byte aligned pointers, so a block of 6 or 9 rows must be cut to 4 or 8 (and 2 kept)."""
     starts = []
 
-    def rows(logits, labels, inv_denom, keys, loss_out, correct_out, samples_out, want_grad):
+    def rows(logits, labels, inv_denom, keys, loss_out, correct_out, samples_out, want_grad, temperature):
         starts.append((loss_out.data_ptr() % 16, correct_out.data_ptr() % 16, samples_out.data_ptr() % 16, len(labels)))
         return ops._mlm_rows_reference(logits, labels, inv_denom, keys, loss_out, correct_out, samples_out, want_grad)
 
@@ -48,7 +48,7 @@ def test_every_mlm_block_starts_its_row_outputs_16_byte_aligned(chunk_elements, 
     weight = torch.randn(vocab, 16, generator=g)
     labels = torch.randint(0, vocab, (count,), generator=g)
     keys = torch.arange(count, dtype=torch.int64)
-    loss, _, _ = ops._MLMLoss.apply(hidden, weight, torch.zeros(vocab), labels, keys, rows, chunk_elements)
+    loss, _, _ = ops._MLMLoss.apply(hidden, weight, torch.zeros(vocab), labels, keys, rows, chunk_elements, 1.0)
     block = chunk_elements // vocab
     want = block - block % 4 if block >= 4 else block
     assert [n for *_, n in starts] == [min(want, count - i) for i in range(0, count, want)]

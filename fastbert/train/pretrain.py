@@ -89,6 +89,11 @@ class PretrainArgs:
     discriminator_weight: float = option(
         electra.DISCRIMINATOR_WEIGHT, help="electra: lambda, the weight of the discriminator's loss"
     )
+    sampling_temperature: float = option(
+        1.0,
+        help="electra: the generator's draws come from softmax(logits / T); above 1 they are rarer words, easier "
+        "to spot (held-out AUC is then worth reporting at T = 1 too)",
+    )
     seq_len: int | None = option(None, help="longest sequence (default: the data's sequence length)")
     global_batch: int = option(32, help="sequences per optimizer step, over all ranks")
     micro_batch: int = option(8, help="sequences per forward pass on one rank (accumulation makes up the rest)")
@@ -547,11 +552,13 @@ def _build_engine(
         if generator is None:
             model = DebertaForPreTraining(config)
         else:
-            model = deberta_electra.DebertaElectraForPreTraining(config, generator, args.discriminator_weight)
+            model = deberta_electra.DebertaElectraForPreTraining(
+                config, generator, args.discriminator_weight, args.sampling_temperature
+            )
     elif generator is None:
         model = BertForPreTraining(config)
     else:
-        model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight)
+        model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight, args.sampling_temperature)
     if args.unigram_init and meta is not None and not init_output_biases(model, meta, args.mask_rate):
         log.warning("%s: no token_counts (prepared by an older fastbert): the output bias starts at zero", args.data)
     groups, clip = parameter_groups(model, args.weight_decay), args.grad_clip if args.grad_clip > 0 else None
@@ -674,6 +681,10 @@ def pretrain(args: PretrainArgs) -> dict:
     schedule = Schedule.from_args(args)
     if not 0.0 < args.mask_rate < 1.0:  # before the slow distributed start-up, as the checks below
         raise TrainingSetupError(f"--mask-rate must be in (0, 1), got {args.mask_rate}")
+    if not (math.isfinite(args.sampling_temperature) and args.sampling_temperature > 0):
+        raise TrainingSetupError(f"--sampling-temperature must be a positive number, got {args.sampling_temperature}")
+    if args.sampling_temperature != 1.0 and args.objective != "electra":
+        raise TrainingSetupError("--sampling-temperature is ELECTRA's generator's: it needs --objective electra")
     presets = [*PRESETS, *DEBERTA_PRESETS]
     if args.model not in presets and not os.path.isfile(args.model):  # before the slow distributed start-up
         raise TrainingSetupError(

@@ -1,7 +1,7 @@
 """The Gumbel-max draws of ``ops.mlm_loss_and_sample``: the noise is the hash its docstrings state (rebuilt here in
 plain Python), the kernel's draws are the torch reference's, a draw belongs to its row's key and logits alone, the
-draws follow ``softmax(logits)`` (chi-square), and neither the draws nor the sampling change the loss or its
-gradients. Loss and gradients with sampling on are checked in test_mlm_loss.py like those without."""
+draws follow ``softmax(logits / temperature)`` (chi-square), and neither the draws nor the sampling nor its
+temperature change the loss or its gradients. Loss and gradients with sampling on are checked in test_mlm_loss.py like those without."""
 
 from __future__ import annotations
 
@@ -61,16 +61,19 @@ def test_noise_is_the_documented_hash():
     assert not bool((noise[:, None, :] == noise[None, :, :]).all(dim=2).fill_diagonal_(False).any()), "equal rows"
 
 
-def test_kernel_draws_are_the_reference_draws_in_float32(triton_backend, monkeypatch):
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_kernel_draws_are_the_reference_draws_in_float32(triton_backend, monkeypatch, temperature):
     """Prime rows in uneven blocks, a vocabulary that is not a multiple of BLOCK_V, ignored rows: the same
-    tokens as the torch reference, and a valid token for every row, ignored or not."""
+    tokens as the torch reference, and a valid token for every row, ignored or not; at a sampling temperature too."""
     hidden, weight, bias, labels = _inputs(37, 3001, 48, torch.float32, 0.3, seed=5)
     keys = row_keys(37, seed=6)
     monkeypatch.setattr(kernel, "CHUNK_ELEMENTS", 10 * 3001)
-    _, _, samples = ops.mlm_loss_and_sample(*(to_device(t) for t in (hidden, weight, bias, labels, keys)))
+    _, _, samples = ops.mlm_loss_and_sample(*(to_device(t) for t in (hidden, weight, bias, labels, keys)), temperature)
     monkeypatch.setenv("FASTBERT_BACKEND", "torch")
-    _, _, want = ops.mlm_loss_and_sample(hidden, weight, bias, labels, keys)
+    _, _, want = ops.mlm_loss_and_sample(hidden, weight, bias, labels, keys, temperature)
     assert torch.equal(host(samples), want)
+    if temperature != 1.0:
+        assert not torch.equal(ops.mlm_loss_and_sample(hidden, weight, bias, labels, keys)[2], want)
     assert bool(((want >= 0) & (want < 3001)).all())
     assert len(set(want.tolist())) > 30, "draws from 37 different rows of a broad softmax should mostly differ"
 
@@ -106,25 +109,34 @@ def _chi_square(samples: torch.Tensor, probabilities: torch.Tensor) -> float:
 LOGITS = torch.linspace(-1.5, 1.5, 13)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize(("backend", "draws"), [("triton", 600), ("torch", 200_000)])
-def test_draws_follow_the_softmax(backend, draws, monkeypatch):
+def test_draws_follow_the_softmax(backend, draws, temperature, monkeypatch):
     """Many rows with the same logits and distinct SplitMix64 keys: the token counts pass a chi-square test
-    against ``softmax(logits)`` at ``SIGNIFICANCE``; the same test rejects the draws of two broken samplers built
-    from the same noise (no noise: always the argmax; twice the noise: ``softmax(logits / 2)``)."""
+    against ``softmax(logits / temperature)`` at ``SIGNIFICANCE``; the same test rejects the draws of two broken
+    samplers built from the same noise (no noise: always the argmax; the other temperature of the two)."""
     monkeypatch.setenv("FASTBERT_BACKEND", backend)
     vocab = LOGITS.numel()
     keys = splitmix_keys(draws, seed=12345)
     weight, bias = torch.eye(vocab, 16), LOGITS.clone()
     hidden, labels = torch.zeros(draws, 16), torch.zeros(draws, dtype=torch.int64)  # every row's logits are LOGITS
     with torch.no_grad():
-        _, _, samples = ops.mlm_loss_and_sample(*(to_device(t) for t in (hidden, weight, bias, labels, keys)))
+        inputs = (to_device(t) for t in (hidden, weight, bias, labels, keys))
+        _, _, samples = ops.mlm_loss_and_sample(*inputs, temperature)
     critical = scipy.stats.chi2.isf(SIGNIFICANCE, vocab - 1)
-    probabilities = torch.softmax(LOGITS.double(), dim=0)
+    probabilities = torch.softmax(LOGITS.double() / temperature, dim=0)
     statistic = _chi_square(host(samples), probabilities)
     assert statistic < critical, f"chi-square {statistic:.1f} >= {critical:.1f} over {draws} draws"
     noise = ops.gumbel_noise(keys, torch.arange(vocab))
-    for broken in (LOGITS.expand(draws, vocab), LOGITS + 2 * noise):
+    for broken in (LOGITS.expand(draws, vocab), LOGITS + (3 - temperature) * noise):
         assert _chi_square(broken.argmax(dim=1), probabilities) > critical
+
+
+def test_a_temperature_must_be_positive():
+    hidden, weight, bias, labels = _inputs(3, 50, 8, torch.float32, 0.0, seed=1)
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature"):
+            ops.mlm_loss_and_sample(hidden, weight, bias, labels, row_keys(3, seed=2), bad)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -136,7 +148,7 @@ def test_sampling_leaves_the_loss_and_gradients_alone(backend, monkeypatch):
     for sample in (False, True):
         leaves = [to_device(t, requires_grad=True) for t in (hidden, weight, bias)]
         args = (*leaves, to_device(labels))
-        out = ops.mlm_loss_and_sample(*args, to_device(keys)) if sample else ops.mlm_loss(*args)
+        out = ops.mlm_loss_and_sample(*args, to_device(keys), 2.0) if sample else ops.mlm_loss(*args)
         out[0].backward()
         results.append((host(out[0]), host(out[1]), *(host(leaf.grad) for leaf in leaves)))
         if sample:
