@@ -116,7 +116,11 @@ BERT_FLAGS = [*RECIPE_FLAGS, "--model", "tiny", "--pre-ln"]
 # only context could give them away. Started from zero biases (--no-unigram-init), the generator is weak longer
 # (7.54 at 100 steps) and the discriminator learnt: loss 0.25 against 0.418, recall 0.63.
 # ELECTRA's options but the model; on deberta-tiny with a one-layer generator (ELECTRA_FLAGS). Held-out AUC in the runs
-# so far: 0.514 on BERT tiny (a 4-layer generator at a quarter of the width), 0.548 and 0.556 on deberta-tiny.
+# so far: 0.514 on BERT tiny (a 4-layer generator at a quarter of the width), 0.548 and 0.556 on deberta-tiny. With
+# the discriminator's zero-started embedding delta on plain Adam steps instead of LAMB's trust ratio: 0.561 alone
+# (374 steps) and 0.550 in a full run, whose fine-tuning dev accuracies fell to 0.51-0.56 (0.55-0.74 before), so the
+# delta stays under the trust ratio. At --sampling-temperature 2 on top (379 steps): AUC 0.891 on draws at 2, 0.556 at
+# 1, dev accuracies 0.53-0.58: a hotter draw teaches the discriminator to flag rare words, not to read context. T = 1.
 ELECTRA_OPTIONS = [
     "--no-unigram-init",
     "--lr",

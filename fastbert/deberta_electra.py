@@ -96,11 +96,6 @@ class DebertaElectraForPreTraining(nn.Module):
     def decoder_weight(self) -> torch.Tensor:
         return self.generator.embeddings.word_embeddings.weight
 
-    def no_weight_decay(self) -> tuple[str, ...]:
-        """``E_delta`` starts at zero: under LAMB's trust ratio a decaying zero start could not leave zero in a short
-        run, so it takes the plain Adam step of the undecayed group (``fastbert.optim.param_groups``)."""
-        return ("embedding_delta",)
-
     def discriminator_word_vectors(self, ids: torch.Tensor) -> torch.Tensor:
         """``sg(E_G)[ids] + E_delta[ids]``: two lookups, never the summed table."""
         return F.embedding(ids, self.decoder_weight).detach() + F.embedding(ids, self.embedding_delta)

@@ -93,11 +93,11 @@ def test_zero_initialised_bias_takes_the_adam_step():
     assert expected.norm() > 2 * b.detach().norm()
 
 
-def test_electras_zero_started_embedding_delta_takes_the_adam_step():
-    """DeBERTa ELECTRA's ``E_delta`` (a matrix that starts at zero) is named by the model's ``no_weight_decay()``, so
-    it lands in the undecayed group, whose steps are Adam's (above), and is not throttled to the ``1 + lr`` growth
-    that kept it near zero for a whole 10-minute run (held-out discriminator AUC 0.556 with it there). The
-    generator's table, the other embeddings and the attention matrices still decay."""
+def test_electras_embedding_delta_stays_in_the_trust_ratio_group():
+    """DeBERTa ELECTRA's ``E_delta`` starts at zero and decays, so LAMB's trust ratio holds its norm to a growth of at
+    most ``1 + lr`` a step: it stays a small correction to the generator's table. On the plain Adam step instead
+    (undecayed), a 10-minute run's discriminator AUC moved from 0.556 to 0.561 while fine-tuning it failed (dev
+    accuracies 0.51-0.56 against 0.55-0.74), so the trust ratio stays, by choice."""
     from fastbert.deberta import DebertaConfig
     from fastbert.deberta_electra import DebertaElectraForPreTraining
 
@@ -105,12 +105,8 @@ def test_electras_zero_started_embedding_delta_takes_the_adam_step():
     model = DebertaElectraForPreTraining(config, config.replace(num_hidden_layers=1))
     decay, no_decay = parameter_groups(model, 0.01)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
-    undecayed = {id(p) for p in no_decay["params"]}
-    names = {name for name, p in model.named_parameters() if id(p) in undecayed}
-    assert "embedding_delta" in names
-    assert not {n for n in names if n.endswith(".weight") and model.get_parameter(n).ndim > 1} - {"embedding_delta"}
-    assert id(model.decoder_weight) not in undecayed
-    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(p is model.embedding_delta for p in decay["params"])
+    assert all(p.ndim == 1 for p in no_decay["params"])
 
 
 @pytest.mark.parametrize("max_grad_norm", [None, 0.5], ids=["unclipped", "clipped"])

@@ -1,7 +1,8 @@
 """The Gumbel-max draws of ``ops.mlm_loss_and_sample``: the noise is the hash its docstrings state (rebuilt here in
 plain Python), the kernel's draws are the torch reference's, a draw belongs to its row's key and logits alone, the
 draws follow ``softmax(logits / temperature)`` (chi-square), and neither the draws nor the sampling nor its
-temperature change the loss or its gradients. Loss and gradients with sampling on are checked in test_mlm_loss.py like those without."""
+temperature change the loss or its gradients. Loss and gradients with sampling on are checked in test_mlm_loss.py
+like those without."""
 
 from __future__ import annotations
 
