@@ -10,10 +10,11 @@ log-sum-exp with the target logit, the running argmax and, with ``SAMPLE``, the 
 ``logit + gumbel``; then the gradient of the mean loss, ``(softmax - onehot) / labelled_rows``, over the logits.
 
 Sampling: ``argmax_v(z_v + g_v)`` with independent standard Gumbel ``g_v`` is a draw from ``softmax(z)``, so the
-draw costs one more compare per logit and never needs the normalised probabilities; ``argmax_v(z_v + T g_v)`` is a draw
-from ``softmax(z / T)``, ELECTRA's generator sampled at temperature ``T`` (``gumbel_scale``). The noise is a pure function
-of the row's int64 key and the vocabulary id, computed identically here, in the interpreter and by the torch twin
-``fastbert.ops.gumbel_noise`` (the definition; tests hold the two together), with 32-bit integer arithmetic only:
+draw costs one more compare per logit and never needs the normalised probabilities; ``argmax_v(z_v + T g_v)`` is a
+draw from ``softmax(z / T)``, ELECTRA's generator sampled at temperature ``T`` (``gumbel_scale``). The noise is a pure
+function of the row's int64 key and the vocabulary id, computed identically here, in the interpreter and by the
+torch twin ``fastbert.ops.gumbel_noise`` (the definition; tests hold the two together), with 32-bit integer
+arithmetic only:
 
     lo, hi   = the low and high 32-bit halves of the key (two's complement)
     mix(x)   = lowbias32: x ^= x >> 16; x *= 0x7FEB352D; x ^= x >> 15; x *= 0x846CA68B; x ^= x >> 16 (mod 2^32)
