@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -12,6 +13,23 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _share_the_cores() -> None:
+    """Under pytest-xdist, each worker (and every process its tests launch) gets its share of the cores for torch's
+    intra-op threads, unless OMP_NUM_THREADS is set. Two workers of two threads each on 2 cores spin against each
+    other: the ``--quick`` time-to-quality test took 205 s beside a two-thread load, 144 s at one thread."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(threads)
+
+
+_share_the_cores()
 
 # The references the suite compares against. Outside CI a missing one skips the tests that need it; under CI
 # (FASTBERT_STRICT_TESTS=1, set by .ci/run) it is an error, so a broken install cannot pass as a green run of skips.
