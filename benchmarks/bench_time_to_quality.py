@@ -4,8 +4,9 @@ Systems, run one after another, each from raw text (its tokenization and shard b
 
 1. ``transformers``: ``Trainer`` + ``DataCollatorForLanguageModeling`` on a ``BertForMaskedLM`` (text tokenized as
    run_mlm.py does), AdamW at lr 5e-4, 10 warmup steps, linear decay (benchmarks/hf_trainer_pretrain.py ``text``),
-   its first steps sized by a calibration run and the rest planned again at the end of its warmup from its own step
-   time (``--replan-at``: the rate schedule then ends with the budget), stopped at the first step that ends past it;
+   its first steps sized by a calibration run and the rest planned again at the end of its warmup, and after each
+   further tenth of the plan, from its own recent step time (``--replan-at``: the rate schedule then ends with the
+   budget), stopped at the first step that ends past it;
 2. ``fastbert MLM (recipe)``: ``fastbert prepare-data --objective none`` (packed sentences, MLM only, as the
    Trainer trains) + ``fastbert pretrain --config short-budget --budget <what is left>``: the shipped short-budget
    recipe (``deberta-tiny``: the Trainer's shape with disentangled relative-position attention, post-LN; LAMB 4e-3,

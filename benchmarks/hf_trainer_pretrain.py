@@ -79,22 +79,28 @@ class Blocks(torch.utils.data.Dataset):
 @dataclass(frozen=True)
 class Replan:
     """Plan the run's steps again at the end of step ``at`` (at most the warmup's length: the warmup's rates do not
-    depend on the total), from this run's own median step time since its first step: the steps that fill
-    ``margin`` of what is left before the deadline, less the ``saves`` still to come at ``save_s`` each. A pace
-    measured beforehand (a calibration run) can be off when the machine's speed drifts; this one is the run's."""
+    depend on the total), and then each time another ``every`` of the plan has passed, from this run's own pace: the
+    median time of its last ``recent`` steps (its first step, which carries the loop's start-up, left out). Each plan
+    is the steps that fill ``margin`` of what is left before the deadline, less the checkpoint saves still to come at
+    ``save_s`` each. A pace measured beforehand (a calibration run), or over the first steps only, can be off when the
+    machine's speed drifts: a run whose first ten steps took 4.2 s and the rest 3.0 s planned 137 steps and ended at
+    454 s of a 600 s budget. Replanning as it goes, the linear decay ends with the budget, as fastbert's clock-keyed
+    schedule does."""
 
     at: int
     margin: float
     warmup: int
     checkpoints: int
     save_s: float
+    every: float = 0.1
+    recent: int = 20
 
 
 class StepTimer(transformers.TrainerCallback):
     """Wall time from one optimizer step's end to the next one's. The Trainer fetches and collates a step's batches
     before it calls ``on_step_begin``, so timing from there would leave data loading and masking out. With a
     ``deadline`` (a ``time.time()`` value) it stops training at the first step that ends after it; with ``replan``
-    it resets the step count, the linear schedule's length and the checkpoint spacing once (``Replan``)."""
+    it resets the step count, the linear schedule's length and the checkpoint spacing as it goes (``Replan``)."""
 
     def __init__(self, deadline: float | None = None, replan: Replan | None = None) -> None:
         self.times: list[float] = []
@@ -102,7 +108,14 @@ class StepTimer(transformers.TrainerCallback):
         self.last = 0.0
         self.deadline = deadline
         self.replan = replan
-        self.replanned: dict | None = None
+        self.replans: list[dict] = []
+        self.next_replan = replan.at if replan is not None else None
+        self.bound: int | None = None  # the step count the Trainer sized its epochs for: no plan goes past it
+
+    @property
+    def replanned(self) -> dict | None:
+        """The latest plan (None before the first)."""
+        return self.replans[-1] if self.replans else None
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = time.perf_counter()
@@ -114,15 +127,18 @@ class StepTimer(transformers.TrainerCallback):
         self.ends.append(time.time())
         if self.deadline is not None and self.ends[-1] >= self.deadline:
             control.should_training_stop = True
-        elif self.replan is not None and state.global_step == self.replan.at and self.deadline is not None:
+        elif self.replan is not None and state.global_step == self.next_replan and self.deadline is not None:
             self._replan(state, kwargs["lr_scheduler"])
 
     def _replan(self, state, scheduler) -> None:
         plan = self.replan
-        step_s = statistics.median(self.times[1:])  # the first step carries the loop's start-up
-        left = self.deadline - self.ends[-1] - plan.checkpoints * plan.save_s
-        total = plan.at + max(1, int(plan.margin * left / step_s))
+        step_s = statistics.median(self.times[1:][-plan.recent :])
+        saved = state.global_step // state.save_steps if plan.checkpoints and state.save_steps else 0
+        left = self.deadline - self.ends[-1] - max(0, plan.checkpoints - saved) * plan.save_s
         before = state.max_steps
+        if self.bound is None:
+            self.bound = before
+        total = min(self.bound, state.global_step + max(1, int(plan.margin * left / step_s)))
         state.max_steps = total
         if plan.checkpoints:
             state.save_steps = max(1, total // plan.checkpoints)
@@ -132,7 +148,8 @@ class StepTimer(transformers.TrainerCallback):
             num_training_steps=total,
         )
         scheduler.lr_lambdas = [lr_lambda] * len(scheduler.lr_lambdas)
-        self.replanned = {"at_step": plan.at, "step_s": step_s, "steps_before": before, "steps": total}
+        self.replans.append({"at_step": state.global_step, "step_s": step_s, "steps_before": before, "steps": total})
+        self.next_replan = state.global_step + max(5, int(plan.every * total))
 
 
 def training_arguments(
@@ -242,6 +259,7 @@ def run_text(args: argparse.Namespace) -> None:
         "start_wall": start,
         "planned_steps": steps,
         "replanned": timer.replanned,
+        "replans": timer.replans,
         "steps": done,
         "step_ends": timer.ends,
         "save_every": save_every,
@@ -282,7 +300,8 @@ def main() -> None:
     t.add_argument(
         "--replan-at",
         type=int,
-        help="plan the steps again at the end of this step (within the warmup) from the run's own step time",
+        help="plan the steps again at the end of this step (within the warmup), and then as the run goes, from the "
+        "run's own step time",
     )
     args = parser.parse_args()
     run_samples(args) if args.mode == "samples" else run_text(args)

@@ -123,6 +123,30 @@ def test_the_trainer_replans_its_steps_and_schedule_from_its_own_pace():
     (rate,) = scheduler.lr_lambdas
     assert rate(5) == 0.5 and rate(10) == 1.0 and rate(total) == 0.0 and rate((10 + total) / 2) == pytest.approx(0.5)
 
+    # The machine speeds up to 2 s a step: a tenth of the plan later the run plans again from its last 20 steps (the
+    # saves done counted), never past the step count the Trainer sized its epochs for (the first plan's 400).
+    nxt = 10 + int(0.1 * total)
+    assert timer.next_replan == nxt
+    for step in range(11, nxt + 1):
+        timer.times.append(2.0)
+        timer.ends.append(timer.ends[-1] + 2.0)
+        if step < nxt:
+            continue
+        timer._replan(SimpleNamespace(max_steps=total, save_steps=total // 4, global_step=step), scheduler)
+    again = timer.replanned
+    saves_left = 4 - nxt // (total // 4)
+    left = timer.deadline - timer.ends[-1] - saves_left * 2.0
+    assert again["step_s"] == 2.0 and again["at_step"] == nxt and again["steps_before"] == total
+    assert again["steps"] == min(400, nxt + int(0.97 * left / 2.0)) > total and len(timer.replans) == 2
+    (rate,) = scheduler.lr_lambdas
+    assert rate(again["steps"]) == 0.0
+    # 20 steps of 0.2 s: the pace is the recent one (all steps since the first have a median of 2 s), and the plan
+    # stops at the bound.
+    timer.times += [0.2] * 20
+    timer.ends += [timer.ends[-1] + 0.2 * i for i in range(1, 21)]
+    timer._replan(SimpleNamespace(max_steps=again["steps"], save_steps=100, global_step=nxt + 20), scheduler)
+    assert timer.replanned["step_s"] == pytest.approx(0.2) and timer.replanned["steps"] == 400
+
 
 def test_plan_steps_leaves_room_for_the_saves():
     pace = ttq.Pace(step_s=1.0, overhead_s=10.0, save_s=2.0)
