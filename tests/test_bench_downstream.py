@@ -65,27 +65,29 @@ def test_word_order_pairs_each_verse_once_and_only_order_differs():
 
 def test_tuned_chooses_the_rate_on_dev_and_reports_test_over_the_seeds_at_it():
     calls = []
+    lo, mid, hi = ds.GRID
 
     def run(lr, seed):
         calls.append((lr, seed))
-        dev = {1e-4: 0.6, 3e-4: 0.7, 1e-3: 0.65}[lr]
-        test = {1e-4: 0.9, 3e-4: 0.5, 1e-3: 0.95}[lr] + 0.01 * seed  # test would pick another rate
+        dev = {lo: 0.6, mid: 0.7, hi: 0.65}[lr]
+        test = {lo: 0.9, mid: 0.5, hi: 0.95}[lr] + 0.01 * seed  # test would pick another rate
         return {"dev": dev, "test": test}
 
     r = ds.tuned(run, seeds=5)
-    assert r["lr"] == 3e-4
-    assert calls == [(1e-4, 0), (3e-4, 0), (1e-3, 0), (3e-4, 1), (3e-4, 2), (3e-4, 3), (3e-4, 4)]
+    assert r["lr"] == mid
+    assert calls == [(lo, 0), (mid, 0), (hi, 0), (mid, 1), (mid, 2), (mid, 3), (mid, 4)]
     assert r["test"]["runs"] == pytest.approx([0.5, 0.51, 0.52, 0.53, 0.54])
     assert r["test"]["mean"] == pytest.approx(0.52)
     assert r["test"]["se"] == pytest.approx(np.std([0.5, 0.51, 0.52, 0.53, 0.54], ddof=1) / math.sqrt(5))
     tie = ds.tuned(lambda lr, seed: {"dev": 0.5, "test": lr}, seeds=2)
-    assert tie["lr"] == 1e-4  # the lowest rate on a tie
+    assert tie["lr"] == lo  # the lowest rate on a tie
 
 
 def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_time_would():
     """``tune`` batches the jobs (all grids, then all further seeds) for parallel workers; each setting's result is
     what ``tuned`` gives it alone."""
-    dev = {"a": {1e-4: 0.6, 3e-4: 0.7, 1e-3: 0.65}, "b": {1e-4: 0.8, 3e-4: 0.7, 1e-3: 0.8}}
+    lo, mid, hi = ds.GRID
+    dev = {"a": {lo: 0.6, mid: 0.7, hi: 0.65}, "b": {lo: 0.8, mid: 0.7, hi: 0.8}}
 
     def run(name, lr, seed):
         return {"dev": dev[name][lr], "test": lr + 0.01 * seed + (name == "b")}
@@ -98,8 +100,8 @@ def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_tim
 
     out = ds.tune(["a", "b"], run_jobs, seeds=3)
     assert batches == [
-        [("a", 1e-4, 0), ("a", 3e-4, 0), ("a", 1e-3, 0), ("b", 1e-4, 0), ("b", 3e-4, 0), ("b", 1e-3, 0)],
-        [("a", 3e-4, 1), ("a", 3e-4, 2), ("b", 1e-4, 1), ("b", 1e-4, 2)],
+        [("a", lo, 0), ("a", mid, 0), ("a", hi, 0), ("b", lo, 0), ("b", mid, 0), ("b", hi, 0)],
+        [("a", mid, 1), ("a", mid, 2), ("b", lo, 1), ("b", lo, 2)],
     ]
     for name in ("a", "b"):
         assert out[name] == ds.tuned(lambda lr, seed, name=name: run(name, lr, seed), seeds=3)
