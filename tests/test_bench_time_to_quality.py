@@ -127,12 +127,9 @@ def test_the_trainer_replans_its_steps_and_schedule_from_its_own_pace():
     # saves done counted), never past the step count the Trainer sized its epochs for (the first plan's 400).
     nxt = 10 + int(0.1 * total)
     assert timer.next_replan == nxt
-    for step in range(11, nxt + 1):
-        timer.times.append(2.0)
-        timer.ends.append(timer.ends[-1] + 2.0)
-        if step < nxt:
-            continue
-        timer._replan(SimpleNamespace(max_steps=total, save_steps=total // 4, global_step=step), scheduler)
+    timer.times += [2.0] * (nxt - 10)  # steps 11..nxt
+    timer.ends += [timer.ends[-1] + 2.0 * i for i in range(1, nxt - 9)]
+    timer._replan(SimpleNamespace(max_steps=total, save_steps=total // 4, global_step=nxt), scheduler)
     again = timer.replanned
     saves_left = 4 - nxt // (total // 4)
     left = timer.deadline - timer.ends[-1] - saves_left * 2.0
