@@ -13,12 +13,13 @@ six held-out books (or, for fortunes, a fixed 70/10/20 split):
 
 Fine-tuning (``SETTINGS``): ``testament`` with 32, 256 and 1000 examples a class (the low-label settings are the
 first examples of the full one), ``word_order`` with 400 a class. Every model is fine-tuned by one plain PyTorch loop
-over transformers' ``AutoModelForSequenceClassification`` (dropout 0.1 whatever the pretraining used, AdamW,
-weight decay 0.01, 10% warmup then linear decay, batch 32 grouped by length, at most 64 tokens), two runs at a time
-in one-thread processes where the benchmark asks for workers. The learning rate comes from one grid
-shared by every model (``GRID``): each rate is tried with seed 0 and scored on the dev split; the best by dev
-accuracy (the lower rate on a tie) then runs seeds 1..n-1; test accuracy is reported over all n seeds as mean and
-standard error. The test split is never used for a choice.
+over a sequence classifier with transformers' head (``load_classifier``: fastbert's DeBERTa classifier for DeBERTa
+checkpoints, transformers' ``AutoModelForSequenceClassification`` otherwise; dropout 0.1 whatever the pretraining
+used, AdamW, weight decay 0.01, 10% warmup then linear decay, batch 32 grouped by length, at most 64 tokens), two
+runs at a time in one-thread processes where the benchmark asks for workers. The learning rate comes from one grid
+shared by every model (``GRID``): each rate is tried with seeds 0..2 (``CHOOSE_ON``) and scored on the dev split;
+the best by mean dev accuracy (the lower rate on a tie) then runs seeds 3..n-1; test accuracy is reported over all n
+seeds at it as mean and standard error. The test split is never used for a choice.
 
 Linear probe: the frozen encoder's last hidden states, mean-pooled over the tokens, standardised on the train
 split, into a logistic regression (L-BFGS) whose L2 weight comes from ``L2_GRID`` by dev accuracy. The bag-of-words
@@ -35,6 +36,7 @@ import math
 import multiprocessing
 import random
 import re
+import warnings
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +47,9 @@ import numpy as np
 # before this grid, 1e-4 won on dev only for an ELECTRA whose fine-tuning failed at every rate, and every other
 # model chose the top rate, 1e-3, at 256 and 1000 a class; so the grid moved up by one step.
 GRID = (3e-4, 1e-3, 3e-3)
+# Seeds whose mean dev accuracy chooses the rate. One seed chose badly at 32 a class: in the time-to-quality run of
+# 2026-12-07 seed 0 preferred 3e-3 by 1.25 points on dev for the recipe, a rate at which another seed stayed at chance.
+CHOOSE_ON = 3
 L2_GRID = (1e-4, 1e-3, 1e-2, 1e-1)  # the linear probe's and the bag of words' L2 weights
 MAX_LENGTH = 64
 BATCH = 32
@@ -228,11 +233,33 @@ def padded(data: Encoded, index):
 
 # Fine-tuning ----------------------------------------------------------------------------------------------------------
 def load_classifier(model_dir: Path | None, labels: int, vocab_size: int):
-    """A sequence classifier from ``model_dir`` (None: a randomly initialised tiny BERT) with dropout 0.1."""
+    """A sequence classifier from ``model_dir`` (None: a randomly initialised tiny BERT) with dropout 0.1.
+
+    A DeBERTa directory (``model_type: deberta-v2``: fastbert's exports and the random floor) loads into fastbert's
+    ``DebertaForSequenceClassification``: transformers' ``DebertaV2ForSequenceClassification`` (the first token's
+    pooler, then the classifier; tests/test_finetune_deberta.py holds their logits equal), in about half the time a
+    step on these short verses, since it projects only the relative positions a batch's length can reach where
+    transformers projects all 512 for every row. Any other model loads into ``AutoModelForSequenceClassification``."""
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # a bar a checkpoint read buries the benchmark's log
     drop = dict(hidden_dropout_prob=FINETUNE_DROPOUT, attention_probs_dropout_prob=FINETUNE_DROPOUT)
+    if model_dir is not None and _model_type(model_dir) == "deberta-v2":
+        from fastbert.deberta import DebertaForSequenceClassification
+
+        with warnings.catch_warnings():  # the new head's keys, checked here instead
+            warnings.simplefilter("ignore")
+            model, info = DebertaForSequenceClassification.from_pretrained(
+                model_dir, output_loading_info=True, num_labels=labels, **drop
+            )
+        missing = [k for k in info.missing_keys if not k.startswith(("pooler.", "classifier."))]
+        unexpected = [k for k in info.unexpected_keys if not k.startswith(HEADS_LEFT_BEHIND)]
+        if missing or unexpected:
+            raise ValueError(
+                f"{model_dir}: not a DeBERTa encoder checkpoint (missing {missing}, unexpected {unexpected})"
+            )
+        return model
     if model_dir is None:
         from hf_trainer_pretrain import tiny_hf_config
 
@@ -241,6 +268,16 @@ def load_classifier(model_dir: Path | None, labels: int, vocab_size: int):
         config.update(drop)
         return transformers.BertForSequenceClassification(config)
     return transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, **drop)
+
+
+# What a pretraining checkpoint holds beside the encoder, which a classifier leaves behind: the MLM head.
+HEADS_LEFT_BEHIND = ("lm_predictions.", "cls.", "mask_predictions.")
+
+
+def _model_type(model_dir: Path) -> str | None:
+    import json
+
+    return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
 
 
 def by_length(data: Encoded) -> list[int]:
@@ -315,31 +352,37 @@ def mean_se(values: list[float]) -> dict:
     return {"mean": float(a.mean()), "se": se, "runs": [float(v) for v in a]}
 
 
-def tune(names: list, run_jobs, grid=GRID, seeds: int = 5) -> dict:
-    """For each of ``names`` (settings): every rate of ``grid`` with seed 0, the best by dev accuracy (the first, i.e.
-    lowest, on a tie) with seeds 1..seeds-1 as well; test accuracy over the ``seeds`` runs at it. ``run_jobs`` takes
-    a list of ``(name, lr, seed)`` and returns ``{"dev": acc, "test": acc}`` for each, in order: every setting's
-    grid in one call, then every setting's further seeds in another, so that parallel workers stay busy."""
-    first_jobs = [(n, lr, 0) for n in names for lr in grid]
+def tune(names: list, run_jobs, grid=GRID, seeds: int = 5, choose_on: int = CHOOSE_ON) -> dict:
+    """For each of ``names`` (settings): every rate of ``grid`` with seeds 0..choose_on-1, the best by mean dev
+    accuracy over them (the first, i.e. lowest, on a tie), and seeds choose_on..seeds-1 at it as well; test accuracy
+    over the ``seeds`` runs at it. ``run_jobs`` takes a list of ``(name, lr, seed)`` and returns ``{"dev": acc,
+    "test": acc}`` for each, in order: every setting's grid in one call, then every setting's further seeds in
+    another, so that parallel workers stay busy."""
+    choose_on = min(choose_on, seeds)
+    first_jobs = [(n, lr, s) for n in names for lr in grid for s in range(choose_on)]
     first = dict(zip(first_jobs, run_jobs(first_jobs), strict=True))
-    best = {n: max(grid, key=lambda lr, n=n: (first[(n, lr, 0)]["dev"], -grid.index(lr))) for n in names}
-    more_jobs = [(n, best[n], s) for n in names for s in range(1, seeds)]
+    dev = {(n, lr): [first[(n, lr, s)]["dev"] for s in range(choose_on)] for n in names for lr in grid}
+    best = {n: max(grid, key=lambda lr, n=n: (float(np.mean(dev[(n, lr)])), -grid.index(lr))) for n in names}
+    more_jobs = [(n, best[n], s) for n in names for s in range(choose_on, seeds)]
     more = dict(zip(more_jobs, run_jobs(more_jobs), strict=True))
     out = {}
     for n in names:
-        runs = [first[(n, best[n], 0)]] + [more[(n, best[n], s)] for s in range(1, seeds)]
+        runs = [first[(n, best[n], s)] for s in range(choose_on)] + [
+            more[(n, best[n], s)] for s in range(choose_on, seeds)
+        ]
         out[n] = {
             "lr": best[n],
-            "dev_by_lr": {f"{lr:g}": first[(n, lr, 0)]["dev"] for lr in grid},
+            "dev_by_lr": {f"{lr:g}": float(np.mean(dev[(n, lr)])) for lr in grid},
+            "dev_runs_by_lr": {f"{lr:g}": dev[(n, lr)] for lr in grid},
             "dev": mean_se([r["dev"] for r in runs]),
             "test": mean_se([r["test"] for r in runs]),
         }
     return out
 
 
-def tuned(run, grid=GRID, seeds: int = 5) -> dict:
+def tuned(run, grid=GRID, seeds: int = 5, choose_on: int = CHOOSE_ON) -> dict:
     """``tune`` for one setting, ``run(lr, seed) -> {"dev": acc, "test": acc}`` called in turn."""
-    return tune([None], lambda jobs: [run(lr, seed) for _, lr, seed in jobs], grid, seeds)[None]
+    return tune([None], lambda jobs: [run(lr, seed) for _, lr, seed in jobs], grid, seeds, choose_on)[None]
 
 
 def _one_thread() -> None:
@@ -413,6 +456,7 @@ def load_encoder(model_dir: Path | None, vocab_size: int):
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # a bar a checkpoint read buries the benchmark's log
     if model_dir is None:
         from hf_trainer_pretrain import tiny_hf_config
 
@@ -446,6 +490,7 @@ class Suite:
     settings: dict[str, Setting]
     seeds: int = 5
     grid: tuple = GRID
+    choose_on: int = CHOOSE_ON  # seeds whose mean dev accuracy chooses the rate
     encoded: dict = field(default_factory=dict)
 
     def encode(self, vocab: Path) -> None:
@@ -463,6 +508,7 @@ class Suite:
         return {
             "grid": list(self.grid),
             "seeds": self.seeds,
+            "choose_on": min(self.choose_on, self.seeds),
             "l2_grid": list(L2_GRID),
             "max_length": MAX_LENGTH,
             "batch": BATCH,
@@ -499,11 +545,17 @@ class Suite:
                 spawn = multiprocessing.get_context("spawn")  # no fork of a process with torch's threads running
                 pool = ProcessPoolExecutor(workers, mp_context=spawn, initializer=_one_thread)
                 mapper = stack.enter_context(pool).map
-            out = tune(list(jobs), lambda batch: list(mapper(_finetune_job, arguments(batch))), self.grid, self.seeds)
+            out = tune(
+                list(jobs),
+                lambda batch: list(mapper(_finetune_job, arguments(batch))),
+                self.grid,
+                self.seeds,
+                self.choose_on,
+            )
         for name, r in out.items():
             print(
                 f"  {name}: lr {r['lr']:g}, test {r['test']['mean']:.3f} +- {r['test']['se']:.3f} "
-                f"(dev by lr {r['dev_by_lr']})",
+                f"(mean dev of the choosing seeds by lr {r['dev_by_lr']})",
                 flush=True,
             )
         return out

@@ -63,24 +63,30 @@ def test_word_order_pairs_each_verse_once_and_only_order_differs():
     assert not any({"ruth", "jas"} & set(t.split()) for t in task.train[0] + task.train[1])
 
 
-def test_tuned_chooses_the_rate_on_dev_and_reports_test_over_the_seeds_at_it():
+def test_tuned_chooses_the_rate_on_the_mean_dev_of_three_seeds_and_reports_test_over_the_seeds_at_it():
     calls = []
     lo, mid, hi = ds.GRID
 
     def run(lr, seed):
         calls.append((lr, seed))
-        dev = {lo: 0.6, mid: 0.7, hi: 0.65}[lr]
+        # Seed 0 alone would choose hi; the mean over seeds 0..2 chooses mid (0.70 against 0.65 and 0.60).
+        dev = {lo: [0.6, 0.6, 0.6], mid: [0.7, 0.7, 0.7], hi: [0.75, 0.6, 0.6]}[lr][seed] if seed < 3 else 0.0
         test = {lo: 0.9, mid: 0.5, hi: 0.95}[lr] + 0.01 * seed  # test would pick another rate
         return {"dev": dev, "test": test}
 
     r = ds.tuned(run, seeds=5)
     assert r["lr"] == mid
-    assert calls == [(lo, 0), (mid, 0), (hi, 0), (mid, 1), (mid, 2), (mid, 3), (mid, 4)]
+    assert calls[:9] == [(lr, s) for lr in (lo, mid, hi) for s in range(3)]
+    assert calls[9:] == [(mid, 3), (mid, 4)]
+    assert r["dev_by_lr"] == pytest.approx({f"{lo:g}": 0.6, f"{mid:g}": 0.7, f"{hi:g}": 0.65})
+    assert r["dev_runs_by_lr"][f"{hi:g}"] == [0.75, 0.6, 0.6]
     assert r["test"]["runs"] == pytest.approx([0.5, 0.51, 0.52, 0.53, 0.54])
     assert r["test"]["mean"] == pytest.approx(0.52)
     assert r["test"]["se"] == pytest.approx(np.std([0.5, 0.51, 0.52, 0.53, 0.54], ddof=1) / math.sqrt(5))
+    assert ds.tuned(run, seeds=5, choose_on=1)["lr"] == hi  # what one seed's dev score chose
     tie = ds.tuned(lambda lr, seed: {"dev": 0.5, "test": lr}, seeds=2)
     assert tie["lr"] == lo  # the lowest rate on a tie
+    assert len(tie["test"]["runs"]) == 2  # fewer seeds than CHOOSE_ON: every seed chooses
 
 
 def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_time_would():
@@ -90,7 +96,7 @@ def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_tim
     dev = {"a": {lo: 0.6, mid: 0.7, hi: 0.65}, "b": {lo: 0.8, mid: 0.7, hi: 0.8}}
 
     def run(name, lr, seed):
-        return {"dev": dev[name][lr], "test": lr + 0.01 * seed + (name == "b")}
+        return {"dev": dev[name][lr] + 0.001 * seed, "test": lr + 0.01 * seed + (name == "b")}
 
     batches = []
 
@@ -98,13 +104,13 @@ def test_tune_runs_every_settings_grid_then_every_settings_seeds_as_one_at_a_tim
         batches.append(list(jobs))
         return [run(*job) for job in jobs]
 
-    out = ds.tune(["a", "b"], run_jobs, seeds=3)
+    out = ds.tune(["a", "b"], run_jobs, seeds=4, choose_on=2)
     assert batches == [
-        [("a", lo, 0), ("a", mid, 0), ("a", hi, 0), ("b", lo, 0), ("b", mid, 0), ("b", hi, 0)],
-        [("a", mid, 1), ("a", mid, 2), ("b", lo, 1), ("b", lo, 2)],
+        [(n, lr, s) for n in ("a", "b") for lr in (lo, mid, hi) for s in (0, 1)],
+        [("a", mid, 2), ("a", mid, 3), ("b", lo, 2), ("b", lo, 3)],
     ]
     for name in ("a", "b"):
-        assert out[name] == ds.tuned(lambda lr, seed, name=name: run(name, lr, seed), seeds=3)
+        assert out[name] == ds.tuned(lambda lr, seed, name=name: run(name, lr, seed), seeds=4, choose_on=2)
 
 
 def test_length_grouped_batches_keep_every_row_once_and_cut_padding():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -241,6 +242,36 @@ def test_random_deberta_is_the_drivers_initialisation_and_loads_in_transformers(
     assert (out / "model.safetensors").read_bytes() == (again / "model.safetensors").read_bytes()  # seeded
 
 
+def test_a_deberta_checkpoint_fine_tunes_in_fastberts_classifier_with_transformers_logits(tmp_path):
+    """The downstream suite fine-tunes a DeBERTa checkpoint in fastbert's classifier, with fine-tuning's dropout:
+    saved and read back by transformers, its logits are ``DebertaV2ForSequenceClassification``'s; a checkpoint short
+    of an encoder tensor is refused."""
+    import downstream
+    from safetensors.torch import load_file, save_file
+
+    floor = ttq.random_deberta(tmp_path / "floor", 300)
+    config = json.loads((floor / "config.json").read_text())  # as the recipe trains: no dropout
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (floor / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    ours = downstream.load_classifier(floor, 3, 300)
+    assert type(ours).__module__ == "fastbert.deberta"
+    assert ours.config.hidden_dropout_prob == ours.config.attention_probs_dropout_prob == downstream.FINETUNE_DROPOUT
+    ours.save_pretrained(tmp_path / "classifier")
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier").eval()
+    ids = torch.tensor([[101, 7, 8, 9, 102], [101, 12, 102, 0, 0]])
+    with torch.no_grad():
+        a = ours.eval()(input_ids=ids, attention_mask=(ids != 0).long()).logits
+        b = theirs(input_ids=ids, attention_mask=(ids != 0).long()).logits
+    assert a.shape == (2, 3)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    state = load_file(floor / "model.safetensors")
+    del state[next(k for k in state if ".layer.1." in k)]
+    save_file(state, floor / "model.safetensors")
+    with pytest.raises(ValueError, match="not a DeBERTa encoder checkpoint"):
+        downstream.load_classifier(floor, 3, 300)
+
+
 def test_a_deberta_electra_export_scores_as_its_discriminator(tmp_path):
     """``load_discriminator`` on a DeBERTa-v3 ELECTRA export (transformers' encoder, the ``mask_predictions`` head
     applied by the benchmark) gives the logits of fastbert's own forward pass on the same corrupted ids."""
@@ -290,6 +321,7 @@ def test_quick_run_measures_every_system_and_writes_its_json_and_plot(tmp_path):
             tuned = r["systems"][key]["finetuned"][name]
             assert len(tuned["test"]["runs"]) == r["downstream"]["seeds"] == 2
             assert tuned["dev_by_lr"][f"{tuned['lr']:g}"] == max(tuned["dev_by_lr"].values())  # chosen on dev
+            assert all(len(runs) == r["downstream"]["choose_on"] == 2 for runs in tuned["dev_runs_by_lr"].values())
         assert set(r["systems"][key]["linear_probe"]) == {"testament", "word_order", "fortunes"}
     assert "finetuned" not in r["systems"]["transformers"]  # probed only
     mlm = r["gains_over_random_init"]["fastbert_mlm"]["finetuned"]
