@@ -111,6 +111,7 @@ class StepTimer(transformers.TrainerCallback):
         self.replans: list[dict] = []
         self.next_replan = replan.at if replan is not None else None
         self.bound: int | None = None  # the step count the Trainer sized its epochs for: no plan goes past it
+        self.saves = 0  # checkpoints written so far
 
     @property
     def replanned(self) -> dict | None:
@@ -119,6 +120,9 @@ class StepTimer(transformers.TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.last = time.perf_counter()
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saves += 1
 
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
@@ -133,8 +137,7 @@ class StepTimer(transformers.TrainerCallback):
     def _replan(self, state, scheduler) -> None:
         plan = self.replan
         step_s = statistics.median(self.times[1:][-plan.recent :])
-        saved = state.global_step // state.save_steps if plan.checkpoints and state.save_steps else 0
-        left = self.deadline - self.ends[-1] - max(0, plan.checkpoints - saved) * plan.save_s
+        left = self.deadline - self.ends[-1] - max(0, plan.checkpoints - self.saves) * plan.save_s
         before = state.max_steps
         if self.bound is None:
             self.bound = before
