@@ -262,17 +262,10 @@ def held_out_loss(model, masks: FixedMasks, batch_size: int = 64) -> float:
     return total / count
 
 
-def quiet_transformers() -> None:
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def load_masked_lm(directory: Path):
     import transformers
 
-    quiet_transformers()
+    downstream.quiet_transformers()
     config = transformers.AutoConfig.from_pretrained(directory)
     cls = transformers.ElectraForMaskedLM if config.model_type == "electra" else transformers.AutoModelForMaskedLM
     return cls.from_pretrained(directory)

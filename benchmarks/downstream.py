@@ -232,6 +232,18 @@ def padded(data: Encoded, index):
 
 
 # Fine-tuning ----------------------------------------------------------------------------------------------------------
+# What a pretraining checkpoint holds beside the encoder, which a classifier leaves behind: the MLM head.
+HEADS_LEFT_BEHIND = ("lm_predictions.", "cls.", "mask_predictions.")
+
+
+def quiet_transformers() -> None:
+    """No warnings below errors, and no progress bar a checkpoint read (it buries the benchmark's log)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def load_classifier(model_dir: Path | None, labels: int, vocab_size: int):
     """A sequence classifier from ``model_dir`` (None: a randomly initialised tiny BERT) with dropout 0.1.
 
@@ -243,12 +255,11 @@ def load_classifier(model_dir: Path | None, labels: int, vocab_size: int):
     batch. Any other model loads into ``AutoModelForSequenceClassification``."""
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # a bar a checkpoint read buries the benchmark's log
-    drop = dict(hidden_dropout_prob=FINETUNE_DROPOUT, attention_probs_dropout_prob=FINETUNE_DROPOUT)
-    if model_dir is not None and _model_type(model_dir) == "deberta-v2":
-        from fastbert.deberta import DebertaForSequenceClassification
+    from fastbert.deberta import DebertaForSequenceClassification, is_deberta_dir
 
+    quiet_transformers()
+    drop = dict(hidden_dropout_prob=FINETUNE_DROPOUT, attention_probs_dropout_prob=FINETUNE_DROPOUT)
+    if model_dir is not None and is_deberta_dir(model_dir):
         with warnings.catch_warnings():  # the new head's keys, checked here instead
             warnings.simplefilter("ignore")
             model, info = DebertaForSequenceClassification.from_pretrained(
@@ -269,16 +280,6 @@ def load_classifier(model_dir: Path | None, labels: int, vocab_size: int):
         config.update(drop)
         return transformers.BertForSequenceClassification(config)
     return transformers.AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, **drop)
-
-
-# What a pretraining checkpoint holds beside the encoder, which a classifier leaves behind: the MLM head.
-HEADS_LEFT_BEHIND = ("lm_predictions.", "cls.", "mask_predictions.")
-
-
-def _model_type(model_dir: Path) -> str | None:
-    import json
-
-    return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
 
 
 def by_length(data: Encoded) -> list[int]:
@@ -456,8 +457,7 @@ def load_encoder(model_dir: Path | None, vocab_size: int):
     import torch
     import transformers
 
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()  # a bar a checkpoint read buries the benchmark's log
+    quiet_transformers()
     if model_dir is None:
         from hf_trainer_pretrain import tiny_hf_config
 
