@@ -245,3 +245,26 @@ def test_electra_losses_are_transformers_on_the_export_and_sharing_stops_the_gra
     out.discriminator_loss.backward()
     assert model.generator.embeddings.word_embeddings.weight.grad is None
     assert model.embedding_delta.grad.abs().sum() > 0
+
+
+def test_electra_started_from_an_mlm_checkpoint_takes_its_encoder_and_embeddings(setup, straight, tmp_path):
+    """``--objective electra --init-from`` the MLM run (another dropout, which the weights do not depend on): at a
+    zero learning rate its one step leaves the start as it was, so the checkpoint holds what the run started from.
+    The discriminator's encoder is the MLM model's, the shared table ``E_G`` its word embeddings with the delta at
+    zero; the generator's layer and both heads are fresh."""
+    run = _pretrain(
+        setup, tmp_path / "warm", 1, "--objective", "electra", "--init-from", str(straight), "--lr", "0",
+        "--steps", "1", "--dropout", "0.1",
+    )  # fmt: skip
+    mlm = consolidated_state_dict(checkpoint.resolve(straight))
+    pair = consolidated_state_dict(checkpoint.resolve(run))
+    encoder = [k for k in mlm if k.startswith("deberta.") and "word_embeddings" not in k]
+    assert len(encoder) > 30
+    assert all(torch.equal(pair["discriminator." + k[len("deberta.") :]], mlm[k]) for k in encoder)
+    assert torch.equal(
+        pair["generator.embeddings.word_embeddings.weight"], mlm["deberta.embeddings.word_embeddings.weight"]
+    )
+    assert not pair["embedding_delta"].any()
+    fresh = pair["generator.encoder.layers.0.query.weight"], mlm["deberta.encoder.layers.0.query.weight"]
+    assert fresh[0].shape == fresh[1].shape and not torch.equal(*fresh)
+    assert not torch.equal(pair["generator_head.transform.weight"], mlm["cls.transform.weight"])

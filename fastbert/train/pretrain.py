@@ -130,7 +130,12 @@ class PretrainArgs:
     )
     deepspeed: str | None = option(None, help="extra DeepSpeed config JSON merged into fastbert's")
     resume: str | None = option(None, help="'auto' (the latest checkpoint of --out, if any) or a checkpoint path")
-    init_from: str | None = option(None, help="start from this checkpoint's weights (e.g. for phase 2)")
+    init_from: str | None = option(
+        None,
+        help="start from this checkpoint's weights (e.g. for phase 2); with --objective electra, an MLM checkpoint "
+        "of the discriminator's shape gives the discriminator its encoder and the shared token embeddings (the "
+        "generator's layers, both heads and the optimizer start fresh)",
+    )
     reset_optimizer: bool = option(False, help="with --init-from: fresh optimizer state")
     save_every: int = option(0, help="checkpoint every N steps (and always at the end; 0: only at the end)")
     keep: int = option(3, help="checkpoints to keep")
@@ -386,6 +391,7 @@ class _RunInputs:
     plan: MicroBatchPlan
     resume_from: Path | None
     previous_run: str  # what an --overwrite run deletes ("" for none)
+    warm_start: Path | None = None  # ELECTRA's --init-from an MLM checkpoint (its encoder, see warm_start_electra)
 
 
 def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
@@ -419,7 +425,12 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
     config = _model_config(args, len(vocab_tokens), objective, seq_len)
     generator = _generator_config(args, config)
     source = resume_from or (checkpoint.resolve(args.init_from) if args.init_from else None)
-    if source is not None:
+    warm_start = None
+    if source is not None and resume_from is None and generator is not None and _is_mlm_checkpoint(source):
+        # The MLM model's options that its weights do not depend on may differ; the run keeps its own.
+        _checkpoint_config(source, config, vocab_tokens, data_dir, seq_len, free=WARM_START_FREE)
+        warm_start = source
+    elif source is not None:
         config = _checkpoint_config(source, config, vocab_tokens, data_dir, seq_len)
         generator = _checkpoint_generator(source, generator, config)
     plan = MicroBatchPlan(
@@ -443,8 +454,55 @@ def _check_inputs(args: PretrainArgs, rank: int, world: int) -> _RunInputs:
         files["config.json"] = config.to_json_string("ElectraForPreTraining").encode()
         files[electra.GENERATOR_CONFIG] = generator.to_json_string("ElectraForMaskedLM").encode()
     return _RunInputs(
-        dataset, eval_dataset, vocab_tokens, files, objective, config, generator, plan, resume_from, previous_run
+        dataset,
+        eval_dataset,
+        vocab_tokens,
+        files,
+        objective,
+        config,
+        generator,
+        plan,
+        resume_from,
+        previous_run,
+        warm_start,
     )
+
+
+# An MLM checkpoint's config fields that an ELECTRA run started from it may set otherwise: training-time options and
+# the sentence head (ELECTRA has none), none of them a shape of the encoder's weights.
+WARM_START_FREE = ("hidden_dropout_prob", "attention_probs_dropout_prob", "sentence_objective")
+
+
+def _is_mlm_checkpoint(source: Path) -> bool:
+    return not (source / electra.GENERATOR_CONFIG).exists()
+
+
+def warm_start_electra(model, source: Path) -> None:
+    """ELECTRA (``model``, either kind) started from the MLM checkpoint ``source`` of its discriminator's shape:
+    the discriminator's encoder and embeddings take the MLM model's encoder, and the token embeddings the two share
+    take the MLM's (DeBERTa: the generator's ``E_G``, the discriminator's delta staying at zero; BERT ELECTRA: the
+    one table both look up). The generator's layers and both heads keep their fresh initialisation. The MLM
+    checkpoint's ZeRO partitions, if any, are consolidated first."""
+    from fastbert.train.export import consolidated_state_dict
+
+    prefix = "deberta." if isinstance(model, deberta_electra.DebertaElectraForPreTraining) else "bert."
+    state = consolidated_state_dict(source)
+    encoder = {
+        k[len(prefix) :]: v.float()
+        for k, v in state.items()
+        if k.startswith(prefix) and not k.startswith(prefix + "pooler.")
+    }
+    words = "embeddings.word_embeddings.weight"
+    try:
+        if prefix == "deberta.":
+            table = encoder.pop(words)
+            model.discriminator.load_state_dict(encoder)
+            with torch.no_grad():
+                model.generator.embeddings.word_embeddings.weight.copy_(table)
+        else:
+            model.discriminator.load_state_dict(encoder)
+    except (RuntimeError, KeyError) as e:
+        raise TrainingSetupError(f"--init-from {source}: its encoder does not fit this run's discriminator: {e}") from e
 
 
 def _generator_config(args: PretrainArgs, config: BertConfig) -> BertConfig | None:
@@ -515,9 +573,10 @@ def _resume_point(args: PretrainArgs, run_dir: Path) -> Path | None:
 
 
 def _checkpoint_config(
-    source: Path, config: BertConfig, vocab_tokens: list[str], data_dir: Path, seq_len: int
+    source: Path, config: BertConfig, vocab_tokens: list[str], data_dir: Path, seq_len: int, free: tuple[str, ...] = ()
 ) -> BertConfig:
-    """The config of the checkpoint a run resumes or starts from, which must match the run's (and its vocab)."""
+    """The config of the checkpoint a run resumes or starts from, which must match the run's (and its vocab) except
+    in the fields ``free``."""
     saved = read_model_config(source / "config.json")
     if type(saved) is not type(config):
         raise TrainingSetupError(
@@ -526,7 +585,7 @@ def _checkpoint_config(
     diff = {
         k: (v, getattr(config, k))
         for k, v in asdict(saved).items()
-        if getattr(config, k) != v and k != "max_position_embeddings"
+        if getattr(config, k) != v and k != "max_position_embeddings" and k not in free
     }
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diff.items()))
@@ -540,11 +599,15 @@ def _checkpoint_config(
 
 
 def _build_engine(
-    args: PretrainArgs, config: BertConfig, generator: BertConfig | None = None, meta: dict | None = None
+    args: PretrainArgs,
+    config: BertConfig,
+    generator: BertConfig | None = None,
+    meta: dict | None = None,
+    warm_start: Path | None = None,
 ):
     """The model (ELECTRA's pair when a ``generator`` is given), its output biases from the shards' ``meta``
-    (``--unigram-init``; a resumed run loads them later), fastbert's LAMB and the DeepSpeed engine around them;
-    returns (engine, optimizer)."""
+    (``--unigram-init``; a resumed run loads them later), its encoder from the MLM checkpoint ``warm_start``
+    (ELECTRA), fastbert's LAMB and the DeepSpeed engine around them; returns (engine, optimizer)."""
     import deepspeed
 
     torch.manual_seed(args.seed)
@@ -561,6 +624,8 @@ def _build_engine(
         model = electra.ElectraForPreTraining(config, generator, args.discriminator_weight, args.sampling_temperature)
     if args.unigram_init and meta is not None and not init_output_biases(model, meta, args.mask_rate):
         log.warning("%s: no token_counts (prepared by an older fastbert): the output bias starts at zero", args.data)
+    if warm_start is not None:  # before DeepSpeed copies the weights into its optimizer's partitions
+        warm_start_electra(model, warm_start)
     groups, clip = parameter_groups(model, args.weight_decay), args.grad_clip if args.grad_clip > 0 else None
     if args.optimizer == "adamw":
         optimizer = AdamW(groups, lr=args.lr, max_grad_norm=clip)
@@ -596,7 +661,7 @@ def _restore(engine, args: PretrainArgs, inputs: _RunInputs) -> tuple[int, float
         elapsed = float(state.get("elapsed", 0.0))
         start_position = inputs.plan.check_state(state["data"])
         log.info("resumed from %s at step %d", inputs.resume_from, start_step)
-    elif args.init_from:
+    elif args.init_from and inputs.warm_start is None:
         checkpoint.load(engine, checkpoint.resolve(args.init_from), load_optimizer=not args.reset_optimizer)
     if start_position != start_step * inputs.plan.accumulation:
         raise TrainingSetupError(f"checkpoint position {start_position} is not at step {start_step}'s boundary")
@@ -714,7 +779,7 @@ class _Run:
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.inputs = _check_inputs(args, self.rank, self.world)
         self.engine, self.optimizer = _build_engine(
-            args, self.inputs.config, self.inputs.generator, self.inputs.dataset.meta
+            args, self.inputs.config, self.inputs.generator, self.inputs.dataset.meta, self.inputs.warm_start
         )
         self.step, self.clock_offset = _restore(self.engine, args, self.inputs)
         self.batches = iter(_loader(args, self.inputs, self.step, schedule.steps, self.engine.device))
