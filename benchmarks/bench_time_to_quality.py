@@ -11,8 +11,11 @@ Systems, run one after another, each from raw text (its tokenization and shard b
    Trainer trains) + ``fastbert pretrain --config short-budget --budget <what is left>``: the shipped short-budget
    recipe (``deberta-tiny``: the Trainer's shape with disentangled relative-position attention, post-LN; AdamW 2e-3,
    2% warmup, no dropout, 30% of tokens masked, the output bias at the unigram prior);
-3. ``fastbert ELECTRA``: ``prepare-data --objective none`` + ``pretrain --objective electra --budget`` with
-   ``ELECTRA_FLAGS`` (DeBERTa-v3's replaced-token detection on ``deberta-tiny``, a one-layer generator);
+3. ``fastbert ELECTRA (after MLM)``: ``prepare-data --objective none``, the recipe for half of what is left
+   (``ELECTRA_MLM_SHARE``, its own ``--budget``), then ``pretrain --objective electra --init-from`` that run with
+   ``ELECTRA_FLAGS`` (DeBERTa-v3's replaced-token detection on ``deberta-tiny``, a one-layer generator; the
+   discriminator's encoder and the shared embeddings from the MLM phase) for the rest; ``--electra-from-scratch``:
+   ELECTRA alone for the whole budget;
 4. with ``--bert``, ``fastbert MLM (BERT)``: the recipe on the Trainer's own architecture (``--model tiny --pre-ln``,
    exported as ``RobertaPreLayerNormForMaskedLM``), with a randomly initialised tiny BERT as its downstream floor.
 
@@ -152,6 +155,13 @@ ELECTRA_FLAGS = [
     "1",
     *ELECTRA_OPTIONS,
 ]
+# From scratch, ELECTRA's held-out AUC stayed near 0.55 in 10 minutes: its discriminator learns to read context only
+# once the encoder below it does. Started from the MLM recipe's export at step 200 (281 s of a 10-minute run, its rate
+# not yet decayed), the options above for 5 minutes (166 steps) gave held-out AUC 0.858 (recall 0.449, precision
+# 0.649), discriminator loss 0.24-0.27 against a prior of 0.39. So ELECTRA's row spends its budget in two phases on
+# the same shards: the recipe for ELECTRA_MLM_SHARE of what prepare-data leaves (its own schedule, ending there),
+# then ELECTRA with --init-from it. The share is that one trial's, not swept; --electra-from-scratch runs the old row.
+ELECTRA_MLM_SHARE = 0.5
 SEED = 0
 MASK_SEED = 1234
 MASK_RATE = 0.15
@@ -337,9 +347,20 @@ def plan_steps(budget_s: float, start: float, pace: Pace, saves: int = 0) -> int
 class FastbertSystem:
     """``fastbert prepare-data`` + ``fastbert pretrain --budget`` through the CLI, with the system's own flags."""
 
-    def __init__(self, name: str, objective: str, flags: list[str], tag: str | None = None):
+    def __init__(
+        self,
+        name: str,
+        objective: str,
+        flags: list[str],
+        tag: str | None = None,
+        starts_from: FastbertSystem | None = None,
+        share: float = 0.0,
+    ):
         self.name, self.objective, self.flags = name, objective, flags
         self.tag = tag or objective  # names its directories in the work root
+        # A first phase inside the same budget: ``starts_from`` trains on the same shards for ``share`` of what
+        # prepare-data leaves, and this system's run starts from its final checkpoint (``--init-from``).
+        self.starts_from, self.share = starts_from, share
 
     def prepare(self, corpus: Path, out: Path, log: Path) -> None:
         fastbert_cli(
@@ -389,12 +410,18 @@ class FastbertSystem:
         start = time.time()
         self.prepare(corpus, data, log)
         prepared = time.time()
+        first, init = None, []
+        if self.starts_from is not None:
+            first = work / f"{self.tag}-{self.starts_from.tag}-run"
+            share = self.share * (budget_s - (prepared - start))
+            self.starts_from.pretrain(data, first, log, "--budget", f"{max(share, phase_floor(pace)):.1f}s")
+            init = ["--init-from", str(first)]
         # The steps that fit, estimated from the calibration: only to space the checkpoints. --budget (what is left
-        # of the system's budget after prepare-data) sets the schedule and ends the run.
+        # of the system's budget after prepare-data and a first phase) sets the schedule and ends the run.
         steps = plan_steps(budget_s, start, pace, checkpoints)
         save_every = max(1, steps // checkpoints) if checkpoints else 0
-        left = budget_s - (time.time() - start)
-        self.pretrain(data, run, log, "--budget", f"{left:.1f}s", "--save-every", str(save_every))
+        left = max(budget_s - (time.time() - start), phase_floor(pace))
+        self.pretrain(data, run, log, "--budget", f"{left:.1f}s", "--save-every", str(save_every), *init)
         end = time.time()
         rows = metrics_rows(run)
         saved = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
@@ -411,7 +438,19 @@ class FastbertSystem:
             "checkpoints": [(s, step_end[s]) for s in saved],
             "final_train_loss": rows[-1].get("loss"),
             "metrics": rows,
+            **({"first_phase": first_phase(self.starts_from.name, first, start)} if first is not None else {}),
         }
+
+
+def phase_floor(pace: Pace) -> float:
+    """The shortest --budget a phase gets: its start-up and two steps. Only --quick's seconds-long budgets reach it
+    (the system then runs past its budget); at 10 minutes every phase is far longer."""
+    return pace.overhead_s + 2 * pace.step_s
+
+
+def first_phase(name: str, run: Path, start: float) -> dict:
+    rows = metrics_rows(run)
+    return {"system": name, "steps": rows[-1]["step"], "time_s": rows[-1]["wall"] - start, "loss": rows[-1]["loss"]}
 
 
 class TrainerSystem:
@@ -597,7 +636,7 @@ def finetuned_cell(system: dict, setting: str) -> str:
 
 def print_table(result: dict) -> None:
     budget = result["budget_minutes"] * 60
-    print(f"{'system':<24} {'steps':>6} {'budget used':>15} {'held-out MLM':>13} {'reached Trainer final':>22}")
+    print(f"{'system':<33} {'steps':>6} {'budget used':>15} {'held-out MLM':>13} {'reached Trainer final':>22}")
     for r in result["systems"].values():
         used = f"{r['time_s']:.0f}s ({r['time_s'] / budget:.0%})" if r.get("time_s") is not None else "-"
         reach = r.get("reached_trainer_final_s")
@@ -605,22 +644,22 @@ def print_table(result: dict) -> None:
         loss = fmt(r.get("final_held_out_loss"), ".3f")
         if r.get("held_out_model") == "generator":
             loss += " (gen)"
-        print(f"{r['system']:<24} {fmt(r.get('steps'), 'd'):>6} {used:>15} {loss:>13} {reach_s:>22}")
+        print(f"{r['system']:<33} {fmt(r.get('steps'), 'd'):>6} {used:>15} {loss:>13} {reach_s:>22}")
     settings = list(result["downstream"]["settings"])
     probes = list(result["downstream"]["bag_of_words"])
     print("\nfine-tuned test accuracy (mean+-SE over seeds, learning rate chosen on dev) | linear probe test accuracy")
-    print(f"{'system':<24} " + " ".join(f"{s:>15}" for s in settings) + " | " + " ".join(f"{t:>10}" for t in probes))
+    print(f"{'system':<33} " + " ".join(f"{s:>15}" for s in settings) + " | " + " ".join(f"{t:>10}" for t in probes))
     for r in result["systems"].values():
         probe = r.get("linear_probe", {})
         print(
-            f"{r['system']:<24} "
+            f"{r['system']:<33} "
             + " ".join(f"{finetuned_cell(r, s):>15}" for s in settings)
             + " | "
             + " ".join(f"{fmt(probe.get(t, {}).get('test'), '.3f'):>10}" for t in probes)
         )
     bow = result["downstream"]["bag_of_words"]
     print(
-        f"{'bag of words':<24} "
+        f"{'bag of words':<33} "
         + " ".join(f"{'':>15}" for _ in settings)
         + " | "
         + " ".join(f"{bow[t]['test']:>10.3f}" for t in probes)
@@ -632,6 +671,9 @@ def print_table(result: dict) -> None:
         f"fastbert MLM at step 0 {mlm['step0_held_out_loss']:.3f}; final {mlm['final_held_out_loss']:.3f}"
     )
     electra = result["systems"].get("fastbert_electra", {}).get("held_out_discriminator")
+    first = result["systems"].get("fastbert_electra", {}).get("first_phase")
+    if first:
+        print(f"ELECTRA started after {first['system']}: {first['steps']} steps, {first['time_s']:.0f} s of its budget")
     if electra:
         print(
             f"ELECTRA discriminator on held-out rows: ROC AUC {electra['roc_auc']:.3f}, "
@@ -824,6 +866,11 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=2, help="fine-tuning runs side by side, one torch thread each (--quick: 1)"
     )
+    parser.add_argument(
+        "--electra-from-scratch",
+        action="store_true",
+        help="ELECTRA from random init for the whole budget (before: after the MLM recipe's first phase)",
+    )
     parser.add_argument("--keep-work", type=Path, default=None, help="run in this directory and keep it")
     parser.add_argument("--out", type=Path, default=RESULTS / "time_to_quality.json")
     args = parser.parse_args()
@@ -855,7 +902,17 @@ def main() -> None:
     systems = {
         "transformers": TrainerSystem(),
         "fastbert_mlm": FastbertSystem("fastbert MLM (recipe)", "mlm", MLM_FLAGS),
-        "fastbert_electra": FastbertSystem("fastbert ELECTRA", "electra", ELECTRA_FLAGS),
+        "fastbert_electra": (
+            FastbertSystem("fastbert ELECTRA", "electra", ELECTRA_FLAGS)
+            if args.electra_from_scratch
+            else FastbertSystem(
+                "fastbert ELECTRA (after MLM)",
+                "electra",
+                ELECTRA_FLAGS,
+                starts_from=FastbertSystem("fastbert MLM (recipe), first phase", "mlm", MLM_FLAGS),
+                share=ELECTRA_MLM_SHARE,
+            )
+        ),
     }
     if args.bert:
         systems["fastbert_bert"] = FastbertSystem("fastbert MLM (BERT)", "mlm", BERT_FLAGS, tag="bert")
@@ -895,7 +952,9 @@ def main() -> None:
             started = time.time()
             runs[key] = system.run(corpus, work_root, budget_s, paces[key], checkpoints[key])
             spent[key] += time.time() - started
-            print(f"{system.name}: {runs[key]['steps']} steps in {runs[key]['time_s']:.1f} s", flush=True)
+            first = runs[key].get("first_phase")
+            after = f" (after {first['system']}: {first['steps']} steps, {first['time_s']:.1f} s)" if first else ""
+            print(f"{system.name}: {runs[key]['steps']} steps in {runs[key]['time_s']:.1f} s{after}", flush=True)
 
         # Evaluation, after every budget -----------------------------------------------------------------------------
         from fastbert.train.export import export
@@ -920,6 +979,8 @@ def main() -> None:
                 entry["prepare_s"] = r["prepare_s"]
             if r.get("replanned"):
                 entry["replanned"] = r["replanned"]
+            if "first_phase" in r:
+                entry["first_phase"] = r["first_phase"]
             curve = []
             if key == "transformers":
                 for step, t in r["checkpoints"]:
@@ -1014,6 +1075,9 @@ def main() -> None:
             "transformers": {"optimizer": "AdamW", "lr": TRAINER_LR, "warmup_steps": WARMUP},
             "fastbert_mlm": MLM_FLAGS,
             "fastbert_electra": ELECTRA_FLAGS,
+            "fastbert_electra_starts_from": (
+                None if args.electra_from_scratch else {"flags": MLM_FLAGS, "share": ELECTRA_MLM_SHARE}
+            ),
             **({"fastbert_bert": BERT_FLAGS} if args.bert else {}),
         },
         "corpus": {"train_chapters": len(train_chapters), "held_out_books": list(HELD_OUT_BOOKS)},

@@ -328,7 +328,11 @@ def test_quick_run_measures_every_system_and_writes_its_json_and_plot(tmp_path):
     for name in settings:
         a, b = r["systems"]["fastbert_mlm"]["finetuned"][name], r["systems"]["random_init"]["finetuned"][name]
         assert mlm[name]["points"] == pytest.approx(100 * (a["test"]["mean"] - b["test"]["mean"]))
-    assert 0.0 <= r["systems"]["fastbert_electra"]["held_out_discriminator"]["roc_auc"] <= 1.0
+    electra = r["systems"]["fastbert_electra"]
+    assert 0.0 <= electra["held_out_discriminator"]["roc_auc"] <= 1.0
+    # ELECTRA's budget opens with the recipe's MLM phase, which its run then starts from.
+    assert electra["first_phase"]["steps"] >= 1 and 0 < electra["first_phase"]["time_s"] < electra["time_s"]
+    assert r["flags"]["fastbert_electra_starts_from"]["flags"] == r["flags"]["fastbert_mlm"]
     assert r["flags"]["fastbert_mlm"][:2] == ["--config", "short-budget"]
     assert set(r["goals"]) >= {"final_below_bigram", "low_label_3_points_beyond_2se", "linear_probe_5_points"}
     assert "goal final_below_bigram:" in result.stdout
