@@ -268,3 +268,21 @@ def test_electra_started_from_an_mlm_checkpoint_takes_its_encoder_and_embeddings
     fresh = pair["generator.encoder.layers.0.query.weight"], mlm["deberta.encoder.layers.0.query.weight"]
     assert fresh[0].shape == fresh[1].shape and not torch.equal(*fresh)
     assert not torch.equal(pair["generator_head.transform.weight"], mlm["cls.transform.weight"])
+
+
+def test_electra_from_an_mlm_checkpoint_of_another_shape_is_refused_naming_it(straight):
+    """The config check names the field that differs (dropout may differ); a model the weights do not fit is refused
+    naming ``--init-from``, before DeepSpeed starts."""
+    from fastbert.config import read_model_config
+    from fastbert.deberta_electra import DebertaElectraForPreTraining, generator_config
+    from fastbert.train.pretrain import WARM_START_FREE, _checkpoint_config, warm_start_electra
+
+    source = checkpoint.resolve(straight)
+    saved = read_model_config(source / "config.json")
+    vocab = (source / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    _checkpoint_config(source, saved.replace(hidden_dropout_prob=0.3), vocab, source, 64, free=WARM_START_FREE)
+    wider = saved.replace(intermediate_size=256)
+    with pytest.raises(TrainingSetupError, match="intermediate_size: checkpoint 128 vs run 256"):
+        _checkpoint_config(source, wider, vocab, source, 64, free=WARM_START_FREE)
+    with pytest.raises(TrainingSetupError, match=f"--init-from {source}: its encoder does not fit"):
+        warm_start_electra(DebertaElectraForPreTraining(wider, generator_config(wider, None, 1)), source)
