@@ -62,7 +62,7 @@ task, and its linear probe at least 5 points above random-init features on testa
 held-out ROC AUC at least 0.8 (the issue's goal).
 Output: a table on stdout, benchmarks/results/time_to_quality.json and time_to_quality.png.
 
-    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (73 minutes here)
+    python benchmarks/bench_time_to_quality.py                       # 10 minutes a system (70-76 minutes here)
     python benchmarks/bench_time_to_quality.py --quick               # 0.15 minutes a system, small evaluations
 """
 
