@@ -485,22 +485,21 @@ def warm_start_electra(model, source: Path) -> None:
     checkpoint's ZeRO partitions, if any, are consolidated first."""
     from fastbert.train.export import consolidated_state_dict
 
-    prefix = "deberta." if isinstance(model, deberta_electra.DebertaElectraForPreTraining) else "bert."
+    deberta = isinstance(model, deberta_electra.DebertaElectraForPreTraining)
+    prefix = "deberta." if deberta else "bert."
     state = consolidated_state_dict(source)
     encoder = {
         k[len(prefix) :]: v.float()
         for k, v in state.items()
         if k.startswith(prefix) and not k.startswith(prefix + "pooler.")
     }
-    words = "embeddings.word_embeddings.weight"
     try:
-        if prefix == "deberta.":
-            table = encoder.pop(words)
-            model.discriminator.load_state_dict(encoder)
+        # DeBERTa's discriminator has no table of its own: the MLM's goes to the generator's E_G.
+        table = encoder.pop("embeddings.word_embeddings.weight") if deberta else None
+        model.discriminator.load_state_dict(encoder)
+        if table is not None:
             with torch.no_grad():
                 model.generator.embeddings.word_embeddings.weight.copy_(table)
-        else:
-            model.discriminator.load_state_dict(encoder)
     except (RuntimeError, KeyError) as e:
         raise TrainingSetupError(f"--init-from {source}: its encoder does not fit this run's discriminator: {e}") from e
 
